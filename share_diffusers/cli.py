@@ -1,0 +1,202 @@
+"""``share-diffusers``: the command line for offline jobs on Share checkpoints.
+
+    share-diffusers compress LORA... -o OUT [-k K | --variance F] [-p P] [--names N...]
+    share-diffusers merge OUT LORA [--name N]
+    share-diffusers inspect OUT [--json]
+    share-diffusers export OUT STYLE -o FILE.safetensors
+
+Bad input ends with a one-line ``error: ...`` on stderr and exit status 1; the checkpoint on disk is
+never changed by a failed command (saves are atomic).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .core import ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
+from .core.checkpoint import CONFIG_NAME
+from .core.errors import ShareError
+from .lora_files import load_lora, save_lora
+
+
+def _style_name_for(path: str) -> str:
+    return Path(path.rstrip("/")).stem if not Path(path).is_dir() else Path(path.rstrip("/")).name
+
+
+def _parse_style(text: str) -> str | dict[str, float]:
+    """``name`` or a blend ``a=0.5,b=0.5``."""
+    if "=" not in text:
+        return text
+    blend = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        try:
+            blend[name.strip()] = float(weight)
+        except ValueError:
+            raise ValueError(f"blend entry {part!r} must be name=weight, e.g. ink=0.5") from None
+    return blend
+
+
+def cmd_compress(args: argparse.Namespace) -> None:
+    names = args.names or [_style_name_for(src) for src in args.sources]
+    if len(names) != len(args.sources):
+        raise ValueError(f"got {len(args.sources)} LoRAs but {len(names)} names")
+    out = Path(args.output)
+    if (out / CONFIG_NAME).exists() and not args.overwrite:
+        raise ValueError(f"{out} already holds a Share checkpoint; use 'merge' to add to it or --overwrite")
+    config = ShareConfig(
+        rank=args.rank,
+        variance=args.variance,
+        max_rank=args.max_rank,
+        pseudo_rank=args.pseudo_rank,
+        center=args.center,
+        normalize=args.normalize,
+    )
+    adapters = [load_lora(src) for src in tqdm(args.sources, desc="reading LoRAs", disable=args.quiet)]
+    factors = ShareFactors.fit(adapters, names, config, base_model=args.base_model, progress=not args.quiet)
+    save_factors(factors, out)
+    _print_summary(factors, out)
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    factors = load_factors(args.checkpoint)
+    adapter = load_lora(args.source)
+    name = args.name or _style_name_for(args.source)
+    factors.merge(adapter, name, progress=not args.quiet)
+    save_factors(factors, args.checkpoint)
+    print(f"merged {name!r} (error {factors.style_error(name):.4f}); {len(factors.styles)} styles in {args.checkpoint}")
+
+
+def summary(factors: ShareFactors, directory: Path | None = None) -> dict:
+    """Styles, k, p, errors and storage of a checkpoint, as a JSON-able dict."""
+    ranks = list(factors.ranks().values()) or [0]
+    variance = list(factors.explained_variance().values()) or [0.0]
+    on_disk = None
+    if directory is not None:
+        on_disk = sum(
+            path.stat().st_size
+            for path in Path(directory).iterdir()
+            if path.is_file() and not path.name.startswith(".")
+        )
+    source = factors.source_bytes()
+    return {
+        "base_model": factors.base_model,
+        "config": vars(factors.config),
+        "layers": len(factors.layers),
+        "k": {"min": min(ranks), "median": statistics.median(ranks), "max": max(ranks)},
+        "explained_variance": {"min": min(variance), "mean": statistics.fmean(variance)},
+        "styles": [
+            {
+                "name": style.name,
+                "rank": style.rank,
+                "error": factors.style_error(style.name),
+                "source": style.source.get("path") or style.source.get("repo_id"),
+                "source_bytes": style.source_bytes,
+            }
+            for style in factors.styles
+        ],
+        "bytes_on_disk": on_disk,
+        "bytes_formula": factors.formula_numbers() * 4,
+        "source_bytes": source,
+        "compression": (source / on_disk) if on_disk else None,
+    }
+
+
+def _print_summary(factors: ShareFactors, directory: Path) -> None:
+    info = summary(factors, directory)
+    k = info["k"]
+    print(
+        f"{len(info['styles'])} styles, {info['layers']} layers, k {k['min']}..{k['max']} (median {k['median']}), "
+        f"p {factors.config.pseudo_rank}"
+    )
+    width = max([len(style["name"]) for style in info["styles"]] + [5])
+    print(f"  {'style':<{width}}  rank  rel. error  source")
+    for style in info["styles"]:
+        print(f"  {style['name']:<{width}}  {style['rank']:>4}  {style['error']:>10.2e}  {style['source'] or ''}")
+    if info["bytes_on_disk"]:
+        ratio = f", {info['compression']:.1f}x smaller than the sources" if info["source_bytes"] else ""
+        print(
+            f"storage: {info['bytes_on_disk']:,} bytes on disk (formula {info['bytes_formula']:,}); "
+            f"sources {info['source_bytes']:,} bytes{ratio}"
+        )
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    factors = load_factors(args.checkpoint)
+    if args.json:
+        print(json.dumps(summary(factors, Path(args.checkpoint)), indent=2))
+    else:
+        _print_summary(factors, Path(args.checkpoint))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    factors = load_factors(args.checkpoint)
+    adapter = style_as_lora(factors, _parse_style(args.style))
+    target = save_lora(adapter, args.output, base_model=factors.base_model)
+    print(f"wrote {target} (rank {adapter.source['rank']}, {len(adapter.layers)} layers)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="share-diffusers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="fit a Share checkpoint from LoRA files or PEFT folders")
+    compress.add_argument("sources", nargs="+", help="PEFT adapter folders or .safetensors LoRA files")
+    compress.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    rank = compress.add_mutually_exclusive_group()
+    rank.add_argument("-k", "--rank", type=int, default=None, help="basis vectors per layer (default 32)")
+    rank.add_argument("--variance", type=float, default=None, help="choose k per layer by explained variance")
+    compress.add_argument("--max-rank", type=int, default=64, help="cap on k with --variance (default 64)")
+    compress.add_argument("-p", "--pseudo-rank", type=int, default=8, help="rank of each style's core (default 8)")
+    compress.add_argument("--names", nargs="+", help="style names, one per source (default: file/folder names)")
+    compress.add_argument("--center", action="store_true", help="fit about the mean adapter (kept as an anchor)")
+    compress.add_argument("--normalize", action="store_true", help="weight every adapter to unit energy")
+    compress.add_argument("--base-model", help="id of the base model the LoRAs are for")
+    compress.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT")
+    compress.set_defaults(func=cmd_compress)
+
+    merge = commands.add_parser("merge", help="add one LoRA to a checkpoint as a new style, continually")
+    merge.add_argument("checkpoint")
+    merge.add_argument("source", help="PEFT adapter folder or .safetensors LoRA file")
+    merge.add_argument("--name", help="style name (default: file/folder name)")
+    merge.set_defaults(func=cmd_merge)
+
+    inspect = commands.add_parser("inspect", help="styles, k, p, errors and storage of a checkpoint")
+    inspect.add_argument("checkpoint")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.set_defaults(func=cmd_inspect)
+
+    export = commands.add_parser("export", help="write a style (or blend a=0.5,b=0.5) as a plain LoRA")
+    export.add_argument("checkpoint")
+    export.add_argument("style", help="style name, or a blend like 'ink=0.5,neon=0.5'")
+    export.add_argument(
+        "-o", "--output", required=True, help="FILE.safetensors (diffusers keys) or a folder (PEFT adapter)"
+    )
+    export.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command in ("merge", "inspect", "export") and not os.path.isdir(args.checkpoint):
+        print(f"error: no Share checkpoint folder at {args.checkpoint}", file=sys.stderr)
+        return 1
+    try:
+        args.func(args)
+    except (ShareError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Share core: fitting, continual merging, the ``ShareLinear`` layer, injection and the file format.
+
+Depends on torch, safetensors and tqdm only, so the same core serves diffusers pipelines and
+transformers classifiers.
+"""
+
+from .adapters import CanonicalLora, LoraAdapter, LoraLayer, lora_scale
+from .checkpoint import FORMAT_VERSION, load_factors, save_factors
+from .errors import LoraFormatError, ShapeMismatchError, ShareCheckpointError, ShareError, StyleError
+from .export import export_rank, style_as_lora
+from .factors import ShareConfig, ShareFactors, StyleInfo
+from .inject import find_targets, remove_share
+from .layer import ShareLinear, StyleSelection
+from .model import ShareModel, style_weights
+from .subspace import LayerShare, RankRule
+
+__all__ = [
+    "CanonicalLora",
+    "LoraAdapter",
+    "LoraLayer",
+    "lora_scale",
+    "FORMAT_VERSION",
+    "load_factors",
+    "save_factors",
+    "LoraFormatError",
+    "ShapeMismatchError",
+    "ShareCheckpointError",
+    "ShareError",
+    "StyleError",
+    "export_rank",
+    "style_as_lora",
+    "ShareConfig",
+    "ShareFactors",
+    "StyleInfo",
+    "find_targets",
+    "remove_share",
+    "ShareLinear",
+    "StyleSelection",
+    "ShareModel",
+    "style_weights",
+    "LayerShare",
+    "RankRule",
+]

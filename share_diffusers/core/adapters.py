@@ -1,0 +1,111 @@
+"""LoRA factors of one adapter, with their scale folded in, and their gauge-free canonical form.
+
+A LoRA on a frozen linear ``W0: (n_out, d_in)`` is ``dW = scale * up @ down`` with
+``up: (n_out, r)`` ("B", ``lora_B``), ``down: (r, d_in)`` ("A", ``lora_A``) and
+``scale = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA). DESIGN.md section 1: the scale is always
+folded in before anything else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+# Fitting always runs in float64: community LoRAs are mostly bf16/fp16, and the tail singular values
+# that decide truncation error are far below half precision's resolution.
+FIT_DTYPE = torch.float64
+
+
+def lora_scale(alpha: float | None, rank: int, use_rslora: bool = False) -> float:
+    """The multiplier of ``up @ down``: ``alpha / r`` (or ``alpha / sqrt(r)``); ``alpha=None`` means 1."""
+    if alpha is None:
+        return 1.0
+    return float(alpha) / (math.sqrt(rank) if use_rslora else rank)
+
+
+@dataclass
+class LoraLayer:
+    """One layer's LoRA factors.
+
+    Args:
+        up: ``(n_out, r)``, the LoRA "B" matrix.
+        down: ``(r, d_in)``, the LoRA "A" matrix.
+        scale: multiplier of ``up @ down`` (``alpha / r``), already resolved.
+        conv: the layer is a 1x1 ``Conv2d`` (factors stored as ``(a, b, 1, 1)`` kernels on disk).
+    """
+
+    up: torch.Tensor
+    down: torch.Tensor
+    scale: float = 1.0
+    conv: bool = False
+
+    def __post_init__(self) -> None:
+        if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[0]:
+            raise ValueError(
+                f"LoRA factors must be up (n_out, r) and down (r, d_in); got up {tuple(self.up.shape)} "
+                f"and down {tuple(self.down.shape)}"
+            )
+
+    @property
+    def rank(self) -> int:
+        return self.up.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_out, d_in)`` of the layer's weight."""
+        return self.up.shape[0], self.down.shape[1]
+
+    def delta_weight(self, dtype: torch.dtype = FIT_DTYPE) -> torch.Tensor:
+        """Dense ``scale * up @ down``: ``(n_out, d_in)``. For tests and small layers only."""
+        return self.scale * self.up.to(dtype) @ self.down.to(dtype)
+
+    def canonical(self) -> CanonicalLora:
+        """Thin SVD ``dW = U diag(S) V.T`` from the factors in ``O((n + d) r^2)``, never forming ``dW``.
+
+        QR of ``up`` and of ``down.T``, then the SVD of the small ``r x r`` product (DESIGN 2.1).
+        The result does not depend on the gauge: ``(up G, G^-1 down)`` gives the same ``U, S, V``
+        (up to the signs of singular vectors).
+        """
+        up = self.up.to(FIT_DTYPE)
+        down = self.down.to(FIT_DTYPE)
+        q_up, r_up = torch.linalg.qr(up)  # (n, r), (r, r)
+        q_down, r_down = torch.linalg.qr(down.T)  # (d, r), (r, r)
+        small = self.scale * (r_up @ r_down.T)  # (r, r)
+        u_small, s, vh_small = torch.linalg.svd(small)
+        return CanonicalLora(U=q_up @ u_small, S=s, V=q_down @ vh_small.T)
+
+
+@dataclass
+class CanonicalLora:
+    """``dW = U @ diag(S) @ V.T`` with orthonormal ``U: (n_out, r)``, ``V: (d_in, r)``, ``S: (r,)`` >= 0."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+
+    @property
+    def energy(self) -> float:
+        """``||dW||_F^2``."""
+        return float((self.S**2).sum())
+
+
+@dataclass
+class LoraAdapter:
+    """A whole LoRA: layer name -> factors, plus where it came from.
+
+    Layer names are the module paths of the model the LoRA targets (``transformer_blocks.0.attn.to_q``).
+    ``source`` is free-form provenance that ends up in the checkpoint's JSON (repo, revision, file, ...).
+    """
+
+    layers: dict[str, LoraLayer]
+    source: dict = field(default_factory=dict)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank over the adapter's layers."""
+        return max((layer.rank for layer in self.layers.values()), default=0)
+
+    def num_parameters(self) -> int:
+        return sum(layer.up.numel() + layer.down.numel() for layer in self.layers.values())

@@ -1,0 +1,54 @@
+"""A style (or blend) of a Share checkpoint as ordinary LoRA factors.
+
+A single uncentred style is exactly rank p: ``up = basis_out @ core_out[i]``,
+``down = (basis_in @ core_in[i]).T``. A blend of ``s`` styles has rank at most ``min(k, s p)``
+(``k`` with an anchor); its factors come from the SVD of the blended ``k x k`` core, so the
+exported LoRA reproduces the Share weights exactly, at one rank for every layer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapters import LoraAdapter, LoraLayer
+from .factors import ShareFactors
+from .subspace import to_fit
+
+
+def export_rank(factors: ShareFactors, blend: dict[str, float]) -> int:
+    """The rank the exported LoRA needs to be exact for ``blend``."""
+    used = sum(1 for weight in blend.values() if weight != 0)
+    widest = max((layer.k for layer in factors.layers.values()), default=0)
+    if factors.config.center:
+        return widest
+    return min(widest, factors.config.pseudo_rank * used)
+
+
+def style_as_lora(
+    factors: ShareFactors, style: str | dict[str, float], dtype: torch.dtype = torch.float32
+) -> LoraAdapter:
+    """The LoRA (``scale = 1``) whose ``up @ down`` equals the style's Share ``dW`` on every layer it touches.
+
+    Layers that no style of the blend touches are left out. Every layer gets the same rank (see
+    :func:`export_rank`), zero-padded where a layer needs less, so PEFT and diffusers load it with one ``r``.
+    """
+    blend = {style: 1.0} if isinstance(style, str) else dict(style)
+    weights = factors.style_vector(blend)  # validates the names
+    rank = export_rank(factors, blend)
+    layers = {}
+    for name, stored in factors.layers.items():
+        layer = to_fit(stored)
+        if not bool(((weights != 0) & layer.present).any()) or layer.k == 0:
+            continue
+        core = layer.cores(weights)  # (k, k)
+        u, s, vh = torch.linalg.svd(core)
+        keep = min(rank, s.numel())
+        root = s[:keep].sqrt()
+        up = layer.basis_out @ (u[:, :keep] * root)  # (n_out, keep)
+        down = (root[:, None] * vh[:keep]) @ layer.basis_in.T  # (keep, d_in)
+        if keep < rank:
+            up = torch.nn.functional.pad(up, (0, rank - keep))
+            down = torch.nn.functional.pad(down, (0, 0, 0, rank - keep))
+        layers[name] = LoraLayer(up=up.to(dtype), down=down.to(dtype), scale=1.0, conv=name in factors.conv_layers)
+    label = style if isinstance(style, str) else "+".join(f"{w:g}*{n}" for n, w in blend.items())
+    return LoraAdapter(layers=layers, source={"share_style": label, "rank": rank})

@@ -1,0 +1,307 @@
+"""``ShareFactors``: the Share subspaces of every target layer of a model, and its bank of styles.
+
+This is the object a checkpoint holds. It fits from adapters, merges one more adapter continually,
+deletes and renames styles, and reports errors and storage. It knows nothing of models or files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapters import LoraAdapter
+from .errors import ShapeMismatchError, StyleError
+from .subspace import (
+    LayerShare,
+    RankRule,
+    delete_from_layer,
+    empty_layer,
+    fit_layer,
+    merge_layer,
+    to_fit,
+    to_storage,
+)
+
+
+@dataclass
+class ShareConfig:
+    """How a Share subspace is fitted.
+
+    Args:
+        rank: ``k``, basis vectors per layer; 32 (the paper's Flux setting) unless ``variance`` is given.
+        variance: choose ``k`` per layer as the smallest count explaining this fraction of the energy.
+        max_rank: cap on ``k`` when ``variance`` is used.
+        pseudo_rank: ``p``, rank of each style's core (paper: 8 for Flux; ``p = k`` keeps full cores).
+        center: paper-literal centring: fit the basis about the adapters' mean and keep that mean as an
+            anchor core added to every style (never dropped).
+        normalize: weight every adapter to unit energy per layer, so weak styles are not drowned.
+    """
+
+    rank: int | None = None
+    variance: float | None = None
+    max_rank: int = 64
+    pseudo_rank: int = 8
+    center: bool = False
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.rank is None and self.variance is None:
+            self.rank = 32  # the paper's Flux setting
+        RankRule(rank=self.rank, variance=self.variance, max_rank=self.max_rank)  # raises on bad values
+        if self.pseudo_rank < 1:
+            raise ValueError(f"pseudo_rank p must be >= 1, got {self.pseudo_rank}")
+
+    @property
+    def rule(self) -> RankRule:
+        return RankRule(rank=self.rank, variance=self.variance, max_rank=self.max_rank)
+
+
+@dataclass
+class StyleInfo:
+    """One style held in the bank: its name and where it came from.
+
+    ``source`` is provenance (repo, revision, file, alpha...); ``source_bytes`` is the size of the
+    LoRA's factors as given (for storage comparisons).
+    """
+
+    name: str
+    source: dict = field(default_factory=dict)
+    rank: int = 0
+    num_parameters: int = 0
+    source_bytes: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def validate_style_name(name: object, taken: Sequence[str]) -> str:
+    """Check a new style name: a non-empty string not already in ``taken``."""
+    if not isinstance(name, str) or not name.strip():
+        raise StyleError(f"style name must be a non-empty string, got {name!r}")
+    if name in taken:
+        raise StyleError(f"a style named {name!r} already exists; pick another name or delete it first")
+    return name
+
+
+class ShareFactors:
+    """Per-layer Share state for a whole model plus the ordered list of styles.
+
+    Every layer holds one core slice per style, in the order of :attr:`styles`; a style that does not
+    touch a layer has a zero core there.
+    """
+
+    def __init__(
+        self,
+        config: ShareConfig,
+        layers: dict[str, LayerShare],
+        styles: list[StyleInfo],
+        base_model: str | None = None,
+        conv_layers: set[str] | None = None,
+    ):
+        self.config = config
+        self.layers = layers
+        self.styles = styles
+        self.base_model = base_model
+        self.conv_layers = set(conv_layers or ())  # 1x1 convolutions: exported LoRAs use (a, b, 1, 1) kernels
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def fit(
+        cls,
+        adapters: Sequence[LoraAdapter],
+        names: Sequence[str],
+        config: ShareConfig | None = None,
+        base_model: str | None = None,
+        progress: bool = False,
+    ) -> ShareFactors:
+        """Fit a subspace from ``t >= 1`` adapters at once (DESIGN 2).
+
+        Args:
+            adapters: the LoRAs; ranks, alphas and layer sets may differ.
+            names: one unique, non-empty style name per adapter.
+            config: ``k``, ``p`` and options; defaults to ``ShareConfig()`` (k=32, p=8).
+            base_model: id of the model the LoRAs were trained for, recorded in the checkpoint.
+            progress: show a progress bar over layers.
+        """
+        config = config or ShareConfig()
+        if len(adapters) == 0:
+            raise ValueError("fitting needs at least one adapter")
+        if len(adapters) != len(names):
+            raise ValueError(f"got {len(adapters)} adapters but {len(names)} names")
+        taken: list[str] = []
+        for name in names:
+            taken.append(validate_style_name(name, taken))
+        shapes = _layer_shapes(adapters, names)
+        layers = {}
+        for layer_name in tqdm(sorted(shapes), desc="fitting layers", disable=not progress):
+            entries = [
+                adapter.layers[layer_name].canonical() if layer_name in adapter.layers else None for adapter in adapters
+            ]
+            if all(entry is None or entry.energy == 0 for entry in entries):
+                n_out, d_in = shapes[layer_name]
+                layer = empty_layer(n_out, d_in, len(adapters), config.pseudo_rank, config.center, config.normalize)
+            else:
+                layer = fit_layer(entries, config.rule, config.pseudo_rank, config.center, config.normalize)
+            layers[layer_name] = to_storage(layer)
+        styles = [_style_info(adapter, name) for adapter, name in zip(adapters, names, strict=True)]
+        conv_layers = {key for adapter in adapters for key, lora in adapter.layers.items() if lora.conv}
+        return cls(config, layers, styles, base_model, conv_layers)
+
+    @classmethod
+    def empty(
+        cls, layer_shapes: dict[str, tuple[int, int]], config: ShareConfig | None = None, base_model: str | None = None
+    ) -> ShareFactors:
+        """A subspace with no style yet over the given layers ``name -> (n_out, d_in)``."""
+        config = config or ShareConfig()
+        layers = {
+            name: to_storage(empty_layer(n, d, 0, config.pseudo_rank, config.center, config.normalize))
+            for name, (n, d) in layer_shapes.items()
+        }
+        return cls(config, layers, [], base_model)
+
+    # -- styles ---------------------------------------------------------------------------------
+
+    @property
+    def style_names(self) -> list[str]:
+        return [style.name for style in self.styles]
+
+    def style_index(self, name: str) -> int:
+        for index, style in enumerate(self.styles):
+            if style.name == name:
+                return index
+        known = ", ".join(repr(n) for n in self.style_names) or "none"
+        raise StyleError(f"unknown style {name!r}; styles held: {known}")
+
+    def merge(self, adapter: LoraAdapter, name: str, progress: bool = False) -> None:
+        """Add one adapter as a new style, continually (DESIGN 3), without the adapters merged before.
+
+        Cost per layer is one QR of ``n x (k + r)`` plus ``O(t k^2 p)`` re-projection: it does not grow
+        with the styles held except through that small term. All layers are computed first and
+        swapped in at the end, so an error leaves the factors exactly as they were. Layers the
+        adapter adds are created with zero cores for the earlier styles.
+        """
+        validate_style_name(name, self.style_names)
+        if not adapter.layers:
+            raise ValueError(f"adapter for style {name!r} has no layers")
+        for layer_name, lora in adapter.layers.items():
+            if layer_name in self.layers and self.layers[layer_name].shape != lora.shape:
+                raise ShapeMismatchError(
+                    f"size mismatch for {layer_name}: the LoRA's update has shape {lora.shape} but the "
+                    f"Share factors hold shape {self.layers[layer_name].shape}"
+                )
+        rule = self.config.rule
+        t = len(self.styles)
+        new_layers = {}
+        names = sorted(set(self.layers) | set(adapter.layers))
+        for layer_name in tqdm(names, desc=f"merging {name}", disable=not progress):
+            layer = self.layers.get(layer_name)
+            if layer is None:
+                n_out, d_in = adapter.layers[layer_name].shape
+                layer = empty_layer(n_out, d_in, t, self.config.pseudo_rank, self.config.center, self.config.normalize)
+            lora = adapter.layers.get(layer_name)
+            new_layers[layer_name] = to_storage(merge_layer(layer, lora.canonical() if lora else None, rule))
+        self.layers = new_layers
+        self.styles = [*self.styles, _style_info(adapter, name)]
+        self.conv_layers |= {key for key, lora in adapter.layers.items() if lora.conv}
+
+    def delete_style(self, name: str) -> None:
+        """Remove a style; the other styles' reconstructions are untouched."""
+        index = self.style_index(name)
+        self.layers = {key: to_storage(delete_from_layer(layer, index)) for key, layer in self.layers.items()}
+        self.styles = [style for i, style in enumerate(self.styles) if i != index]
+
+    def rename_style(self, old: str, new: str) -> None:
+        index = self.style_index(old)
+        validate_style_name(new, [n for n in self.style_names if n != old])
+        self.styles[index].name = new
+
+    def style_vector(self, blend: dict[str, float]) -> torch.Tensor:
+        """``(t,)`` weights over the bank for a blend ``{name: weight}``."""
+        weights = torch.zeros(len(self.styles), dtype=torch.float64)
+        for name, weight in blend.items():
+            weights[self.style_index(name)] += float(weight)
+        return weights
+
+    # -- numbers --------------------------------------------------------------------------------
+
+    def delta_weight(self, layer_name: str, style: str | dict[str, float]) -> torch.Tensor:
+        """Dense reconstructed ``dW`` (float64, ``(n_out, d_in)``) of a style or blend on one layer."""
+        blend = {style: 1.0} if isinstance(style, str) else style
+        return to_fit(self.layers[layer_name]).delta_weight(self.style_vector(blend))
+
+    def layer_errors(self, name: str) -> dict[str, float]:
+        """Relative Frobenius error of a style on each layer it touches."""
+        index = self.style_index(name)
+        return {key: float(layer.error[index]) for key, layer in self.layers.items() if layer.norm[index] > 0}
+
+    def style_error(self, name: str) -> float:
+        """Relative Frobenius error of a style over all its layers: ``sqrt(sum err^2) / sqrt(sum ||dW||^2)``."""
+        index = self.style_index(name)
+        squared_error = sum(float(layer.error[index] * layer.norm[index]) ** 2 for layer in self.layers.values())
+        energy = sum(float(layer.norm[index]) ** 2 for layer in self.layers.values())
+        return math.sqrt(squared_error / energy) if energy > 0 else 0.0
+
+    def explained_variance(self) -> dict[str, float]:
+        """Per layer, the share of the (weighted) adapters' energy that the two-sided projection keeps."""
+        result = {}
+        for key, layer in self.layers.items():
+            weights = 1.0 / layer.norm.clamp_min(1e-30) if layer.normalize else torch.ones_like(layer.norm)
+            total = float(((weights * layer.norm) ** 2 * (layer.norm > 0)).sum())
+            result[key] = float(torch.trace(layer.gram_out)) / total if total > 0 else 0.0
+        return result
+
+    def ranks(self) -> dict[str, int]:
+        """``k`` per layer."""
+        return {key: layer.k for key, layer in self.layers.items()}
+
+    def storage_numbers(self) -> int:
+        """Numbers stored on disk for all layers (bases, cores, summaries)."""
+        return sum(layer.storage_numbers() for layer in self.layers.values())
+
+    def formula_numbers(self) -> int:
+        """The format's size formula: per layer ``k (n + d)`` basis numbers plus ``2 k p`` per style."""
+        return sum(
+            layer.k * sum(layer.shape) + 2 * layer.k * layer.pseudo_rank * layer.num_styles
+            for layer in self.layers.values()
+        )
+
+    def source_bytes(self) -> int:
+        """Bytes of the LoRA factors the styles came from, as given (their dtypes)."""
+        return sum(style.source_bytes for style in self.styles)
+
+
+def _style_info(adapter: LoraAdapter, name: str) -> StyleInfo:
+    source_bytes = sum(
+        layer.up.numel() * layer.up.element_size() + layer.down.numel() * layer.down.element_size()
+        for layer in adapter.layers.values()
+    )
+    return StyleInfo(
+        name=name,
+        source=dict(adapter.source),
+        rank=adapter.rank,
+        num_parameters=adapter.num_parameters(),
+        source_bytes=source_bytes,
+    )
+
+
+def _layer_shapes(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> dict[str, tuple[int, int]]:
+    """Union of the adapters' layers with their ``(n_out, d_in)``; shapes must agree across adapters."""
+    shapes: dict[str, tuple[int, int]] = {}
+    owner: dict[str, str] = {}
+    for adapter, name in zip(adapters, names, strict=True):
+        if not adapter.layers:
+            raise ValueError(f"adapter for style {name!r} has no layers")
+        for layer_name, lora in adapter.layers.items():
+            if layer_name in shapes and shapes[layer_name] != lora.shape:
+                raise ShapeMismatchError(
+                    f"size mismatch for {layer_name}: style {name!r} has an update of shape {lora.shape} "
+                    f"but style {owner[layer_name]!r} has {shapes[layer_name]}"
+                )
+            shapes.setdefault(layer_name, lora.shape)
+            owner.setdefault(layer_name, name)
+    return shapes

@@ -1,0 +1,499 @@
+"""The Share subspace of one layer: fitting from adapters, continual merging, deleting a style.
+
+Paper symbols (DESIGN.md section 1) and their names here:
+
+=================  ==============  ===========================================
+paper              code            shape
+=================  ==============  ===========================================
+beta               ``basis_out``   ``(n_out, k)``, orthonormal columns
+alpha              ``basis_in``    ``(d_in, k)``, orthonormal columns
+eps_beta[i]        ``core_out[i]``  ``(k, p)``
+eps_alpha[i]       ``core_in[i]``   ``(k, p)``
+C_i                style core       ``core_out[i] @ core_in[i].T`` (``k x k``)
+=================  ==============  ===========================================
+
+``dW_i ~= basis_out @ (anchor + core_out[i] @ core_in[i].T) @ basis_in.T`` where ``anchor`` is the
+mean core kept by ``center=True`` (zero otherwise).
+
+Everything here is float64 on CPU while it computes and float32 when stored; nothing depends on
+diffusers or a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapters import FIT_DTYPE, CanonicalLora
+
+STORE_DTYPE = torch.float32
+
+
+@dataclass(frozen=True)
+class RankRule:
+    """How many basis vectors ``k`` a layer keeps.
+
+    Args:
+        rank: a fixed ``k`` (capped by what the adapters span and by the layer's size).
+        variance: instead of ``rank``, the smallest ``k`` whose explained variance (share of the
+            adapters' energy captured by the projection) reaches this fraction, per layer.
+        max_rank: upper bound on ``k`` when ``variance`` is used.
+    """
+
+    rank: int | None = 32
+    variance: float | None = None
+    max_rank: int = 64
+
+    def __post_init__(self) -> None:
+        if (self.rank is None) == (self.variance is None):
+            raise ValueError("give exactly one of rank (k) and variance (explained-variance fraction)")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank k must be >= 1, got {self.rank}")
+        if self.variance is not None and not 0.0 < self.variance <= 1.0:
+            raise ValueError(f"variance must be a fraction in (0, 1], got {self.variance}")
+
+    def choose(self, eigenvalues: torch.Tensor, cap: int) -> int:
+        """``k`` for a layer whose stacked energy spectrum (descending) is ``eigenvalues``."""
+        if self.rank is not None:
+            return max(1, min(self.rank, cap))
+        total = float(eigenvalues.sum())
+        if total <= 0.0:
+            return 1
+        cumulative = torch.cumsum(eigenvalues, 0) / total
+        # A small slack so that variance=1.0 does not chase round-off in an exactly low-rank stack.
+        k = int((cumulative < self.variance - 1e-12).sum()) + 1
+        return max(1, min(k, self.max_rank, cap))
+
+
+@dataclass
+class LayerShare:
+    """Share state of one layer (see the module docstring for the symbols).
+
+    Attributes:
+        basis_out: ``(n_out, k)``.
+        basis_in: ``(d_in, k)``.
+        core_out: ``(t, k, p)``, one slice per style held.
+        core_in: ``(t, k, p)``.
+        gram_out: ``(k, k)``, running ``sum_i w_i^2 C_i C_i.T`` of the full (untruncated) cores: the
+            summary that lets a new adapter be merged without the old ones (DESIGN 3).
+        gram_in: ``(k, k)``, running ``sum_i w_i^2 C_i.T C_i``.
+        norm: ``(t,)``, ``||dW_i||_F`` of each style's source on this layer; 0 means the style does
+            not touch the layer (its core is zero and it gets no anchor).
+        error: ``(t,)``, relative Frobenius error ``||dW_i - dW_i_hat|| / ||dW_i||``; exact when the style
+            was merged, an upper bound (triangle inequality) after later merges moved the bases.
+        anchor: ``(k, k)``, the mean core added to every style present here (``center=True``), or None.
+        normalize: whether each adapter is weighted to unit energy (``w_i = 1 / norm_i``) in the Gram.
+    """
+
+    basis_out: torch.Tensor
+    basis_in: torch.Tensor
+    core_out: torch.Tensor
+    core_in: torch.Tensor
+    gram_out: torch.Tensor
+    gram_in: torch.Tensor
+    norm: torch.Tensor
+    error: torch.Tensor
+    anchor: torch.Tensor | None = None
+    normalize: bool = False
+
+    @property
+    def k(self) -> int:
+        return self.basis_out.shape[1]
+
+    @property
+    def pseudo_rank(self) -> int:
+        return self.core_out.shape[2]
+
+    @property
+    def num_styles(self) -> int:
+        return self.core_out.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(n_out, d_in)`` of the layer's weight."""
+        return self.basis_out.shape[0], self.basis_in.shape[0]
+
+    @property
+    def present(self) -> torch.Tensor:
+        """``(t,)`` bool: which styles touch this layer."""
+        return self.norm > 0
+
+    def cores(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense style cores ``C_i`` (``(t, k, k)``), or their blend ``sum_i weights[i] C_i`` (``(k, k)``)."""
+        cores = self.core_out @ self.core_in.transpose(1, 2)  # (t, k, k)
+        if self.anchor is not None:
+            cores = cores + self.present[:, None, None].to(cores.dtype) * self.anchor
+        if weights is None:
+            return cores
+        return torch.einsum("t,tij->ij", weights.to(cores.dtype), cores)
+
+    def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
+        """Dense ``dW`` of a blend, ``(n_out, d_in)``; ``weights: (t,)``. For tests, fusing and export."""
+        core = self.cores(weights)
+        return self.basis_out @ core @ self.basis_in.T
+
+    def storage_numbers(self) -> int:
+        """Numbers this layer stores: bases, cores, Gram summaries, per-style norm/error, anchor."""
+        k, t = self.k, self.num_styles
+        n, d = self.shape
+        return (
+            k * (n + d) + 2 * t * k * self.pseudo_rank + 2 * k * k + 2 * t + (k * k if self.anchor is not None else 0)
+        )
+
+    def select(self, keep: torch.Tensor) -> LayerShare:
+        """A copy holding only the styles at indices ``keep`` (bases and summaries unchanged)."""
+        return LayerShare(
+            basis_out=self.basis_out,
+            basis_in=self.basis_in,
+            core_out=self.core_out[keep],
+            core_in=self.core_in[keep],
+            gram_out=self.gram_out,
+            gram_in=self.gram_in,
+            norm=self.norm[keep],
+            error=self.error[keep],
+            anchor=self.anchor,
+            normalize=self.normalize,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear algebra shared by fitting and merging
+
+
+def principal_directions(spans: list[torch.Tensor], inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors of ``Y @ inner @ Y.T`` where ``Y = [spans...]``, without forming the ``n x n`` matrix.
+
+    Fitting and merging both reduce to this: ``Y`` holds the directions (``U_i`` of each adapter, or
+    the current basis), ``inner`` their energies. QR of ``Y`` costs ``O(n R^2)`` with ``R`` the total
+    width, and the eigenproblem is only ``R x R``.
+
+    Args:
+        spans: tensors ``(n, r_j)``; their concatenation ``Y`` is ``(n, R)``.
+        inner: ``(R, R)`` symmetric positive semi-definite.
+
+    Returns:
+        ``(directions, eigenvalues)``: ``(n, m)`` orthonormal columns sorted by decreasing eigenvalue,
+        and the ``(m,)`` eigenvalues (clamped at 0), ``m = min(n, R)``.
+    """
+    stack = torch.cat(spans, dim=1)  # (n, R)
+    q, r = torch.linalg.qr(stack)  # (n, m), (m, R)
+    small = r @ inner @ r.T  # (m, m)
+    small = 0.5 * (small + small.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(small)
+    order = torch.argsort(eigenvalues, descending=True)
+    directions = q @ eigenvectors[:, order]  # (n, m)
+    return _fix_signs(directions), eigenvalues[order].clamp_min(0.0)
+
+
+def _fix_signs(basis: torch.Tensor) -> torch.Tensor:
+    """Flip columns so each one's largest-magnitude entry is positive: a deterministic basis."""
+    pivot = basis.abs().argmax(dim=0)
+    signs = torch.sign(basis[pivot, torch.arange(basis.shape[1])])
+    signs[signs == 0] = 1.0
+    return basis * signs
+
+
+def split_core(core: torch.Tensor, pseudo_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-p factors of ``(t, k, k)`` cores: ``core ~= out @ in.T`` with ``out, in: (t, k, p)``.
+
+    The truncated SVD gives the best rank-p approximation; ``sqrt`` of the singular values goes to
+    each side so neither factor dominates (DESIGN 2.3).
+    """
+    u, s, vh = torch.linalg.svd(core)  # (t, k, k), (t, k), (t, k, k)
+    p = min(pseudo_rank, core.shape[-1])
+    root = s[:, :p].sqrt()  # (t, p)
+    core_out = u[:, :, :p] * root[:, None, :]
+    core_in = vh[:, :p, :].transpose(1, 2) * root[:, None, :]
+    if p < pseudo_rank:  # layers narrower than p keep the common (k, p) shape with zero columns
+        pad = pseudo_rank - p
+        core_out = torch.nn.functional.pad(core_out, (0, pad))
+        core_in = torch.nn.functional.pad(core_in, (0, pad))
+    return core_out, core_in
+
+
+def project_adapter(entry: CanonicalLora, basis_out: torch.Tensor, basis_in: torch.Tensor) -> torch.Tensor:
+    """Least-squares core ``basis_out.T @ dW @ basis_in`` (``(k, k)``) for orthonormal bases."""
+    return (basis_out.T @ entry.U) * entry.S @ (entry.V.T @ basis_in)
+
+
+def _squared_norms(
+    core_out: torch.Tensor, core_in: torch.Tensor, anchor: torch.Tensor | None, present: torch.Tensor
+) -> torch.Tensor:
+    """``||anchor + core_out[i] @ core_in[i].T||_F^2`` per style without forming ``k x k`` cores: ``(t,)``."""
+    # ||B A^T||^2 = <B^T B, A^T A>, O(k p^2) per style.
+    norms = ((core_out.transpose(1, 2) @ core_out) * (core_in.transpose(1, 2) @ core_in)).sum(dim=(1, 2))
+    if anchor is not None:
+        cross = ((anchor @ core_in) * core_out).sum(dim=(1, 2))  # <anchor, B A^T>
+        norms = norms + present.to(norms.dtype) * (2.0 * cross + (anchor**2).sum())
+    return norms
+
+
+def _relative_errors(exact: torch.Tensor, approx: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """Relative error of ``basis_out @ approx @ basis_in.T`` against ``dW`` whose projection is ``exact``.
+
+    With orthonormal bases, ``||dW - R||^2 = ||dW||^2 - 2 <C, C_hat> + ||C_hat||^2`` where ``C`` is the
+    exact projection: no dense ``n x d`` matrix is needed. ``exact, approx: (t, k, k)``, ``norm: (t,)``.
+    """
+    squared = norm**2 - 2.0 * (exact * approx).sum(dim=(1, 2)) + (approx**2).sum(dim=(1, 2))
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return torch.where(norm > 0, squared.clamp_min(0.0).sqrt() / safe, torch.zeros_like(norm))
+
+
+def _style_weights(norm: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """Weight of each style in the Gram summaries: 1, or ``1 / ||dW_i||`` with ``normalize``."""
+    if not normalize:
+        return (norm > 0).to(norm.dtype)
+    return torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
+
+
+def _finish(
+    cores: torch.Tensor,
+    norm: torch.Tensor,
+    basis_out: torch.Tensor,
+    basis_in: torch.Tensor,
+    pseudo_rank: int,
+    anchor: torch.Tensor | None,
+    normalize: bool,
+) -> LayerShare:
+    """Split exact cores ``(t, k, k)`` into rank-p factors, record errors and Gram summaries."""
+    present = norm > 0
+    deviations = cores - present[:, None, None].to(cores.dtype) * anchor if anchor is not None else cores
+    core_out, core_in = split_core(deviations, pseudo_rank)
+    approx = core_out @ core_in.transpose(1, 2)
+    if anchor is not None:
+        approx = approx + present[:, None, None].to(cores.dtype) * anchor
+    weights = _style_weights(norm, normalize)[:, None, None]
+    weighted = weights * cores
+    return LayerShare(
+        basis_out=basis_out,
+        basis_in=basis_in,
+        core_out=core_out,
+        core_in=core_in,
+        gram_out=(weighted @ weighted.transpose(1, 2)).sum(0),
+        gram_in=(weighted.transpose(1, 2) @ weighted).sum(0),
+        norm=norm,
+        error=_relative_errors(cores, approx, norm),
+        anchor=anchor,
+        normalize=normalize,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Fitting (DESIGN 2) and merging (DESIGN 3)
+
+
+def fit_layer(
+    entries: list[CanonicalLora | None], rule: RankRule, pseudo_rank: int, center: bool = False, normalize: bool = False
+) -> LayerShare:
+    """Fit one layer's subspace from the canonical forms of ``t`` adapters (None: adapter absent here).
+
+    ``basis_out`` is the top-k left singular vectors of ``[w_1 U_1 S_1, ..., w_t U_t S_t]``, i.e. the
+    eigenvectors of ``sum_i w_i^2 dW_i dW_i.T``; ``basis_in`` the same for ``V_i``. Independent of each
+    adapter's gauge. With ``center``, the energy is taken about the adapters' mean ``M`` (paper) plus
+    ``M M.T`` itself, so the mean stays representable; the mean core becomes the layer's anchor and
+    only each style's deviation from it is truncated to rank p.
+
+    Returns the layer's state in float64; callers convert with :func:`to_storage`.
+    """
+    present = [i for i, entry in enumerate(entries) if entry is not None and entry.energy > 0]
+    if not present:
+        raise ValueError("a layer needs at least one adapter with a non-zero update")
+    used = [entries[i] for i in present]
+    norms = torch.tensor([entry.energy**0.5 for entry in used], dtype=FIT_DTYPE)
+    weights = 1.0 / norms if normalize else torch.ones_like(norms)
+    n_out, d_in = used[0].U.shape[0], used[0].V.shape[0]
+    width = sum(entry.S.numel() for entry in used)
+    k = None
+    bases = []
+    for side in ("out", "in"):
+        spans = [entry.U if side == "out" else entry.V for entry in used]
+        partners = [entry.V if side == "out" else entry.U for entry in used]
+        scaled = torch.cat([w * entry.S for w, entry in zip(weights, used, strict=True)])  # (R,)
+        inner = torch.diag(scaled**2)
+        if center and len(used) > 1:
+            # Energy about the mean, plus the mean's own: Y P (I - (t-1)/t^2 Z.T Z) P Y.T, P = diag(w S).
+            z = torch.cat(partners, dim=1)  # (d, R)
+            inner = inner - (len(used) - 1) / len(used) ** 2 * scaled[:, None] * (z.T @ z) * scaled[None, :]
+        directions, eigenvalues = principal_directions(spans, inner)
+        if k is None:
+            k = rule.choose(eigenvalues, cap=min(width, n_out, d_in))
+        bases.append(directions[:, :k])
+    basis_out, basis_in = bases
+
+    t = len(entries)
+    cores = torch.zeros(t, k, k, dtype=FIT_DTYPE)
+    norm = torch.zeros(t, dtype=FIT_DTYPE)
+    for i, entry in zip(present, used, strict=True):
+        cores[i] = project_adapter(entry, basis_out, basis_in)
+        norm[i] = entry.energy**0.5
+    anchor = cores[present].mean(0) if center else None
+    return _finish(cores, norm, basis_out, basis_in, pseudo_rank, anchor, normalize)
+
+
+def empty_layer(n_out: int, d_in: int, num_styles: int, pseudo_rank: int, center: bool, normalize: bool) -> LayerShare:
+    """A layer no style touches yet: ``k = 0``; a later merge that touches it gives it a basis."""
+    zeros = torch.zeros
+    return LayerShare(
+        basis_out=zeros(n_out, 0, dtype=FIT_DTYPE),
+        basis_in=zeros(d_in, 0, dtype=FIT_DTYPE),
+        core_out=zeros(num_styles, 0, pseudo_rank, dtype=FIT_DTYPE),
+        core_in=zeros(num_styles, 0, pseudo_rank, dtype=FIT_DTYPE),
+        gram_out=zeros(0, 0, dtype=FIT_DTYPE),
+        gram_in=zeros(0, 0, dtype=FIT_DTYPE),
+        norm=zeros(num_styles, dtype=FIT_DTYPE),
+        error=zeros(num_styles, dtype=FIT_DTYPE),
+        anchor=zeros(0, 0, dtype=FIT_DTYPE) if center else None,
+        normalize=normalize,
+    )
+
+
+def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) -> LayerShare:
+    """Add one style to a layer without the adapters merged before it (DESIGN 3).
+
+    The new bases are the top eigenvectors of ``basis_out @ gram_out @ basis_out.T + w^2 U S^2 U.T``:
+    one QR of the ``n x (k + r)`` matrix ``[basis_out, U]`` and a ``(k + r)`` eigenproblem, whatever
+    the number of styles held. Earlier styles are re-projected through the ``k x k`` change of basis
+    (``O(t k^2 p)``); their rank-p factors stay rank p, so no per-style SVD is needed.
+
+    ``entry`` None means the new style does not touch this layer: only its zero core is appended.
+    Returns a new float64 ``LayerShare``; ``layer`` is not modified.
+    """
+    layer = to_fit(layer)
+    p = layer.pseudo_rank
+    if entry is None or entry.energy == 0.0:
+        zeros = torch.zeros(1, layer.k, p, dtype=FIT_DTYPE)
+        return LayerShare(
+            basis_out=layer.basis_out,
+            basis_in=layer.basis_in,
+            core_out=torch.cat([layer.core_out, zeros]),
+            core_in=torch.cat([layer.core_in, zeros]),
+            gram_out=layer.gram_out,
+            gram_in=layer.gram_in,
+            norm=torch.cat([layer.norm, torch.zeros(1, dtype=FIT_DTYPE)]),
+            error=torch.cat([layer.error, torch.zeros(1, dtype=FIT_DTYPE)]),
+            anchor=layer.anchor,
+            normalize=layer.normalize,
+        )
+    norm_new = entry.energy**0.5
+    weight = 1.0 / norm_new if layer.normalize else 1.0
+    n_out, d_in = layer.shape
+    cap = min(layer.k + entry.S.numel(), n_out, d_in)
+    k_new = None
+    bases = []
+    for old_basis, old_gram, span in (
+        (layer.basis_out, layer.gram_out, entry.U),
+        (layer.basis_in, layer.gram_in, entry.V),
+    ):
+        inner = torch.block_diag(old_gram, torch.diag((weight * entry.S) ** 2))
+        directions, eigenvalues = principal_directions([old_basis, span], inner)
+        if k_new is None:
+            k_new = rule.choose(eigenvalues, cap=cap)
+        bases.append(directions[:, :k_new])
+    basis_out, basis_in = bases
+    rotate_out = basis_out.T @ layer.basis_out  # (k_new, k_old)
+    rotate_in = basis_in.T @ layer.basis_in
+
+    # Earlier styles: their reconstructions projected onto the new bases (a projection, so the
+    # drift is the energy it removes, and their factors stay rank p).
+    core_out = rotate_out @ layer.core_out  # (t, k_new, p)
+    core_in = rotate_in @ layer.core_in
+    anchor = rotate_out @ layer.anchor @ rotate_in.T if layer.anchor is not None else None
+    present = layer.present
+    before = _squared_norms(layer.core_out, layer.core_in, layer.anchor, present)
+    after = _squared_norms(core_out, core_in, anchor, present)
+    drift = (before - after).clamp_min(0.0).sqrt()
+    safe_norm = torch.where(present, layer.norm, torch.ones_like(layer.norm))
+    error = torch.where(present, layer.error + drift / safe_norm, layer.error)
+
+    # The new style: exact core, then rank p (about the anchor when centred).
+    core_new = project_adapter(entry, basis_out, basis_in)  # (k_new, k_new)
+    norm_tensor = torch.tensor([norm_new], dtype=FIT_DTYPE)
+    if anchor is not None and not bool(present.any()):  # the first style on a centred layer anchors it
+        anchor = core_new.clone()
+    finished = _finish(core_new[None], norm_tensor, basis_out, basis_in, p, anchor, layer.normalize)
+    gram_new = weight**2 * core_new @ core_new.T
+    gram_in_new = weight**2 * core_new.T @ core_new
+    return LayerShare(
+        basis_out=basis_out,
+        basis_in=basis_in,
+        core_out=torch.cat([core_out, finished.core_out]),
+        core_in=torch.cat([core_in, finished.core_in]),
+        gram_out=rotate_out @ layer.gram_out @ rotate_out.T + gram_new,
+        gram_in=rotate_in @ layer.gram_in @ rotate_in.T + gram_in_new,
+        norm=torch.cat([layer.norm, norm_tensor]),
+        error=torch.cat([error, finished.error]),
+        anchor=anchor,
+        normalize=layer.normalize,
+    )
+
+
+def delete_from_layer(layer: LayerShare, index: int) -> LayerShare:
+    """Drop style ``index``: its cores and its share of the Gram summaries (as reconstructed at rank p).
+
+    The bases are kept as they are: the remaining styles' reconstructions do not change at all.
+    """
+    layer = to_fit(layer)
+    keep = torch.tensor([i for i in range(layer.num_styles) if i != index], dtype=torch.long)
+    core = layer.cores()[index]  # (k, k)
+    weight = float(_style_weights(layer.norm, layer.normalize)[index])
+    result = layer.select(keep)
+    result.gram_out = _clip_psd(layer.gram_out - weight**2 * core @ core.T)
+    result.gram_in = _clip_psd(layer.gram_in - weight**2 * core.T @ core)
+    return result
+
+
+def _clip_psd(matrix: torch.Tensor) -> torch.Tensor:
+    """Nearest positive semi-definite matrix (negative eigenvalues from round-off set to 0)."""
+    if matrix.numel() == 0:
+        return matrix
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+    return (eigenvectors * eigenvalues.clamp_min(0.0)) @ eigenvectors.T
+
+
+def _convert(layer: LayerShare, dtype: torch.dtype) -> LayerShare:
+    def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor.to(dtype)
+
+    return LayerShare(
+        basis_out=cast(layer.basis_out),
+        basis_in=cast(layer.basis_in),
+        core_out=cast(layer.core_out),
+        core_in=cast(layer.core_in),
+        gram_out=cast(layer.gram_out),
+        gram_in=cast(layer.gram_in),
+        norm=cast(layer.norm),
+        error=cast(layer.error),
+        anchor=cast(layer.anchor),
+        normalize=layer.normalize,
+    )
+
+
+def to_fit(layer: LayerShare) -> LayerShare:
+    """The layer in float64 for computation, its bases re-orthonormalised.
+
+    Bases held in float32 are orthonormal only to ~1e-7; the merge's drift estimate subtracts
+    squared norms, which would turn that into ~3e-4 of spurious error. A QR (``O(n k^2)``) of each
+    basis fixes it while moving the bases by ~1e-7 only.
+    """
+    if layer.basis_out.dtype == FIT_DTYPE:
+        return layer
+    result = _convert(layer, FIT_DTYPE)
+    result.basis_out = _orthonormalize(result.basis_out)
+    result.basis_in = _orthonormalize(result.basis_in)
+    return result
+
+
+def _orthonormalize(basis: torch.Tensor) -> torch.Tensor:
+    """Q of the QR of a nearly orthonormal ``(n, k)`` basis, signs chosen so that ``Q ~= basis``."""
+    if basis.shape[1] == 0:
+        return basis
+    q, r = torch.linalg.qr(basis)
+    signs = torch.sign(torch.diagonal(r))
+    signs[signs == 0] = 1.0
+    return q * signs
+
+
+def to_storage(layer: LayerShare) -> LayerShare:
+    """The layer in float32, as it is held and saved."""
+    return _convert(layer, STORE_DTYPE)

@@ -1,0 +1,177 @@
+"""The command line end to end on adapters written by PEFT itself, including bad input."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TinyNet, relative_error, write_peft_adapter
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+
+from share_diffusers.cli import main
+from share_diffusers.core import load_factors
+from share_diffusers.lora_files import load_lora
+
+
+@pytest.fixture(scope="module")
+def peft_adapters(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    return [write_peft_adapter(root / f"style{i}", seed=i, rank=[4, 4, 2][i], alpha=[8, 4, 2][i]) for i in range(3)]
+
+
+def run_cli(*args):
+    return main([str(arg) for arg in args])
+
+
+def _peft_delta(adapter_dir, layer):
+    """dW of a PEFT adapter as PEFT itself applies it: merged weight minus base weight."""
+    base = TinyNet()
+    model = PeftModel.from_pretrained(TinyNet(), adapter_dir).merge_and_unload()
+    return (
+        (model.get_submodule(layer).weight - base.get_submodule(layer).weight)
+        .detach()
+        .reshape(base.get_submodule(layer).weight.shape[0], -1)
+    )
+
+
+def test_compress_inspect_merge_export_end_to_end(tmp_path, peft_adapters, capsys):
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", *peft_adapters[:2], "-o", out, "-k", 10, "-p", 4, "--names", "ink", "neon") == 0
+    factors = load_factors(out)
+    assert factors.style_names == ["ink", "neon"]
+    for adapter, name in zip(peft_adapters[:2], ["ink", "neon"], strict=True):
+        for layer in ("to_q", "to_v", "mix"):
+            assert relative_error(_peft_delta(adapter, layer), factors.delta_weight(layer, name)) < 1e-5
+
+    assert run_cli("-q", "merge", out, peft_adapters[2], "--name", "sepia") == 0
+    factors = load_factors(out)
+    assert factors.style_names == ["ink", "neon", "sepia"]
+    assert relative_error(_peft_delta(peft_adapters[2], "to_v"), factors.delta_weight("to_v", "sepia")) < 1e-5
+
+    capsys.readouterr()
+    assert run_cli("inspect", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [style["name"] for style in info["styles"]] == ["ink", "neon", "sepia"]
+    assert all(style["error"] < 1e-5 for style in info["styles"])
+    assert info["bytes_on_disk"] == sum(p.stat().st_size for p in out.iterdir())
+    assert run_cli("inspect", out) == 0
+    assert "sepia" in capsys.readouterr().out
+
+    # export as a PEFT folder: stock PeftModel reproduces the Share weights
+    exported = tmp_path / "neon-peft"
+    assert run_cli("export", out, "neon", "-o", exported) == 0
+    for layer in ("to_q", "to_v", "mix"):
+        assert relative_error(factors.delta_weight(layer, "neon"), _peft_delta(str(exported), layer)) < 1e-5
+    # and as a diffusers-style .safetensors file, blend included
+    blend_file = tmp_path / "blend.safetensors"
+    assert run_cli("export", out, "ink=0.5,sepia=0.5", "-o", blend_file) == 0
+    reread = load_lora(blend_file)
+    expected = factors.delta_weight("to_q", {"ink": 0.5, "sepia": 0.5})
+    assert relative_error(expected, reread.layers["to_q"].delta_weight()) < 1e-5
+
+
+def test_console_script_reports_errors_in_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "share_diffusers.cli", "inspect", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: no Share checkpoint folder at {tmp_path / 'missing'}"
+    assert "Traceback" not in result.stderr
+
+
+def _bad_inputs(tmp_path, peft_adapters):
+    good = load_file(f"{peft_adapters[0]}/adapter_model.safetensors")
+    truncated = tmp_path / "truncated.safetensors"
+    data = tmp_path / "full.safetensors"
+    save_file(good, data)
+    truncated.write_bytes(data.read_bytes()[:-40])
+    nan = tmp_path / "nan.safetensors"
+    save_file({k: v * float("nan") if "to_q.lora_A" in k else v for k, v in good.items()}, nan)
+    mismatch = tmp_path / "mismatch.safetensors"
+    save_file({k: torch.randn(3, 24) if "to_q.lora_A" in k else v for k, v in good.items()}, mismatch)
+    pickled = tmp_path / "adapter.bin"
+    marker = tmp_path / "unpickled-marker"
+    pickled.write_bytes(pickle.dumps(_Exploit(str(marker))))
+    no_lora = tmp_path / "plain.safetensors"
+    save_file({"to_q.weight": torch.randn(24, 24)}, no_lora)
+    other_model = tmp_path / "other.safetensors"
+    save_file(
+        {
+            "base_model.model.to_q.lora_A.weight": torch.randn(4, 30),
+            "base_model.model.to_q.lora_B.weight": torch.randn(24, 4),
+        },
+        other_model,
+    )
+    return {
+        "truncated": (truncated, "truncated or corrupt"),
+        "nan": (nan, "to_q.lora_A.weight contains NaN or Inf"),
+        "shape": (mismatch, r"layer 'to_q' has lora_A \(3, 24\) and lora_B \(24, 4\)"),
+        "pickle": (pickled, "pickle file"),
+        "no-lora": (no_lora, "holds no LoRA tensors"),
+        "missing": (tmp_path / "nowhere.safetensors", "no such file"),
+        "other-model": (
+            other_model,
+            r"size mismatch for to_q: the LoRA's update has shape \(24, 30\) "
+            r"but the Share factors hold shape \(24, 24\)",
+        ),
+    }, marker
+
+
+class _Exploit:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.parametrize("case", ["truncated", "nan", "shape", "pickle", "no-lora", "missing", "other-model"])
+def test_bad_lora_files_fail_cleanly_and_leave_the_checkpoint(tmp_path, peft_adapters, capsys, case):
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", *peft_adapters[:2], "-o", out, "-k", 8, "-p", 4) == 0
+    snapshot = {p.name: p.read_bytes() for p in out.iterdir()}
+    cases, marker = _bad_inputs(tmp_path, peft_adapters)
+    path, message = cases[case]
+    capsys.readouterr()
+    assert run_cli("-q", "merge", out, path, "--name", "new") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert re.search(message, err), err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == snapshot
+    assert not marker.exists()  # the pickle was never opened
+    if case == "other-model":  # a valid LoRA for another model: only merging into these factors is wrong
+        return
+    # compress refuses the same file without writing a checkpoint
+    assert run_cli("-q", "compress", path, "-o", tmp_path / "fresh") == 1
+    assert not (tmp_path / "fresh" / "share_config.json").exists()
+
+
+@pytest.mark.parametrize(("names", "message"), [(["ink", "ink"], "already exists"), (["ink", " "], "non-empty")])
+def test_duplicate_or_empty_style_names(tmp_path, peft_adapters, capsys, names, message):
+    assert run_cli("-q", "compress", *peft_adapters[:2], "-o", tmp_path / "c", "--names", *names) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "c" / "share_config.json").exists()
+
+
+def test_merge_with_taken_name_and_pickle_folder(tmp_path, peft_adapters, capsys):
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", peft_adapters[0], "-o", out, "--names", "ink") == 0
+    assert run_cli("-q", "merge", out, peft_adapters[1], "--name", "ink") == 1
+    assert "a style named 'ink' already exists" in capsys.readouterr().err
+    folder = tmp_path / "pickled-peft"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.bin").write_bytes(b"not really")
+    assert run_cli("-q", "merge", out, folder) == 1
+    assert "never unpickles" in capsys.readouterr().err
+    assert run_cli("-q", "compress", peft_adapters[0], "-o", out) == 1
+    assert "already holds a Share checkpoint" in capsys.readouterr().err
+    assert load_factors(out).style_names == ["ink"]

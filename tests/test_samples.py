@@ -1,0 +1,20 @@
+"""Every sample runs end to end, so none rots."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
+
+
+def test_compress_loras_sample(tmp_path):
+    result = subprocess.run([sys.executable, str(SAMPLES / "compress_loras.py"), "--workdir", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "9 styles, 4 layers" in result.stdout
+    error = float(re.search(r"relative error of the update ([0-9.e+-]+)", result.stdout).group(1))
+    assert error < 0.05
+    assert (tmp_path / "style-03-exported" / "adapter_config.json").is_file()

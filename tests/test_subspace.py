@@ -1,0 +1,258 @@
+"""Fitting and continual merging against independent dense computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import random_adapter, relative_error, shared_adapters
+
+from share_diffusers.core import LoraAdapter, LoraLayer, ShareConfig, ShareFactors, StyleError
+from share_diffusers.core import subspace as subspace_module
+from share_diffusers.core.errors import ShapeMismatchError
+
+SHAPES = {"a": (40, 32), "b": (24, 36)}
+
+
+def _adapters():
+    return [
+        random_adapter(SHAPES, rank, alpha, seed) for seed, (rank, alpha) in enumerate([(4, 8), (6, None), (3, 1.5)])
+    ]
+
+
+def _dense(adapter: LoraAdapter, layer: str) -> torch.Tensor:
+    return adapter.layers[layer].delta_weight()
+
+
+@pytest.mark.parametrize("center", [False, True])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_full_rank_reconstructs_every_style_exactly(center, normalize):
+    adapters = _adapters()
+    total = sum(adapter.rank for adapter in adapters)  # 13: k holds everything
+    # With centring each deviation can reach rank k, so p = k keeps it exact.
+    p = total if center else max(adapter.rank for adapter in adapters)
+    factors = ShareFactors.fit(
+        adapters, ["x", "y", "z"], ShareConfig(rank=total, pseudo_rank=p, center=center, normalize=normalize)
+    )
+    for adapter, name in zip(adapters, ["x", "y", "z"], strict=True):
+        for layer in SHAPES:
+            assert relative_error(_dense(adapter, layer), factors.delta_weight(layer, name)) < 1e-5
+        assert factors.style_error(name) < 1e-5
+
+
+def test_truncation_error_is_the_singular_value_tail():
+    """Proposition 1: projecting the stacked updates on the top-k basis loses exactly the tail energy."""
+    adapters = _adapters()
+    k = 5
+    factors = ShareFactors.fit(adapters, ["x", "y", "z"], ShareConfig(rank=k, pseudo_rank=k))
+    for layer in SHAPES:
+        stacked = torch.cat([_dense(adapter, layer) for adapter in adapters], dim=1)  # (n, t d)
+        singular_values = torch.linalg.svdvals(stacked)
+        tail = float((singular_values[k:] ** 2).sum())
+        basis = factors.layers[layer].basis_out.double()
+        residual = stacked - basis @ (basis.T @ stacked)
+        assert float((residual**2).sum()) == pytest.approx(tail, rel=1e-4)
+        stacked_in = torch.cat([_dense(adapter, layer).T for adapter in adapters], dim=1)  # (d, t n)
+        basis_in = factors.layers[layer].basis_in.double()
+        residual_in = stacked_in - basis_in @ (basis_in.T @ stacked_in)
+        tail_in = float((torch.linalg.svdvals(stacked_in)[k:] ** 2).sum())
+        assert float((residual_in**2).sum()) == pytest.approx(tail_in, rel=1e-4)
+
+
+def test_reported_errors_match_dense_errors_under_truncation():
+    adapters = _adapters()
+    factors = ShareFactors.fit(adapters, ["x", "y", "z"], ShareConfig(rank=6, pseudo_rank=3))
+    for adapter, name in zip(adapters, ["x", "y", "z"], strict=True):
+        for layer, reported in factors.layer_errors(name).items():
+            dense = relative_error(_dense(adapter, layer), factors.delta_weight(layer, name))
+            assert reported == pytest.approx(dense, rel=1e-4)
+            assert 0.05 < dense < 1.0
+
+
+def test_gauge_does_not_change_any_reconstruction():
+    adapters = _adapters()
+    generator = torch.Generator().manual_seed(7)
+    scrambled = []
+    for adapter in adapters:
+        layers = {}
+        for name, lora in adapter.layers.items():
+            gauge = torch.randn(lora.rank, lora.rank, generator=generator, dtype=torch.float64)
+            gauge = gauge + 3 * torch.eye(lora.rank, dtype=torch.float64)
+            layers[name] = LoraLayer(
+                lora.up.double() @ gauge, torch.linalg.solve(gauge, lora.down.double()), lora.scale
+            )
+        scrambled.append(LoraAdapter(layers))
+    config = ShareConfig(rank=6, pseudo_rank=3)  # truncated, so the gauge would matter if it leaked in
+    plain = ShareFactors.fit(adapters, ["x", "y", "z"], config)
+    gauged = ShareFactors.fit(scrambled, ["x", "y", "z"], config)
+    for name in ["x", "y", "z"]:
+        for layer in SHAPES:
+            assert relative_error(plain.delta_weight(layer, name), gauged.delta_weight(layer, name)) < 1e-5
+
+
+def test_alpha_scales_the_cores():
+    base = random_adapter(SHAPES, 4, alpha=4, seed=3)
+    stronger = LoraAdapter({n: LoraLayer(l.up, l.down, 2.5 * l.scale) for n, l in base.layers.items()})
+    factors = ShareFactors.fit([base, stronger], ["weak", "strong"], ShareConfig(rank=4, pseudo_rank=4))
+    for layer in factors.layers.values():
+        cores = layer.cores()
+        assert relative_error(2.5 * cores[0], cores[1]) < 1e-5
+    # and alpha / r is folded in: the reconstruction is scale * up @ down, not up @ down
+    dense = stronger.layers["a"].delta_weight()
+    assert relative_error(dense, factors.delta_weight("a", "strong")) < 1e-5
+
+
+def test_mixed_ranks_and_disjoint_layers():
+    first = random_adapter({"a": (40, 32)}, 8, seed=1)
+    second = random_adapter({"b": (24, 36)}, 2, seed=2)
+    third = random_adapter(SHAPES, 5, alpha=10, seed=3)
+    factors = ShareFactors.fit([first, second, third], ["f", "s", "t"], ShareConfig(rank=13, pseudo_rank=8))
+    layer_b = factors.layers["b"]
+    assert torch.count_nonzero(layer_b.cores()[0]) == 0  # "f" does not touch b
+    assert not bool(layer_b.present[0]) and bool(layer_b.present[1])
+    assert torch.count_nonzero(factors.layers["a"].cores()[1]) == 0
+    assert relative_error(_dense(first, "a"), factors.delta_weight("a", "f")) < 1e-5
+    assert relative_error(_dense(second, "b"), factors.delta_weight("b", "s")) < 1e-5
+    assert factors.layer_errors("f").keys() == {"a"}
+
+
+def test_variance_rule_picks_k_per_layer():
+    adapters = shared_adapters(6, {"a": (64, 48), "b": (32, 40)}, rank=4, shared_rank=3, noise=0.01)
+    factors = ShareFactors.fit(adapters, [f"s{i}" for i in range(6)], ShareConfig(variance=0.9, pseudo_rank=4))
+    for layer in factors.layers.values():
+        assert 1 <= layer.k <= 6
+    explained = factors.explained_variance()
+    assert all(value >= 0.9 - 1e-6 for value in explained.values())
+    # one fewer basis vector must fall below the threshold (k is the smallest that reaches it)
+    for name, layer in factors.layers.items():
+        smaller = (
+            ShareFactors.fit(adapters, [f"s{i}" for i in range(6)], ShareConfig(rank=layer.k - 1, pseudo_rank=4))
+            if layer.k > 1
+            else None
+        )
+        if smaller is not None:
+            assert smaller.explained_variance()[name] < 0.9
+
+
+def test_normalize_balances_weak_and_strong_styles():
+    strong = [random_adapter({"a": (48, 48)}, 4, seed=seed) for seed in (1, 2, 3)]
+    weak = random_adapter({"a": (48, 48)}, 4, seed=9)
+    weak = LoraAdapter({"a": LoraLayer(weak.layers["a"].up * 1e-3, weak.layers["a"].down, 1.0)})
+    adapters = [*strong, weak]
+    names = ["s1", "s2", "s3", "weak"]
+    # k = 12 of the 16 directions: energy-weighted fitting spends all of them on the strong styles.
+    plain = ShareFactors.fit(adapters, names, ShareConfig(rank=12, pseudo_rank=4))
+    balanced = ShareFactors.fit(adapters, names, ShareConfig(rank=12, pseudo_rank=4, normalize=True))
+    assert plain.style_error("weak") > 0.95
+    assert balanced.style_error("weak") < plain.style_error("weak") - 0.2
+
+
+def test_bf16_factors_are_fitted_in_high_precision():
+    adapter = random_adapter(SHAPES, 4, seed=4, dtype=torch.bfloat16)
+    factors = ShareFactors.fit([adapter], ["x"], ShareConfig(rank=4, pseudo_rank=4))
+    exact = adapter.layers["a"].delta_weight(torch.float64)  # of the bf16 values, computed in float64
+    assert relative_error(exact, factors.delta_weight("a", "x")) < 1e-5
+
+
+@pytest.mark.parametrize("scramble", [False, True])
+def test_continual_merge_agrees_with_batch_fit_when_k_holds_everything(scramble):
+    adapters = shared_adapters(4, SHAPES, rank=3, shared_rank=4, noise=0.1, scramble=scramble)
+    names = ["w", "x", "y", "z"]
+    config = ShareConfig(rank=12, pseudo_rank=3)
+    batch = ShareFactors.fit(adapters, names, config)
+    continual = ShareFactors.fit(adapters[:1], names[:1], config)
+    for adapter, name in zip(adapters[1:], names[1:], strict=True):
+        continual.merge(adapter, name)
+    for adapter, name in zip(adapters, names, strict=True):
+        for layer in SHAPES:
+            assert relative_error(_dense(adapter, layer), continual.delta_weight(layer, name)) < 1e-5
+            assert relative_error(batch.delta_weight(layer, name), continual.delta_weight(layer, name)) < 1e-5
+        assert continual.style_error(name) < 1e-4
+    # same subspaces: the projectors agree
+    for layer in SHAPES:
+        p_batch = batch.layers[layer].basis_out.double()
+        p_cont = continual.layers[layer].basis_out.double()
+        assert relative_error(p_batch @ p_batch.T, p_cont @ p_cont.T) < 1e-5
+
+
+def test_continual_merge_close_to_batch_fit_when_truncated():
+    adapters = shared_adapters(8, SHAPES, rank=4, shared_rank=5, noise=0.02, scramble=True, seed=3)
+    names = [f"s{i}" for i in range(8)]
+    config = ShareConfig(rank=6, pseudo_rank=4)
+    batch = ShareFactors.fit(adapters, names, config)
+    continual = ShareFactors.fit(adapters[:2], names[:2], config)
+    for adapter, name in zip(adapters[2:], names[2:], strict=True):
+        continual.merge(adapter, name)
+    for adapter, name in zip(adapters, names, strict=True):
+        for layer in SHAPES:
+            dense = _dense(adapter, layer)
+            batch_error = relative_error(dense, batch.delta_weight(layer, name))
+            continual_error = relative_error(dense, continual.delta_weight(layer, name))
+            assert batch_error < 0.15
+            assert continual_error < batch_error + 0.03
+            # the reported error is exact at merge time and an upper bound afterwards
+            assert continual.layer_errors(name)[layer] >= continual_error - 1e-5
+
+
+def test_merge_work_does_not_grow_with_styles_held(monkeypatch):
+    shapes = {"a": (64, 48)}
+    calls = []
+    original = subspace_module.principal_directions
+
+    def recording(spans, inner):
+        calls.append(tuple(torch.cat(spans, dim=1).shape))
+        return original(spans, inner)
+
+    factors = ShareFactors.fit([random_adapter(shapes, 4, seed=0)], ["s0"], ShareConfig(rank=8, pseudo_rank=2))
+    monkeypatch.setattr(subspace_module, "principal_directions", recording)
+    sizes = {}
+    for count in range(1, 30):
+        calls.clear()
+        factors.merge(random_adapter(shapes, 4, seed=count), f"s{count}")
+        sizes[count + 1] = list(calls)
+    # After k fills up, every merge decomposes the same two matrices: n x (k + r) and d x (k + r).
+    assert sizes[10] == sizes[29] == [(64, 12), (48, 12)]
+    assert factors.layers["a"].num_styles == 30
+
+
+def test_delete_and_rename_styles():
+    adapters = _adapters()
+    factors = ShareFactors.fit(adapters, ["x", "y", "z"], ShareConfig(rank=13, pseudo_rank=6))
+    before = factors.delta_weight("a", "z")
+    factors.delete_style("y")
+    assert factors.style_names == ["x", "z"]
+    assert relative_error(before, factors.delta_weight("a", "z")) < 1e-6
+    factors.rename_style("z", "zeta")
+    assert relative_error(before, factors.delta_weight("a", "zeta")) < 1e-6
+    with pytest.raises(StyleError, match="unknown style 'y'"):
+        factors.delete_style("y")
+    with pytest.raises(StyleError, match="already exists"):
+        factors.rename_style("x", "zeta")
+    # the Gram summary lost y's share: merging y back gives the same reconstruction as before
+    factors.merge(adapters[1], "y")
+    assert relative_error(_dense(adapters[1], "a"), factors.delta_weight("a", "y")) < 1e-5
+
+
+def test_bad_merges_leave_factors_unchanged():
+    adapters = _adapters()
+    factors = ShareFactors.fit(adapters[:2], ["x", "y"], ShareConfig(rank=8, pseudo_rank=4))
+    snapshot = {name: layer.basis_out.clone() for name, layer in factors.layers.items()}
+    with pytest.raises(StyleError, match="already exists"):
+        factors.merge(adapters[2], "x")
+    with pytest.raises(StyleError, match="non-empty"):
+        factors.merge(adapters[2], "  ")
+    wrong = random_adapter({"a": (40, 31)}, 2)
+    with pytest.raises(ShapeMismatchError, match=r"size mismatch for a: .*\(40, 31\).*\(40, 32\)"):
+        factors.merge(wrong, "w")
+    assert factors.style_names == ["x", "y"]
+    for name, layer in factors.layers.items():
+        assert torch.equal(layer.basis_out, snapshot[name])
+        assert layer.num_styles == 2
+
+
+def test_merge_into_new_layer_creates_it_with_zero_cores_for_earlier_styles():
+    factors = ShareFactors.fit([random_adapter({"a": (40, 32)}, 4)], ["x"], ShareConfig(rank=8, pseudo_rank=4))
+    extra = random_adapter({"a": (40, 32), "c": (16, 20)}, 3, seed=5)
+    factors.merge(extra, "y")
+    assert set(factors.layers) == {"a", "c"}
+    assert torch.count_nonzero(factors.layers["c"].cores()[0]) == 0
+    assert relative_error(_dense(extra, "c"), factors.delta_weight("c", "y")) < 1e-5
