@@ -175,7 +175,7 @@ def test_switching_styles_writes_only_the_shared_selection(tiny_net):
     share.set_style(["ink", {"neon": 0.5, "sepia": 0.5}, None])
     assert share.selection.version == versions + 1
     assert [layer.basis_out.data_ptr() for layer in layers] == buffers
-    assert share.selection.active_weights.shape == (3, 3)
+    assert share.selection.weights.shape == (3, 3)
 
 
 def test_inject_by_regex_and_bad_targets(tiny_net):

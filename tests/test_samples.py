@@ -11,8 +11,12 @@ SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 def test_compress_loras_sample(tmp_path):
-    result = subprocess.run([sys.executable, str(SAMPLES / "compress_loras.py"), "--workdir", str(tmp_path)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(SAMPLES / "compress_loras.py"), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "9 styles, 4 layers" in result.stdout
     error = float(re.search(r"relative error of the update ([0-9.e+-]+)", result.stdout).group(1))

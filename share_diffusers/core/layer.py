@@ -21,39 +21,38 @@ from .subspace import LayerShare
 class StyleSelection:
     """The styles applied to the current batch, shared by every ``ShareLinear`` of a model.
 
-    ``weights`` is ``(batch, t)`` over the style bank (one row broadcasts to any batch) or None
-    (base model). Only the columns with a non-zero weight are kept, so a forward pass costs the
-    same with 5 or 500 styles held.
+    ``weights`` is ``(batch, t)`` over the whole style bank (one row broadcasts to any batch), or
+    None for the base model. Dense weights keep every tensor shape fixed while styles switch, so a
+    compiled model does not recompile; blending ``t`` cores costs ``O(t k^2 p)`` per layer and
+    forward, negligible next to the layer's own matmul.
     """
 
     def __init__(self) -> None:
-        self.active_index: torch.Tensor | None = None  # (s,) long: styles used by some sample
-        self.active_weights: torch.Tensor | None = None  # (batch, s)
-        self.version = 0  # bumped on every change; lets callers check cheaply whether anything moved
+        self.weights: torch.Tensor | None = None  # (batch, t) float32
+        self.version = 0  # bumped on every change, so callers can tell cheaply whether anything moved
 
     def set(self, weights: torch.Tensor | None) -> None:
         """Select styles: ``weights (batch, t)`` or ``(t,)`` for the whole batch, or None for the base model."""
         self.version += 1
-        if weights is None:
-            self.active_index = self.active_weights = None
-            return
-        if weights.ndim == 1:
-            weights = weights[None]
-        if weights.ndim != 2:
-            raise ValueError(f"style weights must be (batch, num_styles) or (num_styles,), got {tuple(weights.shape)}")
-        used = (weights != 0).any(dim=0).nonzero().flatten()
-        if used.numel() == 0:
-            self.active_index = self.active_weights = None
-            return
-        self.active_index = used
-        self.active_weights = weights[:, used].to(torch.float32)
+        if weights is not None:
+            if weights.ndim == 1:
+                weights = weights[None]
+            if weights.ndim != 2:
+                raise ValueError(
+                    f"style weights must be (batch, num_styles) or (num_styles,), got {tuple(weights.shape)}"
+                )
+            if not bool((weights != 0).any()):
+                weights = None  # nobody styled: take the base path, bit for bit
+            else:
+                weights = weights.detach().to(torch.float32)
+        self.weights = weights
 
     def clear(self) -> None:
         self.set(None)
 
     @property
     def is_active(self) -> bool:
-        return self.active_index is not None
+        return self.weights is not None
 
 
 class ShareLinear(nn.Module):
@@ -130,22 +129,19 @@ class ShareLinear(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _blend_cores(self, index: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Per-sample blended cores ``C_b = sum_s w[b, s] C_s`` over the active styles: ``(batch, k, k)``."""
+    def _blend_cores(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-sample blended cores ``C_b = sum_i w[b, i] C_i``: ``(batch, k, k)``; ``weights: (batch, t)``."""
         weights = weights.to(device=self.core_out.device, dtype=dtype)
-        index = index.to(self.core_out.device)
-        core_out = self.core_out[index].to(dtype)  # (s, k, p)
-        core_in = self.core_in[index].to(dtype)
-        cores = torch.einsum("bs,skp,sjp->bkj", weights, core_out, core_in)
+        cores = torch.einsum("bt,tkp,tjp->bkj", weights, self.core_out.to(dtype), self.core_in.to(dtype))
         if self.anchor.numel():
             # The anchor (mean core) belongs to every style that touches this layer.
-            anchor_weight = weights @ self.present[index].to(dtype)  # (batch,)
+            anchor_weight = weights @ self.present.to(dtype)  # (batch,)
             cores = cores + anchor_weight[:, None, None] * self.anchor.to(dtype)
         return cores
 
-    def delta(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The styles' contribution for input ``x`` (``(batch, ..., d_in)``): ``(batch, ..., n_out)``."""
-        cores = self._blend_cores(index, weights, x.dtype)  # (b, k, k) with b = 1 or batch
+        cores = self._blend_cores(weights, x.dtype)  # (b, k, k) with b = 1 or batch
         batch = x.shape[0]
         if cores.shape[0] not in (1, batch):
             raise ValueError(
@@ -167,18 +163,18 @@ class ShareLinear(nn.Module):
             return result
         if self.fused_weights is not None:
             raise RuntimeError("a style is fused into this layer; unfuse_style() before selecting styles per batch")
-        index, weights = selection.active_index, selection.active_weights
-        if int(index.max()) >= self.num_styles:
-            raise IndexError(
-                f"style index {int(index.max())} is out of range: the layer holds {self.num_styles} styles"
+        weights = selection.weights
+        if weights.shape[1] != self.num_styles:
+            raise ValueError(
+                f"the style selection covers {weights.shape[1]} styles but the layer holds {self.num_styles}"
             )
         if isinstance(self.base_layer, nn.Conv2d):
             stride = self.base_layer.stride
             sampled = x[:, :, :: stride[0], :: stride[1]]  # a 1x1 conv with stride only subsamples
             channels_last = sampled.permute(0, 2, 3, 1)  # (b, h, w, c)
-            delta = self.delta(channels_last, index, weights).permute(0, 3, 1, 2)  # (b, n_out, h, w)
+            delta = self.delta(channels_last, weights).permute(0, 3, 1, 2)  # (b, n_out, h, w)
         else:
-            delta = self.delta(x, index, weights)
+            delta = self.delta(x, weights)
         return result + delta.to(result.dtype)
 
     # -- fusing ---------------------------------------------------------------------------------
@@ -186,9 +182,7 @@ class ShareLinear(nn.Module):
     def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
         """Dense ``dW`` of a blend ``weights (t,)`` in float32 (at least): ``(n_out, d_in)``."""
         dtype = torch.promote_types(self.basis_out.dtype, torch.float32)
-        weights = weights.to(device=self.core_out.device, dtype=dtype)
-        index = torch.arange(self.num_styles, device=self.core_out.device)
-        core = self._blend_cores(index, weights[None], dtype)[0]  # (k, k)
+        core = self._blend_cores(weights[None], dtype)[0]  # (k, k)
         return self.basis_out.to(dtype) @ core @ self.basis_in.to(dtype).T
 
     def fuse(self, weights: torch.Tensor) -> None:
