@@ -29,3 +29,20 @@ __all__ = [
     "save_lora",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # diffusers is heavy to import: the pipeline classes load on first use only.
+    if name == "ShareFluxPipeline":
+        from .pipeline_flux import ShareFluxPipeline
+
+        return ShareFluxPipeline
+    if name in ("ShareLoaderMixin", "MergeReport"):
+        from . import loader
+
+        return getattr(loader, name)
+    if name == "build_tiny_flux_pipeline":
+        from .tiny_flux import build_tiny_flux_pipeline
+
+        return build_tiny_flux_pipeline
+    raise AttributeError(f"module 'share_diffusers' has no attribute {name!r}")

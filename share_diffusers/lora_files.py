@@ -157,12 +157,15 @@ def _pattern_value(config: dict, pattern_key: str, layer_name: str, default):
     return default
 
 
-def save_lora(adapter: LoraAdapter, path: str | os.PathLike, base_model: str | None = None) -> Path:
+def save_lora(
+    adapter: LoraAdapter, path: str | os.PathLike, base_model: str | None = None, key_prefix: str = ""
+) -> Path:
     """Write a LoRA that stock PEFT and diffusers load, with ``lora_alpha = r`` (so the scale is 1).
 
     ``path`` ending in ``.safetensors``: one file with ``<layer>.lora_A.weight`` / ``lora_B.weight`` keys
-    (diffusers' format). Any other path: a PEFT adapter folder (``adapter_config.json`` and
-    ``adapter_model.safetensors`` with ``base_model.model.`` keys) for ``PeftModel.from_pretrained``.
+    (diffusers' format; ``key_prefix="transformer."`` for a pipeline's transformer). Any other path: a PEFT
+    adapter folder (``adapter_config.json`` and ``adapter_model.safetensors`` with ``base_model.model.`` keys)
+    for ``PeftModel.from_pretrained``.
     The file is written to a temporary name and renamed, so a failure leaves no partial file.
     """
     from safetensors.torch import save_file
@@ -173,7 +176,7 @@ def save_lora(adapter: LoraAdapter, path: str | os.PathLike, base_model: str | N
         raise ValueError(f"export needs one rank for every layer, got ranks {sorted(ranks)}")
     rank = ranks.pop()
     as_folder = path.suffix != ".safetensors"
-    prefix = _PEFT_PREFIX if as_folder else ""
+    prefix = _PEFT_PREFIX if as_folder else key_prefix
     tensors = {}
     for name, layer in adapter.layers.items():
         down, up = layer.down * layer.scale, layer.up

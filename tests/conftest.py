@@ -1,12 +1,24 @@
-"""Shared fixtures: random and structured LoRA adapters, and PEFT-written adapter folders."""
+"""Shared fixtures: random and structured LoRA adapters, PEFT-written adapter folders, a local fake Hub."""
 
 from __future__ import annotations
 
-import pytest
-import torch
-from torch import nn
+import os
+import socket
 
-from share_diffusers.core import LoraAdapter, LoraLayer
+# Before anything imports huggingface_hub: every Hub call of the test session goes to a local
+# stand-in (tests/hub_server.py), never to the internet.
+with socket.socket() as _probe:
+    _probe.bind(("127.0.0.1", 0))
+    HUB_PORT = _probe.getsockname()[1]
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_HUB_OFFLINE", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from share_diffusers.core import LoraAdapter, LoraLayer  # noqa: E402
 
 
 def random_adapter(
@@ -109,3 +121,12 @@ def write_peft_adapter(directory, seed: int, rank: int = 4, alpha: int = 8, targ
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
     peft_model.save_pretrained(str(directory))
     return str(directory)
+
+
+@pytest.fixture(scope="session")
+def fake_hub():
+    from hub_server import FakeHub
+
+    hub = FakeHub(HUB_PORT)
+    yield hub
+    hub.close()

@@ -32,7 +32,9 @@ def style_weights(
     Args:
         style: one spec for every sample, or a list with one spec per sample.
         scale: overall strength multiplying every weight.
-        batch_size: if given, a list must have exactly this many entries.
+        batch_size: if given, a list must have exactly this many entries, and a single spec is
+            repeated to this many rows (a fixed ``(batch, t)`` shape whatever the request, so a
+            compiled model does not recompile when a request switches between one style and several).
     """
     if isinstance(style, list | tuple):
         specs = list(style)
@@ -55,7 +57,10 @@ def style_weights(
             rows.append(factors.style_vector(spec))
         else:
             raise StyleError(f"a style is None, a style name or a {{name: weight}} blend, not {type(spec).__name__}")
-    return torch.stack(rows) * float(scale)
+    weights = torch.stack(rows) * float(scale)
+    if batch_size is not None and weights.shape[0] == 1:
+        weights = weights.expand(batch_size, -1)
+    return weights
 
 
 class ShareModel:

@@ -1,0 +1,121 @@
+"""Community Flux LoRAs as Share adapters, through diffusers' own loading and format conversion.
+
+``FluxPipeline.lora_state_dict`` converts kohya / sd-scripts, XLabs, BFL, ai-toolkit and ComfyUI
+layouts to diffusers' PEFT keys and returns the alphas; ``get_peft_kwargs`` turns ranks and alphas
+into the ``LoraConfig`` that stock ``load_lora_weights`` would use. We take each layer's scale
+from that same config, so a merged style reproduces what stock diffusers applies.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import FluxPipeline
+from diffusers.utils.peft_utils import get_peft_kwargs
+
+from .core.adapters import LoraLayer
+from .core.errors import LoraFormatError
+from .core.inject import matches_target
+from .lora_files import lora_layers_from_state_dict
+
+# The attention linears of FLUX.1 (paper's and DESIGN's default Share targets).
+FLUX_ATTENTION_TARGETS = (
+    r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+    r"|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"
+)
+ALL_LORA_LAYERS = "all-lora-layers"
+"""``target_modules`` value meaning: every transformer linear the first merged LoRA touches."""
+
+_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass
+class FluxLora:
+    """A Flux LoRA split by where it acts.
+
+    Attributes:
+        transformer: transformer module name -> factors (scale resolved as stock diffusers does).
+        other_energy: ``||dW||_F^2`` of parts outside the transformer (e.g. ``"text_encoder"``).
+    """
+
+    transformer: dict[str, LoraLayer]
+    other_energy: dict[str, float] = field(default_factory=dict)
+
+    def energies(self) -> dict[str, float]:
+        """``||dW||_F^2`` of each transformer layer."""
+        return {name: layer.canonical().energy for name, layer in self.transformer.items()}
+
+
+def convert_flux_lora(
+    tensors: dict[str, torch.Tensor], file_metadata: dict[str, str] | None = None, origin: str = "LoRA"
+) -> FluxLora:
+    """Convert a Flux LoRA state dict in any format diffusers reads.
+
+    Args:
+        tensors: the file's tensors (not modified).
+        file_metadata: the safetensors header metadata (diffusers stores the adapter config there).
+        origin: the file name, for error messages.
+    """
+    try:
+        state_dict, alphas = FluxPipeline.lora_state_dict(dict(tensors), return_alphas=True)
+    except Exception as error:  # diffusers raises ValueError, KeyError, IndexError... for layouts it cannot read
+        raise LoraFormatError(
+            f"{origin}: diffusers could not read this LoRA layout ({type(error).__name__}: {error})"
+        ) from None
+    alphas = alphas or {}
+    transformer_sd = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
+    if not any(".lora_A." in key or ".lora_B." in key for key in state_dict):
+        sample = ", ".join(list(tensors)[:3])
+        raise LoraFormatError(
+            f"{origin}: no LoRA layers in a known layout (diffusers/PEFT, kohya, XLabs, BFL, ai-toolkit, ComfyUI); "
+            f"first keys: {sample}"
+        )
+    config = _transformer_lora_config(transformer_sd, alphas, file_metadata)
+    layers = {}
+    if transformer_sd:
+        layers, _ = lora_layers_from_state_dict(transformer_sd, config, origin)
+    other = {}
+    for component in sorted({key.split(".", 1)[0] for key in state_dict if not key.startswith("transformer.")}):
+        part = {k.removeprefix(f"{component}."): v for k, v in state_dict.items() if k.startswith(f"{component}.")}
+        part_alphas = {k.removeprefix(f"{component}."): v for k, v in alphas.items() if k.startswith(f"{component}.")}
+        try:
+            part_layers, _ = lora_layers_from_state_dict(
+                part, _alpha_config(part, part_alphas), f"{origin} ({component})"
+            )
+        except LoraFormatError:
+            continue  # a component with no LoRA pairs (e.g. norm weights) carries no low-rank energy
+        other[component] = sum(layer.canonical().energy for layer in part_layers.values())
+    return FluxLora(transformer=layers, other_energy=other)
+
+
+def _transformer_lora_config(transformer_sd: dict, alphas: dict, file_metadata: dict | None) -> dict:
+    """The ``LoraConfig`` kwargs stock diffusers would build for the transformer part."""
+    if file_metadata and file_metadata.get(_METADATA_KEY):
+        try:
+            metadata = json.loads(file_metadata[_METADATA_KEY])
+        except json.JSONDecodeError:
+            metadata = None
+        if isinstance(metadata, dict):
+            prefixed = {k.removeprefix("transformer."): v for k, v in metadata.items() if k.startswith("transformer.")}
+            if prefixed:
+                return prefixed
+    transformer_alphas = {k.removeprefix("transformer."): v for k, v in alphas.items() if k.startswith("transformer.")}
+    return _alpha_config(transformer_sd, transformer_alphas)
+
+
+def _alpha_config(state_dict: dict, alphas: dict) -> dict:
+    ranks = {key: value.shape[1] for key, value in state_dict.items() if ".lora_B." in key and value.ndim >= 2}
+    if not ranks:
+        return {}
+    alpha_values = {k: float(v) for k, v in alphas.items()}
+    return get_peft_kwargs(ranks, network_alpha_dict=alpha_values or None, peft_state_dict=state_dict, is_unet=False)
+
+
+def split_by_targets(layers: dict[str, LoraLayer], targets: str | Sequence[str]) -> tuple[dict, dict]:
+    """``(inside, outside)``: layers matching the Share targets and the rest."""
+    inside = {name: layer for name, layer in layers.items() if matches_target(name, targets)}
+    outside = {name: layer for name, layer in layers.items() if name not in inside}
+    return inside, outside

@@ -1,0 +1,255 @@
+"""Fetching LoRA files and Share checkpoints from the Hugging Face Hub (or local paths), and pushing.
+
+Every download goes through ``huggingface_hub`` (cache, revisions, tokens, offline mode); its
+errors are turned into one-line messages that say which repo, file or revision was wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from .core.checkpoint import CONFIG_NAME, read_document, save_factors
+from .core.errors import ShareError
+from .core.factors import ShareFactors
+from .lora_files import PICKLE_SUFFIXES, refuse_pickle
+
+
+class HubError(ShareError, OSError):
+    """A repo, revision or file could not be fetched from the Hub (or the local cache)."""
+
+
+def _hub_call(function, repo_id: str, what: str, **kwargs):
+    """Run a ``huggingface_hub`` call, translating its errors into :class:`HubError` with context."""
+    revision = kwargs.get("revision")
+    at = f" at revision {revision!r}" if revision else ""
+    try:
+        return function(repo_id=repo_id, **kwargs)
+    except GatedRepoError:
+        raise HubError(f"{repo_id} is gated: accept its terms on the Hub and pass a token") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"no Hub repo {repo_id!r} (or it is private: pass token=...)") from None
+    except RevisionNotFoundError:
+        raise HubError(f"{repo_id} has no revision {revision!r}") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError: a subclass of it
+        raise HubError(
+            f"{what} of {repo_id}{at} is not in the local cache and downloading is off "
+            "(offline mode or local_files_only=True); connect once or point at a local folder"
+        ) from None
+    except EntryNotFoundError:
+        raise HubError(f"{repo_id}{at} has no file {what}") from None
+    except HfHubHTTPError as error:
+        raise HubError(f"the Hub refused {what} of {repo_id}{at}: {error}") from None
+
+
+def download(
+    repo_id: str,
+    filename: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool | None = None,
+) -> Path:
+    """One file of a Hub repo, through the cache."""
+    return Path(
+        _hub_call(
+            hf_hub_download,
+            repo_id,
+            repr(f"{subfolder}/{filename}" if subfolder else filename),
+            filename=filename,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=bool(local_files_only),
+        )
+    )
+
+
+def list_safetensors(
+    repo_id: str, *, subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None
+) -> list[str]:
+    """``.safetensors`` files of a Hub repo (under ``subfolder``), relative to it."""
+    info = _hub_call(HfApi().model_info, repo_id, "the file list", revision=revision, token=token)
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    names = [s.rfilename for s in info.siblings or [] if s.rfilename.startswith(prefix)]
+    return [name.removeprefix(prefix) for name in names if name.endswith(".safetensors")]
+
+
+def resolve_lora_file(
+    repo_id_or_path: str | os.PathLike,
+    weight_name: str | None = None,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool | None = None,
+) -> tuple[Path, dict]:
+    """The local path of a LoRA ``.safetensors`` file and its provenance.
+
+    Args:
+        repo_id_or_path: a local file, a local folder, or a Hub repo id (``user/name``).
+        weight_name: the file inside the folder or repo; needed when it holds several ``.safetensors``.
+
+    Pickle files are refused by name before anything is downloaded or opened.
+    """
+    if weight_name is not None:
+        refuse_pickle(Path(weight_name))
+    path = Path(repo_id_or_path)
+    if path.is_file():
+        refuse_pickle(path)
+        return path, {"path": str(path)}
+    if path.is_dir():
+        folder = path / subfolder if subfolder else path
+        if weight_name is None:
+            candidates = sorted(p.name for p in folder.glob("*.safetensors"))
+            weight_name = _pick_weight(candidates, str(folder), [p.name for p in folder.iterdir()])
+        file = folder / weight_name
+        if not file.is_file():
+            raise HubError(f"{folder} has no file {weight_name!r}")
+        return file, {"path": str(file)}
+    repo_id = str(repo_id_or_path)
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
+        raise HubError(f"{repo_id!r} is neither an existing file or folder nor a Hub repo id like 'user/name'")
+    if weight_name is None:
+        if local_files_only:
+            raise HubError(f"pass weight_name=... to load {repo_id} from the cache without listing the repo")
+        candidates = list_safetensors(repo_id, subfolder=subfolder, revision=revision, token=token)
+        weight_name = _pick_weight(candidates, repo_id, candidates)
+    file = download(
+        repo_id,
+        weight_name,
+        subfolder=subfolder,
+        revision=revision,
+        token=token,
+        cache_dir=cache_dir,
+        local_files_only=local_files_only,
+    )
+    source = {"repo_id": repo_id, "weight_name": weight_name, "revision": revision or "main"}
+    if subfolder:
+        source["subfolder"] = subfolder
+    return file, source
+
+
+def _pick_weight(candidates: list[str], where: str, everything: list[str]) -> str:
+    preferred = [
+        name for name in candidates if name in ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
+    ]
+    if len(candidates) == 1:
+        return candidates[0]
+    if len(preferred) == 1:
+        return preferred[0]
+    if not candidates:
+        pickled = [name for name in everything if name.endswith(PICKLE_SUFFIXES)]
+        if pickled:
+            refuse_pickle(Path(pickled[0]))
+        raise HubError(f"{where} has no .safetensors file")
+    raise HubError(f"{where} holds several .safetensors files ({', '.join(candidates)}); pass weight_name=...")
+
+
+def resolve_share_factors(
+    repo_id_or_path: str | os.PathLike,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    local_files_only: bool | None = None,
+) -> tuple[Path, Path | None]:
+    """``(folder with share_config.json, tensor file or None for the one the JSON names there)``."""
+    path = Path(repo_id_or_path)
+    if path.is_dir():
+        return (path / subfolder if subfolder else path), None
+    repo_id = str(repo_id_or_path)
+    if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
+        raise HubError(f"{repo_id!r} is neither a local Share checkpoint folder nor a Hub repo id like 'user/name'")
+    hub = dict(
+        subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only
+    )
+    config_path = download(repo_id, CONFIG_NAME, **hub)
+    document = read_document(config_path)
+    weights_path = download(repo_id, document["weights_file"], **hub)
+    return config_path.parent, weights_path
+
+
+def model_card(factors: ShareFactors, repo_id: str) -> ModelCard:
+    """A model card listing the styles, their sources, k, p and reconstruction errors."""
+    config = factors.config
+    rank = f"k = {config.rank}" if config.rank is not None else f"k by explained variance {config.variance}"
+    rows = "\n".join(
+        f"| {style.name} | {_source_text(style.source)} | {style.rank} | {factors.style_error(style.name):.2e} |"
+        for style in factors.styles
+    )
+    base = factors.base_model or "unknown"
+    content = f"""---
+library_name: share-diffusers
+base_model: {base}
+tags:
+- share-diffusers
+- lora
+- text-to-image
+---
+
+# {repo_id}
+
+Share factors for `{base}`: {len(factors.styles)} styles in one shared low-rank subspace per layer
+({rank}, pseudo-rank p = {config.pseudo_rank}, {len(factors.layers)} layers).
+
+```python
+from share_diffusers import ShareFluxPipeline
+pipe = ShareFluxPipeline.from_pretrained("{base}")
+pipe.load_share_factors("{repo_id}")
+image = pipe("a castle", style="{factors.style_names[0] if factors.styles else "STYLE"}").images[0]
+```
+
+| style | source | LoRA rank | relative error of dW |
+| --- | --- | --- | --- |
+{rows}
+"""
+    return ModelCard(content)
+
+
+def _source_text(source: dict) -> str:
+    if "repo_id" in source:
+        return f"{source['repo_id']} ({source.get('weight_name', '')}@{source.get('revision', 'main')})"
+    return source.get("path") or source.get("trained_from") or "-"
+
+
+def push_share_factors(
+    factors: ShareFactors,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | bool | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Create (or reuse) a Hub repo and upload the checkpoint with its model card; returns the commit URL."""
+    api = HfApi(token=token)
+    _hub_call(api.create_repo, repo_id, "the repo", private=private, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        save_factors(factors, folder)
+        model_card(factors, repo_id).save(os.path.join(folder, "README.md"))
+        commit = _hub_call(
+            api.upload_folder,
+            repo_id,
+            "the upload",
+            folder_path=folder,
+            commit_message=commit_message or f"Share factors: {len(factors.styles)} styles",
+            delete_patterns=["share_factors-*.safetensors"],
+        )
+    return str(getattr(commit, "commit_url", commit))

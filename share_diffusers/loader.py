@@ -1,0 +1,319 @@
+"""``ShareLoaderMixin``: Share factors and styles on a diffusers pipeline, in diffusers' loader style.
+
+The methods are thin: validate, fetch files with ``huggingface_hub``, convert with diffusers, then
+hand over to the core (:class:`~share_diffusers.core.ShareModel`). The pipeline's denoiser must be
+its ``transformer`` attribute (Flux); other pipelines can reuse the mixin by overriding
+``share_targets`` and ``_share_denoiser``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .core import LoraAdapter, ShareConfig, ShareFactors, ShareModel, load_factors, save_factors, style_as_lora
+from .core.errors import ShapeMismatchError, StyleError
+from .core.factors import validate_style_name
+from .core.inject import find_targets
+from .core.model import StyleSpec, check_factors_fit
+from .flux_lora import ALL_LORA_LAYERS, FLUX_ATTENTION_TARGETS, convert_flux_lora, split_by_targets
+from .hub import push_share_factors, resolve_lora_file, resolve_share_factors
+from .lora_files import read_safetensors, save_lora
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class MergeReport:
+    """What :meth:`ShareLoaderMixin.merge_lora` did.
+
+    Attributes:
+        style_name: the new style.
+        error: relative Frobenius error of the style's ``dW`` over the Share targets.
+        layers_merged: LoRA layers that went into the subspace.
+        outside_energy_fraction: share of the LoRA's energy (``sum ||dW||_F^2``) that Share does not hold:
+            transformer layers outside the targets and parts outside the transformer (text encoder).
+        outside: energy fraction per layer or component left out, largest first.
+        source: provenance recorded in the checkpoint.
+    """
+
+    style_name: str
+    error: float
+    layers_merged: int
+    outside_energy_fraction: float
+    outside: dict[str, float] = field(default_factory=dict)
+    source: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = f"merged {self.style_name!r}: {self.layers_merged} layers, relative error {self.error:.2e}"
+        if self.outside:
+            top = ", ".join(f"{name} {fraction:.1%}" for name, fraction in list(self.outside.items())[:3])
+            text += f"; {self.outside_energy_fraction:.1%} of the LoRA's energy is outside the Share targets ({top})"
+        return text
+
+
+class ShareLoaderMixin:
+    """Load, merge, select, fuse, save and export Share styles on a pipeline's denoiser."""
+
+    share_targets: str | tuple[str, ...] = FLUX_ATTENTION_TARGETS
+    _share: ShareModel | None = None
+    _default_style: StyleSpec | list[StyleSpec] = None
+    _default_style_scale: float = 1.0
+
+    @property
+    def _share_denoiser(self) -> nn.Module:
+        return self.transformer
+
+    @property
+    def share_factors(self) -> ShareFactors | None:
+        """The Share factors in use (None before loading or merging any)."""
+        return self._share.factors if self._share is not None else None
+
+    # -- loading and saving ---------------------------------------------------------------------
+
+    def load_share_factors(
+        self,
+        repo_id_or_path: str | os.PathLike,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+    ) -> None:
+        """Load a Share checkpoint (local folder or Hub repo) into the denoiser, replacing any held now.
+
+        The factors are checked against the denoiser (every layer present, every shape equal) before
+        the pipeline changes.
+        """
+        folder, weights = resolve_share_factors(
+            repo_id_or_path,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        factors = load_factors(folder, weights_path=weights)
+        if factors.styles and factors.base_model and factors.base_model != self._base_model_id():
+            logger.info(
+                "Share factors were made for %s; this pipeline is %s", factors.base_model, self._base_model_id()
+            )
+        self._check_no_peft_adapters()
+        check_factors_fit(self._share_denoiser, factors)
+        self.remove_share()
+        self._share = ShareModel.inject(self._share_denoiser, factors)
+
+    def save_share_factors(self, save_directory: str | os.PathLike) -> Path:
+        """Write the factors (atomically) to a folder; returns the path of its ``share_config.json``."""
+        return save_factors(self._require_share().factors, save_directory)
+
+    def push_share_factors_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        commit_message: str | None = None,
+    ) -> str:
+        """Upload the factors with a model card (styles, sources, k, p, errors); returns the commit URL."""
+        return push_share_factors(
+            self._require_share().factors, repo_id, private=private, token=token, commit_message=commit_message
+        )
+
+    # -- merging --------------------------------------------------------------------------------
+
+    def merge_lora(
+        self,
+        repo_id_or_path: str | os.PathLike,
+        weight_name: str | None = None,
+        style_name: str | None = None,
+        revision: str | None = None,
+        subfolder: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        local_files_only: bool | None = None,
+        target_modules: str | list[str] | None = None,
+        config: ShareConfig | None = None,
+    ) -> MergeReport:
+        """Merge a LoRA (Hub id or local file, any format diffusers converts) as a new style, continually.
+
+        Args:
+            style_name: defaults to the repo or file name.
+            target_modules: only when no subspace exists yet: which layers Share covers (PEFT rule, or
+                ``"all-lora-layers"`` for every transformer linear this LoRA touches). Defaults to the
+                attention linears.
+            config: ``k``, ``p`` and options of a new subspace (default ``ShareConfig()``: k=32, p=8).
+
+        The LoRA's parts outside the targets are reported (energy fraction), not merged. A failed
+        merge leaves the pipeline and its styles exactly as they were.
+        """
+        path, source = resolve_lora_file(
+            repo_id_or_path,
+            weight_name,
+            subfolder=subfolder,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+        )
+        name = style_name if style_name is not None else _default_name(repo_id_or_path, path)
+        validate_style_name(name, self.list_styles())
+        tensors, metadata = read_safetensors(path)
+        converted = convert_flux_lora(tensors, metadata, origin=path.name)
+        denoiser = self._share_denoiser
+        modules = dict(denoiser.named_modules())
+        for layer_name, lora in converted.transformer.items():
+            module = modules.get(layer_name)
+            module = getattr(module, "base_layer", module)
+            shape = (
+                (module.weight.shape[0], module.weight.shape[1])
+                if module is not None and hasattr(module, "weight")
+                else None
+            )
+            if shape is None:
+                raise ShapeMismatchError(
+                    f"{path.name}: the LoRA targets {layer_name!r}, which this transformer does not have"
+                )
+            if shape != lora.shape:
+                raise ShapeMismatchError(
+                    f"{path.name}: size mismatch for {layer_name}: the LoRA's update is {lora.shape} but the "
+                    f"transformer's layer is {shape}; is this LoRA for another model?"
+                )
+        if self._share is None:
+            self._check_no_peft_adapters()
+            targets = self._choose_targets(target_modules, converted.transformer)
+            share = ShareModel.inject(denoiser, target_modules=targets, config=config or ShareConfig())
+            share.factors.base_model = self._base_model_id()
+        else:
+            if target_modules is not None or config is not None:
+                raise ValueError("target_modules and config apply only when the first LoRA creates the subspace")
+            share = self._share
+        inside, outside = split_by_targets(converted.transformer, list(share.layers))
+        energies = converted.energies()
+        total = sum(energies.values()) + sum(converted.other_energy.values())
+        outside_energy = {name: energies[name] for name in outside}
+        outside_energy.update(converted.other_energy)
+        if not inside:
+            if self._share is None:
+                share.remove()
+            raise ShapeMismatchError(
+                f"{path.name}: none of the LoRA's layers are Share targets (it touches e.g. "
+                f"{next(iter(converted.transformer), 'no transformer layer')!r}); widen target_modules"
+            )
+        try:
+            share.merge(LoraAdapter(inside, source=source), name)
+        except Exception:
+            if self._share is None:
+                share.remove()  # the subspace this call created goes away with the failure
+            raise
+        self._share = share
+        fractions = {k: v / total for k, v in sorted(outside_energy.items(), key=lambda item: -item[1]) if total > 0}
+        report = MergeReport(
+            style_name=name,
+            error=share.factors.style_error(name),
+            layers_merged=len(inside),
+            outside_energy_fraction=sum(fractions.values()),
+            outside=fractions,
+            source=source,
+        )
+        logger.info("%s", report)
+        return report
+
+    def _choose_targets(self, target_modules, lora_layers: dict) -> str | list[str]:
+        if target_modules == ALL_LORA_LAYERS:
+            return sorted(lora_layers)
+        targets = target_modules if target_modules is not None else self.share_targets
+        if not find_targets(self._share_denoiser, targets):
+            raise ShapeMismatchError(f"no linear layer of the transformer matches target_modules={targets!r}")
+        return targets
+
+    # -- styles ---------------------------------------------------------------------------------
+
+    def list_styles(self) -> list[str]:
+        return self._share.style_names if self._share is not None else []
+
+    def set_style(self, style: StyleSpec | list[StyleSpec] = None, style_scale: float = 1.0) -> None:
+        """The style used by calls that pass no ``style``: a name, a ``{name: weight}`` blend, or None."""
+        if style is not None:
+            from .core.model import style_weights
+
+            style_weights(self._require_share().factors, style, style_scale)  # validate now, not at call time
+        self._default_style, self._default_style_scale = style, style_scale
+
+    def delete_style(self, name: str) -> None:
+        self._require_share().delete_style(name)
+        if _mentions(self._default_style, name):
+            self._default_style = None
+
+    def rename_style(self, old: str, new: str) -> None:
+        self._require_share().rename_style(old, new)
+
+    def fuse_style(self, style: StyleSpec, style_scale: float = 1.0) -> None:
+        """Fuse a style or blend into the transformer weights: base-model speed; undo with ``unfuse_style``."""
+        self._require_share().fuse_style(style, style_scale)
+
+    def unfuse_style(self) -> None:
+        if self._share is not None:
+            self._share.unfuse_style()
+
+    def export_style_as_lora(self, style: StyleSpec, path: str | os.PathLike) -> Path:
+        """Write a style or blend as a diffusers-format LoRA file that stock ``load_lora_weights`` loads."""
+        if style is None:
+            raise StyleError("export_style_as_lora needs a style name or a {name: weight} blend")
+        adapter = style_as_lora(self._require_share().factors, style)
+        return save_lora(adapter, path, key_prefix="transformer.")
+
+    def remove_share(self) -> None:
+        """Take every Share layer out of the denoiser (it is the plain model again); styles are dropped."""
+        if self._share is not None:
+            self._share.remove()
+        self._share = None
+        self._default_style = None
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _style_weights_for_batch(
+        self, style, style_scale: float, batch_size: int, num_images_per_prompt: int
+    ) -> torch.Tensor | None:
+        """``(batch_size * num_images_per_prompt, t)`` weights in diffusers' row order, or None."""
+        from .core.model import style_weights
+
+        if style is None:
+            return None
+        weights = style_weights(self._require_share().factors, style, style_scale, batch_size=batch_size)
+        if weights is None:
+            return None
+        # Diffusers repeats each prompt's embeddings num_images_per_prompt times in place (p0 p0 p1 p1 ...).
+        return weights.repeat_interleave(num_images_per_prompt, dim=0)
+
+    def _require_share(self) -> ShareModel:
+        if self._share is None:
+            raise StyleError("no Share factors loaded: call load_share_factors(...) or merge_lora(...) first")
+        return self._share
+
+    def _check_no_peft_adapters(self) -> None:
+        if getattr(self._share_denoiser, "peft_config", None):
+            raise RuntimeError(
+                "this transformer holds diffusers/PEFT LoRA adapters; call unload_lora_weights() before using Share "
+                "(or merge those LoRAs as Share styles with merge_lora)"
+            )
+
+    def _base_model_id(self) -> str | None:
+        return getattr(getattr(self, "config", None), "_name_or_path", None) or None
+
+
+def _default_name(repo_id_or_path, path: Path) -> str:
+    text = str(repo_id_or_path).rstrip("/")
+    if Path(text).exists():
+        return path.stem if path.stem not in ("pytorch_lora_weights", "adapter_model") else path.parent.name
+    return text.split("/")[-1]
+
+
+def _mentions(style, name: str) -> bool:
+    if isinstance(style, list | tuple):
+        return any(_mentions(item, name) for item in style)
+    return style == name or (isinstance(style, dict) and name in style)

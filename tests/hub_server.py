@@ -1,0 +1,111 @@
+"""A small stand-in for the Hub's file endpoints on 127.0.0.1, so the real ``huggingface_hub`` code runs.
+
+Serves ``/{repo}/resolve/{revision}/{path}`` (HEAD and GET, with the ``X-Repo-Commit`` and ``ETag``
+headers ``hf_hub_download`` reads, and ``X-Error-Code`` on 404s as the Hub sends them) and
+``/api/models/{repo}[/revision/{revision}]`` (the file list).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+
+class FakeHub:
+    def __init__(self, port: int):
+        self.repos: dict[str, dict[str, dict[str, bytes]]] = {}  # repo -> revision -> path -> content
+        self.requests: list[str] = []
+        hub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_HEAD(self):
+                hub._serve(self, body=False)
+
+            def do_GET(self):
+                hub._serve(self, body=True)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add_folder(self, repo_id: str, folder: Path, revision: str = "main", prefix: str = "") -> None:
+        files = self.repos.setdefault(repo_id, {}).setdefault(revision, {})
+        for path in Path(folder).rglob("*"):
+            if path.is_file():
+                files[prefix + path.relative_to(folder).as_posix()] = path.read_bytes()
+
+    @staticmethod
+    def commit(repo_id: str, revision: str) -> str:
+        return hashlib.sha1(f"{repo_id}@{revision}".encode()).hexdigest()
+
+    def _serve(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
+        path = unquote(urlparse(handler.path).path)
+        self.requests.append(f"{handler.command} {path}")
+        parts = path.strip("/").split("/")
+        if parts[:2] == ["api", "models"]:
+            repo_id = "/".join(parts[2:4])
+            revision = parts[5] if len(parts) > 5 and parts[4] == "revision" else "main"
+            files = self._files(handler, repo_id, revision)
+            if files is not None:
+                data = json.dumps(
+                    {
+                        "id": repo_id,
+                        "sha": self.commit(repo_id, revision),
+                        "siblings": [{"rfilename": name} for name in sorted(files)],
+                    }
+                ).encode()
+                self._send(handler, 200, data, body, {"Content-Type": "application/json"})
+            return
+        if len(parts) >= 5 and parts[2] == "resolve":
+            repo_id, revision, filename = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+            files = self._files(handler, repo_id, revision)
+            if files is None:
+                return
+            if filename not in files:
+                self._send(
+                    handler, 404, b"", body, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}
+                )
+                return
+            data = files[filename]
+            headers = {
+                "X-Repo-Commit": self.commit(repo_id, revision),
+                "ETag": f'"{hashlib.sha256(data).hexdigest()}"',
+                "Content-Type": "application/octet-stream",
+            }
+            self._send(handler, 200, data, body, headers)
+            return
+        self._send(handler, 404, b"", body, {})
+
+    def _files(self, handler, repo_id: str, revision: str):
+        if repo_id not in self.repos:
+            self._send(
+                handler, 401, b"", True, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}
+            )
+            return None
+        if revision not in self.repos[repo_id]:
+            self._send(
+                handler, 404, b"", True, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}
+            )
+            return None
+        return self.repos[repo_id][revision]
+
+    @staticmethod
+    def _send(handler, status: int, data: bytes, body: bool, headers: dict) -> None:
+        handler.send_response(status)
+        for key, value in headers.items():
+            handler.send_header(key, value)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        if body and data:
+            handler.wfile.write(data)
