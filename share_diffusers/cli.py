@@ -21,14 +21,17 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .core import ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
+from .core import LoraAdapter, ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
 from .core.checkpoint import CONFIG_NAME
-from .core.errors import ShareError
-from .lora_files import load_lora, save_lora
+from .core.errors import LoraFormatError, ShareError
+from .lora_files import load_lora, read_safetensors, save_lora
 
 
-def _style_name_for(path: str) -> str:
-    return Path(path.rstrip("/")).stem if not Path(path).is_dir() else Path(path.rstrip("/")).name
+def _style_name_for(source: str) -> str:
+    path = Path(source.rstrip("/"))
+    if path.is_dir() or not path.exists():  # a folder, or a Hub id: its last part
+        return path.name
+    return path.stem
 
 
 def _parse_style(text: str) -> str | dict[str, float]:
@@ -43,6 +46,43 @@ def _parse_style(text: str) -> str | dict[str, float]:
         except ValueError:
             raise ValueError(f"blend entry {part!r} must be name=weight, e.g. ink=0.5") from None
     return blend
+
+
+def read_lora_source(source: str, weight_name: str | None = None, revision: str | None = None) -> LoraAdapter:
+    """A LoRA from a PEFT folder, a ``.safetensors`` file, or a Hub repo id, in any layout we read.
+
+    PEFT / plain diffusers keys load as they are. Flux LoRAs (``transformer.`` prefixes, kohya,
+    XLabs, BFL, ai-toolkit, ComfyUI) go through diffusers' converters, with transformer-relative
+    layer names, the same names ``ShareFluxPipeline`` uses, so CLI checkpoints load in the pipeline.
+    """
+    from .hub import resolve_lora_file
+
+    path = Path(source)
+    if path.is_dir() and (path / "adapter_config.json").is_file():
+        return load_lora(path)
+    file, provenance = resolve_lora_file(source, weight_name, revision=revision)
+    tensors, metadata = read_safetensors(file)
+    if _looks_like_flux(tensors):
+        from .flux_lora import convert_flux_lora
+
+        converted = convert_flux_lora(tensors, metadata, origin=file.name)
+        if not converted.transformer:
+            raise LoraFormatError(f"{file.name} has no transformer layers (only {', '.join(converted.other_energy)})")
+        if converted.other_energy:
+            print(
+                f"note: {file.name}: parts outside the transformer are not merged: {', '.join(converted.other_energy)}",
+                file=sys.stderr,
+            )
+        return LoraAdapter(converted.transformer, source={**provenance, "format": "flux"})
+    adapter = load_lora(file)
+    adapter.source.update(provenance)
+    return adapter
+
+
+def _looks_like_flux(tensors: dict) -> bool:
+    """Diffusers-prefixed or community (kohya, XLabs, BFL, ComfyUI) Flux key layouts."""
+    markers = ("transformer.", "lora_unet_", "lora_transformer_", "double_blocks", "single_blocks", "diffusion_model.")
+    return any(key.startswith(markers) or ".lora_down." in key for key in tensors)
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
@@ -60,7 +100,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
         center=args.center,
         normalize=args.normalize,
     )
-    adapters = [load_lora(src) for src in tqdm(args.sources, desc="reading LoRAs", disable=args.quiet)]
+    adapters = [read_lora_source(src) for src in tqdm(args.sources, desc="reading LoRAs", disable=args.quiet)]
     factors = ShareFactors.fit(adapters, names, config, base_model=args.base_model, progress=not args.quiet)
     save_factors(factors, out)
     _print_summary(factors, out)
@@ -68,7 +108,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
 
 def cmd_merge(args: argparse.Namespace) -> None:
     factors = load_factors(args.checkpoint)
-    adapter = load_lora(args.source)
+    adapter = read_lora_source(args.source, args.weight_name, args.revision)
     name = args.name or _style_name_for(args.source)
     factors.merge(adapter, name, progress=not args.quiet)
     save_factors(factors, args.checkpoint)
@@ -150,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     compress = commands.add_parser("compress", help="fit a Share checkpoint from LoRA files or PEFT folders")
-    compress.add_argument("sources", nargs="+", help="PEFT adapter folders or .safetensors LoRA files")
+    compress.add_argument("sources", nargs="+", help="PEFT adapter folders, .safetensors LoRA files or Hub repo ids")
     compress.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     rank = compress.add_mutually_exclusive_group()
     rank.add_argument("-k", "--rank", type=int, default=None, help="basis vectors per layer (default 32)")
@@ -166,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="add one LoRA to a checkpoint as a new style, continually")
     merge.add_argument("checkpoint")
-    merge.add_argument("source", help="PEFT adapter folder or .safetensors LoRA file")
+    merge.add_argument("source", help="PEFT adapter folder, .safetensors LoRA file or Hub repo id")
     merge.add_argument("--name", help="style name (default: file/folder name)")
+    merge.add_argument("--weight-name", help="file inside a Hub repo or folder holding several .safetensors")
+    merge.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     merge.set_defaults(func=cmd_merge)
 
     inspect = commands.add_parser("inspect", help="styles, k, p, errors and storage of a checkpoint")

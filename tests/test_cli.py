@@ -116,7 +116,7 @@ def _bad_inputs(tmp_path, peft_adapters):
         "shape": (mismatch, r"layer 'to_q' has lora_A \(3, 24\) and lora_B \(24, 4\)"),
         "pickle": (pickled, "pickle file"),
         "no-lora": (no_lora, "holds no LoRA tensors"),
-        "missing": (tmp_path / "nowhere.safetensors", "no such file"),
+        "missing": (tmp_path / "nowhere.safetensors", "neither an existing file or folder nor a Hub repo id"),
         "other-model": (
             other_model,
             r"size mismatch for to_q: the LoRA's update has shape \(24, 30\) "

@@ -125,3 +125,35 @@ def test_pickle_weight_name_is_refused_before_download(published, fake_hub, tmp_
     with pytest.raises(LoraFormatError, match="never unpickles"):
         fresh_pipe().merge_lora("artist/ink-flux-lora", weight_name="pytorch_lora_weights.bin", cache_dir=tmp_path)
     assert fake_hub.requests == []
+
+
+def test_push_uploads_a_loadable_checkpoint_with_a_model_card(published, tmp_path, monkeypatch):
+    """The upload itself is huggingface_hub's; we check what it is handed (no Hub write API offline)."""
+    import shutil
+
+    from share_diffusers import hub
+
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            calls.append(("create_repo", repo_id, private, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message, delete_patterns):
+            calls.append(("upload_folder", repo_id, commit_message, delete_patterns))
+            shutil.copytree(folder_path, tmp_path / "uploaded")
+            return "https://hub.example/commit/1"
+
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    url = published["pipe"].push_share_factors_to_hub("me/my-styles", private=True, token="t")
+    assert url == "https://hub.example/commit/1"
+    assert calls[0] == ("create_repo", "me/my-styles", True, True)
+    assert calls[1][3] == ["share_factors-*.safetensors"]  # stale tensor files of earlier pushes go away
+    pipe = fresh_pipe()
+    pipe.load_share_factors(tmp_path / "uploaded")
+    assert pipe.list_styles() == ["ink", "sepia"]
+    card = (tmp_path / "uploaded" / "README.md").read_text()
+    assert "pseudo-rank p = 8" in card and "| ink |" in card and "library_name: share-diffusers" in card
