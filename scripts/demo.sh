@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# Sets up .venv and runs the offline demo: LoRAs written by PEFT, compressed, merged, inspected, exported.
+# Sets up .venv and runs the offline demos: PEFT LoRAs compressed, merged, inspected and exported by the
+# command line; then per-prompt styles and blends on the embedded tiny Flux pipeline.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-.venv/bin/python samples/compress_loras.py "$@"
+workdir="${1:-samples/output}"
+mkdir -p "$workdir"
+.venv/bin/python samples/compress_loras.py --workdir "$workdir/compress"
+.venv/bin/python samples/flux_styles.py --workdir "$workdir/flux"

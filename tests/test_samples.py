@@ -22,3 +22,19 @@ def test_compress_loras_sample(tmp_path):
     error = float(re.search(r"relative error of the update ([0-9.e+-]+)", result.stdout).group(1))
     assert error < 0.05
     assert (tmp_path / "style-03-exported" / "adapter_config.json").is_file()
+
+
+def test_flux_styles_sample(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SAMPLES / "flux_styles.py"), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    errors = [float(value) for value in re.findall(r"relative error ([0-9.e+-]+)", result.stdout)]
+    assert len(errors) == 3 and max(errors) < 1e-5
+    assert (tmp_path / "batch.png").is_file() and (tmp_path / "factors" / "share_config.json").is_file()
+    from PIL import Image
+
+    assert Image.open(tmp_path / "batch.png").size == (4 * 4 * 32, 4 * 32)
