@@ -19,6 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from .core import LoraAdapter, ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
@@ -102,7 +103,7 @@ def cmd_compress(args: argparse.Namespace) -> None:
     )
     adapters = [read_lora_source(src) for src in tqdm(args.sources, desc="reading LoRAs", disable=args.quiet)]
     factors = ShareFactors.fit(adapters, names, config, base_model=args.base_model, progress=not args.quiet)
-    save_factors(factors, out)
+    save_factors(factors, out, dtype=getattr(torch, args.dtype))
     _print_summary(factors, out)
 
 
@@ -144,7 +145,8 @@ def summary(factors: ShareFactors, directory: Path | None = None) -> dict:
             for style in factors.styles
         ],
         "bytes_on_disk": on_disk,
-        "bytes_formula": factors.formula_numbers() * 4,
+        "bytes_formula": factors.formula_numbers() * factors.storage_dtype.itemsize,
+        "dtype": str(factors.storage_dtype).removeprefix("torch."),
         "source_bytes": source,
         "compression": (source / on_disk) if on_disk else None,
     }
@@ -202,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--normalize", action="store_true", help="weight every adapter to unit energy")
     compress.add_argument("--base-model", help="id of the base model the LoRAs are for")
     compress.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in OUT")
+    compress.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="storage of bases and cores (half precision halves the size; default float32)",
+    )
     compress.set_defaults(func=cmd_compress)
 
     merge = commands.add_parser("merge", help="add one LoRA to a checkpoint as a new style, continually")

@@ -157,3 +157,27 @@ def test_interrupted_save_between_files_leaves_a_readable_checkpoint(tmp_path, f
         save_factors(factors, tmp_path)
     monkeypatch.undo()
     assert load_factors(tmp_path).style_names == ["ink", "neon"]
+
+
+def test_bfloat16_storage_halves_the_bulk_and_reloads_close(tmp_path, factors):
+    save_factors(factors, tmp_path / "fp32")
+    save_factors(factors, tmp_path / "bf16", dtype=torch.bfloat16)
+    size = {kind: _weights_file(tmp_path / kind).stat().st_size for kind in ("fp32", "bf16")}
+    # bases and cores take half the bytes; the small float32 summaries stay (header sizes differ by a few bytes)
+    bulk = sum(
+        getattr(layer, n).numel()
+        for layer in factors.layers.values()
+        for n in checkpoint_module.FACTOR_NAMES
+        if getattr(layer, n) is not None
+    )
+    assert abs((size["fp32"] - size["bf16"]) - 2 * bulk) < 256
+    loaded = load_factors(tmp_path / "bf16")
+    assert loaded.storage_dtype == torch.bfloat16
+    for name in ("ink", "neon"):
+        for layer in SHAPES:
+            exact, rounded = factors.delta_weight(layer, name), loaded.delta_weight(layer, name)
+            assert 1e-5 < float((exact - rounded).norm() / exact.norm()) < 2e-2
+    save_factors(loaded, tmp_path / "again")  # keeps its dtype
+    assert json.loads((tmp_path / "again" / "share_config.json").read_text())["dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="storage dtype must be one of"):
+        save_factors(factors, tmp_path / "int", dtype=torch.int8)

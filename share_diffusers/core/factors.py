@@ -107,6 +107,7 @@ class ShareFactors:
         self.styles = styles
         self.base_model = base_model
         self.conv_layers = set(conv_layers or ())  # 1x1 convolutions: exported LoRAs use (a, b, 1, 1) kernels
+        self.storage_dtype = torch.float32  # dtype of bases and cores on disk (see save_factors)
 
     # -- construction ---------------------------------------------------------------------------
 
