@@ -165,24 +165,7 @@ class ShareLoaderMixin:
         tensors, metadata = read_safetensors(path)
         converted = convert_flux_lora(tensors, metadata, origin=path.name)
         denoiser = self._share_denoiser
-        modules = dict(denoiser.named_modules())
-        for layer_name, lora in converted.transformer.items():
-            module = modules.get(layer_name)
-            module = getattr(module, "base_layer", module)
-            shape = (
-                (module.weight.shape[0], module.weight.shape[1])
-                if module is not None and hasattr(module, "weight")
-                else None
-            )
-            if shape is None:
-                raise ShapeMismatchError(
-                    f"{path.name}: the LoRA targets {layer_name!r}, which this transformer does not have"
-                )
-            if shape != lora.shape:
-                raise ShapeMismatchError(
-                    f"{path.name}: size mismatch for {layer_name}: the LoRA's update is {lora.shape} but the "
-                    f"transformer's layer is {shape}; is this LoRA for another model?"
-                )
+        _check_lora_fits(denoiser, converted.transformer, path.name)
         if self._share is None:
             self._check_no_peft_adapters()
             targets = self._choose_targets(target_modules, converted.transformer)
@@ -304,6 +287,23 @@ class ShareLoaderMixin:
 
     def _base_model_id(self) -> str | None:
         return getattr(getattr(self, "config", None), "_name_or_path", None) or None
+
+
+def _check_lora_fits(denoiser: nn.Module, layers: dict, origin: str) -> None:
+    """Every LoRA layer must name a linear of the denoiser with the same ``(n_out, d_in)``."""
+    modules = dict(denoiser.named_modules())
+    for layer_name, lora in layers.items():
+        module = modules.get(layer_name)
+        module = getattr(module, "base_layer", module)  # through a ShareLinear wrapper
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.ndim < 2:
+            raise ShapeMismatchError(f"{origin}: the LoRA targets {layer_name!r}, which this transformer does not have")
+        shape = (weight.shape[0], weight.shape[1])
+        if shape != lora.shape:
+            raise ShapeMismatchError(
+                f"{origin}: size mismatch for {layer_name}: the LoRA's update is {lora.shape} but the "
+                f"transformer's layer is {shape}; is this LoRA for another model?"
+            )
 
 
 def _default_name(repo_id_or_path, path: Path) -> str:
