@@ -41,14 +41,18 @@ class StyleSelection:
                 raise ValueError(
                     f"style weights must be (batch, num_styles) or (num_styles,), got {tuple(weights.shape)}"
                 )
-            if not bool((weights != 0).any()):
+            weights = weights.detach().to(torch.float32)
+            if not bool(weights.any()):
                 weights = None  # nobody styled: take the base path, bit for bit
-            else:
-                weights = weights.detach().to(torch.float32)
+        self.weights = weights
+
+    def set_checked(self, weights: torch.Tensor | None) -> None:
+        """:meth:`set` for weights already known to be ``(batch, t)`` float32 with a non-zero entry."""
+        self.version += 1
         self.weights = weights
 
     def clear(self) -> None:
-        self.set(None)
+        self.set_checked(None)
 
     @property
     def is_active(self) -> bool:
@@ -94,6 +98,7 @@ class ShareLinear(nn.Module):
         self.register_buffer("core_in", torch.zeros(0, 0, 1, **empty), persistent=False)
         self.register_buffer("anchor", torch.zeros(0, 0, **empty), persistent=False)
         self.register_buffer("present", torch.zeros(0, **empty), persistent=False)
+        self.trainable: nn.Module | None = None  # set by core.trainable while a new style is learned
         self.fused_weights: torch.Tensor | None = None  # (t,) blend currently fused into the weight
         self._unfused_weight: torch.Tensor | None = None
 
@@ -158,24 +163,33 @@ class ShareLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        selection = self.selection
-        if not selection.is_active or self.basis_out.shape[1] == 0:
+        styled = self.selection.is_active and self.basis_out.shape[1] > 0
+        if not styled and self.trainable is None:
             return result
-        if self.fused_weights is not None:
-            raise RuntimeError("a style is fused into this layer; unfuse_style() before selecting styles per batch")
-        weights = selection.weights
-        if weights.shape[1] != self.num_styles:
-            raise ValueError(
-                f"the style selection covers {weights.shape[1]} styles but the layer holds {self.num_styles}"
-            )
-        if isinstance(self.base_layer, nn.Conv2d):
-            stride = self.base_layer.stride
-            sampled = x[:, :, :: stride[0], :: stride[1]]  # a 1x1 conv with stride only subsamples
-            channels_last = sampled.permute(0, 2, 3, 1)  # (b, h, w, c)
-            delta = self.delta(channels_last, weights).permute(0, 3, 1, 2)  # (b, n_out, h, w)
-        else:
-            delta = self.delta(x, weights)
-        return result + delta.to(result.dtype)
+        features = self._channels_last(x)  # (batch, ..., d_in)
+        delta = None
+        if styled:
+            if self.fused_weights is not None:
+                raise RuntimeError("a style is fused into this layer; unfuse_style() before selecting styles per batch")
+            weights = self.selection.weights
+            if weights.shape[1] != self.num_styles:
+                raise ValueError(
+                    f"the style selection covers {weights.shape[1]} styles but the layer holds {self.num_styles}"
+                )
+            delta = self.delta(features, weights)
+        if self.trainable is not None:  # factors being learned (training/), added to the bank's styles
+            learned = self.trainable(features)
+            delta = learned if delta is None else delta + learned
+        return result + self._channels_first(delta).to(result.dtype)
+
+    def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.base_layer, nn.Conv2d):
+            return x
+        stride = self.base_layer.stride
+        return x[:, :, :: stride[0], :: stride[1]].permute(0, 2, 3, 1)  # a strided 1x1 conv only subsamples
+
+    def _channels_first(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.permute(0, 3, 1, 2) if isinstance(self.base_layer, nn.Conv2d) else delta
 
     # -- fusing ---------------------------------------------------------------------------------
 

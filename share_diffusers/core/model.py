@@ -44,23 +44,42 @@ def style_weights(
         specs = [style]
     if all(spec is None for spec in specs):
         return None
+    # Plain Python lists and one tensor at the end: a switch costs microseconds (no small-tensor ops).
     rows = []
     for spec in specs:
-        if spec is None:
-            rows.append(torch.zeros(len(factors.styles), dtype=torch.float64))
-        elif isinstance(spec, str):
-            rows.append(factors.style_vector({spec: 1.0}))
+        row = [0.0] * len(factors.styles)
+        if isinstance(spec, str):
+            row[factors.style_index(spec)] = float(scale)
         elif isinstance(spec, dict):
             for name, weight in spec.items():
                 if not isinstance(weight, int | float) or weight != weight:
                     raise ValueError(f"blend weight for style {name!r} must be a number, got {weight!r}")
-            rows.append(factors.style_vector(spec))
-        else:
+                row[factors.style_index(name)] += float(weight) * float(scale)
+        elif spec is not None:
             raise StyleError(f"a style is None, a style name or a {{name: weight}} blend, not {type(spec).__name__}")
-    weights = torch.stack(rows) * float(scale)
-    if batch_size is not None and weights.shape[0] == 1:
-        weights = weights.expand(batch_size, -1)
-    return weights
+        rows.append(row)
+    if batch_size is not None and len(rows) == 1:
+        rows = rows * batch_size
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def _cache_key(style, scale: float, batch_size: int | None):
+    """A hashable form of a style request, or None if it has none (then it is not cached)."""
+
+    def one(spec):
+        if isinstance(spec, dict):
+            return ("blend", tuple(spec.items()))
+        return spec
+
+    try:
+        if isinstance(style, list | tuple):
+            key = ("list", tuple(one(spec) for spec in style), scale, batch_size)
+        else:
+            key = ("one", one(style), scale, batch_size)
+        hash(key)
+        return key
+    except TypeError:
+        return None
 
 
 class ShareModel:
@@ -81,6 +100,7 @@ class ShareModel:
         self.layers = layers
         self.selection = selection
         self.fused_style: StyleSpec = None
+        self._weights_cache: dict = {}  # request -> (batch, t) weights; valid while the bank is unchanged
 
     @classmethod
     def inject(
@@ -120,6 +140,7 @@ class ShareModel:
 
     def refresh(self) -> None:
         """Copy the factors into the layers (after a merge, delete or load)."""
+        self._weights_cache.clear()
         for name, layer in self.layers.items():
             layer.load_share(self.factors.layers.get(name))
 
@@ -132,11 +153,25 @@ class ShareModel:
     def set_style(
         self, style: StyleSpec | Sequence[StyleSpec], scale: float = 1.0, batch_size: int | None = None
     ) -> None:
-        """Choose the styles of the next forward passes: one spec for all samples or one per sample."""
-        weights = style_weights(self.factors, style, scale, batch_size)
+        """Choose the styles of the next forward passes: one spec for all samples or one per sample.
+
+        Requests seen before come from a small cache (cleared when the bank changes), so switching
+        back and forth costs a dictionary lookup and one attribute write, whatever the model size.
+        """
+        key = _cache_key(style, scale, batch_size)
+        if key is not None and key in self._weights_cache:
+            weights = self._weights_cache[key]
+        else:
+            weights = style_weights(self.factors, style, scale, batch_size)
+            if weights is not None and not bool(weights.any()):
+                weights = None  # e.g. {"ink": 0.0}: the base path, bit for bit
+            if key is not None:
+                if len(self._weights_cache) >= 256:
+                    self._weights_cache.clear()
+                self._weights_cache[key] = weights
         if weights is not None and self.fused_style is not None:
             raise RuntimeError(f"style {self.fused_style!r} is fused; unfuse_style() before selecting styles")
-        self.selection.set(weights)
+        self.selection.set_checked(weights)
 
     def merge(self, adapter: LoraAdapter, name: str, progress: bool = False) -> None:
         """Merge one more LoRA as a style (continual, DESIGN 3); on error nothing changes."""
@@ -159,6 +194,7 @@ class ShareModel:
 
     def rename_style(self, old: str, new: str) -> None:
         self.factors.rename_style(old, new)
+        self._weights_cache.clear()
 
     def fuse_style(self, style: StyleSpec, scale: float = 1.0) -> None:
         """Fuse one style or blend into the base weights (zero per-step overhead)."""

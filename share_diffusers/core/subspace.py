@@ -404,7 +404,9 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
     after = _squared_norms(core_out, core_in, anchor, present)
     drift = (before - after).clamp_min(0.0).sqrt()
     safe_norm = torch.where(present, layer.norm, torch.ones_like(layer.norm))
-    error = torch.where(present, layer.error + drift / safe_norm, layer.error)
+    # Triangle inequality twice: ||dW - R'|| <= ||dW - R|| + ||R - R'|| and <= ||dW|| + ||R'||.
+    bound = torch.minimum(layer.error + drift / safe_norm, 1.0 + after.clamp_min(0.0).sqrt() / safe_norm)
+    error = torch.where(present, bound, layer.error)
 
     # The new style: exact core, then rank p (about the anchor when centred).
     core_new = project_adapter(entry, basis_out, basis_in)  # (k_new, k_new)

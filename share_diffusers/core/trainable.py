@@ -1,0 +1,133 @@
+"""Learning a new style or task from data (paper Step 2) and merging it (Step 3, DESIGN.md section 3).
+
+Two modes, per target layer:
+
+- temporary factors (paper): the top ``phi`` columns of the current bases become trainable
+  ``basis_out (n_out, phi)`` / ``basis_in (d_in, phi)`` with fresh coefficients ``core_out``,
+  ``core_in`` ``(phi, p)``: ``phi (n + d + 2p)`` parameters a layer, against ``r (n + d)`` for a LoRA.
+- coefficients only: the full current bases stay frozen and only ``(k, p)`` cores are trained.
+
+Either way the result is a rank-p update ``(basis_out @ core_out) (basis_in @ core_in).T`` that
+merges like any LoRA. ``core_out`` starts at zero (as LoRA's B does), so training starts from the
+model as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .adapters import LoraAdapter, LoraLayer
+from .layer import ShareLinear
+
+
+class TrainableFactors(nn.Module):
+    """The update being learned on one layer: ``dW = (basis_out @ core_out) @ (basis_in @ core_in).T``.
+
+    Args:
+        basis_out: ``(n_out, phi)`` initial output directions.
+        basis_in: ``(d_in, phi)`` initial input directions.
+        pseudo_rank: ``p``.
+        train_bases: train the directions too (temporary factors) or only the cores.
+        generator: for the random ``core_in`` init (std ``1 / sqrt(phi)``).
+    """
+
+    def __init__(
+        self,
+        basis_out: torch.Tensor,
+        basis_in: torch.Tensor,
+        pseudo_rank: int,
+        train_bases: bool,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        phi = basis_out.shape[1]
+        dtype = basis_out.dtype
+        core_in = torch.randn(phi, pseudo_rank, generator=generator, dtype=torch.float32) / max(phi, 1) ** 0.5
+        if train_bases:
+            self.basis_out = nn.Parameter(basis_out.clone())
+            self.basis_in = nn.Parameter(basis_in.clone())
+        else:
+            self.register_buffer("basis_out", basis_out.clone())
+            self.register_buffer("basis_in", basis_in.clone())
+        self.core_out = nn.Parameter(torch.zeros(phi, pseudo_rank, dtype=dtype))
+        self.core_in = nn.Parameter(core_in.to(dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., n_out)
+        hidden = (x @ self.basis_in) @ self.core_in  # (..., p)
+        return (hidden @ self.core_out.T) @ self.basis_out.T
+
+    def to_lora(self) -> LoraLayer:
+        """The learned update as rank-p LoRA factors (float32, scale 1)."""
+        with torch.no_grad():
+            up = (self.basis_out @ self.core_out).float()  # (n_out, p)
+            down = (self.basis_in @ self.core_in).float().T  # (p, d_in)
+        return LoraLayer(up=up.cpu(), down=down.cpu(), scale=1.0)
+
+
+def attach_trainable(
+    layers: dict[str, ShareLinear],
+    pseudo_rank: int,
+    phi: int | None = None,
+    coefficients_only: bool = False,
+    seed: int = 0,
+) -> dict[str, TrainableFactors]:
+    """Give every Share layer a :class:`TrainableFactors`; returns them by layer name.
+
+    Args:
+        phi: temporary basis vectors per layer (paper: between 1 and k/4); ignored with
+            ``coefficients_only`` (all k are used). Layers with fewer than ``phi`` basis vectors
+            (or none yet) are completed with random orthonormal directions.
+        coefficients_only: freeze the bases; train only the ``(k, p)`` cores.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    attached = {}
+    for name, layer in layers.items():
+        if layer.trainable is not None:
+            raise RuntimeError(f"{name} already has factors being trained; detach_trainable() first")
+        k = layer.basis_out.shape[1]
+        width = k if coefficients_only else (phi if phi is not None else max(1, k // 4))
+        if coefficients_only and k == 0:
+            raise ValueError(f"{name} has no basis yet: coefficients-only training needs an existing subspace")
+        basis_out = _directions(layer.basis_out, width, generator)
+        basis_in = _directions(layer.basis_in, width, generator)
+        trainable = TrainableFactors(
+            basis_out, basis_in, pseudo_rank, train_bases=not coefficients_only, generator=generator
+        )
+        layer.trainable = trainable.to(device=layer.base_layer.weight.device)
+        attached[name] = layer.trainable
+    return attached
+
+
+def _directions(basis: torch.Tensor, width: int, generator: torch.Generator) -> torch.Tensor:
+    """The first ``width`` columns of ``basis`` (float32), completed by random orthonormal ones if short."""
+    taken = basis[:, :width].float().cpu()
+    missing = width - taken.shape[1]
+    if missing > 0:
+        extra = torch.randn(basis.shape[0], missing, generator=generator)
+        extra = extra - taken @ (taken.T @ extra)  # orthogonal to the columns we have
+        taken = torch.cat([taken, torch.linalg.qr(extra)[0]], dim=1)
+    return taken.to(basis.device)
+
+
+def trained_adapter(layers: dict[str, ShareLinear], source: dict | None = None) -> LoraAdapter:
+    """The learned updates of all layers as one LoRA adapter, ready for ``ShareFactors.merge``."""
+    missing = [name for name, layer in layers.items() if layer.trainable is None]
+    if missing:
+        raise RuntimeError(f"no factors are being trained on {missing[0]!r}")
+    return LoraAdapter({name: layer.trainable.to_lora() for name, layer in layers.items()}, source=source or {})
+
+
+def detach_trainable(layers: dict[str, ShareLinear]) -> None:
+    for layer in layers.values():
+        layer.trainable = None
+
+
+def count_parameters(trainables: dict[str, TrainableFactors]) -> int:
+    """Trainable parameters in all layers."""
+    return sum(p.numel() for module in trainables.values() for p in module.parameters() if p.requires_grad)
+
+
+def lora_parameter_count(layers: dict[str, ShareLinear], rank: int) -> int:
+    """What a LoRA of ``rank`` on the same layers would train: ``r (n + d)`` a layer."""
+    return sum(rank * (layer.out_features + layer.in_features) for layer in layers.values())

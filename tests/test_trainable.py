@@ -1,0 +1,96 @@
+"""Learning a new style from data (temporary factors / coefficients only) and merging it continually."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_SHAPES, TinyNet, random_adapter, relative_error
+
+from share_diffusers.core import ShareConfig, ShareFactors, ShareModel
+from share_diffusers.core.trainable import (
+    attach_trainable,
+    count_parameters,
+    detach_trainable,
+    lora_parameter_count,
+    trained_adapter,
+)
+
+
+def _share(tiny_net):
+    adapters = [random_adapter(TINY_SHAPES, 3, seed=seed) for seed in range(3)]
+    factors = ShareFactors.fit(adapters, ["a", "b", "c"], ShareConfig(rank=16, pseudo_rank=3))  # room to merge
+    return ShareModel.inject(tiny_net, factors), adapters
+
+
+def _fit_teacher(share, tiny_net, teacher, steps=300):
+    """Regress the Share model on a teacher network's outputs; returns the first and last losses."""
+    parameters = [p for module in share.layers.values() for p in module.trainable.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(parameters, lr=3e-2)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(32, 24, generator=generator)
+        loss = torch.nn.functional.mse_loss(tiny_net(x), teacher(x).detach())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses[0], losses[-1]
+
+
+@pytest.mark.parametrize("coefficients_only", [False, True])
+def test_learning_a_style_from_data_and_merging_keeps_earlier_styles(tiny_net, coefficients_only):
+    share, adapters = _share(tiny_net)
+    x = torch.randn(6, 24)
+    before = {}
+    for name in share.style_names:
+        share.set_style(name)
+        before[name] = tiny_net(x).detach()
+    share.set_style(None)
+    base = tiny_net(x).detach()
+    trainables = attach_trainable(share.layers, pseudo_rank=2, phi=4, coefficients_only=coefficients_only, seed=0)
+    sizes = [(layer.out_features, layer.in_features, layer.basis_out.shape[1]) for layer in share.layers.values()]
+    assert torch.equal(tiny_net(x), base)  # core_out starts at zero: training starts from the model as it is
+    # teacher: the base net with a blend of the existing styles (reachable inside the subspace)
+    teacher = TinyNet()
+    with torch.no_grad():
+        for layer_name, module in (("to_q", teacher.to_q), ("to_v", teacher.to_v), ("mix", teacher.mix)):
+            delta = (
+                0.7 * adapters[0].layers[layer_name].delta_weight()
+                - 0.5 * adapters[2].layers[layer_name].delta_weight()
+            )
+            module.weight += delta.float().reshape(module.weight.shape)
+    first, last = _fit_teacher(share, tiny_net, teacher)
+    assert last < 0.2 * first
+    trained_output = tiny_net(x).detach()
+    adapter = trained_adapter(share.layers, source={"trained_from": "teacher"})
+    detach_trainable(share.layers)
+    share.merge(adapter, "learned")
+    share.set_style("learned")
+    assert relative_error(trained_output, tiny_net(x)) < 1e-4  # the merged style is what was trained
+    for name, output in before.items():
+        share.set_style(name)
+        error_bound = max(share.factors.layer_errors(name).values())
+        assert relative_error(output, tiny_net(x)) <= 1e-4 + 2 * error_bound
+        if coefficients_only:  # the update lies inside the subspace: earlier styles do not move at all
+            assert relative_error(output, tiny_net(x)) < 1e-5
+    # paper: phi (n + d + 2p) a layer with temporary factors, 2 k p with coefficients only
+    if coefficients_only:
+        expected = sum(2 * k * 2 for _, _, k in sizes)
+        assert expected < lora_parameter_count(share.layers, rank=1)
+    else:
+        expected = sum(4 * (n + d + 2 * 2) for n, d, _ in sizes)
+    assert count_parameters(trainables) == expected
+
+
+def test_attach_twice_and_coefficients_only_without_basis_are_refused(tiny_net):
+    share, _ = _share(tiny_net)
+    attach_trainable(share.layers, pseudo_rank=2)
+    with pytest.raises(RuntimeError, match="already has factors being trained"):
+        attach_trainable(share.layers, pseudo_rank=2)
+    detach_trainable(share.layers)
+    empty = ShareModel.inject(TinyNet(), target_modules=["to_q"], config=ShareConfig(rank=4, pseudo_rank=2))
+    with pytest.raises(ValueError, match="needs an existing subspace"):
+        attach_trainable(empty.layers, pseudo_rank=2, coefficients_only=True)
+    attach_trainable(empty.layers, pseudo_rank=2, phi=3)  # temporary factors start from random directions
+    assert empty.layers["to_q"].trainable.basis_out.shape == (24, 3)
