@@ -94,17 +94,19 @@ class ShareLinear(nn.Module):
         empty = dict(dtype=weight.dtype, device=weight.device)
         self.register_buffer("basis_out", torch.zeros(self.out_features, 0, **empty), persistent=False)
         self.register_buffer("basis_in", torch.zeros(self.in_features, 0, **empty), persistent=False)
-        self.register_buffer("core_out", torch.zeros(0, 0, 1, **empty), persistent=False)
-        self.register_buffer("core_in", torch.zeros(0, 0, 1, **empty), persistent=False)
+        # The style bank laid out for one matmul per blend: core_out as (k, t p), core_in as (t p, k).
+        self.register_buffer("cores_out", torch.zeros(0, 0, **empty), persistent=False)
+        self.register_buffer("cores_in", torch.zeros(0, 0, **empty), persistent=False)
         self.register_buffer("anchor", torch.zeros(0, 0, **empty), persistent=False)
         self.register_buffer("present", torch.zeros(0, **empty), persistent=False)
         self.trainable: nn.Module | None = None  # set by core.trainable while a new style is learned
         self.fused_weights: torch.Tensor | None = None  # (t,) blend currently fused into the weight
         self._unfused_weight: torch.Tensor | None = None
+        self.pseudo_rank = 1
 
     @property
     def num_styles(self) -> int:
-        return self.core_out.shape[0]
+        return self.present.shape[0]
 
     def load_share(self, layer: LayerShare | None) -> None:
         """Take this layer's bases and cores (None: no factors, the layer acts as its base)."""
@@ -114,7 +116,7 @@ class ShareLinear(nn.Module):
         if layer is None:
             self.basis_out = weight.new_zeros(self.out_features, 0)
             self.basis_in = weight.new_zeros(self.in_features, 0)
-            self.core_out = self.core_in = weight.new_zeros(0, 0, 1)
+            self.cores_out = self.cores_in = weight.new_zeros(0, 0)
             self.anchor = weight.new_zeros(0, 0)
             self.present = weight.new_zeros(0)
             return
@@ -128,7 +130,10 @@ class ShareLinear(nn.Module):
             return tensor.to(device=weight.device, dtype=weight.dtype)
 
         self.basis_out, self.basis_in = cast(layer.basis_out), cast(layer.basis_in)
-        self.core_out, self.core_in = cast(layer.core_out), cast(layer.core_in)
+        t, k, p = layer.core_out.shape
+        self.pseudo_rank = p
+        self.cores_out = cast(layer.core_out.permute(1, 0, 2).reshape(k, t * p))  # [core_out[0], core_out[1], ...]
+        self.cores_in = cast(layer.core_in.transpose(1, 2).reshape(t * p, k))  # [core_in[0].T; core_in[1].T; ...]
         self.anchor = cast(layer.anchor) if layer.anchor is not None else weight.new_zeros(0, 0)
         self.present = cast(layer.present)
 
@@ -136,8 +141,10 @@ class ShareLinear(nn.Module):
 
     def _blend_cores(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-sample blended cores ``C_b = sum_i w[b, i] C_i``: ``(batch, k, k)``; ``weights: (batch, t)``."""
-        weights = weights.to(device=self.core_out.device, dtype=dtype)
-        cores = torch.einsum("bt,tkp,tjp->bkj", weights, self.core_out.to(dtype), self.core_in.to(dtype))
+        weights = weights.to(device=self.cores_out.device, dtype=dtype)
+        # sum_i w_i core_out[i] @ core_in[i].T == [w_1 core_out[1], ...] @ [core_in[1]; ...]: one matmul.
+        scaled = self.cores_out.to(dtype) * weights.repeat_interleave(self.pseudo_rank, dim=1)[:, None, :]  # (b, k, tp)
+        cores = scaled @ self.cores_in.to(dtype)  # (b, k, k)
         if self.anchor.numel():
             # The anchor (mean core) belongs to every style that touches this layer.
             anchor_weight = weights @ self.present.to(dtype)  # (batch,)
