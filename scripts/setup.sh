@@ -8,4 +8,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The CPU wheel first; the project bounds torch below 2.14 so pip keeps it instead of a CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,app]"
+# The browser test drives Debian's Chromium (Playwright's own browser download cannot work offline).
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi

@@ -224,6 +224,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(f"wrote {output} ({image.width}x{image.height}, style {args.style or 'none'})")
 
 
+def _run_studio(argv: list[str]) -> int:
+    """``share-diffusers app ...``: the Gradio style studio (top-level ``app/`` folder, ``app`` extra)."""
+    try:
+        from app.studio import main as studio_main
+    except ModuleNotFoundError as error:
+        print(
+            f"error: the studio needs the app extra (pip install -e '.[app]') and runs from the repository root "
+            f"({error})",
+            file=sys.stderr,
+        )
+        return 1
+    return studio_main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="share-diffusers", description=__doc__.split("\n\n")[0])
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -286,10 +300,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     generate.set_defaults(func=cmd_generate)
+    commands.add_parser(
+        "app", help="open the Gradio style studio (python -m app --help for its options)", add_help=False
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["app"]:
+        return _run_studio(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in ("merge", "inspect", "export") and not os.path.isdir(args.checkpoint):
         print(f"error: no Share checkpoint folder at {args.checkpoint}", file=sys.stderr)

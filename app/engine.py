@@ -1,0 +1,217 @@
+"""The studio's work on the pipeline, without Gradio: generate, compare, previews, merge, delete, save.
+
+``StyleStudio`` wraps one ``ShareFluxPipeline``. Gradio runs events in worker threads, and a style
+request is state on the transformer for the length of a call, so every pipeline use holds one lock.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import tempfile
+import threading
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from share_diffusers.loader import MergeReport
+from share_diffusers.lora_files import refuse_pickle
+
+from .styles import StyleSpec, format_style
+
+PREVIEW_PROMPT = "a photo of a sneaker"
+PREVIEW_SEED = 0
+MAX_SEED = 2**32 - 1
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_GENERIC_FILE_NAMES = ("pytorch_lora_weights", "adapter_model")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Image settings the UI starts from, and the limits of its sliders.
+
+    Attributes:
+        size_step: width and height must be multiples of this (``2 * vae_scale_factor``).
+        preview_size: side of the style gallery's preview images.
+        max_batch: most images one Generate or Compare call makes.
+        pixel_art: the images are tiny; show them scaled up without smoothing.
+    """
+
+    width: int = 32
+    height: int = 32
+    steps: int = 4
+    guidance: float = 3.5
+    size_step: int = 4
+    max_size: int = 256
+    preview_size: int = 32
+    max_batch: int = 16
+    pixel_art: bool = True
+
+
+def defaults_for(pipe, tiny: bool) -> Defaults:
+    """Defaults for the embedded tiny pipeline, or for a real Flux model (dev-like if it embeds guidance)."""
+    size_step = 2 * pipe.vae_scale_factor
+    if tiny:
+        return Defaults(size_step=size_step)
+    guidance_distilled = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
+    return Defaults(
+        width=1024,
+        height=1024,
+        steps=28 if guidance_distilled else 4,  # FLUX.1-dev vs the 4-step FLUX.1-schnell
+        guidance=3.5 if guidance_distilled else 0.0,
+        size_step=size_step,
+        max_size=2048,
+        preview_size=256,
+        max_batch=8,
+        pixel_art=False,
+    )
+
+
+def pick_seed(seed: float | None, randomize: bool) -> int:
+    """The seed to use: a fresh random one, or ``seed`` checked to be a whole number in range."""
+    if randomize:
+        return random.randint(0, MAX_SEED)
+    if seed is None:
+        raise ValueError("enter a seed, or tick 'Randomize seed'")
+    if seed != int(seed) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
+    return int(seed)
+
+
+def merge_source(hub_id: str | None, upload: str | None, style_name: str | None) -> tuple[str, str | None]:
+    """``(Hub id or uploaded file path, style name or None for the library's default)`` of a merge request.
+
+    The Hub box takes Hub ids only, never paths on the server; an upload must be ``.safetensors``.
+    """
+    hub_id = (hub_id or "").strip()
+    name = (style_name or "").strip() or None
+    if hub_id and upload:
+        raise ValueError("give a Hub repo id or upload a file, not both")
+    if upload:
+        path = Path(upload)
+        refuse_pickle(path)
+        if path.suffix.lower() != ".safetensors":
+            raise ValueError(f"{path.name}: only .safetensors LoRA files can be merged")
+        if name is None and path.stem in _GENERIC_FILE_NAMES:
+            raise ValueError(f"give a style name: the file name {path.name} says nothing about the style")
+        return str(path), name or path.stem
+    if not hub_id:
+        raise ValueError("give a Hub repo id (user/name) or upload a .safetensors LoRA file")
+    if not _HUB_ID.fullmatch(hub_id) or Path(hub_id).exists():
+        raise ValueError(f"{hub_id!r} is not a Hub repo id like 'user/name'")
+    return hub_id, name
+
+
+def zip_folder(folder: str | Path, zip_path: str | Path) -> Path:
+    """Zip ``folder`` (its files under a top folder of the same name); returns ``zip_path``."""
+    folder, zip_path = Path(folder), Path(zip_path)
+    with zipfile.ZipFile(zip_path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for file in sorted(folder.rglob("*")):
+            if file.is_file():
+                archive.write(file, Path(folder.name) / file.relative_to(folder))
+    return zip_path
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+class StyleStudio:
+    """A ``ShareFluxPipeline`` with the studio's operations and a cache of one preview image per style.
+
+    Args:
+        pipe: the pipeline; its styles are whatever it holds (demo styles, loaded factors, merges).
+        defaults: image settings and limits (see :func:`defaults_for`).
+        preview_prompt, preview_seed: what every style's preview shows.
+    """
+
+    def __init__(
+        self, pipe, defaults: Defaults, preview_prompt: str = PREVIEW_PROMPT, preview_seed: int = PREVIEW_SEED
+    ):
+        self.pipe = pipe
+        self.defaults = defaults
+        self.preview_prompt = preview_prompt
+        self.preview_seed = preview_seed
+        self._lock = threading.RLock()
+        self._previews: dict[str, Image.Image] = {}
+        self._workdir = tempfile.TemporaryDirectory(prefix="share-studio-")
+
+    def styles(self) -> list[str]:
+        return self.pipe.list_styles()
+
+    def generate(
+        self,
+        prompts: Sequence[str],
+        styles: Sequence[StyleSpec],
+        seed: int,
+        style_scale: float = 1.0,
+        steps: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        guidance: float | None = None,
+    ) -> list[Image.Image]:
+        """One image per prompt, in one pipeline call; every image starts from the same noise (``seed``)."""
+        if len(styles) != len(prompts):
+            raise ValueError(f"got {len(styles)} styles for {len(prompts)} prompts")
+        if len(prompts) > self.defaults.max_batch:
+            raise ValueError(f"at most {self.defaults.max_batch} images per call, got {len(prompts)}")
+        # All-None must be passed as None: a pipeline with no styles loaded refuses any style list.
+        style = None if all(spec is None for spec in styles) else list(styles)
+        with self._lock:
+            return self.pipe(
+                prompt=list(prompts),
+                style=style,
+                style_scale=style_scale,
+                num_inference_steps=steps or self.defaults.steps,
+                width=width or self.defaults.width,
+                height=height or self.defaults.height,
+                guidance_scale=self.defaults.guidance if guidance is None else guidance,
+                generator=[torch.Generator().manual_seed(seed) for _ in prompts],
+            ).images
+
+    def compare(self, prompt: str, styles: Sequence[StyleSpec], seed: int, **settings) -> list[tuple[Image.Image, str]]:
+        """The same prompt and seed under each style, in one call; captions are the styles."""
+        if not styles:
+            raise ValueError("pick at least one style to compare")
+        images = self.generate([prompt] * len(styles), styles, seed, **settings)
+        return list(zip(images, [format_style(spec) for spec in styles], strict=True))
+
+    def previews(self) -> list[tuple[Image.Image, str]]:
+        """``(image, caption)`` per style: the preview prompt and seed, and the reconstruction error."""
+        with self._lock:
+            names = self.styles()
+            missing = [name for name in names if name not in self._previews]
+            size = self.defaults.preview_size
+            for chunk in _chunks(missing, self.defaults.max_batch):
+                prompts = [self.preview_prompt] * len(chunk)
+                images = self.generate(prompts, chunk, self.preview_seed, width=size, height=size)
+                self._previews.update(zip(chunk, images, strict=True))
+            factors = self.pipe.share_factors
+            return [(self._previews[name], f"{name} · error {factors.style_error(name):.1e}") for name in names]
+
+    def merge(self, source: str, style_name: str | None = None, weight_name: str | None = None) -> MergeReport:
+        """Merge a LoRA (Hub id or local file) as a new style; a failed merge changes nothing."""
+        with self._lock:
+            report = self.pipe.merge_lora(source, weight_name=weight_name, style_name=style_name)
+            # The new style can turn the shared bases, so every style's picture may move a little.
+            self._previews.clear()
+        return report
+
+    def delete(self, name: str) -> None:
+        """Delete a style; the others keep their reconstructions (and previews)."""
+        if not name:
+            raise ValueError("choose a style to delete")
+        with self._lock:
+            self.pipe.delete_style(name)
+            self._previews.pop(name, None)
+
+    def save_factors_zip(self) -> Path:
+        """``pipe.save_share_factors`` into a fresh folder, zipped: ``.../share-factors.zip``."""
+        folder = Path(tempfile.mkdtemp(dir=self._workdir.name)) / "share-factors"
+        with self._lock:
+            self.pipe.save_share_factors(folder)
+        return zip_folder(folder, folder.with_suffix(".zip"))

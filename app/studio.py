@@ -1,0 +1,411 @@
+"""Share style studio: a Gradio app to browse, blend, compare, merge and save Share styles on Flux.
+
+    python -m app [--model REPO_OR_DIR] [--factors DIR_OR_HUB_ID] [--port 7860]
+
+With no ``--model`` it runs the embedded tiny Flux pipeline (random weights, no download) and, with
+no ``--factors``, makes three demo styles offline. Every user error shows in the page as one line
+(``gr.Error``), never as a stack trace. API endpoints for ``gradio_client``: ``/generate``,
+``/compare``, ``/merge_lora``, ``/delete_style``, ``/save_factors``, ``/styles``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from collections.abc import Sequence
+from types import SimpleNamespace
+
+import gradio as gr
+import torch
+
+from share_diffusers.core.errors import ShareError
+
+from .engine import MAX_SEED, Defaults, StyleStudio, defaults_for, merge_source, pick_seed
+from .styles import blend_text, format_style, parse_prompts, parse_style, parse_style_lines, style_choices
+
+USER_ERRORS = (ShareError, ValueError, OSError)
+BLEND_SLOTS = 3
+CSS = ".pixel-art img { image-rendering: pixelated; }"
+# Gradio hands each call its own tracker configured like this default (pipeline and download bars).
+TRACK_TQDM = gr.Progress(track_tqdm=True)
+
+
+def user_errors(handler):
+    """Show the library's message of an expected error in the page, without a stack trace."""
+
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as error:
+            raise gr.Error(str(error), print_exception=False) from None
+
+    return wrapper
+
+
+class Handlers:
+    """Gradio event handlers: values from the page in, values for the page out."""
+
+    def __init__(self, studio: StyleStudio):
+        self.studio = studio
+
+    @user_errors
+    def generate(
+        self,
+        prompts,
+        styles,
+        style_scale,
+        seed,
+        randomize,
+        steps,
+        width,
+        height,
+        guidance,
+        progress=TRACK_TQDM,
+    ):
+        prompt_list = parse_prompts(prompts)
+        specs = parse_style_lines(styles, len(prompt_list))
+        seed = pick_seed(seed, randomize)
+        settings = dict(steps=int(steps), width=int(width), height=int(height), guidance=float(guidance))
+        images = self.studio.generate(prompt_list, specs, seed, style_scale=style_scale, **settings)
+        captions = [f"{prompt} · {format_style(spec)}" for prompt, spec in zip(prompt_list, specs, strict=True)]
+        return list(zip(images, captions, strict=True)), seed
+
+    @user_errors
+    def compare(
+        self,
+        prompt,
+        styles,
+        style_scale,
+        seed,
+        randomize,
+        steps,
+        width,
+        height,
+        guidance,
+        progress=TRACK_TQDM,
+    ):
+        prompt = parse_prompts(prompt)[0]
+        specs = [parse_style(text) for text in styles or []]
+        seed = pick_seed(seed, randomize)
+        settings = dict(steps=int(steps), width=int(width), height=int(height), guidance=float(guidance))
+        return self.studio.compare(prompt, specs, seed, style_scale=style_scale, **settings), seed
+
+    @user_errors
+    def merge_lora(self, hub_id, weight_name, upload, style_name, progress=TRACK_TQDM):
+        source, name = merge_source(hub_id, upload, style_name)
+        progress(0, desc="merging the LoRA")
+        return str(self.studio.merge(source, name, weight_name=(weight_name or "").strip() or None))
+
+    @user_errors
+    def delete_style(self, name):
+        self.studio.delete(name)
+        left = self.studio.styles()
+        return f"deleted {name!r}; styles left: {', '.join(left) or 'none'}"
+
+    @user_errors
+    def save_factors(self):
+        return str(self.studio.save_factors_zip())
+
+    @user_errors
+    def style_gallery(self, progress=TRACK_TQDM):
+        return self.studio.previews()
+
+    def style_menus(self, compare_selection):
+        """New choices for every style menu; the compare selection keeps the styles still held."""
+        styles = self.studio.styles()
+        choices = style_choices(styles)
+        kept = [name for name in compare_selection or [] if name in choices]
+        slots = [gr.update(choices=choices) for _ in range(BLEND_SLOTS)]
+        return *slots, gr.update(choices=choices, value=kept), gr.update(choices=styles, value=None)
+
+    @staticmethod
+    def blend(*slot_values):
+        """The style line of the blend builder: ``(style, weight)`` per slot."""
+        pairs = list(zip(slot_values[0::2], slot_values[1::2], strict=True))
+        return blend_text(pairs)
+
+
+# -- layout -------------------------------------------------------------------------------------
+
+
+def _settings(defaults: Defaults) -> SimpleNamespace:
+    with gr.Accordion("Settings", open=True):
+        style_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style strength", info="multiplies every style")
+        with gr.Row():
+            seed = gr.Number(
+                value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", info="every image of a call uses it"
+            )
+            randomize = gr.Checkbox(value=False, label="Randomize seed")
+        steps = gr.Slider(1, 50, value=defaults.steps, step=1, label="Steps")
+        size = dict(minimum=defaults.size_step, maximum=defaults.max_size, step=defaults.size_step)
+        with gr.Row():
+            width = gr.Slider(value=defaults.width, label="Width", **size)
+            height = gr.Slider(value=defaults.height, label="Height", **size)
+        guidance = gr.Slider(0, 10, value=defaults.guidance, step=0.1, label="Guidance")
+    return SimpleNamespace(
+        style_scale=style_scale,
+        seed=seed,
+        randomize=randomize,
+        steps=steps,
+        width=width,
+        height=height,
+        guidance=guidance,
+    )
+
+
+def _image_gallery(label: str, elem_id: str, defaults: Defaults, columns: int, height: int | None = None) -> gr.Gallery:
+    return gr.Gallery(
+        label=label,
+        elem_id=elem_id,
+        elem_classes=["pixel-art"] if defaults.pixel_art else None,
+        format="png",
+        columns=columns,
+        height=height,
+        object_fit="contain",
+        buttons=["download", "download_all", "fullscreen"],
+        interactive=False,
+    )
+
+
+def _generate_tab(choices: list[str], defaults: Defaults) -> SimpleNamespace:
+    with gr.Tab("Generate"):
+        prompts = gr.Textbox(
+            label="Prompts",
+            elem_id="prompts",
+            info="one per line: the whole batch is one pipeline call",
+            lines=3,
+            value="a photo of a sneaker\na red cat",
+        )
+        styles = gr.Textbox(
+            label="Styles",
+            elem_id="style-lines",
+            lines=2,
+            value="none",
+            info="one line per prompt, or one line for all: a style, none, or a blend like ink=0.5,neon=0.5",
+        )
+        slots = []
+        with gr.Accordion("Blend builder: choosing here writes one line for all prompts into Styles", open=True):
+            for number in range(1, BLEND_SLOTS + 1):
+                with gr.Row():
+                    name = gr.Dropdown(choices, value=None, label=f"Style {number}", allow_custom_value=True)
+                    weight = gr.Slider(0, 2, value=1.0 if number == 1 else 0.5, step=0.05, label=f"Weight {number}")
+                slots += [name, weight]
+        button = gr.Button("Generate", variant="primary")
+        images = _image_gallery("Images", "generated", defaults, columns=4)
+    return SimpleNamespace(prompts=prompts, styles=styles, slots=slots, button=button, images=images)
+
+
+def _compare_tab(choices: list[str], defaults: Defaults) -> SimpleNamespace:
+    with gr.Tab("Compare"):
+        prompt = gr.Textbox(label="Prompt", value="a photo of a sneaker")
+        styles = gr.Dropdown(
+            choices,
+            value=choices,
+            multiselect=True,
+            allow_custom_value=True,
+            label="Styles to compare",
+            info="also a blend like ink=0.5,neon=0.5 (type it and press Enter)",
+        )
+        button = gr.Button("Compare", variant="primary")
+        images = _image_gallery("Same prompt and seed, one image per style", "compared", defaults, columns=4)
+    return SimpleNamespace(prompt=prompt, styles=styles, button=button, images=images)
+
+
+def _manage_tab(styles: list[str]) -> SimpleNamespace:
+    with gr.Tab("Merge, delete, save"):
+        gr.Markdown("**Merge a LoRA** as a new style (any Flux LoRA layout diffusers reads; `.safetensors` only)")
+        with gr.Row():
+            hub_id = gr.Textbox(label="Hub repo id", placeholder="user/flux-lora")
+            weight_name = gr.Textbox(label="File in the repo", placeholder="only if it holds several .safetensors")
+        upload = gr.File(
+            label="... or upload a LoRA",
+            elem_id="lora-upload",
+            file_types=[".safetensors"],
+            type="filepath",
+            height=140,
+        )
+        style_name = gr.Textbox(label="Style name", placeholder="default: the repo or file name")
+        merge = gr.Button("Merge", variant="primary")
+        report = gr.Textbox(label="Merge report", elem_id="merge-report", interactive=False)
+        gr.Markdown("**Delete a style**")
+        with gr.Row():
+            to_delete = gr.Dropdown(styles, value=None, label="Style to delete")
+            delete = gr.Button("Delete", variant="stop")
+        status = gr.Textbox(label="Status", interactive=False)
+        gr.Markdown("**Save the factors** (a zip of `save_share_factors`; load it with `load_share_factors`)")
+        save = gr.Button("Save factors")
+        factors_file = gr.File(label="Share factors", interactive=False, height=100)
+    return SimpleNamespace(
+        hub_id=hub_id,
+        weight_name=weight_name,
+        upload=upload,
+        style_name=style_name,
+        merge=merge,
+        report=report,
+        to_delete=to_delete,
+        delete=delete,
+        status=status,
+        save=save,
+        factors_file=factors_file,
+    )
+
+
+def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
+    """The studio's page, wired to ``studio``. Call ``.queue()`` and ``.launch(css=CSS, ...)`` on it."""
+    handlers = Handlers(studio)
+    defaults = studio.defaults
+    styles = studio.styles()
+    choices = style_choices(styles)
+    with gr.Blocks(title="Share style studio") as demo:
+        gr.Markdown(f"## Share style studio\n{description}")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Tabs():
+                    generate = _generate_tab(choices, defaults)
+                    compare = _compare_tab(choices, defaults)
+                    manage = _manage_tab(styles)
+            with gr.Column(scale=2):
+                gallery = _image_gallery(
+                    "Styles: preview and reconstruction error", "styles", defaults, columns=3, height=340
+                )
+                settings = _settings(defaults)
+
+        common = [
+            settings.style_scale,
+            settings.seed,
+            settings.randomize,
+            settings.steps,
+            settings.width,
+            settings.height,
+            settings.guidance,
+        ]
+        menus = [*generate.slots[0::2], compare.styles, manage.to_delete]
+
+        def refresh(event):
+            event.success(handlers.style_gallery, None, gallery, api_visibility="private")
+            event.success(handlers.style_menus, compare.styles, menus, api_visibility="private")
+
+        for slot in generate.slots[0::2]:
+            slot.input(handlers.blend, generate.slots, generate.styles, queue=False, api_visibility="private")
+        for slot in generate.slots[1::2]:
+            slot.release(handlers.blend, generate.slots, generate.styles, queue=False, api_visibility="private")
+        generate.button.click(
+            handlers.generate,
+            [generate.prompts, generate.styles, *common],
+            [generate.images, settings.seed],
+            api_name="generate",
+        )
+        compare.button.click(
+            handlers.compare,
+            [compare.prompt, compare.styles, *common],
+            [compare.images, settings.seed],
+            api_name="compare",
+        )
+        refresh(
+            manage.merge.click(
+                handlers.merge_lora,
+                [manage.hub_id, manage.weight_name, manage.upload, manage.style_name],
+                manage.report,
+                api_name="merge_lora",
+            )
+        )
+        refresh(manage.delete.click(handlers.delete_style, manage.to_delete, manage.status, api_name="delete_style"))
+        manage.save.click(handlers.save_factors, None, manage.factors_file, api_name="save_factors")
+        demo.load(handlers.style_gallery, None, gallery, api_name="styles")
+        demo.load(handlers.style_menus, compare.styles, menus, api_visibility="private")
+    return demo
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="share-diffusers app", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", help="Flux repo id or folder (default: the embedded tiny pipeline, no download)")
+    parser.add_argument("--factors", help="Share checkpoint folder or Hub repo id to load")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weights dtype (default: bfloat16 on cuda, float32 otherwise)",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--max-upload-mb", type=int, default=200, help="largest LoRA upload (default 200)")
+    parser.add_argument(
+        "--demo-styles",
+        "--share-demo-styles",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="merge three random demo styles at start (default: on with the tiny pipeline and no --factors)",
+    )
+    return parser
+
+
+def load_pipeline(model: str | None, device: str, dtype: str):
+    """``ShareFluxPipeline`` from a Flux repo or folder, or the embedded tiny one when ``model`` is None."""
+    from share_diffusers.pipeline_flux import ShareFluxPipeline
+
+    torch_dtype = getattr(torch, dtype)
+    if model is None:
+        from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+
+        pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)  # float32
+        if torch_dtype != torch.float32:
+            pipe = pipe.to(dtype=torch_dtype)
+    else:
+        pipe = ShareFluxPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    pipe.set_progress_bar_config(leave=False)
+    return pipe.to(device)
+
+
+def load_studio(args: argparse.Namespace) -> tuple[StyleStudio, str]:
+    """The pipeline with its styles (factors, demo styles), warmed previews, and the page's description."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    pipe = load_pipeline(args.model, device, dtype)
+    if args.factors:
+        pipe.load_share_factors(args.factors)
+    demo_styles = args.demo_styles if args.demo_styles is not None else args.model is None and not args.factors
+    if demo_styles:
+        from share_diffusers.demo_styles import make_demo_styles
+
+        for report in make_demo_styles(pipe):
+            print(report, flush=True)
+    studio = StyleStudio(pipe, defaults_for(pipe, tiny=args.model is None))
+    studio.previews()  # render them now, not on the first page load
+    model = args.model or "the embedded tiny Flux pipeline (random weights: the pictures are noise, the numbers real)"
+    description = f"Model: {model} · {device} · {dtype}"
+    return studio, description
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the studio until interrupted; returns the exit status (1, with a one-line error, on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        studio, description = load_studio(args)
+        demo = build_demo(studio, description).queue()
+        _, url, _ = demo.launch(
+            server_name=args.host,
+            server_port=args.port,
+            max_file_size=f"{args.max_upload_mb}mb",
+            ssr_mode=False,
+            css=CSS,
+            quiet=True,
+            prevent_thread_lock=True,
+        )
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Share style studio running at {url}  (Ctrl+C to stop)", flush=True)
+    demo.block_thread()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

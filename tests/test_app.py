@@ -1,0 +1,319 @@
+"""The style studio: its text parsing and helpers (no server), its demo styles, then its API through
+``gradio_client`` against the app running in a subprocess."""
+
+from __future__ import annotations
+
+import re
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+from flux_helpers import generate, write_diffusers_lora
+
+from app.engine import merge_source, pick_seed, zip_folder
+from app.styles import blend_text, format_style, parse_prompts, parse_style, parse_style_lines
+from share_diffusers import ShareFluxPipeline, load_factors
+from share_diffusers.core import LoraFormatError
+from share_diffusers.demo_styles import make_demo_styles, write_demo_lora
+from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def test_parse_prompts_keeps_non_empty_lines():
+    assert parse_prompts(" a cat \n\n a castle\n") == ["a cat", "a castle"]
+
+
+@pytest.mark.parametrize("text", ["", "  \n \n", None])
+def test_parse_prompts_needs_one(text):
+    with pytest.raises(ValueError, match=r"^enter at least one prompt \(one per line\)$"):
+        parse_prompts(text)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("", None),
+        ("none", None),
+        (" None ", None),
+        ("ink", "ink"),
+        ("ink=1", {"ink": 1.0}),
+        ("ink=0.5, neon=0.25", {"ink": 0.5, "neon": 0.25}),
+        ("ink=-0.5,neon=1e-1", {"ink": -0.5, "neon": 0.1}),
+    ],
+)
+def test_parse_style(text, expected):
+    assert parse_style(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("ink=0.5,neon", "blend entry 'neon' must be name=weight, e.g. ink=0.5"),
+        ("=0.5", "blend entry '=0.5' must be name=weight, e.g. ink=0.5"),
+        ("ink=abc", "blend weight of 'ink' must be a number, got 'abc'"),
+        ("ink=", "blend weight of 'ink' must be a number, got ''"),
+        ("ink=nan", "blend weight of 'ink' must be finite, got 'nan'"),
+        ("ink=0.5,ink=0.5", "style 'ink' appears twice in the blend 'ink=0.5,ink=0.5'"),
+        ("ink,neon", "'ink,neon': give a blend with weights, e.g. ink=0.5,neon=0.5"),
+    ],
+)
+def test_parse_style_rejects(text, message):
+    with pytest.raises(ValueError) as error:
+        parse_style(text)
+    assert str(error.value) == message
+
+
+def test_style_lines_one_per_prompt_or_one_for_all():
+    assert parse_style_lines("", 3) == [None, None, None]
+    assert parse_style_lines("ink\n", 2) == ["ink", "ink"]
+    assert parse_style_lines("ink\n\nnone\na=0.5,b=0.5", 3) == ["ink", None, {"a": 0.5, "b": 0.5}]
+
+
+@pytest.mark.parametrize(
+    "text, prompts, message",
+    [
+        ("ink\nneon", 3, "got 2 style lines for 3 prompts; give one line per prompt, or a single line for all"),
+        ("ink\na=x", 2, "style line 2: blend weight of 'a' must be a number, got 'x'"),
+    ],
+)
+def test_style_lines_reject(text, prompts, message):
+    with pytest.raises(ValueError) as error:
+        parse_style_lines(text, prompts)
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize(
+    "slots, expected",
+    [
+        ([("ink", 1.0), (None, 0.5), (None, 0.5)], "ink"),
+        ([("ink", 0.5), ("neon", 0.5), ("none", 1.0)], "ink=0.5,neon=0.5"),
+        ([("ink", 0.6), ("neon", 0.0), ("sepia", 0.4)], "ink=0.6,sepia=0.4"),
+        ([("ink", 1.0), ("ink", 0.5)], "ink=1.5"),
+        ([(None, 1.0), ("none", 1.0)], "none"),
+        ([], "none"),
+    ],
+)
+def test_blend_builder_writes_a_style_line(slots, expected):
+    text = blend_text(slots)
+    assert text == expected
+    assert format_style(parse_style(text)) == text  # the style box reads it back unchanged
+
+
+# -- engine helpers -----------------------------------------------------------------------------
+
+
+def test_pick_seed():
+    assert pick_seed(7, False) == 7 and pick_seed(7.0, False) == 7
+    assert 0 <= pick_seed(7, True) < 2**32
+    with pytest.raises(ValueError, match="enter a seed, or tick 'Randomize seed'"):
+        pick_seed(None, False)
+    with pytest.raises(ValueError, match="the seed must be a whole number from 0 to 4294967295, got 1.5"):
+        pick_seed(1.5, False)
+
+
+@pytest.mark.parametrize(
+    "hub_id, upload, name, message",
+    [
+        ("user/lora", "/x/style.safetensors", "", "give a Hub repo id or upload a file, not both"),
+        (" ", None, "", "give a Hub repo id (user/name) or upload a .safetensors LoRA file"),
+        ("not a repo", None, "", "'not a repo' is not a Hub repo id like 'user/name'"),
+        ("a/b/c", None, "", "'a/b/c' is not a Hub repo id like 'user/name'"),
+        (None, "/x/style.txt", "s", "style.txt: only .safetensors LoRA files can be merged"),
+        (
+            None,
+            "/x/pytorch_lora_weights.safetensors",
+            " ",
+            "give a style name: the file name pytorch_lora_weights.safetensors says nothing about the style",
+        ),
+    ],
+)
+def test_merge_source_rejects(hub_id, upload, name, message):
+    with pytest.raises(ValueError) as error:
+        merge_source(hub_id, upload, name)
+    assert str(error.value) == message
+
+
+def test_merge_source_refuses_pickles_by_name():
+    with pytest.raises(LoraFormatError, match="is a pickle file"):
+        merge_source(None, "/x/style.bin", "s")
+
+
+def test_merge_source_accepts():
+    assert merge_source(" user/flux-lora ", None, "") == ("user/flux-lora", None)
+    assert merge_source("", "/x/ink.safetensors", "") == ("/x/ink.safetensors", "ink")
+    assert merge_source(None, "/x/pytorch_lora_weights.safetensors", " pencil ") == (
+        "/x/pytorch_lora_weights.safetensors",
+        "pencil",
+    )
+
+
+def test_zip_folder(tmp_path):
+    folder = tmp_path / "share-factors"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "share_config.json").write_text("{}")
+    (folder / "sub" / "w.safetensors").write_bytes(b"123")
+    archive = zip_folder(folder, tmp_path / "out.zip")
+    with zipfile.ZipFile(archive) as opened:
+        assert sorted(opened.namelist()) == ["share-factors/share_config.json", "share-factors/sub/w.safetensors"]
+        assert opened.read("share-factors/sub/w.safetensors") == b"123"
+
+
+# -- demo styles --------------------------------------------------------------------------------
+
+
+def test_demo_styles_are_exact_and_deterministic():
+    pipes = [build_tiny_flux_pipeline(0, ShareFluxPipeline) for _ in range(2)]
+    reports = [make_demo_styles(pipe) for pipe in pipes]
+    assert [r.style_name for r in reports[0]] == ["ink", "neon", "sepia"] == pipes[0].list_styles()
+    assert max(r.error for r in reports[0]) < 1e-5  # k = 16 holds ranks 4 + 8 + 2
+    for layer in pipes[0].share_factors.layers:
+        assert torch.equal(
+            pipes[0].share_factors.delta_weight(layer, "neon"), pipes[1].share_factors.delta_weight(layer, "neon")
+        )
+
+
+def test_demo_lora_is_an_ordinary_diffusers_lora(tmp_path):
+    """Stock ``load_lora_weights`` on the demo file gives the picture the merged Share style gives."""
+    path = write_demo_lora(build_tiny_flux_pipeline(0).transformer, tmp_path, seed=5, rank=4, alpha=8.0)
+    stock = build_tiny_flux_pipeline(0)
+    stock.load_lora_weights(str(path))
+    share = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    make_demo_styles(share, names=["a"], seed=5)  # the first demo LoRA: rank 4, alpha 8, this seed
+    expected = generate(stock, ["a photo of a cat"])
+    assert np.abs(generate(share, ["a photo of a cat"], style="a") - expected).max() < 1e-4
+    assert np.abs(generate(share, ["a photo of a cat"]) - expected).max() > 1e-2  # the style matters
+
+
+def test_main_reports_bad_factors_in_one_line(tmp_path, capsys):
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from app.studio import main
+
+    missing = tmp_path / "missing"
+    assert main(["--factors", str(missing), "--device", "cpu"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        last == f"error: {str(missing)!r} is neither a local Share checkpoint folder nor a Hub repo id like 'user/name'"
+    )
+
+
+# -- the API, on the running app ----------------------------------------------------------------
+
+SNEAKER = "a photo of a sneaker"
+SETTINGS = dict(style_scale=1.0, seed=3, randomize=False, steps=2, width=32, height=32, guidance=3.5)
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    gradio_client = pytest.importorskip("gradio_client", reason="the app extra (gradio) is not installed")
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from app.testing import SERVER_ENV, running_studio
+
+    home = tmp_path_factory.mktemp("studio")
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in SERVER_ENV.items():
+            patch.setenv(key, value)
+        with running_studio(log_path=home / "studio.log", home=home) as url:
+            yield gradio_client.Client(url, verbose=False, download_files=str(home / "downloads"))
+
+
+def gallery_images(gallery) -> list[tuple[np.ndarray, str]]:
+    from PIL import Image
+
+    return [(np.asarray(Image.open(item["image"]).convert("RGB"), dtype=np.int16), item["caption"]) for item in gallery]
+
+
+def app_error(client, *args, api_name: str) -> str:
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as error:
+        client.predict(*args, api_name=api_name)
+    return str(error.value)
+
+
+def test_generate_blend_in_one_batch(client):
+    gallery, seed = client.predict(SNEAKER + "\n" + SNEAKER, "ink=0.5,neon=0.5\nnone", **SETTINGS, api_name="/generate")
+    styled = gallery_images(gallery)
+    base, _ = client.predict(SNEAKER + "\n" + SNEAKER, "none", **SETTINGS, api_name="/generate")
+    base = gallery_images(base)
+    assert seed == 3
+    assert [caption for _, caption in styled] == [f"{SNEAKER} · ink=0.5,neon=0.5", f"{SNEAKER} · none"]
+    assert styled[0][0].shape == (32, 32, 3)
+    assert np.abs(styled[0][0] - base[0][0]).mean() > 2  # the blend changes the picture
+    assert np.abs(styled[1][0] - base[1][0]).max() <= 1  # the un-styled prompt of the batch does not change
+
+
+def test_style_strength_zero_is_the_base_model(client):
+    settings = {**SETTINGS, "style_scale": 0.0}
+    styled, _ = client.predict(SNEAKER, "ink", **settings, api_name="/generate")
+    base, _ = client.predict(SNEAKER, "none", **settings, api_name="/generate")
+    assert np.abs(gallery_images(styled)[0][0] - gallery_images(base)[0][0]).max() <= 1
+
+
+def test_randomized_seed_is_returned(client):
+    _, seed = client.predict(SNEAKER, "none", **{**SETTINGS, "randomize": True}, api_name="/generate")
+    assert isinstance(seed, int | float) and seed == int(seed) and 0 <= seed < 2**32
+
+
+def test_compare_one_image_per_style(client):
+    gallery, _ = client.predict(SNEAKER, ["none", "ink", "neon=0.5,sepia=0.5"], **SETTINGS, api_name="/compare")
+    images = gallery_images(gallery)
+    assert [caption for _, caption in images] == ["none", "ink", "neon=0.5,sepia=0.5"]
+    for first in range(3):
+        for second in range(first + 1, 3):
+            assert np.abs(images[first][0] - images[second][0]).mean() > 2
+
+
+@pytest.mark.parametrize(
+    "prompts, styles, message",
+    [
+        (SNEAKER, "nope", "unknown style 'nope'; styles held: 'ink', 'neon'"),
+        (SNEAKER, "ink=x", "style line 1: blend weight of 'ink' must be a number, got 'x'"),
+        ("a\nb\nc", "ink\nneon", "got 2 style lines for 3 prompts; give one line per prompt, or a single line for all"),
+        ("  ", "ink", "enter at least one prompt (one per line)"),
+    ],
+)
+def test_generate_shows_the_error(client, prompts, styles, message):
+    assert message in app_error(client, prompts, styles, *SETTINGS.values(), api_name="/generate")
+
+
+def test_merge_a_lora_file(client, tmp_path):
+    from gradio_client import handle_file
+
+    lora = write_diffusers_lora(tmp_path / "pencil", seed=11, rank=4, alpha=4)
+    report = client.predict("", "", handle_file(str(lora)), "pencil", api_name="/merge_lora")
+    assert re.fullmatch(r"merged 'pencil': 22 layers, relative error [0-9.]+e[+-]\d+", report), report
+    captions = [caption for _, caption in gallery_images(client.predict(api_name="/styles"))]
+    assert [caption.split(" · ")[0] for caption in captions] == ["ink", "neon", "sepia", "pencil"]
+    assert re.fullmatch(r"pencil · error \d\.\de-\d\d", captions[-1]), captions
+    styled, _ = client.predict(SNEAKER, "pencil", **SETTINGS, api_name="/generate")
+    base, _ = client.predict(SNEAKER, "none", **SETTINGS, api_name="/generate")
+    assert np.abs(gallery_images(styled)[0][0] - gallery_images(base)[0][0]).mean() > 2
+    message = app_error(client, "", "", handle_file(str(lora)), "", api_name="/merge_lora")
+    assert message == "give a style name: the file name pytorch_lora_weights.safetensors says nothing about the style"
+    message = app_error(client, "", "", handle_file(str(lora)), "pencil", api_name="/merge_lora")
+    assert message == "a style named 'pencil' already exists; pick another name or delete it first"
+
+
+def test_merge_a_bad_hub_id_is_a_readable_error(client):
+    message = app_error(client, "not-a/real-repo", "", None, "", api_name="/merge_lora")
+    assert "not-a/real-repo" in message and "not in the local cache" in message, message
+    assert "Traceback" not in message
+
+
+def test_delete_style(client):
+    status = client.predict("sepia", api_name="/delete_style")
+    assert status.startswith("deleted 'sepia'; styles left: ink, neon")
+    captions = [caption for _, caption in gallery_images(client.predict(api_name="/styles"))]
+    assert not any(caption.startswith("sepia ") for caption in captions)
+    assert app_error(client, "sepia", api_name="/delete_style").startswith("unknown style 'sepia'; styles held:")
+
+
+def test_save_factors_zip_loads(client, tmp_path):
+    archive = client.predict(api_name="/save_factors")
+    with zipfile.ZipFile(archive) as opened:
+        assert "share-factors/share_config.json" in opened.namelist()
+        opened.extractall(tmp_path)
+    held = [caption.split(" · ")[0] for _, caption in gallery_images(client.predict(api_name="/styles"))]
+    assert load_factors(tmp_path / "share-factors").style_names == held
