@@ -38,3 +38,28 @@ def test_flux_styles_sample(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "batch.png").size == (4 * 4 * 32, 4 * 32)
+
+
+def test_merge_from_hub_sample(tmp_path, fake_hub):
+    """The sample runs unchanged against the local stand-in Hub (HF_ENDPOINT is set by conftest)."""
+    import os
+
+    from flux_helpers import write_diffusers_lora
+
+    for name, seed in (("ink", 1), ("sepia", 3)):
+        fake_hub.add_folder(f"sample-artist/{name}-lora", write_diffusers_lora(tmp_path / name, seed, 4, 8).parent)
+    command = [
+        sys.executable,
+        str(SAMPLES / "merge_from_hub.py"),
+        "--lora",
+        "sample-artist/ink-lora",
+        "--lora",
+        "sample-artist/sepia-lora:pytorch_lora_weights.safetensors",
+        "-o",
+        str(tmp_path / "out"),
+    ]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "2 styles saved" in result.stdout and "ink-lora, sepia-lora" in result.stdout
+    assert (tmp_path / "out" / "share_config.json").is_file()
