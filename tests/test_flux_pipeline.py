@@ -337,3 +337,24 @@ def test_pipeline_folder_round_trip_and_switch_without_recompiling(tmp_path, lor
     finally:
         torch._dynamo.config.error_on_recompile = False
         torch._dynamo.reset()
+
+
+def test_text_encoder_part_is_reported_not_merged(loras, tmp_path):
+    state = load_file(str(loras["ink"]))
+    generator = torch.Generator().manual_seed(4)
+    key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    down, up = torch.randn(4, 32, generator=generator), torch.randn(32, 4, generator=generator)
+    state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = down, up
+    path = tmp_path / "with-text-encoder.safetensors"
+    save_file(state, str(path))
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    report = pipe.merge_lora(path, style_name="ink", config=EXACT)
+    text_energy = float(((up.double() @ down.double()) ** 2).sum())  # no alpha: scale 1, as diffusers loads it
+    transformer_energy = sum(
+        # re-saved without diffusers' metadata, so no alpha: scale 1 here too, as stock diffusers would load it
+        float(((state[k.replace("lora_A", "lora_B")].double() @ state[k].double()) ** 2).sum())
+        for k in state
+        if k.startswith("transformer.") and k.endswith("lora_A.weight")
+    )
+    assert report.outside == pytest.approx({"text_encoder": text_energy / (text_energy + transformer_energy)}, rel=1e-6)
+    assert report.layers_merged == 22 and "text_encoder" in str(report)
