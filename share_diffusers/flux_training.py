@@ -13,10 +13,13 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 
 
 @torch.no_grad()
-def encode_images(pipe, images: torch.Tensor) -> torch.Tensor:
-    """VAE latents of ``images`` in ``[-1, 1]``, ``(b, 3, H, W)`` -> ``(b, c, H / s, W / s)``, shifted and scaled."""
+def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None = None):
+    """VAE latents of ``images`` in ``[-1, 1]``, ``(b, 3, H, W)`` -> ``(b, c, H / s, W / s)``, shifted and scaled.
+
+    ``generator`` (one, or one per image) seeds the posterior sample; deterministic runs need it.
+    """
     vae = pipe.vae
-    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample()
+    latents = vae.encode(images.to(vae.device, vae.dtype)).latent_dist.sample(generator=generator)
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 
@@ -63,7 +66,7 @@ def flow_matching_loss(
     packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)  # (b, h w / 4, 4 c)
     image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, latents.device, latents.dtype)
     guidance = None
-    if transformer.config.guidance_embeds:
+    if getattr(transformer, "module", transformer).config.guidance_embeds:  # through a DDP wrapper too
         guidance = torch.full((batch,), guidance_scale, device=latents.device, dtype=latents.dtype)
     prediction = transformer(
         hidden_states=packed,

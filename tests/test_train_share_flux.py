@@ -1,0 +1,234 @@
+"""training/train_share_flux.py end to end on the tiny pipeline: one process, two processes, resume, bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flux_helpers import write_diffusers_lora
+from PIL import Image
+
+from share_diffusers import ShareConfig, ShareFluxPipeline
+from share_diffusers.core import load_factors
+from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
+from share_diffusers.tiny_flux import build_tiny_flux_pipeline, save_tiny_flux_pipeline
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "training" / "train_share_flux.py"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train-flux")
+    save_tiny_flux_pipeline(str(root / "tiny"))
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.merge_lora(
+        write_diffusers_lora(root / "ink", seed=1, rank=4, alpha=8),
+        style_name="ink",
+        config=ShareConfig(rank=16, pseudo_rank=4),
+    )
+    pipe.save_share_factors(root / "factors")
+    data = root / "data"
+    data.mkdir()
+    for index in range(4):
+        pixels = np.full((32, 32, 3), 30, dtype=np.uint8)
+        pixels[4 + 4 * index : 16 + 4 * index, 6:20, 0] = 230
+        Image.fromarray(pixels).save(data / f"square{index}.png")
+        (data / f"square{index}.txt").write_text("a red square")
+    return root
+
+
+def run(setup, out, *extra, processes: int = 1, check: bool = True):
+    # Several CPU processes: accelerate's torchrun path (--multi_gpu) with gloo; its --cpu path needs mpirun.
+    launcher = ["--cpu"] if processes == 1 else ["--multi_gpu", "--main_process_port", str(_free_port())]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        *launcher,
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(SCRIPT),
+        "--pretrained_model_name_or_path",
+        str(setup / "tiny"),
+        "--share_factors",
+        str(setup / "factors"),
+        "--instance_data_dir",
+        str(setup / "data"),
+        "--style_name",
+        "red-square",
+        "--output_dir",
+        str(out),
+        "--resolution",
+        "32",
+        "--max_sequence_length",
+        "16",
+        "--phi",
+        "4",
+        "--pseudo_rank",
+        "4",
+        "--learning_rate",
+        "5e-2",
+        "--seed",
+        "3",
+        *map(str, extra),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _style_cores(path):
+    factors = load_factors(path)
+    index = factors.style_index("red-square")
+    return {name: layer.cores()[index] for name, layer in factors.layers.items()}
+
+
+def test_training_lowers_the_loss_and_lands_in_the_factors(setup, tmp_path):
+    run(
+        setup,
+        tmp_path / "out",
+        "--max_train_steps",
+        30,
+        "--train_batch_size",
+        2,
+        "--validation_prompt",
+        "a red square",
+        "--num_validation_images",
+        1,
+    )
+    factors = load_factors(tmp_path / "out" / "factors")
+    assert factors.style_names == ["ink", "red-square"]
+    assert factors.styles[1].source["steps"] == 30
+    assert list((tmp_path / "out" / "validation").glob("*.png"))
+    pipe = ShareFluxPipeline.from_pretrained(str(setup / "tiny"))
+    pipe.load_share_factors(tmp_path / "out" / "factors")
+    pixels = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            for p in sorted((setup / "data").glob("*.png"))
+        ]
+    )
+    latents = encode_images(pipe, pixels)
+    embeds, pooled, text_ids = encode_captions(pipe, ["a red square"] * 4, 16)
+
+    def loss(style):
+        pipe._share.set_style(style, batch_size=4)
+        with torch.no_grad():
+            return float(
+                flow_matching_loss(
+                    pipe.transformer, latents, embeds, pooled, text_ids, generator=torch.Generator().manual_seed(7)
+                )
+            )
+
+    assert loss("red-square") < 0.95 * loss(None)
+
+
+def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_path):
+    run(setup, tmp_path / "one", "--max_train_steps", 4, "--train_batch_size", 2)
+    run(setup, tmp_path / "two", "--max_train_steps", 4, "--train_batch_size", 1, processes=2)
+    one, two = _style_cores(tmp_path / "one" / "factors"), _style_cores(tmp_path / "two" / "factors")
+    for name in one:
+        # gloo's all-reduce sums in another order than one process does: float32 round-off, which Adam's
+        # sign-like first steps can amplify on near-zero gradients; 1e-3 of the core is far below any real difference
+        assert float((one[name] - two[name]).norm() / one[name].norm()) < 1e-3, name
+
+
+def test_resume_from_latest_checkpoint_ends_where_an_uninterrupted_run_ends(setup, tmp_path):
+    run(setup, tmp_path / "full", "--max_train_steps", 6, "--checkpointing_steps", 3)
+    run(setup, tmp_path / "cut", "--max_train_steps", 3, "--checkpointing_steps", 3)  # "killed" after step 3
+    (tmp_path / "cut" / "factors").rename(tmp_path / "cut" / "factors-partial")
+    run(
+        setup,
+        tmp_path / "cut",
+        "--max_train_steps",
+        6,
+        "--checkpointing_steps",
+        3,
+        "--resume_from_checkpoint",
+        "latest",
+    )
+    full, resumed = _style_cores(tmp_path / "full" / "factors"), _style_cores(tmp_path / "cut" / "factors")
+    for name in full:
+        assert torch.equal(full[name], resumed[name]), name
+
+
+@pytest.mark.parametrize(
+    ("prepare", "message"),
+    [
+        (lambda d: None, "holds no images"),
+        (lambda d: Image.new("RGB", (8, 8)).save(d / "a.png"), "have no caption file, e.g. a.png"),
+        (lambda d: ((d / "b.png").write_bytes(b"not an image"), (d / "b.txt").write_text("x")), "not a readable image"),
+    ],
+    ids=["empty", "no-captions", "unreadable"],
+)
+def test_bad_data_fails_before_training(setup, tmp_path, prepare, message):
+    data = tmp_path / "bad"
+    data.mkdir()
+    prepare(data)
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--pretrained_model_name_or_path",
+        str(setup / "tiny"),
+        "--instance_data_dir",
+        str(data),
+        "--style_name",
+        "x",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_factors_for_another_model_fail_before_training(setup, tmp_path):
+    wrong = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    from share_diffusers.core import ShareFactors, save_factors
+    from share_diffusers.core.subspace import empty_layer, to_storage
+
+    bad = ShareFactors(
+        ShareConfig(rank=4, pseudo_rank=2),
+        {"transformer_blocks.0.attn.to_q": to_storage(empty_layer(64, 32, 0, 2, False, False))},
+        [],
+    )
+    save_factors(bad, tmp_path / "wrong")
+    del wrong
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--pretrained_model_name_or_path",
+        str(setup / "tiny"),
+        "--share_factors",
+        str(tmp_path / "wrong"),
+        "--instance_data_dir",
+        str(setup / "data"),
+        "--style_name",
+        "x",
+        "--output_dir",
+        str(tmp_path / "o"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 1 and "size mismatch for transformer_blocks.0.attn.to_q" in result.stderr
+    assert not (tmp_path / "o" / "factors").exists()

@@ -1,0 +1,351 @@
+"""Learn a new Flux style from images as Share factors, then merge it into the checkpoint (paper Steps 2-3).
+
+    accelerate launch training/train_share_flux.py \\
+        --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --share_factors someone/flux-share-styles \\
+        --instance_data_dir my-style-images --style_name my-style --output_dir out --max_train_steps 500
+
+Images come with a caption each (``img.png`` + ``img.txt``, or a ``metadata.jsonl`` with ``file_name``
+and ``text``). Only the temporary factors (top ``--phi`` basis columns and ``(phi, p)`` coefficients)
+train, or with ``--coefficients_only`` only a new style's ``(k, p)`` cores against the frozen bases.
+Without ``--share_factors`` the first style is learned from random directions (a LoRA of rank phi in
+Share's parameterisation) and creates the subspace. The same script runs on a CPU, one GPU or many
+processes (``accelerate launch --num_processes N``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from share_diffusers import ShareConfig, ShareFluxPipeline
+from share_diffusers.core import ShareError, ShareModel
+from share_diffusers.core.trainable import (
+    attach_trainable,
+    count_parameters,
+    detach_trainable,
+    lora_parameter_count,
+    trained_adapter,
+)
+from share_diffusers.flux_lora import FLUX_ATTENTION_TARGETS
+from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
+
+logger = logging.getLogger("train_share_flux")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """The training data cannot be used; raised before any training step."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--pretrained_model_name_or_path", required=True, help="Flux repo id or folder")
+    add("--share_factors", default=None, help="Share checkpoint (folder or Hub id) to add the style to")
+    add("--style_name", required=True)
+    add("--instance_data_dir", required=True, help="images with .txt captions, or metadata.jsonl")
+    add("--output_dir", required=True)
+    add("--resolution", type=int, default=512)
+    add("--train_batch_size", type=int, default=1)
+    add("--gradient_accumulation_steps", type=int, default=1)
+    add("--learning_rate", type=float, default=1e-3)
+    add("--lr_scheduler", default="constant", help="constant, linear, cosine, ... (diffusers.optimization)")
+    add("--lr_warmup_steps", type=int, default=0)
+    add("--max_train_steps", type=int, default=500)
+    add("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
+    add("--gradient_checkpointing", action="store_true")
+    add("--seed", type=int, default=0)
+    add("--checkpointing_steps", type=int, default=0, help="save a resumable state every N steps (0: never)")
+    add("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
+    add("--validation_prompt", default=None)
+    add("--validation_steps", type=int, default=0, help="validation images every N steps (and at the end)")
+    add("--num_validation_images", type=int, default=2)
+    add("--guidance_scale", type=float, default=1.0, help="guidance embedding value during training")
+    add("--weighting_scheme", default="none", choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"])
+    add("--phi", type=int, default=8, help="temporary basis vectors per layer (paper: 1 .. k/4)")
+    add("--pseudo_rank", type=int, default=8, help="p: rank of the new style's core")
+    add("--rank", type=int, default=32, help="k of a new subspace (no --share_factors)")
+    add("--coefficients_only", action="store_true", help="train only the style's (k, p) cores")
+    add("--max_sequence_length", type=int, default=128)
+    add("--push_to_hub", action="store_true")
+    add("--hub_model_id", default=None)
+    add("--report_to", default=None, help="tensorboard, wandb, ... (accelerate trackers)")
+    add("--dataloader_num_workers", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+class CaptionedImages(Dataset):
+    """``(image (3, R, R) in [-1, 1], caption, index)``: center-cropped and resized to ``resolution``."""
+
+    def __init__(self, folder: str, resolution: int):
+        root = Path(folder)
+        if not root.is_dir():
+            raise DataError(f"--instance_data_dir {folder} is not a folder")
+        self.items = _metadata_items(root) if (root / "metadata.jsonl").is_file() else _caption_file_items(root)
+        if not self.items:
+            raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        self.resolution = resolution
+        for path, _ in self.items:  # fail before training, not at step 900
+            try:
+                with Image.open(path) as image:
+                    image.verify()
+            except (UnidentifiedImageError, OSError) as error:
+                raise DataError(f"{path} is not a readable image ({error})") from None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, caption = self.items[index]
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side)).resize((self.resolution,) * 2, Image.BICUBIC)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        return pixels, caption, index
+
+
+def _caption_file_items(root: Path) -> list[tuple[Path, str]]:
+    images = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
+    if missing:
+        raise DataError(
+            f"{len(missing)} image(s) in {root} have no caption file, e.g. {missing[0]} (expected "
+            f"{Path(missing[0]).with_suffix('.txt').name}, or a metadata.jsonl)"
+        )
+    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+
+
+def _metadata_items(root: Path) -> list[tuple[Path, str]]:
+    items = []
+    for number, line in enumerate((root / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            items.append((root / record["file_name"], str(record["text"])))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise DataError(
+                f'{root / "metadata.jsonl"} line {number}: needs {{"file_name": ..., "text": ...}}'
+            ) from None
+    return items
+
+
+class EpochShuffle(Sampler):
+    """A fresh permutation each epoch from ``(seed, epoch)`` alone, so the global order of samples is the same
+    whatever the number of processes accelerate shards it over (and after a resume)."""
+
+    def __init__(self, size: int, seed: int):
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def collate(batch):
+    pixels, captions, indices = zip(*batch, strict=True)
+    return torch.stack(pixels), list(captions), torch.tensor(indices)
+
+
+def per_sample_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """Noise and timestep of a sample depend on (seed, step, sample) only, not on how many processes run."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step * 10_007 + index)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+    )
+    set_seed(args.seed)
+    dataset = CaptionedImages(args.instance_data_dir, args.resolution)  # data errors before any model work
+
+    pipe = ShareFluxPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    pipe.set_progress_bar_config(disable=True)
+    if args.share_factors:
+        pipe.load_share_factors(args.share_factors)  # refuses factors that do not fit this transformer
+        share = pipe._share
+        if args.style_name in share.style_names:
+            raise ValueError(f"a style named {args.style_name!r} already exists in {args.share_factors}")
+    else:
+        share = ShareModel.inject(
+            pipe.transformer,
+            target_modules=FLUX_ATTENTION_TARGETS,
+            config=ShareConfig(rank=args.rank, pseudo_rank=args.pseudo_rank),
+        )
+        pipe._share = share
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False)
+    trainables = attach_trainable(
+        share.layers, args.pseudo_rank, phi=args.phi, coefficients_only=args.coefficients_only, seed=args.seed
+    )
+    if args.gradient_checkpointing:
+        pipe.transformer.enable_gradient_checkpointing()
+    trained = count_parameters(trainables)
+    logger.info(
+        "trainable parameters: %s (a LoRA of rank %d on the same layers: %s)",
+        f"{trained:,}",
+        args.pseudo_rank,
+        f"{lora_parameter_count(share.layers, args.pseudo_rank):,}",
+    )
+
+    parameters = [p for module in trainables.values() for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.0)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        sampler=EpochShuffle(len(dataset), args.seed),
+        collate_fn=collate,
+        num_workers=args.dataloader_num_workers,
+    )
+    scheduler = get_scheduler(
+        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    )
+    transformer, optimizer, loader, scheduler = accelerator.prepare(pipe.transformer, optimizer, loader, scheduler)
+    if accelerator.is_main_process and args.report_to:
+        accelerator.init_trackers("train_share_flux", config=vars(args))
+
+    step = _resume(accelerator, args, output_dir)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_main_process)
+    while step < args.max_train_steps:
+        epoch = step // max(steps_per_epoch, 1)
+        loader.set_epoch(epoch) if hasattr(loader, "set_epoch") else None
+        skip = (step % max(steps_per_epoch, 1)) * args.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for pixels, captions, indices in batches:
+            with accelerator.accumulate(transformer):
+                loss = _batch_loss(pipe, transformer, pixels, captions, indices, args, step)
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            if accelerator.sync_gradients:
+                step += 1
+                progress.update(1)
+                logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": scheduler.get_last_lr()[0]}
+                progress.set_postfix(**logs)
+                accelerator.log(logs, step=step)
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+                if args.validation_steps and step % args.validation_steps == 0:
+                    _validate(pipe, args, accelerator, step)
+                if step >= args.max_train_steps:
+                    break
+    progress.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if args.validation_prompt:
+            _validate(pipe, args, accelerator, step)
+        adapter = trained_adapter(
+            share.layers, source={"trained_from": str(args.instance_data_dir), "steps": step, "images": len(dataset)}
+        )
+        detach_trainable(share.layers)
+        share.merge(adapter, args.style_name)
+        factors_dir = output_dir / "factors"
+        pipe.save_share_factors(factors_dir)
+        logger.info(
+            "style %r merged (relative error %.2e); factors saved to %s",
+            args.style_name,
+            share.factors.style_error(args.style_name),
+            factors_dir,
+        )
+        if args.push_to_hub:
+            pipe.push_share_factors_to_hub(args.hub_model_id or output_dir.name)
+    accelerator.end_training()
+    return 0
+
+
+def _batch_loss(pipe, transformer, pixels, captions, indices, args, step) -> torch.Tensor:
+    """Mean flow-matching loss over the batch, each sample with its own seeded noise and timestep."""
+    generators = [per_sample_generator(args.seed, step, index) for index in indices.tolist()]
+    latents = encode_images(pipe, pixels, generators)  # each sample's VAE draw from its own generator
+    embeds, pooled, text_ids = encode_captions(pipe, captions, args.max_sequence_length)
+    losses = []
+    for row, generator in enumerate(generators):
+        losses.append(
+            flow_matching_loss(
+                transformer,
+                latents[row : row + 1],
+                embeds[row : row + 1],
+                pooled[row : row + 1],
+                text_ids,
+                args.guidance_scale,
+                args.weighting_scheme,
+                generator,
+            )
+        )
+    return torch.stack(losses).mean()
+
+
+def _resume(accelerator, args, output_dir: Path) -> int:
+    if not args.resume_from_checkpoint:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        if not found:
+            logger.info("no checkpoint in %s: starting from scratch", output_dir)
+            return 0
+        path = found[-1]
+    else:
+        path = Path(args.resume_from_checkpoint)
+    accelerator.load_state(str(path))
+    step = int(path.name.split("-")[1])
+    logger.info("resumed from %s at step %d", path, step)
+    return step
+
+
+def _validate(pipe, args, accelerator, step: int) -> None:
+    if not args.validation_prompt or not accelerator.is_main_process:
+        return
+    folder = Path(args.output_dir) / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    with torch.no_grad():
+        images = pipe(
+            prompt=[args.validation_prompt] * args.num_validation_images,
+            style=None,
+            height=args.resolution,
+            width=args.resolution,
+            num_inference_steps=4,
+            generator=generator,
+            max_sequence_length=args.max_sequence_length,
+        ).images
+    for number, image in enumerate(images):
+        image.save(folder / f"step-{step:06d}-{number}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (DataError, ShareError) as error:  # bad data or factors: one line, before any training step
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
