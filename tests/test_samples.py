@@ -63,3 +63,21 @@ def test_merge_from_hub_sample(tmp_path, fake_hub):
     assert result.returncode == 0, result.stderr
     assert "2 styles saved" in result.stdout and "ink-lora, sepia-lora" in result.stdout
     assert (tmp_path / "out" / "share_config.json").is_file()
+
+
+def test_train_style_sample(tmp_path):
+    """The training launch sample: accelerate runs train_share_flux.py, and the new style changes the image."""
+    result = subprocess.run(
+        [sys.executable, str(SAMPLES / "train_style.py"), "--workdir", str(tmp_path), "--steps", "6"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accelerate.commands.launch" in result.stdout
+    assert "styles in the trained factors: ['red-square'] (trained 6 steps)" in result.stdout
+    change = float(re.search(r"mean pixel change from the style: ([0-9.]+)", result.stdout).group(1))
+    assert change > 1.0
+    from PIL import Image
+
+    assert Image.open(tmp_path / "base-vs-style.png").size == (64, 32)
