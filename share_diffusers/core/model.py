@@ -129,7 +129,10 @@ class ShareModel:
             )
         if factors is not None:
             check_factors_fit(model, factors)
-            names = sorted(set(names) | set(factors.layers))
+            # The model's own module order, however the layers were named: optimizers and checkpoints
+            # built over ``layers`` then see the same parameter order after a reload.
+            position = {name: index for index, (name, _) in enumerate(model.named_modules())}
+            names = sorted(set(names) | set(factors.layers), key=position.__getitem__)
         else:
             factors = ShareFactors.empty(layer_shapes(model, names), config)
         selection = StyleSelection()

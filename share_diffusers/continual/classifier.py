@@ -1,0 +1,113 @@
+"""A pretrained transformers backbone with one linear head per task, on pooled features.
+
+Text backbones (BERT-like, e.g. all-MiniLM-L6-v2) are mean-pooled over real tokens; vision
+backbones (e.g. MobileNetV2) use their pooled output. Share (or a PEFT LoRA) goes on the
+backbone's attention linears, or on the 1x1 convolutions of a convolutional backbone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+# Attention projections of BERT-like encoders; the 1x1 convolutions of MobileNetV2 blocks.
+TEXT_TARGETS = ["query", "key", "value", "attention.output.dense"]
+CONV_TARGETS = ["expand_1x1.convolution", "reduce_1x1.convolution"]
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def default_targets(backbone: nn.Module) -> list[str]:
+    """The module-name suffixes Share and LoRA adapt on this backbone."""
+    return CONV_TARGETS if getattr(backbone.config, "model_type", "") == "mobilenet_v2" else TEXT_TARGETS
+
+
+def load_backbone(path: str, modality: str):
+    """``(backbone, tokenizer or None)`` from a transformers folder or repo id (weights as stored)."""
+    config = AutoConfig.from_pretrained(path)
+    backbone = AutoModel.from_pretrained(path, config=config)
+    tokenizer = AutoTokenizer.from_pretrained(path) if modality == "text" else None
+    return backbone, tokenizer
+
+
+class ContinualClassifier(nn.Module):
+    """``backbone`` -> pooled features ``(batch, hidden)`` -> ``heads[task]`` -> logits ``(batch, labels)``.
+
+    Args:
+        backbone: a transformers base model (``AutoModel``), adapted in place by Share or PEFT.
+        modality: ``"text"`` (batch = tokenizer output) or ``"image"`` (batch = ``pixel_values``).
+        num_labels: task name -> number of labels, in task order; all heads exist from the start
+            (initialised from ``seed``) so the module's structure never changes between tasks.
+    """
+
+    def __init__(self, backbone: nn.Module, modality: str, num_labels: dict[str, int], seed: int = 0):
+        super().__init__()
+        self.backbone = backbone
+        self.modality = modality
+        hidden = self._feature_width()
+        generator = torch.Generator().manual_seed(seed)
+        self.heads = nn.ModuleDict()
+        for task, count in num_labels.items():
+            head = nn.Linear(hidden, count)
+            with torch.no_grad():  # nn.Linear's default init, from our own generator
+                bound = 1 / hidden**0.5
+                head.weight.copy_(torch.empty(count, hidden).uniform_(-bound, bound, generator=generator))
+                head.bias.copy_(torch.empty(count).uniform_(-bound, bound, generator=generator))
+            self.heads[task] = head
+
+    def features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Pooled backbone features, ``(batch, hidden)``."""
+        if self.modality == "image":
+            return self.backbone(pixel_values=batch["pixel_values"]).pooler_output.flatten(1)
+        hidden = self.backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def forward(self, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+        return self.heads[task](self.features(batch))
+
+    @torch.no_grad()
+    def _feature_width(self) -> int:
+        if self.modality == "image":
+            size = getattr(self.backbone.config, "image_size", 32)
+            probe = {"pixel_values": torch.zeros(1, 3, size, size)}
+        else:
+            probe = {"input_ids": torch.zeros(1, 2, dtype=torch.long), "attention_mask": torch.ones(1, 2)}
+        training = self.backbone.training
+        self.backbone.eval()
+        width = self.features(probe).shape[-1]
+        self.backbone.train(training)
+        return width
+
+
+class BatchEncoder:
+    """Turns ``[(input, label), ...]`` into ``(batch dict, labels (batch,))`` for the backbone.
+
+    Text: the tokenizer pads to the longest example, truncated at ``max_length`` tokens. Images: RGB,
+    resized to ``resolution`` x ``resolution``, ImageNet-normalised.
+    """
+
+    def __init__(self, modality: str, tokenizer=None, max_length: int = 128, resolution: int = 112):
+        self.modality, self.tokenizer, self.max_length, self.resolution = modality, tokenizer, max_length, resolution
+
+    def __call__(self, examples: Sequence[tuple[str, int]]):
+        inputs = [example for example, _ in examples]
+        labels = torch.tensor([label for _, label in examples])
+        if self.modality == "text":
+            encoded = self.tokenizer(
+                inputs, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, labels
+        return {"pixel_values": torch.stack([self._pixels(path) for path in inputs])}, labels
+
+    def _pixels(self, path: str) -> torch.Tensor:
+        with Image.open(path) as image:
+            image = image.convert("RGB").resize((self.resolution,) * 2, Image.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
+        mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+        return (pixels - mean) / std
