@@ -131,7 +131,7 @@ class ShareMethod:
     def end(self, index: int, name: str) -> None:
         if self.share is None:
             adapter = _lora_adapter(self.peft, self.args, source={"task": name, "trained_as": "PEFT LoRA"})
-            self.peft.unload()
+            _detach_lora(self.peft)
             self.peft = None
             config = ShareConfig(rank=self.args.rank, pseudo_rank=self.args.pseudo_rank)
             self.share = ShareModel.inject(self.model.backbone, target_modules=self.targets, config=config)
@@ -172,7 +172,7 @@ class LoraMethod:
 
     def end(self, index: int, name: str) -> None:
         self.adapters[name] = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.peft).items()}
-        self.peft.unload()
+        _detach_lora(self.peft)
         self.peft = None
 
     @contextlib.contextmanager
@@ -182,7 +182,7 @@ class LoraMethod:
         try:
             yield
         finally:
-            peft.unload()
+            _detach_lora(peft)
 
     def stored_numbers(self) -> int:
         return sum(t.numel() for adapter in self.adapters.values() for t in adapter.values())
@@ -229,6 +229,13 @@ def _attach_lora(backbone, targets, args, seed: int):
     torch.manual_seed(seed)  # PEFT draws lora_A from the global generator
     config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=targets, lora_dropout=0.0)
     return get_peft_model(backbone, config)
+
+
+def _detach_lora(peft) -> None:
+    """Remove the LoRA layers (unmerged) and the ``peft_config`` PEFT leaves on the backbone."""
+    backbone = peft.unload()
+    if hasattr(backbone, "peft_config"):
+        del backbone.peft_config
 
 
 def _lora_adapter(peft, args, source: dict) -> LoraAdapter:
