@@ -22,7 +22,7 @@ def matrix_summary(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
     return {
         "average": sum(last) / len(last),
         "bwt": sum(earlier) / len(earlier) if earlier else 0.0,
-        "forgetting": max([-change for change in earlier] + [0.0]),
+        "forgetting": max([-change for change in earlier] + [0.0]) + 0.0,  # + 0.0: never "-0.0"
     }
 
 
