@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from classifier_helpers import write_keyword_tasks, write_shape_tasks, write_tiny_bert, write_tiny_mobilenet
+from launch_helpers import CPU_ENV, accelerate_launch
 from safetensors.torch import load_file
 
 from share_diffusers.continual import accuracy_table, matrix_summary
@@ -34,28 +34,13 @@ def task_args(setup, names):
 
 
 def run(model, tasks, out, *extra, processes: int = 1, launch: bool = True, check: bool = True):
-    if launch:
-        # Several CPU processes: accelerate's torchrun path with gloo (its --cpu path wants mpirun).
-        launcher = ["--cpu"] if processes == 1 else ["--multi_gpu", "--main_process_port", str(_free_port())]
-        prefix = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(processes)]
-        prefix += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    else:
-        prefix = [sys.executable]
+    prefix = accelerate_launch(processes) if launch else [sys.executable]
     command = [*prefix, str(SCRIPT), "--model_name_or_path", str(model), *tasks, "--output_dir", str(out)]
     command += [*SMALL, *FAST, *map(str, extra)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=CPU_ENV, cwd=ROOT)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def results(out: Path) -> dict:

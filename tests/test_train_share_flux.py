@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from flux_helpers import write_diffusers_lora
+from launch_helpers import CPU_ENV, accelerate_launch
 from PIL import Image
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
@@ -44,21 +44,8 @@ def setup(tmp_path_factory):
 
 
 def run(setup, out, *extra, processes: int = 1, check: bool = True):
-    # Several CPU processes: accelerate's torchrun path (--multi_gpu) with gloo; its --cpu path needs mpirun.
-    launcher = ["--cpu"] if processes == 1 else ["--multi_gpu", "--main_process_port", str(_free_port())]
     command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        *launcher,
-        "--num_processes",
-        str(processes),
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
+        *accelerate_launch(processes),
         str(SCRIPT),
         "--pretrained_model_name_or_path",
         str(setup / "tiny"),
@@ -84,19 +71,10 @@ def run(setup, out, *extra, processes: int = 1, check: bool = True):
         "3",
         *map(str, extra),
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=CPU_ENV, cwd=ROOT)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _style_cores(path):

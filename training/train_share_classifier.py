@@ -32,13 +32,12 @@ import sys
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from share_diffusers.continual import ContinualClassifier, TaskDataError, accuracy_table, default_targets, load_task
@@ -48,6 +47,7 @@ from share_diffusers.core import ShareConfig, ShareError, ShareModel, load_facto
 from share_diffusers.core.adapters import LoraAdapter
 from share_diffusers.core.trainable import attach_trainable, detach_trainable, trained_adapter
 from share_diffusers.lora_files import lora_layers_from_state_dict
+from share_diffusers.training_utils import EpochShuffle, checkpoint_step, find_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_share_classifier")
 BYTES_PER_NUMBER = 4  # counts are for float32 storage
@@ -245,26 +245,6 @@ def _lora_adapter(peft, args, source: dict) -> LoraAdapter:
     return LoraAdapter({name: layer for name, layer in layers.items()}, source=source)
 
 
-# -- data order ----------------------------------------------------------------------------------------
-
-
-class EpochShuffle(Sampler):
-    """A permutation per epoch from ``(seed, epoch)`` only: the same global order for any number of processes."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
-        return iter(order.tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 # -- the run ---------------------------------------------------------------------------------------------
 
 
@@ -278,20 +258,15 @@ def main(argv=None) -> int:
     if len(modalities) > 1:
         raise TaskDataError(f"tasks mix modalities {sorted(modalities)}; one backbone takes one kind of input")
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = make_accelerator(args, output_dir)
     set_seed(args.seed)
     model, encoder, targets = build_model(args, tasks)
     method = METHODS[args.method](model, targets, args)
     record = {"method": args.method, "tasks": [t.name for t in tasks], "rows": [], "losses": [], "trainable": []}
 
-    first_task, first_step, checkpoint = 0, 0, _find_checkpoint(args, output_dir)
+    first_task, first_step, checkpoint = 0, 0, find_checkpoint(args.resume_from_checkpoint, output_dir)
     if checkpoint is not None:
-        global_step = int(checkpoint.name.split("-")[1])
+        global_step = checkpoint_step(checkpoint)
         first_task = (global_step - 1) // args.max_train_steps
         first_step = global_step - first_task * args.max_train_steps
         if first_task > 0:
@@ -352,7 +327,7 @@ def train_task(accelerator, model, task, index, parameters, encoder, args, resum
     loader = DataLoader(
         task.train,
         batch_size=args.train_batch_size,
-        sampler=EpochShuffle(len(task.train), args.seed + index),
+        sampler=EpochShuffle(len(task.train), (args.seed + index) * 7919),
         collate_fn=encoder,
     )
     scheduler = get_scheduler(
@@ -432,21 +407,10 @@ def restore_snapshot(folder: Path, model, method) -> dict:
     return {key: progress[key] for key in ("method", "tasks", "rows", "losses", "trainable")}
 
 
-def _find_checkpoint(args, output_dir: Path) -> Path | None:
-    if not args.resume_from_checkpoint:
-        return None
-    if args.resume_from_checkpoint != "latest":
-        return Path(args.resume_from_checkpoint)
-    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not found:
-        logger.info("no checkpoint in %s: starting from scratch", output_dir)
-    return found[-1] if found else None
-
-
 def _save_checkpoint(accelerator, args, output_dir: Path, global_step: int) -> None:
     accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
     if accelerator.is_main_process and args.checkpoints_total_limit:
-        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+        found = sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step)
         for old in found[: -args.checkpoints_total_limit]:
             shutil.rmtree(old)
 

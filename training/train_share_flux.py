@@ -23,11 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
@@ -41,6 +40,7 @@ from share_diffusers.core.trainable import (
 )
 from share_diffusers.flux_lora import FLUX_ATTENTION_TARGETS
 from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
+from share_diffusers.training_utils import EpochShuffle, checkpoint_step, find_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_share_flux")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -145,23 +145,6 @@ def _metadata_items(root: Path) -> list[tuple[Path, str]]:
     return items
 
 
-class EpochShuffle(Sampler):
-    """A fresh permutation each epoch from ``(seed, epoch)`` alone, so the global order of samples is the same
-    whatever the number of processes accelerate shards it over (and after a resume)."""
-
-    def __init__(self, size: int, seed: int):
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        return iter(torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist())
-
-    def __len__(self) -> int:
-        return self.size
-
-
 def collate(batch):
     pixels, captions, indices = zip(*batch, strict=True)
     return torch.stack(pixels), list(captions), torch.tensor(indices)
@@ -176,12 +159,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=args.report_to,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-    )
+    accelerator = make_accelerator(args, output_dir)
     set_seed(args.seed)
     dataset = CaptionedImages(args.instance_data_dir, args.resolution)  # data errors before any model work
 
@@ -304,20 +282,12 @@ def _batch_loss(pipe, transformer, pixels, captions, indices, args, step) -> tor
 
 
 def _resume(accelerator, args, output_dir: Path) -> int:
-    if not args.resume_from_checkpoint:
+    path = find_checkpoint(args.resume_from_checkpoint, output_dir)
+    if path is None:
         return 0
-    if args.resume_from_checkpoint == "latest":
-        found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-        if not found:
-            logger.info("no checkpoint in %s: starting from scratch", output_dir)
-            return 0
-        path = found[-1]
-    else:
-        path = Path(args.resume_from_checkpoint)
     accelerator.load_state(str(path))
-    step = int(path.name.split("-")[1])
-    logger.info("resumed from %s at step %d", path, step)
-    return step
+    logger.info("resumed from %s at step %d", path, checkpoint_step(path))
+    return checkpoint_step(path)
 
 
 def _validate(pipe, args, accelerator, step: int) -> None:
