@@ -18,8 +18,10 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from share_diffusers.fashion.model import DEMO_CALL, DEMO_GUIDANCE
 from share_diffusers.loader import MergeReport
 from share_diffusers.lora_files import refuse_pickle
+from share_diffusers.pipeline_flux import guidance_arguments
 
 from .styles import StyleSpec, format_style
 
@@ -52,10 +54,13 @@ class Defaults:
     pixel_art: bool = True
 
 
-def defaults_for(pipe, tiny: bool) -> Defaults:
-    """Defaults for the embedded tiny pipeline, or for a real Flux model (dev-like if it embeds guidance)."""
+def defaults_for(pipe, model: str | None) -> Defaults:
+    """Defaults for the embedded demo model (``model`` None), the random tiny pipeline (``tiny-random``),
+    or a real Flux model (dev-like if it embeds guidance)."""
     size_step = 2 * pipe.vae_scale_factor
-    if tiny:
+    if model is None:
+        return Defaults(size_step=size_step, steps=DEMO_CALL["num_inference_steps"], guidance=DEMO_GUIDANCE)
+    if model == "tiny-random":
         return Defaults(size_step=size_step)
     guidance_distilled = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
     return Defaults(
@@ -169,7 +174,7 @@ class StyleStudio:
                 num_inference_steps=steps or self.defaults.steps,
                 width=width or self.defaults.width,
                 height=height or self.defaults.height,
-                guidance_scale=self.defaults.guidance if guidance is None else guidance,
+                **guidance_arguments(self.pipe, self.defaults.guidance if guidance is None else guidance, len(prompts)),
                 generator=[torch.Generator().manual_seed(seed) for _ in prompts],
             ).images
 

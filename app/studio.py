@@ -2,8 +2,10 @@
 
     python -m app [--model REPO_OR_DIR] [--factors DIR_OR_HUB_ID] [--port 7860]
 
-With no ``--model`` it runs the embedded tiny Flux pipeline (random weights, no download) and, with
-no ``--factors``, makes three demo styles offline. Every user error shows in the page as one line
+With no ``--model`` it runs the embedded demo model (a small Flux trained on Fashion-MNIST, shipped in
+the package: no download) and, with no ``--factors``, its four demo styles learned continually into one
+Share checkpoint (inverted, tint, stripes, outlines). ``--model tiny-random`` runs the random-weight
+tiny pipeline with three random demo LoRAs instead (fast, for tests). Every user error shows in the page as one line
 (``gr.Error``), never as a stack trace. API endpoints for ``gradio_client``: ``/generate``,
 ``/compare``, ``/merge_lora``, ``/delete_style``, ``/save_factors``, ``/styles``.
 """
@@ -325,7 +327,11 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="share-diffusers app", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="Flux repo id or folder (default: the embedded tiny pipeline, no download)")
+    parser.add_argument(
+        "--model",
+        help="Flux repo id or folder (default: the embedded demo model, trained on Fashion-MNIST, no download; "
+        "tiny-random: the random-weight tiny pipeline)",
+    )
     parser.add_argument("--factors", help="Share checkpoint folder or Hub repo id to load")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -342,44 +348,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--share-demo-styles",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="merge three random demo styles at start (default: on with the tiny pipeline and no --factors)",
+        help="start with demo styles: the shipped inverted/tint/stripes/outlines on the demo model, three random "
+        "LoRAs on tiny-random (default: on unless --factors)",
     )
     return parser
 
 
 def load_pipeline(model: str | None, device: str, dtype: str):
-    """``ShareFluxPipeline`` from a Flux repo or folder, or the embedded tiny one when ``model`` is None."""
-    from share_diffusers.pipeline_flux import ShareFluxPipeline
+    """``ShareFluxPipeline`` from a Flux repo or folder, the embedded demo model (None) or ``tiny-random``."""
+    from share_diffusers.cli import load_pipeline as load
 
-    torch_dtype = getattr(torch, dtype)
-    if model is None:
-        from share_diffusers.tiny_flux import build_tiny_flux_pipeline
-
-        pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)  # float32
-        if torch_dtype != torch.float32:
-            pipe = pipe.to(dtype=torch_dtype)
-    else:
-        pipe = ShareFluxPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    pipe = load(model, device, dtype)
     pipe.set_progress_bar_config(leave=False)
-    return pipe.to(device)
+    return pipe
 
 
 def load_studio(args: argparse.Namespace) -> tuple[StyleStudio, str]:
     """The pipeline with its styles (factors, demo styles), warmed previews, and the page's description."""
+    from share_diffusers.cli import TINY_RANDOM
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
     pipe = load_pipeline(args.model, device, dtype)
+    demo_styles = args.demo_styles if args.demo_styles is not None else not args.factors
     if args.factors:
         pipe.load_share_factors(args.factors)
-    demo_styles = args.demo_styles if args.demo_styles is not None else args.model is None and not args.factors
-    if demo_styles:
+    elif demo_styles and args.model is None:
+        from share_diffusers.fashion.model import DEMO_STYLES_DIR
+
+        pipe.load_share_factors(DEMO_STYLES_DIR)
+    if demo_styles and args.model == TINY_RANDOM:
         from share_diffusers.demo_styles import make_demo_styles
 
         for report in make_demo_styles(pipe):
             print(report, flush=True)
-    studio = StyleStudio(pipe, defaults_for(pipe, tiny=args.model is None))
+    studio = StyleStudio(pipe, defaults_for(pipe, model=args.model))
     studio.previews()  # render them now, not on the first page load
-    model = args.model or "the embedded tiny Flux pipeline (random weights: the pictures are noise, the numbers real)"
+    model = {
+        None: "the embedded demo model (a small Flux trained on Fashion-MNIST: try 'a photo of a sneaker', "
+        "'a photo of a bag', ...)",
+        TINY_RANDOM: "the random-weight tiny Flux pipeline (the pictures are noise, the numbers real)",
+    }.get(args.model, args.model)
     description = f"Model: {model} · {device} · {dtype}"
     return studio, description
 

@@ -9,7 +9,11 @@ fi
 # The CPU wheel first; the project bounds torch below 2.14 so pip keeps it instead of a CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev,app]"
-# The browser test drives Debian's Chromium (Playwright's own browser download cannot work offline).
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = "0" ]; then
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+# The browser test drives Debian's Chromium (Playwright's own browser download cannot work offline);
+# the demo model's trainers, judges and tests read Debian's Fashion-MNIST.
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -f /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = "0" ]; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi

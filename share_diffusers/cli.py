@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from .core import LoraAdapter, ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
 from .core.checkpoint import CONFIG_NAME
 from .core.errors import LoraFormatError, ShareError
+from .fashion.model import DEMO_CALL, DEMO_GUIDANCE
 from .lora_files import load_lora, read_safetensors, save_lora
 
 
@@ -187,12 +188,20 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {target} (rank {adapter.source['rank']}, {len(adapter.layers)} layers)")
 
 
+TINY_RANDOM = "tiny-random"  # --model value: the random-weight tiny pipeline (fast numerics, noise pictures)
+
+
 def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32"):
-    """``ShareFluxPipeline`` from a Flux repo or folder, or the embedded tiny pipeline when ``model`` is None."""
+    """``ShareFluxPipeline`` from a Flux repo or folder; the embedded demo model (a small Flux trained on
+    Fashion-MNIST) when ``model`` is None; the random tiny pipeline when ``model`` is ``"tiny-random"``."""
     from .pipeline_flux import ShareFluxPipeline
 
     torch_dtype = getattr(torch, dtype)
     if model is None:
+        from .fashion.model import load_demo_pipeline
+
+        pipe = load_demo_pipeline().to(dtype=torch_dtype)
+    elif model == TINY_RANDOM:
         from .tiny_flux import build_tiny_flux_pipeline
 
         pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline).to(dtype=torch_dtype)
@@ -202,10 +211,21 @@ def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32"
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .pipeline_flux import guidance_arguments
+
     pipe = load_pipeline(args.model, args.device, args.dtype)
     pipe.set_progress_bar_config(disable=args.quiet)
     if args.factors:
         pipe.load_share_factors(args.factors)
+    elif args.model is None:
+        from .fashion.model import DEMO_STYLES_DIR
+
+        pipe.load_share_factors(DEMO_STYLES_DIR)  # the demo styles: inverted, tint, stripes, outlines
+    steps = args.steps if args.steps is not None else (DEMO_CALL["num_inference_steps"] if args.model is None else 4)
+    guidance = args.guidance
+    if guidance is None:  # the demo model: true CFG; guidance-distilled models: 3.5; others (schnell): none
+        distilled = getattr(pipe.transformer.config, "guidance_embeds", False)
+        guidance = DEMO_GUIDANCE if args.model is None else (3.5 if distilled else 0.0)
     style = _parse_style(args.style) if args.style and args.style.lower() != "none" else None
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     image = pipe(
@@ -214,8 +234,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         style_scale=args.style_scale,
         height=args.height,
         width=args.width,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance,
+        num_inference_steps=steps,
+        **guidance_arguments(pipe, guidance, 1),
         generator=generator,
     ).images[0]
     output = Path(args.output)
@@ -286,17 +306,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(func=cmd_export)
 
     generate = commands.add_parser("generate", help="one image with a style (or blend) from a checkpoint")
-    generate.add_argument("--model", help="Flux repo id or folder (default: the embedded tiny pipeline)")
-    generate.add_argument("--factors", help="Share checkpoint folder or Hub repo id")
+    generate.add_argument(
+        "--model",
+        help="Flux repo id or folder (default: the embedded demo model, trained on Fashion-MNIST, with its styles "
+        f"inverted, tint, stripes, outlines; {TINY_RANDOM}: the random-weight tiny pipeline)",
+    )
+    generate.add_argument("--factors", help="Share checkpoint folder or Hub repo id (default: the demo styles)")
     generate.add_argument("--style", help="style name, a blend like 'ink=0.5,neon=0.5', or none")
     generate.add_argument("--style-scale", type=float, default=1.0, help="overall style strength")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("-o", "--output", required=True, help="image file to write (.png)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--steps", type=int, default=4)
+    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 demo model, else 4)")
     generate.add_argument("--height", type=int, default=32)
     generate.add_argument("--width", type=int, default=32)
-    generate.add_argument("--guidance", type=float, default=3.5)
+    generate.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance input of FLUX.1-dev-like models (default 3.5), or true CFG against an empty prompt on "
+        f"models without one (default: {DEMO_GUIDANCE} on the demo model, off otherwise)",
+    )
     generate.add_argument("--device", default="cpu")
     generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     generate.set_defaults(func=cmd_generate)

@@ -23,10 +23,17 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
     those per prompt; ``style_scale`` multiplies every weight. Omitted, the style chosen with
     :meth:`set_style` applies. All prompts are denoised in one batch whatever their styles; images
     of one prompt (``num_images_per_prompt``) and both branches of true CFG share its style.
+
+    Without ``max_sequence_length`` the T5 prompt is padded to ``tokenizer_2.model_max_length`` when that
+    is under FluxPipeline's 512: a small model trained on short prompts (the embedded demo model) sees
+    the padding it was trained with (Flux attends to padding tokens too).
     """
 
     @torch.no_grad()
     def __call__(self, *args, style=_UNSET, style_scale: float | None = None, **kwargs):
+        trained_length = getattr(self.tokenizer_2, "model_max_length", 512) if self.tokenizer_2 is not None else 512
+        if "max_sequence_length" not in kwargs and trained_length < 512:
+            kwargs["max_sequence_length"] = trained_length
         if style is _UNSET:
             style = self._default_style
             style_scale = self._default_style_scale if style_scale is None else style_scale
@@ -59,3 +66,18 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
                 "remove_share() before load_lora_weights(...)"
             )
         return super().load_lora_weights(*args, **kwargs)
+
+
+def guidance_arguments(pipe, guidance: float, batch_size: int) -> dict:
+    """Call arguments that apply ``guidance`` the way the pipeline's transformer understands it.
+
+    A guidance-distilled transformer (FLUX.1-dev) takes it as its guidance input (``guidance_scale``);
+    one without that input (FLUX.1-schnell, the embedded demo model) gets true classifier-free guidance
+    against an empty negative prompt when ``guidance > 1`` (two transformer passes per step), and
+    nothing otherwise.
+    """
+    if getattr(pipe.transformer.config, "guidance_embeds", False):
+        return {"guidance_scale": guidance}
+    if guidance > 1.0:
+        return {"negative_prompt": [""] * batch_size, "true_cfg_scale": guidance}
+    return {}

@@ -214,7 +214,8 @@ def client(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         for key, value in SERVER_ENV.items():
             patch.setenv(key, value)
-        with running_studio(log_path=home / "studio.log", home=home) as url:
+        # The random tiny pipeline with its three random demo LoRAs: fast, and styles of known numerics.
+        with running_studio("--model", "tiny-random", log_path=home / "studio.log", home=home) as url:
             yield gradio_client.Client(url, verbose=False, download_files=str(home / "downloads"))
 
 

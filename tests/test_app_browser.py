@@ -1,7 +1,8 @@
 """The style studio in a real browser: Debian's headless Chromium driven by Playwright for Python.
 
 No browser download: Playwright's driver ships in its wheel, and the browser is ``/usr/bin/chromium``
-(``apt-get install chromium``). The screenshot of the finished page goes to ``samples/app-screenshot.png``.
+(``apt-get install chromium``). The studio runs as a user starts it: the embedded demo model with its
+shipped styles. The screenshot of the finished page goes to ``samples/app-screenshot.png``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-from flux_helpers import write_diffusers_lora
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = [
@@ -54,13 +54,13 @@ def page(studio_url):
 
 def test_pick_a_style_and_generate(page):
     expect = sync_api.expect
-    page.wait_for_function(IMAGES_LOADED, arg=["#styles", 3])  # the style gallery: one preview per style
+    page.wait_for_function(IMAGES_LOADED, arg=["#styles", 4])  # the style gallery: one preview per style
     page.get_by_label("Style 1", exact=True).click()
-    page.get_by_role("option", name="ink", exact=True).click()
-    expect(page.locator("#style-lines textarea")).to_have_value("ink")  # the blend builder wrote the line
+    page.get_by_role("option", name="stripes", exact=True).click()
+    expect(page.locator("#style-lines textarea")).to_have_value("stripes")  # the blend builder wrote the line
     page.get_by_role("button", name="Generate", exact=True).click()
     page.wait_for_function(IMAGES_LOADED, arg=["#generated", 2])
-    expect(page.locator("#generated")).to_contain_text("a photo of a sneaker · ink")
+    expect(page.locator("#generated")).to_contain_text("a photo of a sneaker · stripes")
     assert page.locator("#generated img").first.evaluate("image => image.naturalWidth") > 0
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
@@ -69,18 +69,21 @@ def test_pick_a_style_and_generate(page):
 def test_a_bad_style_is_one_line_in_the_page(page):
     page.locator("#style-lines textarea").fill("nope")
     page.get_by_role("button", name="Generate", exact=True).click()
-    toast = page.get_by_text("unknown style 'nope'; styles held: 'ink', 'neon', 'sepia'")
+    toast = page.get_by_text("unknown style 'nope'; styles held: 'inverted', 'tint', 'stripes', 'outlines'")
     sync_api.expect(toast).to_be_visible()
     assert "Traceback" not in page.content()
 
 
 def test_merge_an_uploaded_lora(page, tmp_path):
     expect = sync_api.expect
-    lora = write_diffusers_lora(tmp_path / "pencil", seed=11, rank=4, alpha=4)
+    from share_diffusers.demo_styles import write_demo_lora
+    from share_diffusers.fashion.model import load_demo_pipeline
+
+    lora = write_demo_lora(load_demo_pipeline().transformer, tmp_path / "pencil", seed=11, rank=4, alpha=4.0)
     page.get_by_role("tab", name="Merge, delete, save").click()
     page.locator("#lora-upload input[type=file]").set_input_files(str(lora))
     page.get_by_label("Style name", exact=True).fill("pencil")
     page.get_by_role("button", name="Merge", exact=True).click()
-    expect(page.locator("#merge-report textarea")).to_have_value(re.compile(r"^merged 'pencil': 22 layers"))
+    expect(page.locator("#merge-report textarea")).to_have_value(re.compile(r"^merged 'pencil': 28 layers"))
     expect(page.locator("#styles")).to_contain_text(re.compile(r"pencil · error \d\.\de-\d\d"))  # gallery refreshed
-    page.wait_for_function(IMAGES_LOADED, arg=["#styles", 4])
+    page.wait_for_function(IMAGES_LOADED, arg=["#styles", 5])

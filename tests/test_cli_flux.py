@@ -53,6 +53,8 @@ def test_generate_command_writes_the_styled_image(tmp_path, capsys):
     args = [
         "-q",
         "generate",
+        "--model",
+        "tiny-random",
         "--factors",
         str(tmp_path / "factors"),
         "--prompt",

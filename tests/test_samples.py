@@ -81,3 +81,20 @@ def test_train_style_sample(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "base-vs-style.png").size == (64, 32)
+
+
+def test_fashion_styles_sample(tmp_path):
+    """The demo model's sample: one mixed-style batch, and an exported style equals stock LoRA loading."""
+    result = subprocess.run(
+        [sys.executable, str(SAMPLES / "fashion_styles.py"), "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "styles: ['inverted', 'tint', 'stripes', 'outlines']" in result.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "batch.png").size == (6 * 32 * 4, 3 * 32 * 4)
+    difference = float(re.search(r"largest pixel difference: ([0-9.e+-]+)", result.stdout).group(1))
+    assert difference < 1e-4

@@ -26,9 +26,12 @@ def matrix_summary(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
     }
 
 
-def accuracy_table(matrix: Sequence[Sequence[float]], tasks: Sequence[str]) -> str:
+def accuracy_table(
+    matrix: Sequence[Sequence[float]], tasks: Sequence[str], secondary: Sequence[Sequence[float]] | None = None
+) -> str:
     """Markdown: rows "after task t", columns "task i"; ↓ marks forgetting and ↑ backward transfer
-    (points against the accuracy when task i was learned), with average accuracy and BWT per row."""
+    (points against the accuracy when task i was learned), with average accuracy and BWT per row.
+    ``secondary`` (same layout as ``matrix``) is shown in parentheses after each cell."""
     header = "| after learning | " + " | ".join(tasks) + " | average | BWT |"
     lines = [header, "|" + " --- |" * (len(tasks) + 3)]
     for t, row in enumerate(matrix):
@@ -44,6 +47,8 @@ def accuracy_table(matrix: Sequence[Sequence[float]], tasks: Sequence[str]) -> s
                     cell += f" ↓{-change:.1f}"
                 elif change >= MARK_THRESHOLD_POINTS:
                     cell += f" ↑{change:.1f}"
+            if secondary is not None:
+                cell += f" ({100 * secondary[t][i]:.1f})"
             cells.append(cell)
         summary = matrix_summary(matrix[: t + 1])
         bwt = f"{100 * summary['bwt']:+.1f}" if t else ""
