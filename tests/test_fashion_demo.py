@@ -19,7 +19,13 @@ from share_diffusers.continual.report import accuracy_table
 from share_diffusers.fashion.data import CLASS_NAMES, FashionDataError, load_fashion_mnist, prompt_for
 from share_diffusers.fashion.evaluation import generate, judge_scores
 from share_diffusers.fashion.judges import Judge, load_judge, save_judge
-from share_diffusers.fashion.model import DEMO_GUIDANCE, DEMO_PIPELINE_DIR, DEMO_STYLES_DIR, load_demo_pipeline
+from share_diffusers.fashion.model import (
+    DEMO_GUIDANCE,
+    DEMO_PIPELINE_DIR,
+    DEMO_STYLES_DIR,
+    build_fashion_flux_components,
+    load_demo_pipeline,
+)
 from share_diffusers.fashion.styles import JUDGE_CLASSES, STYLE_NAMES, apply_style
 from share_diffusers.pipeline_flux import guidance_arguments
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
@@ -183,23 +189,42 @@ def test_shipped_assets_are_small_and_say_how_they_were_made():
 # -- the training scripts -----------------------------------------------------------------------
 
 
-def test_train_tiny_flux_writes_a_loadable_pipeline(tmp_path):
-    out = tmp_path / "fashion-flux"
-    command = [
-        *accelerate_launch(1),
-        str(ROOT / "training" / "train_tiny_flux.py"),
-        *("--output_dir", str(out), "--train_limit", "64", "--vae_steps", "3", "--vae_batch_size", "8"),
-        *("--max_train_steps", "4", "--train_batch_size", "8", "--lr_warmup_steps", "1"),
-    ]
-    result = subprocess.run(command, cwd=ROOT, env=CPU_ENV, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    summary = json.loads((out / "training.json").read_text())
-    assert summary["photos"] == 64 and len(summary["loss_every_50_steps"]) == 1
-    pipe = ShareFluxPipeline.from_pretrained(str(out))
+def test_train_tiny_flux_writes_a_loadable_pipeline_and_resumes_where_it_stopped(tmp_path):
+    """16 photos in batches of 8: 2 steps an epoch, so the checkpoint at step 3 sits mid-epoch."""
+
+    def train(out, *extra):
+        command = [
+            *accelerate_launch(1),
+            str(ROOT / "training" / "train_tiny_flux.py"),
+            *("--output_dir", str(out), "--train_limit", "16", "--vae_steps", "3", "--vae_batch_size", "8"),
+            *("--max_train_steps", "5", "--train_batch_size", "8", "--lr_warmup_steps", "1", *extra),
+        ]
+        result = subprocess.run(command, cwd=ROOT, env=CPU_ENV, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads((out / "training.json").read_text())
+
+    summary = train(tmp_path / "fashion-flux", "--checkpointing_steps", "3")
+    assert summary["photos"] == 16 and len(summary["loss_every_50_steps"]) == 1
+    checkpoint = tmp_path / "fashion-flux-state" / "checkpoint-3"
+    assert (checkpoint / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = ShareFluxPipeline.from_pretrained(str(tmp_path / "fashion-flux"))
     assert pipe.vae.config.scaling_factor == pytest.approx(summary["latent_scale"])
     assert pipe.tokenizer_2.model_max_length == 16
     image = pipe("a photo of a bag", height=32, width=32, num_inference_steps=2, output_type="np").images[0]
     assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+    resumed_summary = train(tmp_path / "resumed", "--resume_from_checkpoint", str(checkpoint))
+    resumed = ShareFluxPipeline.from_pretrained(str(tmp_path / "resumed"))
+    assert resumed_summary["latent_scale"] == summary["latent_scale"]
+    assert resumed_summary["vae_loss_every_50_steps"] == summary["vae_loss_every_50_steps"]
+    for name, module in (("vae", pipe.vae), ("transformer", pipe.transformer)):
+        other = getattr(resumed, name).state_dict()
+        for key, value in module.state_dict().items():
+            assert torch.allclose(value, other[key], atol=1e-6), (name, key)
+    untrained = build_fashion_flux_components(0)["transformer"]  # the script's initialisation (seed 0)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(pipe.transformer.parameters(), untrained.parameters(), strict=True)
+    )
 
 
 def test_train_tiny_flux_names_missing_data(tmp_path):

@@ -210,3 +210,26 @@ def test_factors_for_another_model_fail_before_training(setup, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 1 and "size mismatch for transformer_blocks.0.attn.to_q" in result.stderr
     assert not (tmp_path / "o" / "factors").exists()
+
+
+def test_empty_prompt_share_is_close_to_the_proportion_and_fixed_per_sample():
+    sys.path.insert(0, str(ROOT / "training"))
+    try:
+        from train_share_flux import drop_captions
+    finally:
+        sys.path.remove(str(ROOT / "training"))
+    captions, indices = [f"caption {i}" for i in range(2000)], torch.arange(2000)
+    dropped = drop_captions(captions, indices, 0.25, seed=3, step=5)
+    assert 0.22 < dropped.count("") / len(captions) < 0.28
+    assert all(kept in ("", caption) for kept, caption in zip(dropped, captions, strict=True))
+    # a sample's draw depends on (seed, step, sample), not on the batch it lands in (multi-process runs)
+    assert drop_captions(captions[1000:], indices[1000:], 0.25, seed=3, step=5) == dropped[1000:]
+    assert drop_captions(captions, indices, 0.25, seed=3, step=6) != dropped
+    assert drop_captions(captions, indices, 0.0, seed=3, step=5) == captions
+
+
+def test_proportion_of_empty_prompts_outside_zero_one_is_refused(setup, tmp_path):
+    result = run(setup, tmp_path / "o", "--proportion_empty_prompts", "1.5", check=False)
+    assert result.returncode == 1
+    assert "--proportion_empty_prompts must be in [0, 1], got 1.5" in result.stderr
+    assert not (tmp_path / "o").exists()

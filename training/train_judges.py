@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from share_diffusers.fashion.data import CLASS_NAMES, FashionDataError, load_fashion_mnist
 from share_diffusers.fashion.judges import Judge, save_judge
-from share_diffusers.fashion.styles import JUDGE_CLASSES, apply_style
+from share_diffusers.fashion.styles import JUDGE_CLASSES, apply_looks, apply_style
 
 logger = logging.getLogger("train_judges")
 
@@ -59,12 +59,7 @@ LOOK_WEIGHTS = torch.tensor([0.4] + [0.6 / (len(JUDGE_CLASSES) - 1)] * (len(JUDG
 def styled_batch(images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Each image in a look drawn from ``JUDGE_CLASSES`` by ``LOOK_WEIGHTS``; returns (images, look indices)."""
     looks = torch.multinomial(LOOK_WEIGHTS, len(images), replacement=True, generator=generator)
-    styled = images.clone()
-    for index, look in enumerate(JUDGE_CLASSES):
-        rows = looks == index
-        if rows.any():
-            styled[rows] = apply_style(images[rows], look)
-    return styled, looks
+    return apply_looks(images, looks), looks
 
 
 def train(judge: Judge, images, labels, target: str, epochs: int, args) -> None:

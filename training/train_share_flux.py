@@ -80,6 +80,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--rank", type=int, default=32, help="k of a new subspace (no --share_factors)")
     add("--coefficients_only", action="store_true", help="train only the style's (k, p) cores")
     add("--max_sequence_length", type=int, default=128)
+    add(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="share of captions replaced by the empty prompt, so the style also holds in the unconditional "
+        "branch of classifier-free guidance (as in diffusers' text-to-image scripts)",
+    )
     add("--push_to_hub", action="store_true")
     add("--hub_model_id", default=None)
     add("--report_to", default=None, help="tensorboard, wandb, ... (accelerate trackers)")
@@ -155,8 +162,18 @@ def per_sample_generator(seed: int, step: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step * 10_007 + index)
 
 
+def drop_captions(captions: list[str], indices: torch.Tensor, proportion: float, seed: int, step: int) -> list[str]:
+    """Each caption replaced by ``""`` with probability ``proportion``, decided by (seed, step, sample) alone."""
+    if proportion <= 0.0:
+        return captions
+    draws = [torch.rand((), generator=per_sample_generator(seed + 1, step, index)).item() for index in indices.tolist()]
+    return ["" if draw < proportion else caption for caption, draw in zip(captions, draws, strict=True)]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise SystemExit(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
@@ -263,6 +280,7 @@ def _batch_loss(pipe, transformer, pixels, captions, indices, args, step) -> tor
     """Mean flow-matching loss over the batch, each sample with its own seeded noise and timestep."""
     generators = [per_sample_generator(args.seed, step, index) for index in indices.tolist()]
     latents = encode_images(pipe, pixels, generators)  # each sample's VAE draw from its own generator
+    captions = drop_captions(captions, indices, args.proportion_empty_prompts, args.seed, step)
     embeds, pooled, text_ids = encode_captions(pipe, captions, args.max_sequence_length)
     losses = []
     for row, generator in enumerate(generators):

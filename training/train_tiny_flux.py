@@ -14,6 +14,10 @@ Two phases, each with a progress bar:
 The tiny CLIP and T5 encoders stay frozen at their seeded random weights. The output folder is an
 ordinary diffusers pipeline (``ShareFluxPipeline.from_pretrained`` loads it) plus ``training.json``
 (options, losses and times). Deterministic from ``--seed`` for a given number of processes.
+
+``--checkpointing_steps N`` saves a resumable state every N transformer steps under
+``OUTPUT_DIR-state/checkpoint-<step>`` (the finished VAE included, so a resumed run skips phase 1);
+``--resume_from_checkpoint latest`` continues from the newest and ends where an uninterrupted run ends.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ from tqdm.auto import tqdm
 
 from share_diffusers.fashion.data import CLASS_NAMES, FashionDataError, load_fashion_mnist, prompt_for
 from share_diffusers.fashion.model import MAX_SEQUENCE_LENGTH, build_fashion_flux_components
-from share_diffusers.fashion.styles import JUDGE_CLASSES, apply_style
+from share_diffusers.fashion.styles import JUDGE_CLASSES, apply_looks
 from share_diffusers.flux_training import flow_matching_loss
-from share_diffusers.training_utils import EpochShuffle, make_accelerator
+from share_diffusers.training_utils import EpochShuffle, checkpoint_step, find_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_tiny_flux")
 
@@ -66,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--weighting_scheme", default="logit_normal", choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"])
     add("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     add("--report_to", default=None, help="tensorboard, wandb, ... (accelerate trackers)")
+    add("--checkpointing_steps", type=int, default=0, help="resumable state every N transformer steps (0: never)")
+    add("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in OUTPUT_DIR-state")
     return parser.parse_args(argv)
 
 
@@ -92,13 +98,7 @@ class VAELoss(nn.Module):
 
 def random_styles(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Each image in the look of a style drawn uniformly from ``JUDGE_CLASSES`` (plain included)."""
-    choice = torch.randint(len(JUDGE_CLASSES), (len(images),), generator=generator)
-    styled = images.clone()
-    for index, style in enumerate(JUDGE_CLASSES):
-        rows = choice == index
-        if rows.any():
-            styled[rows] = apply_style(images[rows], style)
-    return styled
+    return apply_looks(images, torch.randint(len(JUDGE_CLASSES), (len(images),), generator=generator))
 
 
 def train_vae(accelerator, vae, images: torch.Tensor, args) -> list[float]:
@@ -166,8 +166,33 @@ class PromptBank:
         return self.embeds[rows], self.pooled[rows], self.text_ids
 
 
-def train_transformer(accelerator, transformer, latent_mean, latent_std, labels, bank: PromptBank, args):
-    """Phase 2 on standardised latents; returns (the EMA model, the loss every 50 steps)."""
+def save_checkpoint(accelerator, vae, history: dict, folder: Path) -> None:
+    """Transformer, optimizer, scheduler, EMA and RNG states (accelerate), the finished VAE and the history."""
+    accelerator.save_state(str(folder))
+    if accelerator.is_main_process:
+        vae.save_pretrained(str(folder / "vae"))
+        (folder / "history.json").write_text(json.dumps(history) + "\n")
+
+
+def restore_vae(vae, checkpoint: Path) -> dict:
+    """Phase 1's result from ``checkpoint`` into ``vae`` (weights, latent shift and scale); returns the history."""
+    from diffusers import AutoencoderKL
+
+    trained = AutoencoderKL.from_pretrained(str(checkpoint / "vae"))
+    vae.load_state_dict(trained.state_dict())
+    vae.register_to_config(shift_factor=trained.config.shift_factor, scaling_factor=trained.config.scaling_factor)
+    vae.eval()
+    return json.loads((checkpoint / "history.json").read_text())
+
+
+def train_transformer(
+    accelerator, transformer, latent_mean, latent_std, labels, bank: PromptBank, args, checkpoints
+) -> tuple[EMAModel, list[float]]:
+    """Phase 2 on standardised latents; returns (the EMA model, the loss every 50 steps).
+
+    ``checkpoints``: ``(vae, history, state_dir, resume_from)``; saves there every ``--checkpointing_steps``
+    and, when ``resume_from`` is a checkpoint folder, continues from it."""
+    vae, history, state_dir, resume_from = checkpoints
     ema = EMAModel(transformer.parameters(), decay=args.ema_decay, use_ema_warmup=True, power=2 / 3)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=args.learning_rate, weight_decay=0.01)
     dataset = TensorDataset(latent_mean, latent_std, labels)
@@ -176,13 +201,23 @@ def train_transformer(accelerator, transformer, latent_mean, latent_std, labels,
         args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
     )
     model, optimizer, loader, scheduler = accelerator.prepare(transformer, optimizer, loader, scheduler)
+    accelerator.register_for_checkpointing(ema)
+    losses, step = [], 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        losses, step = list(history["loss_every_50_steps"]), checkpoint_step(resume_from)
+        logger.info("resumed from %s at transformer step %d", resume_from, step)
+    micro = step * args.gradient_accumulation_steps  # the per-batch random draws continue where they stopped
     model.train()
-    losses, step, micro = [], 0, 0
-    steps_per_epoch = max(len(loader) // args.gradient_accumulation_steps, 1)
-    progress = tqdm(total=args.max_train_steps, desc="transformer", disable=not accelerator.is_main_process)
+    steps_per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
+    progress = tqdm(
+        total=args.max_train_steps, initial=step, desc="transformer", disable=not accelerator.is_main_process
+    )
+    started = time.perf_counter() - history.get("transformer_seconds", 0.0)
     while step < args.max_train_steps:
         loader.set_epoch(step // steps_per_epoch) if hasattr(loader, "set_epoch") else None
-        for mean, std, batch_labels in loader:
+        skip = (step % steps_per_epoch) * args.gradient_accumulation_steps
+        for mean, std, batch_labels in accelerator.skip_first_batches(loader, skip) if skip else loader:
             generator = step_generator(args.seed, 2, micro, accelerator.process_index)
             micro += 1
             latents = mean + std * torch.randn(mean.shape, generator=generator)  # a posterior sample, standardised
@@ -212,9 +247,13 @@ def train_transformer(accelerator, transformer, latent_mean, latent_std, labels,
             if step % 50 == 0 or step == args.max_train_steps:
                 losses.append(round(accelerator.gather(loss.detach()[None]).mean().item(), 5))
                 accelerator.log({"loss": losses[-1], "lr": scheduler.get_last_lr()[0]}, step=step)
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < args.max_train_steps:
+                history.update(loss_every_50_steps=losses, transformer_seconds=time.perf_counter() - started)
+                save_checkpoint(accelerator, vae, history, state_dir / f"checkpoint-{step}")
             if step >= args.max_train_steps:
                 break
     progress.close()
+    history["transformer_seconds"] = time.perf_counter() - started
     return ema, losses
 
 
@@ -222,7 +261,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args, output_dir.parent / f"{output_dir.name}-logs")
+    state_dir = output_dir.parent / f"{output_dir.name}-state"  # logs and checkpoints
+    accelerator = make_accelerator(args, state_dir)
     set_seed(args.seed)
     images, labels = load_fashion_mnist("train", args.data_dir, args.train_limit)  # data errors before model work
     logger.info("%d training photos of %d classes", len(images), len(CLASS_NAMES))
@@ -234,24 +274,36 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
-    started = time.perf_counter()
-    vae_losses = train_vae(accelerator, pipe.vae, images, args)
-    vae_seconds = time.perf_counter() - started
-
     vae = pipe.vae
-    mean, std = encode_posteriors(vae, images)
-    shift = mean.mean().item()
-    scale = 1.0 / math.sqrt(((mean - shift) ** 2).mean().item() + (std**2).mean().item())
-    vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    resume_from = find_checkpoint(args.resume_from_checkpoint, state_dir)
+    if resume_from is None:
+        started = time.perf_counter()
+        vae_losses = train_vae(accelerator, vae, images, args)
+        history = {"vae_loss_every_50_steps": vae_losses, "vae_seconds": time.perf_counter() - started}
+        accelerator.free_memory()  # phase 2 is another training: its checkpoints hold only its own objects
+        mean, std = encode_posteriors(vae, images)
+        shift = mean.mean().item()
+        scale = 1.0 / math.sqrt(((mean - shift) ** 2).mean().item() + (std**2).mean().item())
+        vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    else:
+        history = restore_vae(vae, resume_from)
+        mean, std = encode_posteriors(vae, images)
+        shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     logger.info("latent shift %.4f, scale %.4f", shift, scale)
-    pipe.vae.requires_grad_(False)
+    vae.requires_grad_(False)
 
-    started = time.perf_counter()
     bank = PromptBank(pipe)
     ema, losses = train_transformer(
-        accelerator, pipe.transformer, (mean - shift) * scale, std * scale, labels, bank, args
+        accelerator,
+        pipe.transformer,
+        (mean - shift) * scale,
+        std * scale,
+        labels,
+        bank,
+        args,
+        (vae, history, state_dir, resume_from),
     )
-    transformer_seconds = time.perf_counter() - started
+    vae_seconds, transformer_seconds = history["vae_seconds"], history["transformer_seconds"]
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -265,7 +317,7 @@ def main(argv=None) -> int:
             "vae_seconds": round(vae_seconds, 1),
             "transformer_seconds": round(transformer_seconds, 1),
             "processes": accelerator.num_processes,
-            "vae_loss_every_50_steps": vae_losses,
+            "vae_loss_every_50_steps": history["vae_loss_every_50_steps"],
             "loss_every_50_steps": losses,
             "latent_shift": shift,
             "latent_scale": scale,

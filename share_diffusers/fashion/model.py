@@ -46,6 +46,7 @@ TRANSFORMER_CONFIG = dict(
     axes_dims_rope=(8, 12, 12),
 )
 # One downsampling: 32x32 RGB <-> 16x16x4 latents (the transformer then sees 8x8 = 64 tokens).
+# (Spelled out rather than derived from tiny_flux.VAE_CONFIG: importing that module imports diffusers.)
 VAE_CONFIG = dict(
     in_channels=3,
     out_channels=3,

@@ -60,3 +60,13 @@ def apply_style(images: torch.Tensor, style: str) -> torch.Tensor:
     if style not in _TRANSFORMS:
         raise ValueError(f"unknown demo style {style!r}; known: {', '.join(JUDGE_CLASSES)}")
     return _TRANSFORMS[style](images)
+
+
+def apply_looks(images: torch.Tensor, looks: torch.Tensor) -> torch.Tensor:
+    """``images`` ``(b, 3, H, W)``, each in its own look: ``looks`` ``(b,)`` indexes ``JUDGE_CLASSES``."""
+    styled = images.clone()
+    for index, look in enumerate(JUDGE_CLASSES):
+        rows = looks == index
+        if rows.any():
+            styled[rows] = apply_style(images[rows], look)
+    return styled
