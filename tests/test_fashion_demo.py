@@ -127,9 +127,8 @@ def test_shipped_pipeline_draws_recognisable_classes_and_random_weights_do_not(d
 
 
 def test_shipped_styles_in_one_mixed_batch(demo_pipe, judges):
-    """Every prompt of one batch asks for its own style: the style judge recognises the styles that were
-    learned well (tint, inverted; stripes and outlines are below target, see samples/fashion-demo.md),
-    every style changes its images, and the un-styled prompts are exactly what the base model draws."""
+    """Every prompt of one batch asks for its own style: the style judge recognises every style, the class
+    judge still names most styled garments, and the un-styled prompts are exactly what the base model draws."""
     looks = [None, *STYLE_NAMES]
     labels = [label for label in (7, 1, 8) for _ in looks]  # sneaker, trousers, bag in every look
     styles = looks * 3
@@ -141,11 +140,11 @@ def test_shipped_styles_in_one_mixed_batch(demo_pipe, judges):
     finally:
         demo_pipe.remove_share()
     predicted = [judges[1].labels[index] for index in judges[1].predict(mixed)]
-    for style in ("tint", "inverted"):
-        rows = [i for i, requested in enumerate(styles) if requested == style]
-        assert [predicted[i] for i in rows] == [style] * len(rows), (style, predicted)
+    assert predicted == [style or "plain" for style in styles]
+    styled_rows = [i for i, style in enumerate(styles) if style is not None]
+    garments = judges[0].predict(mixed[styled_rows])
+    assert (garments == torch.tensor([labels[i] for i in styled_rows])).sum() >= 8, garments  # measured: 10 of 12
     plain_rows = [i for i, style in enumerate(styles) if style is None]
-    assert [predicted[i] for i in plain_rows] == ["plain"] * len(plain_rows)
     assert torch.allclose(mixed[plain_rows], base[plain_rows], atol=1e-5)
     for style in STYLE_NAMES:
         rows = [i for i, requested in enumerate(styles) if requested == style]

@@ -10,7 +10,7 @@ WORK=${WORK:-/tmp/share-fashion-styles}
 PIPELINE=${PIPELINE:-share_diffusers/fashion/assets/fashion-flux}
 STYLES=(inverted tint stripes outlines)
 STEPS=${STEPS:-600}
-# lr 1e-2 (not 1e-3): at 300-600 steps of 16 images, 1e-3 left stripes and outlines half learned.
+# lr 1e-2: at 1e-3 and 300 steps the style judge recognised stripes 54% and outlines 19% (now 99% and 88%).
 LR=${LR:-1e-2}
 python training/make_fashion_styles.py --output_dir "$WORK/data" --per_style 1000 --styles "${STYLES[@]}"
 # k = 16: the four rank-8 styles (32 directions) must share 16, so the checkpoint stores less than the
