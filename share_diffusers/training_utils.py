@@ -56,3 +56,10 @@ def find_checkpoint(resume_from: str | None, output_dir: Path) -> Path | None:
     if not found:
         logger.info("no checkpoint in %s: starting from scratch", output_dir)
     return found[-1] if found else None
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
+    """Restores every object registered with ``accelerator`` from ``path``; returns its global step."""
+    accelerator.load_state(str(path))
+    logger.info("resumed from %s at step %d", path, checkpoint_step(path))
+    return checkpoint_step(path)

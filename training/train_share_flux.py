@@ -40,7 +40,12 @@ from share_diffusers.core.trainable import (
 )
 from share_diffusers.flux_lora import FLUX_ATTENTION_TARGETS
 from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
-from share_diffusers.training_utils import EpochShuffle, checkpoint_step, find_checkpoint, make_accelerator
+from share_diffusers.training_utils import (
+    EpochShuffle,
+    find_checkpoint,
+    load_checkpoint,
+    make_accelerator,
+)
 
 logger = logging.getLogger("train_share_flux")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -303,9 +308,7 @@ def _resume(accelerator, args, output_dir: Path) -> int:
     path = find_checkpoint(args.resume_from_checkpoint, output_dir)
     if path is None:
         return 0
-    accelerator.load_state(str(path))
-    logger.info("resumed from %s at step %d", path, checkpoint_step(path))
-    return checkpoint_step(path)
+    return load_checkpoint(accelerator, path)
 
 
 def _validate(pipe, args, accelerator, step: int) -> None:

@@ -43,7 +43,7 @@ from share_diffusers.fashion.data import CLASS_NAMES, FashionDataError, load_fas
 from share_diffusers.fashion.model import MAX_SEQUENCE_LENGTH, build_fashion_flux_components
 from share_diffusers.fashion.styles import JUDGE_CLASSES, apply_looks
 from share_diffusers.flux_training import flow_matching_loss
-from share_diffusers.training_utils import EpochShuffle, checkpoint_step, find_checkpoint, make_accelerator
+from share_diffusers.training_utils import EpochShuffle, find_checkpoint, load_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_tiny_flux")
 
@@ -187,8 +187,8 @@ def restore_vae(vae, checkpoint: Path) -> dict:
 
 def train_transformer(
     accelerator, transformer, latent_mean, latent_std, labels, bank: PromptBank, args, checkpoints
-) -> tuple[EMAModel, list[float]]:
-    """Phase 2 on standardised latents; returns (the EMA model, the loss every 50 steps).
+) -> tuple[EMAModel, list[float], float]:
+    """Phase 2 on standardised latents; returns (the EMA model, the loss every 50 steps, its seconds).
 
     ``checkpoints``: ``(vae, history, state_dir, resume_from)``; saves there every ``--checkpointing_steps``
     and, when ``resume_from`` is a checkpoint folder, continues from it."""
@@ -204,9 +204,7 @@ def train_transformer(
     accelerator.register_for_checkpointing(ema)
     losses, step = [], 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        losses, step = list(history["loss_every_50_steps"]), checkpoint_step(resume_from)
-        logger.info("resumed from %s at transformer step %d", resume_from, step)
+        step, losses = load_checkpoint(accelerator, resume_from), list(history["loss_every_50_steps"])
     micro = step * args.gradient_accumulation_steps  # the per-batch random draws continue where they stopped
     model.train()
     steps_per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
@@ -253,8 +251,7 @@ def train_transformer(
             if step >= args.max_train_steps:
                 break
     progress.close()
-    history["transformer_seconds"] = time.perf_counter() - started
-    return ema, losses
+    return ema, losses, time.perf_counter() - started
 
 
 def main(argv=None) -> int:
@@ -293,7 +290,7 @@ def main(argv=None) -> int:
     vae.requires_grad_(False)
 
     bank = PromptBank(pipe)
-    ema, losses = train_transformer(
+    ema, losses, transformer_seconds = train_transformer(
         accelerator,
         pipe.transformer,
         (mean - shift) * scale,
@@ -303,7 +300,7 @@ def main(argv=None) -> int:
         args,
         (vae, history, state_dir, resume_from),
     )
-    vae_seconds, transformer_seconds = history["vae_seconds"], history["transformer_seconds"]
+    vae_seconds = history["vae_seconds"]
 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
