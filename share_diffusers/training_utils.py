@@ -51,6 +51,8 @@ def find_checkpoint(resume_from: str | None, output_dir: Path) -> Path | None:
     if not resume_from:
         return None
     if resume_from != "latest":
+        if not Path(resume_from).is_dir():
+            raise FileNotFoundError(f"--resume_from_checkpoint {resume_from}: no such checkpoint folder")
         return Path(resume_from)
     found = sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step)
     if not found:

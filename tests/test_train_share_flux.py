@@ -233,3 +233,14 @@ def test_proportion_of_empty_prompts_outside_zero_one_is_refused(setup, tmp_path
     assert result.returncode == 1
     assert "--proportion_empty_prompts must be in [0, 1], got 1.5" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_resume_from_a_missing_checkpoint_names_it(tmp_path):
+    from share_diffusers.training_utils import find_checkpoint
+
+    with pytest.raises(FileNotFoundError, match=f"--resume_from_checkpoint {tmp_path}/checkpoint-9: no such"):
+        find_checkpoint(str(tmp_path / "checkpoint-9"), tmp_path)
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-10").mkdir()
+    assert find_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"  # by step, not by name
+    assert find_checkpoint(None, tmp_path) is None
