@@ -26,6 +26,10 @@ FLUX_ATTENTION_TARGETS = (
     r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
     r"|single_transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v)"
 )
+# Every linear inside the double and single blocks (attention, feed-forward, the single blocks' MLP and
+# output projections, the modulation linears), as all-layer community LoRAs (ai-toolkit, kohya) train.
+FLUX_BLOCK_TARGETS = r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
+FLUX_TARGET_PRESETS = {"attention": FLUX_ATTENTION_TARGETS, "blocks": FLUX_BLOCK_TARGETS}
 ALL_LORA_LAYERS = "all-lora-layers"
 """``target_modules`` value meaning: every transformer linear the first merged LoRA touches."""
 

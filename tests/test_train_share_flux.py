@@ -43,14 +43,15 @@ def setup(tmp_path_factory):
     return root
 
 
-def run(setup, out, *extra, processes: int = 1, check: bool = True):
+def run(setup, out, *extra, processes: int = 1, check: bool = True, new_subspace: bool = False, launch: bool = True):
+    """The script under ``accelerate launch`` (or plain Python with ``launch=False``, whose stderr has no launcher
+    traceback)."""
     command = [
-        *accelerate_launch(processes),
+        *(accelerate_launch(processes) if launch else [sys.executable]),
         str(SCRIPT),
         "--pretrained_model_name_or_path",
         str(setup / "tiny"),
-        "--share_factors",
-        str(setup / "factors"),
+        *([] if new_subspace else ["--share_factors", str(setup / "factors")]),
         "--instance_data_dir",
         str(setup / "data"),
         "--style_name",
@@ -244,3 +245,34 @@ def test_resume_from_a_missing_checkpoint_names_it(tmp_path):
     (tmp_path / "checkpoint-10").mkdir()
     assert find_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"  # by step, not by name
     assert find_checkpoint(None, tmp_path) is None
+
+
+def test_blocks_targets_put_a_new_subspace_on_every_linear_of_the_blocks(setup, tmp_path):
+    run(setup, tmp_path / "out", "--max_train_steps", 2, "--rank", 8, "--target_modules", "blocks", new_subspace=True)
+    factors = load_factors(tmp_path / "out" / "factors")
+    transformer = ShareFluxPipeline.from_pretrained(str(setup / "tiny")).transformer
+    block_linears = {
+        name
+        for name, module in transformer.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and name.split(".")[0] in ("transformer_blocks", "single_transformer_blocks")
+    }
+    assert set(factors.layers) == block_linears
+    assert {"single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.ff.net.2"} <= block_linears
+    assert factors.style_names == ["red-square"]
+    assert all(layer.cores()[0].abs().sum() > 0 for layer in factors.layers.values())  # every layer trained
+
+
+@pytest.mark.parametrize(
+    ("value", "new_subspace", "message"),
+    [
+        ("transformer_blocks\\.\\d+\\.nothing", True, "selects no linear layer of the transformer"),
+        ("attn.(to_q", True, "is not a valid regex"),
+        ("blocks", False, "--target_modules applies only to a new subspace; --share_factors fixes the layers"),
+    ],
+    ids=["no-match", "bad-regex", "with-share-factors"],
+)
+def test_bad_target_modules_are_refused_before_training(setup, tmp_path, value, new_subspace, message):
+    result = run(setup, tmp_path / "o", "--target_modules", value, check=False, new_subspace=new_subspace, launch=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "factors").exists()

@@ -18,6 +18,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
-from share_diffusers.core import ShareError, ShareModel
+from share_diffusers.core import ShapeMismatchError, ShareError, ShareModel
+from share_diffusers.core.inject import find_targets
 from share_diffusers.core.trainable import (
     attach_trainable,
     count_parameters,
@@ -38,7 +40,7 @@ from share_diffusers.core.trainable import (
     lora_parameter_count,
     trained_adapter,
 )
-from share_diffusers.flux_lora import FLUX_ATTENTION_TARGETS
+from share_diffusers.flux_lora import FLUX_TARGET_PRESETS
 from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
 from share_diffusers.training_utils import (
     EpochShuffle,
@@ -84,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--pseudo_rank", type=int, default=8, help="p: rank of the new style's core")
     add("--rank", type=int, default=32, help="k of a new subspace (no --share_factors)")
     add("--coefficients_only", action="store_true", help="train only the style's (k, p) cores")
+    add(
+        "--target_modules",
+        default="attention",
+        help="layers of a new subspace (no --share_factors): 'attention' (the paper's), 'blocks' (every linear "
+        "of the double and single blocks) or a regex over module names (PEFT's rule)",
+    )
     add("--max_sequence_length", type=int, default=128)
     add(
         "--proportion_empty_prompts",
@@ -179,6 +187,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise SystemExit(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.share_factors and args.target_modules != "attention":
+        raise SystemExit("--target_modules applies only to a new subspace; --share_factors fixes the layers")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
@@ -195,7 +205,7 @@ def main(argv=None) -> int:
     else:
         share = ShareModel.inject(
             pipe.transformer,
-            target_modules=FLUX_ATTENTION_TARGETS,
+            target_modules=_target_modules(pipe.transformer, args.target_modules),
             config=ShareConfig(rank=args.rank, pseudo_rank=args.pseudo_rank),
         )
         pipe._share = share
@@ -302,6 +312,21 @@ def _batch_loss(pipe, transformer, pixels, captions, indices, args, step) -> tor
             )
         )
     return torch.stack(losses).mean()
+
+
+def _target_modules(transformer, value: str) -> str:
+    """The regex of ``--target_modules`` (a preset name or a regex); refuses one that selects no linear."""
+    targets = FLUX_TARGET_PRESETS.get(value, value)
+    try:
+        found = find_targets(transformer, targets)
+    except re.error as error:
+        raise ShapeMismatchError(f"--target_modules {value!r} is not a valid regex ({error})") from None
+    if not found:
+        raise ShapeMismatchError(
+            f"--target_modules {value!r} selects no linear layer of the transformer "
+            f"(presets: {', '.join(FLUX_TARGET_PRESETS)}, or a regex matching whole module names)"
+        )
+    return targets
 
 
 def _resume(accelerator, args, output_dir: Path) -> int:
