@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flux_helpers import write_diffusers_lora
+from diffusers import FluxPipeline
+from flux_helpers import run_transformer, transformer_inputs, write_diffusers_lora
 from launch_helpers import CPU_ENV, accelerate_launch
 from PIL import Image
 
@@ -250,7 +251,8 @@ def test_resume_from_a_missing_checkpoint_names_it(tmp_path):
 def test_blocks_targets_put_a_new_subspace_on_every_linear_of_the_blocks(setup, tmp_path):
     run(setup, tmp_path / "out", "--max_train_steps", 2, "--rank", 8, "--target_modules", "blocks", new_subspace=True)
     factors = load_factors(tmp_path / "out" / "factors")
-    transformer = ShareFluxPipeline.from_pretrained(str(setup / "tiny")).transformer
+    pipe = ShareFluxPipeline.from_pretrained(str(setup / "tiny"))
+    transformer = pipe.transformer
     block_linears = {
         name
         for name, module in transformer.named_modules()
@@ -261,6 +263,17 @@ def test_blocks_targets_put_a_new_subspace_on_every_linear_of_the_blocks(setup, 
     assert {"single_transformer_blocks.0.proj_mlp", "transformer_blocks.0.ff.net.2"} <= block_linears
     assert factors.style_names == ["red-square"]
     assert all(layer.cores()[0].abs().sum() > 0 for layer in factors.layers.values())  # every layer trained
+    # exported as an ordinary LoRA (modulation and MLP layers included), stock diffusers computes the same
+    inputs = transformer_inputs()
+    base = run_transformer(pipe.transformer, inputs)
+    pipe.load_share_factors(tmp_path / "out" / "factors")
+    lora = pipe.export_style_as_lora("red-square", tmp_path / "red-square.safetensors")
+    stock = FluxPipeline.from_pretrained(str(setup / "tiny"))
+    stock.load_lora_weights(str(lora))
+    pipe._share.set_style("red-square")
+    styled, exported = run_transformer(pipe.transformer, inputs), run_transformer(stock.transformer, inputs)
+    assert float((styled - exported).norm() / styled.norm()) < 1e-5
+    assert float((styled - base).norm() / base.norm()) > 1e-2  # the style does change the output (measured 0.10)
 
 
 @pytest.mark.parametrize(
