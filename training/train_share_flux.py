@@ -42,12 +42,7 @@ from share_diffusers.core.trainable import (
 )
 from share_diffusers.flux_lora import FLUX_TARGET_PRESETS
 from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
-from share_diffusers.training_utils import (
-    EpochShuffle,
-    find_checkpoint,
-    load_checkpoint,
-    make_accelerator,
-)
+from share_diffusers.training_utils import EpochShuffle, find_checkpoint, load_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_share_flux")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
