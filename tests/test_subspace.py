@@ -232,6 +232,49 @@ def test_delete_and_rename_styles():
     assert relative_error(_dense(adapters[1], "a"), factors.delta_weight("a", "y")) < 1e-5
 
 
+def test_replacing_a_styles_cores_changes_only_that_style_and_its_share_of_the_summary():
+    adapters = _adapters()
+    factors = ShareFactors.fit(adapters, ["x", "y", "z"], ShareConfig(rank=13, pseudo_rank=6))  # exact: Gram known
+    before = {(layer, name): factors.delta_weight(layer, name) for layer in SHAPES for name in "xyz"}
+    bases = {name: layer.basis_out.clone() for name, layer in factors.layers.items()}
+    generator = torch.Generator().manual_seed(9)
+    core_out, core_in = torch.randn(13, 6, generator=generator), torch.randn(13, 6, generator=generator)
+    factors.replace_style("y", {"a": (core_out, core_in)}, source={"steps": 5})
+
+    layer = factors.layers["a"]
+    expected = layer.basis_out.double() @ (core_out @ core_in.T).double() @ layer.basis_in.double().T
+    assert relative_error(expected, factors.delta_weight("a", "y")) < 1e-6
+    for key, reference in before.items():
+        if key != ("a", "y"):
+            assert torch.equal(reference, factors.delta_weight(*key))
+    assert all(torch.equal(bases[name], layer.basis_out) for name, layer in factors.layers.items())
+    assert float(layer.error[1]) == 0.0 and float(layer.norm[1]) == pytest.approx(float(expected.norm()), rel=1e-5)
+    # the summary holds every style as it is now: what a later merge weighs
+    cores = layer.cores().double()
+    assert relative_error((cores @ cores.transpose(1, 2)).sum(0), layer.gram_out) < 1e-5
+    assert relative_error((cores.transpose(1, 2) @ cores).sum(0), layer.gram_in) < 1e-5
+    assert factors.styles[1].source["fine_tuned"] == {"steps": 5}
+
+
+def test_bad_replacements_leave_factors_unchanged():
+    adapters = _adapters()
+    factors = ShareFactors.fit(adapters[:2], ["x", "y"], ShareConfig(rank=8, pseudo_rank=4))
+    factors.merge(random_adapter({"a": (40, 32)}, 2, seed=7), "only-a")
+    before = {(layer, name): factors.delta_weight(layer, name) for layer in SHAPES for name in factors.style_names}
+    good = (torch.ones(8, 4), torch.ones(8, 4))
+    with pytest.raises(ShapeMismatchError, match=r"b: core_in of the new style has shape \(8, 3\), expected \(8, 4\)"):
+        factors.replace_style("y", {"a": good, "b": (torch.ones(8, 4), torch.ones(8, 3))})
+    with pytest.raises(ShapeMismatchError, match="the factors hold no layer 'c'"):
+        factors.replace_style("y", {"a": good, "c": good})
+    with pytest.raises(StyleError, match="style 'only-a' does not touch b"):
+        factors.replace_style("only-a", {"b": good})
+    with pytest.raises(StyleError, match="unknown style 'w'"):
+        factors.replace_style("w", {"a": good})
+    for key, reference in before.items():
+        assert torch.equal(reference, factors.delta_weight(*key))
+    assert "fine_tuned" not in factors.styles[1].source
+
+
 def test_bad_merges_leave_factors_unchanged():
     adapters = _adapters()
     factors = ShareFactors.fit(adapters[:2], ["x", "y"], ShareConfig(rank=8, pseudo_rank=4))

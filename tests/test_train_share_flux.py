@@ -289,3 +289,31 @@ def test_bad_target_modules_are_refused_before_training(setup, tmp_path, value, 
     result = run(setup, tmp_path / "o", "--target_modules", value, check=False, new_subspace=new_subspace, launch=False)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "factors").exists()
+
+
+def test_fine_tune_style_trains_a_held_style_in_place(setup, tmp_path):
+    run(setup, tmp_path / "out", "--style_name", "ink", "--fine_tune_style", "--max_train_steps", 3)
+    original, tuned = load_factors(setup / "factors"), load_factors(tmp_path / "out" / "factors")
+    assert tuned.style_names == ["ink"]
+    assert tuned.styles[0].source["fine_tuned"]["steps"] == 3
+    changed = 0
+    for name, layer in original.layers.items():
+        assert torch.equal(layer.basis_out, tuned.layers[name].basis_out)
+        assert torch.equal(layer.basis_in, tuned.layers[name].basis_in)
+        changed += not torch.equal(layer.core_out, tuned.layers[name].core_out)
+    assert changed == len(original.layers)  # every layer ink touches was trained
+
+
+@pytest.mark.parametrize(
+    ("extra", "new_subspace", "message"),
+    [
+        (["--fine_tune_style"], True, "--fine_tune_style needs --share_factors holding the style --style_name"),
+        (["--fine_tune_style"], False, "unknown style 'red-square'; styles held: 'ink'"),
+        (["--style_name", "ink"], False, "a style named 'ink' already exists in"),
+    ],
+    ids=["no-factors", "unknown-style", "existing-style"],
+)
+def test_fine_tune_style_refusals(setup, tmp_path, extra, new_subspace, message):
+    result = run(setup, tmp_path / "o", *extra, check=False, new_subspace=new_subspace, launch=False)
+    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "o" / "factors").exists()

@@ -6,13 +6,15 @@ import pytest
 import torch
 from conftest import TINY_SHAPES, TinyNet, random_adapter, relative_error
 
-from share_diffusers.core import ShareConfig, ShareFactors, ShareModel
+from share_diffusers.core import ShareConfig, ShareFactors, ShareModel, StyleError
 from share_diffusers.core.trainable import (
+    attach_style_cores,
     attach_trainable,
     count_parameters,
     detach_trainable,
     lora_parameter_count,
     trained_adapter,
+    trained_cores,
 )
 
 
@@ -94,3 +96,45 @@ def test_attach_twice_and_coefficients_only_without_basis_are_refused(tiny_net):
         attach_trainable(empty.layers, pseudo_rank=2, coefficients_only=True)
     attach_trainable(empty.layers, pseudo_rank=2, phi=3)  # temporary factors start from random directions
     assert empty.layers["to_q"].trainable.basis_out.shape == (24, 3)
+
+
+def test_fine_tuning_a_held_style_starts_from_it_and_replaces_only_it(tiny_net):
+    share, adapters = _share(tiny_net)
+    x = torch.randn(6, 24)
+    before = {}
+    for name in share.style_names:
+        share.set_style(name)
+        before[name] = tiny_net(x).detach()
+    share.set_style(None)
+    bases = {name: layer.basis_out.clone() for name, layer in share.factors.layers.items()}
+    trainables = attach_style_cores(share.layers, share.factors, "b")
+    assert relative_error(before["b"], tiny_net(x)) < 1e-5  # the trainable cores start as the stored style
+    assert count_parameters(trainables) == sum(2 * layer.k * 3 for layer in share.factors.layers.values())
+    teacher = TinyNet()
+    with torch.no_grad():  # the base net plus style a: b's cores must move to reach it
+        for layer_name, module in (("to_q", teacher.to_q), ("to_v", teacher.to_v), ("mix", teacher.mix)):
+            module.weight += adapters[0].layers[layer_name].delta_weight().float().reshape(module.weight.shape)
+    first, last = _fit_teacher(share, tiny_net, teacher)
+    assert last < 0.2 * first
+    trained_output = tiny_net(x).detach()
+    cores = trained_cores(share.layers)
+    detach_trainable(share.layers)
+    share.replace_style("b", cores, source={"trained_from": "teacher"})
+    share.set_style("b")
+    assert relative_error(trained_output, tiny_net(x)) < 1e-5  # the stored style is what was trained
+    for name in ("a", "c"):
+        share.set_style(name)
+        assert torch.equal(before[name], tiny_net(x).detach())
+    assert all(torch.equal(bases[name], layer.basis_out) for name, layer in share.factors.layers.items())
+    assert share.factors.styles[1].source["fine_tuned"] == {"trained_from": "teacher"}
+
+
+def test_fine_tuning_refuses_unknown_styles_and_centred_factors(tiny_net):
+    share, adapters = _share(tiny_net)
+    with pytest.raises(StyleError, match="unknown style 'd'; styles held: 'a', 'b', 'c'"):
+        attach_style_cores(share.layers, share.factors, "d")
+    centred = ShareFactors.fit(adapters, ["a", "b", "c"], ShareConfig(rank=16, pseudo_rank=3, center=True))
+    share = ShareModel.inject(TinyNet(), centred)
+    with pytest.raises(StyleError, match="centred factors"):
+        attach_style_cores(share.layers, share.factors, "a")
+    assert all(layer.trainable is None for layer in share.layers.values())

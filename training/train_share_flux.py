@@ -8,8 +8,11 @@ Images come with a caption each (``img.png`` + ``img.txt``, or a ``metadata.json
 and ``text``). Only the temporary factors (top ``--phi`` basis columns and ``(phi, p)`` coefficients)
 train, or with ``--coefficients_only`` only a new style's ``(k, p)`` cores against the frozen bases.
 Without ``--share_factors`` the first style is learned from random directions (a LoRA of rank phi in
-Share's parameterisation) and creates the subspace. The same script runs on a CPU, one GPU or many
-processes (``accelerate launch --num_processes N``).
+Share's parameterisation) and creates the subspace. ``--fine_tune_style`` instead trains a style the
+checkpoint already holds: its ``(k, p)`` cores start from the stored ones and replace them, bases and
+other styles untouched (the paper's Step 3, "eps can then be further fine-tuned": after a merge has
+truncated the new style to k directions, its coefficients win back what they can in them). The same
+script runs on a CPU, one GPU or many processes (``accelerate launch --num_processes N``).
 """
 
 from __future__ import annotations
@@ -31,14 +34,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
-from share_diffusers.core import ShapeMismatchError, ShareError, ShareModel
+from share_diffusers.core import ShapeMismatchError, ShareError, ShareModel, StyleError
 from share_diffusers.core.inject import find_targets
 from share_diffusers.core.trainable import (
+    attach_style_cores,
     attach_trainable,
     count_parameters,
     detach_trainable,
     lora_parameter_count,
     trained_adapter,
+    trained_cores,
 )
 from share_diffusers.flux_lora import FLUX_TARGET_PRESETS
 from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
@@ -81,6 +86,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--pseudo_rank", type=int, default=8, help="p: rank of the new style's core")
     add("--rank", type=int, default=32, help="k of a new subspace (no --share_factors)")
     add("--coefficients_only", action="store_true", help="train only the style's (k, p) cores")
+    add(
+        "--fine_tune_style",
+        action="store_true",
+        help="--style_name is held by --share_factors: fine-tune its (k, p) cores in the fixed subspace and store "
+        "them in its place (paper Step 3); the other styles do not change",
+    )
     add(
         "--target_modules",
         default="attention",
@@ -184,6 +195,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.share_factors and args.target_modules != "attention":
         raise SystemExit("--target_modules applies only to a new subspace; --share_factors fixes the layers")
+    if args.fine_tune_style and not args.share_factors:
+        raise SystemExit("--fine_tune_style needs --share_factors holding the style --style_name")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
@@ -195,8 +208,13 @@ def main(argv=None) -> int:
     if args.share_factors:
         pipe.load_share_factors(args.share_factors)  # refuses factors that do not fit this transformer
         share = pipe._share
-        if args.style_name in share.style_names:
-            raise ValueError(f"a style named {args.style_name!r} already exists in {args.share_factors}")
+        if args.fine_tune_style:
+            share.factors.style_index(args.style_name)  # names the styles held when it is not one of them
+        elif args.style_name in share.style_names:
+            raise StyleError(
+                f"a style named {args.style_name!r} already exists in {args.share_factors} "
+                "(--fine_tune_style trains it further)"
+            )
     else:
         share = ShareModel.inject(
             pipe.transformer,
@@ -206,9 +224,12 @@ def main(argv=None) -> int:
         pipe._share = share
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
-    trainables = attach_trainable(
-        share.layers, args.pseudo_rank, phi=args.phi, coefficients_only=args.coefficients_only, seed=args.seed
-    )
+    if args.fine_tune_style:
+        trainables = attach_style_cores(share.layers, share.factors, args.style_name)
+    else:
+        trainables = attach_trainable(
+            share.layers, args.pseudo_rank, phi=args.phi, coefficients_only=args.coefficients_only, seed=args.seed
+        )
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     trained = count_parameters(trainables)
@@ -267,19 +288,25 @@ def main(argv=None) -> int:
     if accelerator.is_main_process:
         if args.validation_prompt:
             _validate(pipe, args, accelerator, step)
-        adapter = trained_adapter(
-            share.layers, source={"trained_from": str(args.instance_data_dir), "steps": step, "images": len(dataset)}
-        )
-        detach_trainable(share.layers)
-        share.merge(adapter, args.style_name)
+        source = {"trained_from": str(args.instance_data_dir), "steps": step, "images": len(dataset)}
         factors_dir = output_dir / "factors"
-        pipe.save_share_factors(factors_dir)
-        logger.info(
-            "style %r merged (relative error %.2e); factors saved to %s",
-            args.style_name,
-            share.factors.style_error(args.style_name),
-            factors_dir,
-        )
+        if args.fine_tune_style:
+            cores = trained_cores(share.layers)
+            detach_trainable(share.layers)
+            share.replace_style(args.style_name, cores, source)
+            pipe.save_share_factors(factors_dir)
+            logger.info("style %r fine-tuned; factors saved to %s", args.style_name, factors_dir)
+        else:
+            adapter = trained_adapter(share.layers, source=source)
+            detach_trainable(share.layers)
+            share.merge(adapter, args.style_name)
+            pipe.save_share_factors(factors_dir)
+            logger.info(
+                "style %r merged (relative error %.2e); factors saved to %s",
+                args.style_name,
+                share.factors.style_error(args.style_name),
+                factors_dir,
+            )
         if args.push_to_hub:
             pipe.push_share_factors_to_hub(args.hub_model_id or output_dir.name)
     accelerator.end_training()

@@ -22,6 +22,7 @@ from .subspace import (
     empty_layer,
     fit_layer,
     merge_layer,
+    replace_in_layer,
     to_fit,
     to_storage,
 )
@@ -209,6 +210,35 @@ class ShareFactors:
         self.layers = new_layers
         self.styles = [*self.styles, _style_info(adapter, name)]
         self.conv_layers |= {key for key, lora in adapter.layers.items() if lora.conv}
+
+    def replace_style(
+        self, name: str, cores: dict[str, tuple[torch.Tensor, torch.Tensor]], source: dict | None = None
+    ) -> None:
+        """Give style ``name`` new factors in the fixed bases: the paper's Step 3 fine-tuning of a style's coefficients.
+
+        Args:
+            cores: ``layer name -> (core_out, core_in)``, each ``(k, p)``, for layers the style touches;
+                layers left out keep the style's cores.
+            source: recorded under ``"fine_tuned"`` in the style's provenance (steps, data...).
+
+        Bases and the other styles do not change at all. Every layer is checked and computed before
+        any is swapped in, so an error leaves the factors as they were.
+        """
+        index = self.style_index(name)
+        new_layers = dict(self.layers)
+        for layer_name, (core_out, core_in) in cores.items():
+            layer = self.layers.get(layer_name)
+            if layer is None:
+                raise ShapeMismatchError(f"the factors hold no layer {layer_name!r}")
+            if not bool(layer.present[index]):
+                raise StyleError(f"style {name!r} does not touch {layer_name}; fine-tuning keeps the layers it touches")
+            try:
+                new_layers[layer_name] = to_storage(replace_in_layer(layer, index, core_out, core_in))
+            except ShapeMismatchError as error:
+                raise ShapeMismatchError(f"{layer_name}: {error}") from None
+        self.layers = new_layers
+        if source is not None:
+            self.styles[index].source = {**self.styles[index].source, "fine_tuned": source}
 
     def delete_style(self, name: str) -> None:
         """Remove a style; the other styles' reconstructions are untouched."""

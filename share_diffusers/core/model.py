@@ -189,6 +189,15 @@ class ShareModel:
         self.selection.clear()
         self.refresh()
 
+    def replace_style(
+        self, name: str, cores: dict[str, tuple[torch.Tensor, torch.Tensor]], source: dict | None = None
+    ) -> None:
+        """Store fine-tuned factors of an existing style (``ShareFactors.replace_style``); on error nothing changes."""
+        self._check_unfused("replace a style")
+        self.factors.replace_style(name, cores, source)
+        self.selection.clear()
+        self.refresh()
+
     def delete_style(self, name: str) -> None:
         self._check_unfused("delete a style")
         self.factors.delete_style(name)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import FIT_DTYPE, CanonicalLora
+from .errors import ShapeMismatchError
 
 STORE_DTYPE = torch.float32
 
@@ -442,6 +443,42 @@ def delete_from_layer(layer: LayerShare, index: int) -> LayerShare:
     result = layer.select(keep)
     result.gram_out = _clip_psd(layer.gram_out - weight**2 * core @ core.T)
     result.gram_in = _clip_psd(layer.gram_in - weight**2 * core.T @ core)
+    return result
+
+
+def replace_in_layer(layer: LayerShare, index: int, core_out: torch.Tensor, core_in: torch.Tensor) -> LayerShare:
+    """Give style ``index`` new rank-p factors in the layer's fixed bases (the paper's Step 3 fine-tuning).
+
+    ``core_out, core_in: (k, p)``. The bases and every other style stay exactly as they are. The style
+    becomes exactly what is stored, so its norm is its new core's and its error 0; its share of the
+    Gram summaries (as reconstructed at rank p, as :func:`delete_from_layer` removes it) is swapped
+    for the new core's, so later merges weigh the fine-tuned style.
+    """
+    expected = (layer.k, layer.pseudo_rank)
+    for side, core in (("core_out", core_out), ("core_in", core_in)):
+        if tuple(core.shape) != expected:
+            raise ShapeMismatchError(f"{side} of the new style has shape {tuple(core.shape)}, expected {expected}")
+    stored = layer
+    layer = to_fit(layer)
+    old_core = layer.cores()[index]  # (k, k)
+    old_weight = float(_style_weights(layer.norm, layer.normalize)[index])
+    result = layer.select(torch.arange(layer.num_styles))  # a copy whose tensors we may replace
+    # The stored bases, not to_fit's re-orthonormalised ones: the other styles stay bit for bit.
+    result.basis_out, result.basis_in = stored.basis_out.to(FIT_DTYPE), stored.basis_in.to(FIT_DTYPE)
+    result.core_out, result.core_in = layer.core_out.clone(), layer.core_in.clone()
+    result.core_out[index], result.core_in[index] = core_out.to(FIT_DTYPE), core_in.to(FIT_DTYPE)
+    new_core = result.core_out[index] @ result.core_in[index].T
+    if layer.anchor is not None and bool(layer.present[index]):
+        new_core = new_core + layer.anchor
+    result.norm, result.error = layer.norm.clone(), layer.error.clone()
+    result.norm[index], result.error[index] = torch.linalg.matrix_norm(new_core), 0.0
+    new_weight = float(_style_weights(result.norm, layer.normalize)[index])
+    result.gram_out = _clip_psd(
+        layer.gram_out - old_weight**2 * old_core @ old_core.T + new_weight**2 * new_core @ new_core.T
+    )
+    result.gram_in = _clip_psd(
+        layer.gram_in - old_weight**2 * old_core.T @ old_core + new_weight**2 * new_core.T @ new_core
+    )
     return result
 
 

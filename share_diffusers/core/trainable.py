@@ -1,11 +1,13 @@
 """Learning a new style or task from data (paper Step 2) and merging it (Step 3, DESIGN.md section 3).
 
-Two modes, per target layer:
+Three modes, per target layer:
 
 - temporary factors (paper): the top ``phi`` columns of the current bases become trainable
   ``basis_out (n_out, phi)`` / ``basis_in (d_in, phi)`` with fresh coefficients ``core_out``,
   ``core_in`` ``(phi, p)``: ``phi (n + d + 2p)`` parameters a layer, against ``r (n + d)`` for a LoRA.
 - coefficients only: the full current bases stay frozen and only ``(k, p)`` cores are trained.
+- fine-tuning a held style (paper Step 3, "eps can then be further fine-tuned"): as coefficients
+  only, but the cores start from the style's own and replace them afterwards (``trained_cores``).
 
 Either way the result is a rank-p update ``(basis_out @ core_out) (basis_in @ core_in).T`` that
 merges like any LoRA. ``core_out`` starts at zero (as LoRA's B does), so training starts from the
@@ -18,6 +20,8 @@ import torch
 from torch import nn
 
 from .adapters import LoraAdapter, LoraLayer
+from .errors import StyleError
+from .factors import ShareFactors
 from .layer import ShareLinear
 
 
@@ -30,6 +34,7 @@ class TrainableFactors(nn.Module):
         pseudo_rank: ``p``.
         train_bases: train the directions too (temporary factors) or only the cores.
         generator: for the random ``core_in`` init (std ``1 / sqrt(phi)``).
+        initial_cores: ``(core_out, core_in)``, each ``(phi, p)``, to start from instead of zero / random.
     """
 
     def __init__(
@@ -39,19 +44,24 @@ class TrainableFactors(nn.Module):
         pseudo_rank: int,
         train_bases: bool,
         generator: torch.Generator | None = None,
+        initial_cores: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__()
         phi = basis_out.shape[1]
         dtype = basis_out.dtype
-        core_in = torch.randn(phi, pseudo_rank, generator=generator, dtype=torch.float32) / max(phi, 1) ** 0.5
+        if initial_cores is None:
+            core_out = torch.zeros(phi, pseudo_rank)
+            core_in = torch.randn(phi, pseudo_rank, generator=generator, dtype=torch.float32) / max(phi, 1) ** 0.5
+        else:
+            core_out, core_in = initial_cores
         if train_bases:
             self.basis_out = nn.Parameter(basis_out.clone())
             self.basis_in = nn.Parameter(basis_in.clone())
         else:
             self.register_buffer("basis_out", basis_out.clone())
             self.register_buffer("basis_in", basis_in.clone())
-        self.core_out = nn.Parameter(torch.zeros(phi, pseudo_rank, dtype=dtype))
-        self.core_in = nn.Parameter(core_in.to(dtype))
+        self.core_out = nn.Parameter(core_out.to(dtype=dtype, device=basis_out.device).clone())
+        self.core_in = nn.Parameter(core_in.to(dtype=dtype, device=basis_out.device).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., n_out)
         hidden = (x @ self.basis_in) @ self.core_in  # (..., p)
@@ -97,6 +107,46 @@ def attach_trainable(
         layer.trainable = trainable.to(device=layer.base_layer.weight.device)
         attached[name] = layer.trainable
     return attached
+
+
+def attach_style_cores(layers: dict[str, ShareLinear], factors: ShareFactors, name: str) -> dict[str, TrainableFactors]:
+    """Trainable copies of held style ``name``'s cores, bases frozen, on every layer the style touches.
+
+    While they are attached, select no style: the trainable factors *are* the style (the model starts
+    exactly where the stored style is). ``trained_cores`` then gives what ``ShareFactors.replace_style``
+    takes. Refused for centred factors, whose anchor the trainable factors do not carry.
+    """
+    index = factors.style_index(name)
+    if any(state.anchor is not None for state in factors.layers.values()):
+        raise StyleError("fine-tuning a style of centred factors (center=True) is not supported")
+    attached = {}
+    for layer_name, layer in layers.items():
+        state = factors.layers.get(layer_name)
+        if state is None or not bool(state.present[index]):
+            continue
+        if layer.trainable is not None:
+            raise RuntimeError(f"{layer_name} already has factors being trained; detach_trainable() first")
+        trainable = TrainableFactors(
+            state.basis_out.float(),
+            state.basis_in.float(),
+            state.pseudo_rank,
+            train_bases=False,
+            initial_cores=(state.core_out[index].float(), state.core_in[index].float()),
+        )
+        layer.trainable = trainable.to(device=layer.base_layer.weight.device)
+        attached[layer_name] = layer.trainable
+    if not attached:
+        raise StyleError(f"style {name!r} touches none of the model's Share layers")
+    return attached
+
+
+def trained_cores(layers: dict[str, ShareLinear]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``layer name -> (core_out, core_in)`` (float32, CPU) of every layer with trainable factors."""
+    return {
+        name: (layer.trainable.core_out.detach().float().cpu(), layer.trainable.core_in.detach().float().cpu())
+        for name, layer in layers.items()
+        if layer.trainable is not None
+    }
 
 
 def _directions(basis: torch.Tensor, width: int, generator: torch.Generator) -> torch.Tensor:
