@@ -3,6 +3,7 @@ and the training scripts that make them."""
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import json
 import subprocess
@@ -258,3 +259,35 @@ def test_accuracy_table_shows_the_secondary_score():
     table = accuracy_table([[0.9], [0.85, 0.95]], ["a", "b"], secondary=[[0.7], [0.71, 0.72]])
     assert "| b | 85.0 ↓5.0 (71.0) | 95.0 (72.0) | 90.0 | -5.0 |" in table
     assert len(CLASS_NAMES) == 10
+
+
+def test_demo_report_checks_each_target_and_names_fine_tuned_styles():
+    sys.path.insert(0, str(ROOT / "training"))
+    try:
+        from evaluate_fashion_demo import report
+    finally:
+        sys.path.remove(str(ROOT / "training"))
+
+    def scores(style, klass):
+        return {"style_accuracy": style, "class_accuracy": klass}
+
+    results = {
+        "styles": ["a", "b"],
+        "base": scores(0.0, 0.95),
+        "base_per_class": dict.fromkeys(CLASS_NAMES, 0.95),
+        "untrained": scores(0.0, 0.1),
+        "style_matrix": [[1.0], [0.97, 0.80]],
+        "class_matrix": [[0.85], [0.84, 0.86]],
+        "lora": {"a": scores(1.0, 0.85), "b": scores(0.89, 0.80)},
+        "share_bytes": 700 * 1024,
+        "lora_bytes": {"a": 500 * 1024, "b": 500 * 1024},
+        "fine_tuned_steps": {"b": 300},
+    }
+    args = argparse.Namespace(num_inference_steps=16, base_per_class=100, style_per_class=10)
+    text = report(results, args)
+    assert "| no earlier style falls > 5 points after later ones | worst forgetting 3.0 points | met |" in text
+    assert "| Share within 5 points of one LoRA per style | worst gap +9.0 points | **missed** |" in text
+    assert "| class accuracy under a style drops <= 15 points | worst drop 11.0 points | met |" in text
+    assert "700 KiB (one checkpoint, 0.70x the LoRAs)" in text
+    assert "after their merge (paper Step 3, `--fine_tune_style`): b (300 steps)." in text
+    assert "Fine-tuned" not in report({**results, "fine_tuned_steps": {}}, args)

@@ -120,6 +120,11 @@ def main(argv=None) -> int:
     share_bytes = folder_bytes(args.continual_dir / args.styles[-1] / "factors")
 
     pipe.load_share_factors(args.continual_dir / args.styles[-1] / "factors")
+    fine_tuned = {  # styles whose coefficients were fine-tuned after their merge (train_share_flux --fine_tune_style)
+        style.name: style.source["fine_tuned"]["steps"]
+        for style in pipe.share_factors.styles
+        if "fine_tuned" in style.source
+    }
     looks = [None, *args.styles]
     grid_labels = [label for label in range(len(CLASS_NAMES)) for _ in looks]
     grid = generate(pipe, grid_labels, looks * len(CLASS_NAMES), seed=args.seed + 10_000, num_inference_steps=steps)
@@ -138,6 +143,7 @@ def main(argv=None) -> int:
         "lora": lora,
         "share_bytes": share_bytes,
         "lora_bytes": lora_bytes,
+        "fine_tuned_steps": fine_tuned,
         "options": {key: str(value) for key, value in vars(args).items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -197,7 +203,14 @@ def report(results: dict, args) -> str:
         + " | ".join(f"{100 * final[i]:.1f} ({100 * results['class_matrix'][-1][i]:.1f})" for i in range(len(styles)))
         + f" | {results['share_bytes'] / 1024:.0f} KiB (one checkpoint, {ratio:.2f}x the LoRAs) |",
         "",
-        "Scores when each style was learned: "
+        (
+            "Fine-tuned in the merged bases after their merge (paper Step 3, `--fine_tune_style`): "
+            + ", ".join(f"{name} ({steps} steps)" for name, steps in results["fine_tuned_steps"].items())
+            + ". "
+            if results.get("fine_tuned_steps")
+            else ""
+        )
+        + "Scores when each style was learned: "
         + ", ".join(f"{s} {100 * v:.1f}" for s, v in zip(styles, when_learned, strict=True))
         + ".",
         "Base model, class judge accuracy per class: "
