@@ -141,8 +141,9 @@ def summary(factors: ShareFactors, directory: Path | None = None) -> dict:
                 "name": style.name,
                 "rank": style.rank,
                 "error": factors.style_error(style.name),
-                "source": style.source.get("path") or style.source.get("repo_id"),
+                "source": style.source.get("path") or style.source.get("repo_id") or style.source.get("trained_from"),
                 "source_bytes": style.source_bytes,
+                "fine_tuned_steps": style.source.get("fine_tuned", {}).get("steps"),
             }
             for style in factors.styles
         ],
@@ -164,9 +165,19 @@ def _print_summary(factors: ShareFactors, directory: Path) -> None:
     width = max([len(style["name"]) for style in info["styles"]] + [5])
     print(f"  {'style':<{width}}  rank  rel. error  source")
     for style in info["styles"]:
-        print(f"  {style['name']:<{width}}  {style['rank']:>4}  {style['error']:>10.2e}  {style['source'] or ''}")
+        tuned = f" (fine-tuned {style['fine_tuned_steps']} steps)" if style["fine_tuned_steps"] is not None else ""
+        print(
+            f"  {style['name']:<{width}}  {style['rank']:>4}  {style['error']:>10.2e}  {style['source'] or ''}{tuned}"
+        )
     if info["bytes_on_disk"]:
-        ratio = f", {info['compression']:.1f}x smaller than the sources" if info["source_bytes"] else ""
+        ratio = ""
+        if info["source_bytes"]:
+            compression = info["compression"]
+            ratio = (
+                f", {compression:.1f}x smaller than the sources"
+                if compression >= 1
+                else f", {1 / compression:.1f}x the size of the sources"
+            )
         print(
             f"storage: {info['bytes_on_disk']:,} bytes on disk (formula {info['bytes_formula']:,}); "
             f"sources {info['source_bytes']:,} bytes{ratio}"

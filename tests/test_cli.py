@@ -15,7 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from share_diffusers.cli import main
-from share_diffusers.core import load_factors
+from share_diffusers.core import load_factors, save_factors
 from share_diffusers.lora_files import load_lora
 
 
@@ -74,6 +74,23 @@ def test_compress_inspect_merge_export_end_to_end(tmp_path, peft_adapters, capsy
     reread = load_lora(blend_file)
     expected = factors.delta_weight("to_q", {"ink": 0.5, "sepia": 0.5})
     assert relative_error(expected, reread.layers["to_q"].delta_weight()) < 1e-5
+
+
+def test_inspect_marks_fine_tuned_styles_and_a_checkpoint_larger_than_its_sources(tmp_path, peft_adapters, capsys):
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", peft_adapters[0], "-o", out, "-k", 8, "-p", 4, "--names", "ink") == 0
+    factors = load_factors(out)
+    layer = factors.layers["to_q"]
+    factors.replace_style("ink", {"to_q": (layer.core_out[0] * 2, layer.core_in[0])}, source={"steps": 7})
+    save_factors(factors, out)
+    capsys.readouterr()
+    assert run_cli("inspect", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["styles"][0]["fine_tuned_steps"] == 7 and info["compression"] < 1  # one rank-4 LoRA kept at k=8
+    assert run_cli("inspect", out) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"ink +4 +\S+ +\S*style0\S* \(fine-tuned 7 steps\)", text), text
+    assert f"{1 / info['compression']:.1f}x the size of the sources" in text
 
 
 def test_console_script_reports_errors_in_one_line(tmp_path):
