@@ -8,7 +8,7 @@ from conftest import random_adapter, relative_error, shared_adapters
 
 from share_diffusers.core import LoraAdapter, LoraLayer, ShareConfig, ShareFactors, StyleError
 from share_diffusers.core import subspace as subspace_module
-from share_diffusers.core.errors import ShapeMismatchError
+from share_diffusers.core.errors import FactorValueError, ShapeMismatchError
 
 SHAPES = {"a": (40, 32), "b": (24, 36)}
 
@@ -237,6 +237,7 @@ def test_replacing_a_styles_cores_changes_only_that_style_and_its_share_of_the_s
     factors = ShareFactors.fit(adapters, ["x", "y", "z"], ShareConfig(rank=13, pseudo_rank=6))  # exact: Gram known
     before = {(layer, name): factors.delta_weight(layer, name) for layer in SHAPES for name in "xyz"}
     bases = {name: layer.basis_out.clone() for name, layer in factors.layers.items()}
+    bases_in = {name: layer.basis_in.clone() for name, layer in factors.layers.items()}
     generator = torch.Generator().manual_seed(9)
     core_out, core_in = torch.randn(13, 6, generator=generator), torch.randn(13, 6, generator=generator)
     factors.replace_style("y", {"a": (core_out, core_in)}, source={"steps": 5})
@@ -248,12 +249,34 @@ def test_replacing_a_styles_cores_changes_only_that_style_and_its_share_of_the_s
         if key != ("a", "y"):
             assert torch.equal(reference, factors.delta_weight(*key))
     assert all(torch.equal(bases[name], layer.basis_out) for name, layer in factors.layers.items())
+    assert all(torch.equal(bases_in[name], layer.basis_in) for name, layer in factors.layers.items())
     assert float(layer.error[1]) == 0.0 and float(layer.norm[1]) == pytest.approx(float(expected.norm()), rel=1e-5)
     # the summary holds every style as it is now: what a later merge weighs
     cores = layer.cores().double()
     assert relative_error((cores @ cores.transpose(1, 2)).sum(0), layer.gram_out) < 1e-5
     assert relative_error((cores.transpose(1, 2) @ cores).sum(0), layer.gram_in) < 1e-5
     assert factors.styles[1].source["fine_tuned"] == {"steps": 5}
+    factors.replace_style("y", {"a": (core_out, 2 * core_in)}, source={"steps": 3})
+    assert factors.styles[1].source["fine_tuned"] == {"steps": 3, "previous": {"steps": 5}}
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_a_merge_after_a_replacement_weighs_the_replaced_style(normalize):
+    """Truncating fit (k < total rank, p < rank): y replaced by twice its stored core, then w merged; the merge's
+    reported errors stay true (the summaries the merge reads are consistent after a replacement)."""
+    adapters = _adapters()
+    config = ShareConfig(rank=6, pseudo_rank=3, normalize=normalize)
+    factors = ShareFactors.fit(adapters, ["x", "y", "z"], config)
+    layer = factors.layers["a"]
+    factors.replace_style("y", {"a": (2 * layer.core_out[1], layer.core_in[1])})
+    new_y = factors.delta_weight("a", "y")
+    assert relative_error(2 * layer.delta_weight(torch.tensor([0.0, 1.0, 0.0])), new_y) < 1e-5  # layer: before
+    w = random_adapter(SHAPES, 2, seed=11)
+    factors.merge(w, "w")
+    # y keeps what it holds now up to the drift the merge reports, and w lands with the error it reports
+    assert relative_error(new_y, factors.delta_weight("a", "y")) <= factors.layers["a"].error[1] + 1e-6
+    error_w = relative_error(_dense(w, "a"), factors.delta_weight("a", "w"))
+    assert error_w == pytest.approx(float(factors.layers["a"].error[3]), rel=1e-3)
 
 
 def test_bad_replacements_leave_factors_unchanged():
@@ -270,6 +293,10 @@ def test_bad_replacements_leave_factors_unchanged():
         factors.replace_style("only-a", {"b": good})
     with pytest.raises(StyleError, match="unknown style 'w'"):
         factors.replace_style("w", {"a": good})
+    with pytest.raises(FactorValueError, match="a: core_out of the new style contains NaN or Inf"):
+        factors.replace_style("y", {"a": (torch.full((8, 4), float("nan")), good[1])})
+    with pytest.raises(FactorValueError, match="b: the new style's cores are all zero; delete the style instead"):
+        factors.replace_style("y", {"a": good, "b": (torch.zeros(8, 4), good[1])})
     for key, reference in before.items():
         assert torch.equal(reference, factors.delta_weight(*key))
     assert "fine_tuned" not in factors.styles[1].source

@@ -292,16 +292,25 @@ def test_bad_target_modules_are_refused_before_training(setup, tmp_path, value, 
 
 
 def test_fine_tune_style_trains_a_held_style_in_place(setup, tmp_path):
-    run(setup, tmp_path / "out", "--style_name", "ink", "--fine_tune_style", "--max_train_steps", 3)
-    original, tuned = load_factors(setup / "factors"), load_factors(tmp_path / "out" / "factors")
-    assert tuned.style_names == ["ink"]
-    assert tuned.styles[0].source["fine_tuned"]["steps"] == 3
-    changed = 0
+    pipe = ShareFluxPipeline.from_pretrained(str(setup / "tiny"))
+    pipe.load_share_factors(setup / "factors")
+    pipe.merge_lora(write_diffusers_lora(tmp_path / "neon", seed=2, rank=4, alpha=8), style_name="neon")
+    pipe.save_share_factors(tmp_path / "two")
+    run(
+        setup,
+        tmp_path / "out",
+        *("--share_factors", tmp_path / "two", "--style_name", "ink", "--fine_tune_style", "--max_train_steps", 3),
+    )
+    original, tuned = load_factors(tmp_path / "two"), load_factors(tmp_path / "out" / "factors")
+    assert tuned.style_names == ["ink", "neon"]
+    assert tuned.styles[0].source["fine_tuned"]["steps"] == 3 and "fine_tuned" not in tuned.styles[1].source
     for name, layer in original.layers.items():
-        assert torch.equal(layer.basis_out, tuned.layers[name].basis_out)
-        assert torch.equal(layer.basis_in, tuned.layers[name].basis_in)
-        changed += not torch.equal(layer.core_out, tuned.layers[name].core_out)
-    assert changed == len(original.layers)  # every layer ink touches was trained
+        other = tuned.layers[name]
+        assert torch.equal(layer.basis_out, other.basis_out) and torch.equal(layer.basis_in, other.basis_in)
+        assert torch.equal(layer.core_out[1], other.core_out[1]) and torch.equal(layer.core_in[1], other.core_in[1])
+        # ink was trained on every layer it touches, on both sides
+        assert not torch.equal(layer.core_out[0], other.core_out[0])
+        assert not torch.equal(layer.core_in[0], other.core_in[0])
 
 
 @pytest.mark.parametrize(
@@ -310,8 +319,9 @@ def test_fine_tune_style_trains_a_held_style_in_place(setup, tmp_path):
         (["--fine_tune_style"], True, "--fine_tune_style needs --share_factors holding the style --style_name"),
         (["--fine_tune_style"], False, "unknown style 'red-square'; styles held: 'ink'"),
         (["--style_name", "ink"], False, "a style named 'ink' already exists in"),
+        (["--style_name", "ink", "--fine_tune_style", "--coefficients_only"], False, "drop --coefficients_only"),
     ],
-    ids=["no-factors", "unknown-style", "existing-style"],
+    ids=["no-factors", "unknown-style", "existing-style", "coefficients-only"],
 )
 def test_fine_tune_style_refusals(setup, tmp_path, extra, new_subspace, message):
     result = run(setup, tmp_path / "o", *extra, check=False, new_subspace=new_subspace, launch=False)

@@ -121,7 +121,7 @@ def main(argv=None) -> int:
 
     pipe.load_share_factors(args.continual_dir / args.styles[-1] / "factors")
     fine_tuned = {  # styles whose coefficients were fine-tuned after their merge (train_share_flux --fine_tune_style)
-        style.name: style.source["fine_tuned"]["steps"]
+        style.name: style.source["fine_tuned"].get("steps")
         for style in pipe.share_factors.styles
         if "fine_tuned" in style.source
     }

@@ -197,6 +197,8 @@ def main(argv=None) -> int:
         raise SystemExit("--target_modules applies only to a new subspace; --share_factors fixes the layers")
     if args.fine_tune_style and not args.share_factors:
         raise SystemExit("--fine_tune_style needs --share_factors holding the style --style_name")
+    if args.fine_tune_style and args.coefficients_only:
+        raise SystemExit("--fine_tune_style trains the style's coefficients only already; drop --coefficients_only")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
@@ -233,11 +235,13 @@ def main(argv=None) -> int:
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     trained = count_parameters(trainables)
+    rank = share.factors.config.pseudo_rank if args.fine_tune_style else args.pseudo_rank
     logger.info(
-        "trainable parameters: %s (a LoRA of rank %d on the same layers: %s)",
+        "trainable parameters: %s on %d layers (a LoRA of rank %d on them: %s)",
         f"{trained:,}",
-        args.pseudo_rank,
-        f"{lora_parameter_count(share.layers, args.pseudo_rank):,}",
+        len(trainables),
+        rank,
+        f"{lora_parameter_count({name: share.layers[name] for name in trainables}, rank):,}",
     )
 
     parameters = [p for module in trainables.values() for p in module.parameters() if p.requires_grad]

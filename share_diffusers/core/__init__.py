@@ -6,7 +6,7 @@ transformers classifiers.
 
 from .adapters import CanonicalLora, LoraAdapter, LoraLayer, lora_scale
 from .checkpoint import FORMAT_VERSION, load_factors, save_factors
-from .errors import LoraFormatError, ShapeMismatchError, ShareCheckpointError, ShareError, StyleError
+from .errors import FactorValueError, LoraFormatError, ShapeMismatchError, ShareCheckpointError, ShareError, StyleError
 from .export import export_rank, style_as_lora
 from .factors import ShareConfig, ShareFactors, StyleInfo
 from .inject import find_targets, remove_share
@@ -22,6 +22,7 @@ __all__ = [
     "FORMAT_VERSION",
     "load_factors",
     "save_factors",
+    "FactorValueError",
     "LoraFormatError",
     "ShapeMismatchError",
     "ShareCheckpointError",

@@ -20,5 +20,9 @@ class StyleError(ShareError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class FactorValueError(ShareError, ValueError):
+    """Factors to be stored hold values that cannot be: NaN or Inf, or an all-zero style core."""
+
+
 class ShapeMismatchError(ShareError, ValueError):
     """Factors do not fit a layer (wrong shape) or a model (missing layer)."""

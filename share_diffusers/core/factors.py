@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter
-from .errors import ShapeMismatchError, StyleError
+from .errors import FactorValueError, ShapeMismatchError, StyleError
 from .subspace import (
     LayerShare,
     RankRule,
@@ -219,7 +219,8 @@ class ShareFactors:
         Args:
             cores: ``layer name -> (core_out, core_in)``, each ``(k, p)``, for layers the style touches;
                 layers left out keep the style's cores.
-            source: recorded under ``"fine_tuned"`` in the style's provenance (steps, data...).
+            source: recorded under ``"fine_tuned"`` in the style's provenance (steps, data...); an
+                earlier fine-tuning's record moves to its ``"previous"``.
 
         Bases and the other styles do not change at all. Every layer is checked and computed before
         any is swapped in, so an error leaves the factors as they were.
@@ -234,11 +235,13 @@ class ShareFactors:
                 raise StyleError(f"style {name!r} does not touch {layer_name}; fine-tuning keeps the layers it touches")
             try:
                 new_layers[layer_name] = to_storage(replace_in_layer(layer, index, core_out, core_in))
-            except ShapeMismatchError as error:
-                raise ShapeMismatchError(f"{layer_name}: {error}") from None
+            except (ShapeMismatchError, FactorValueError) as error:
+                raise type(error)(f"{layer_name}: {error}") from None
         self.layers = new_layers
         if source is not None:
-            self.styles[index].source = {**self.styles[index].source, "fine_tuned": source}
+            previous = self.styles[index].source.get("fine_tuned")
+            record = {**source, "previous": previous} if previous else dict(source)
+            self.styles[index].source = {**self.styles[index].source, "fine_tuned": record}
 
     def delete_style(self, name: str) -> None:
         """Remove a style; the other styles' reconstructions are untouched."""

@@ -195,8 +195,7 @@ class ShareModel:
         """Store fine-tuned factors of an existing style (``ShareFactors.replace_style``); on error nothing changes."""
         self._check_unfused("replace a style")
         self.factors.replace_style(name, cores, source)
-        self.selection.clear()
-        self.refresh()
+        self.refresh()  # the bank keeps its styles, so the current selection stays valid
 
     def delete_style(self, name: str) -> None:
         self._check_unfused("delete a style")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapters import FIT_DTYPE, CanonicalLora
-from .errors import ShapeMismatchError
+from .errors import FactorValueError, ShapeMismatchError
 
 STORE_DTYPE = torch.float32
 
@@ -452,12 +452,17 @@ def replace_in_layer(layer: LayerShare, index: int, core_out: torch.Tensor, core
     ``core_out, core_in: (k, p)``. The bases and every other style stay exactly as they are. The style
     becomes exactly what is stored, so its norm is its new core's and its error 0; its share of the
     Gram summaries (as reconstructed at rank p, as :func:`delete_from_layer` removes it) is swapped
-    for the new core's, so later merges weigh the fine-tuned style.
+    for the new core's, so later merges weigh the fine-tuned style. What the style's rank-p split
+    had dropped stays in the summaries, as after a delete, so ``explained_variance`` may then exceed 1.
     """
     expected = (layer.k, layer.pseudo_rank)
     for side, core in (("core_out", core_out), ("core_in", core_in)):
         if tuple(core.shape) != expected:
             raise ShapeMismatchError(f"{side} of the new style has shape {tuple(core.shape)}, expected {expected}")
+        if not bool(torch.isfinite(core).all()):
+            raise FactorValueError(f"{side} of the new style contains NaN or Inf")
+    if not bool(core_out.any()) or not bool(core_in.any()):
+        raise FactorValueError("the new style's cores are all zero; delete the style instead")
     stored = layer
     layer = to_fit(layer)
     old_core = layer.cores()[index]  # (k, k)
@@ -466,7 +471,7 @@ def replace_in_layer(layer: LayerShare, index: int, core_out: torch.Tensor, core
     # The stored bases, not to_fit's re-orthonormalised ones: the other styles stay bit for bit.
     result.basis_out, result.basis_in = stored.basis_out.to(FIT_DTYPE), stored.basis_in.to(FIT_DTYPE)
     result.core_out, result.core_in = layer.core_out.clone(), layer.core_in.clone()
-    result.core_out[index], result.core_in[index] = core_out.to(FIT_DTYPE), core_in.to(FIT_DTYPE)
+    result.core_out[index], result.core_in[index] = core_out.detach().to(FIT_DTYPE), core_in.detach().to(FIT_DTYPE)
     new_core = result.core_out[index] @ result.core_in[index].T
     if layer.anchor is not None and bool(layer.present[index]):
         new_core = new_core + layer.anchor

@@ -57,9 +57,9 @@ class TrainableFactors(nn.Module):
         if train_bases:
             self.basis_out = nn.Parameter(basis_out.clone())
             self.basis_in = nn.Parameter(basis_in.clone())
-        else:
-            self.register_buffer("basis_out", basis_out.clone())
-            self.register_buffer("basis_in", basis_in.clone())
+        else:  # frozen: they come from the checkpoint, so a resumed run cannot mix in a stale copy
+            self.register_buffer("basis_out", basis_out.clone(), persistent=False)
+            self.register_buffer("basis_in", basis_in.clone(), persistent=False)
         self.core_out = nn.Parameter(core_out.to(dtype=dtype, device=basis_out.device).clone())
         self.core_in = nn.Parameter(core_in.to(dtype=dtype, device=basis_out.device).clone())
 
