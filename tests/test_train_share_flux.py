@@ -79,9 +79,9 @@ def run(setup, out, *extra, processes: int = 1, check: bool = True, new_subspace
     return result
 
 
-def _style_cores(path):
+def _style_cores(path, style="red-square"):
     factors = load_factors(path)
-    index = factors.style_index("red-square")
+    index = factors.style_index(style)
     return {name: layer.cores()[index] for name, layer in factors.layers.items()}
 
 
@@ -135,13 +135,19 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
         assert float((one[name] - two[name]).norm() / one[name].norm()) < 1e-3, name
 
 
-def test_resume_from_latest_checkpoint_ends_where_an_uninterrupted_run_ends(setup, tmp_path):
-    run(setup, tmp_path / "full", "--max_train_steps", 6, "--checkpointing_steps", 3)
-    run(setup, tmp_path / "cut", "--max_train_steps", 3, "--checkpointing_steps", 3)  # "killed" after step 3
+@pytest.mark.parametrize(
+    ("mode", "style"),
+    [([], "red-square"), (["--style_name", "ink", "--fine_tune_style"], "ink")],
+    ids=["new", "fine-tune"],
+)
+def test_resume_from_latest_checkpoint_ends_where_an_uninterrupted_run_ends(setup, tmp_path, mode, style):
+    run(setup, tmp_path / "full", *mode, "--max_train_steps", 6, "--checkpointing_steps", 3)
+    run(setup, tmp_path / "cut", *mode, "--max_train_steps", 3, "--checkpointing_steps", 3)  # "killed" after step 3
     (tmp_path / "cut" / "factors").rename(tmp_path / "cut" / "factors-partial")
     run(
         setup,
         tmp_path / "cut",
+        *mode,
         "--max_train_steps",
         6,
         "--checkpointing_steps",
@@ -149,7 +155,12 @@ def test_resume_from_latest_checkpoint_ends_where_an_uninterrupted_run_ends(setu
         "--resume_from_checkpoint",
         "latest",
     )
-    full, resumed = _style_cores(tmp_path / "full" / "factors"), _style_cores(tmp_path / "cut" / "factors")
+    full, resumed = (
+        _style_cores(tmp_path / "full" / "factors", style),
+        _style_cores(tmp_path / "cut" / "factors", style),
+    )
+    partial = _style_cores(tmp_path / "cut" / "factors-partial", style)
+    assert any(not torch.equal(full[name], partial[name]) for name in full)  # steps 4-6 did train
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
 
