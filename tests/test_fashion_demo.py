@@ -289,5 +289,5 @@ def test_demo_report_checks_each_target_and_names_fine_tuned_styles():
     assert "| Share within 5 points of one LoRA per style | worst gap +9.0 points | **missed** |" in text
     assert "| class accuracy under a style drops <= 15 points | worst drop 11.0 points | met |" in text
     assert "700 KiB (one checkpoint, 0.70x the LoRAs)" in text
-    assert "after their merge (paper Step 3, `--fine_tune_style`): b (300 steps)." in text
+    assert "bases after learning (paper Step 3, `--fine_tune_style`): b (300 steps)." in text
     assert "Fine-tuned" not in report({**results, "fine_tuned_steps": {}}, args)

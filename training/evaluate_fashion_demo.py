@@ -204,7 +204,7 @@ def report(results: dict, args) -> str:
         + f" | {results['share_bytes'] / 1024:.0f} KiB (one checkpoint, {ratio:.2f}x the LoRAs) |",
         "",
         (
-            "Fine-tuned in the merged bases after their merge (paper Step 3, `--fine_tune_style`): "
+            "Coefficients fine-tuned in the checkpoint's bases after learning (paper Step 3, `--fine_tune_style`): "
             + ", ".join(f"{name} ({steps} steps)" for name, steps in results["fine_tuned_steps"].items())
             + ". "
             if results.get("fine_tuned_steps")
