@@ -24,6 +24,16 @@ def _share(tiny_net):
     return ShareModel.inject(tiny_net, factors), adapters
 
 
+def _outputs_per_style(share, tiny_net, x):
+    """``name -> tiny_net(x)`` with each held style selected; leaves no style selected."""
+    outputs = {}
+    for name in share.style_names:
+        share.set_style(name)
+        outputs[name] = tiny_net(x).detach()
+    share.set_style(None)
+    return outputs
+
+
 def _fit_teacher(share, tiny_net, teacher, steps=300):
     """Regress the Share model on a teacher network's outputs; returns the first and last losses."""
     parameters = [p for module in share.layers.values() for p in module.trainable.parameters() if p.requires_grad]
@@ -44,11 +54,7 @@ def _fit_teacher(share, tiny_net, teacher, steps=300):
 def test_learning_a_style_from_data_and_merging_keeps_earlier_styles(tiny_net, coefficients_only):
     share, adapters = _share(tiny_net)
     x = torch.randn(6, 24)
-    before = {}
-    for name in share.style_names:
-        share.set_style(name)
-        before[name] = tiny_net(x).detach()
-    share.set_style(None)
+    before = _outputs_per_style(share, tiny_net, x)
     base = tiny_net(x).detach()
     trainables = attach_trainable(share.layers, pseudo_rank=2, phi=4, coefficients_only=coefficients_only, seed=0)
     sizes = [(layer.out_features, layer.in_features, layer.basis_out.shape[1]) for layer in share.layers.values()]
@@ -101,11 +107,7 @@ def test_attach_twice_and_coefficients_only_without_basis_are_refused(tiny_net):
 def test_fine_tuning_a_held_style_starts_from_it_and_replaces_only_it(tiny_net):
     share, adapters = _share(tiny_net)
     x = torch.randn(6, 24)
-    before = {}
-    for name in share.style_names:
-        share.set_style(name)
-        before[name] = tiny_net(x).detach()
-    share.set_style(None)
+    before = _outputs_per_style(share, tiny_net, x)
     bases = {name: layer.basis_out.clone() for name, layer in share.factors.layers.items()}
     trainables = attach_style_cores(share.layers, share.factors, "b")
     assert relative_error(before["b"], tiny_net(x)) < 1e-5  # the trainable cores start as the stored style
