@@ -298,19 +298,14 @@ def main(argv=None) -> int:
             cores = trained_cores(share.layers)
             detach_trainable(share.layers)
             share.replace_style(args.style_name, cores, source)
-            pipe.save_share_factors(factors_dir)
-            logger.info("style %r fine-tuned; factors saved to %s", args.style_name, factors_dir)
+            outcome = "fine-tuned"
         else:
             adapter = trained_adapter(share.layers, source=source)
             detach_trainable(share.layers)
             share.merge(adapter, args.style_name)
-            pipe.save_share_factors(factors_dir)
-            logger.info(
-                "style %r merged (relative error %.2e); factors saved to %s",
-                args.style_name,
-                share.factors.style_error(args.style_name),
-                factors_dir,
-            )
+            outcome = f"merged (relative error {share.factors.style_error(args.style_name):.2e})"
+        pipe.save_share_factors(factors_dir)
+        logger.info("style %r %s; factors saved to %s", args.style_name, outcome, factors_dir)
         if args.push_to_hub:
             pipe.push_share_factors_to_hub(args.hub_model_id or output_dir.name)
     accelerator.end_training()

@@ -467,24 +467,31 @@ def replace_in_layer(layer: LayerShare, index: int, core_out: torch.Tensor, core
     layer = to_fit(layer)
     old_core = layer.cores()[index]  # (k, k)
     old_weight = float(_style_weights(layer.norm, layer.normalize)[index])
-    result = layer.select(torch.arange(layer.num_styles))  # a copy whose tensors we may replace
-    # The stored bases, not to_fit's re-orthonormalised ones: the other styles stay bit for bit.
-    result.basis_out, result.basis_in = stored.basis_out.to(FIT_DTYPE), stored.basis_in.to(FIT_DTYPE)
-    result.core_out, result.core_in = layer.core_out.clone(), layer.core_in.clone()
-    result.core_out[index], result.core_in[index] = core_out.detach().to(FIT_DTYPE), core_in.detach().to(FIT_DTYPE)
-    new_core = result.core_out[index] @ result.core_in[index].T
+    core_outs, core_ins = layer.core_out.clone(), layer.core_in.clone()
+    core_outs[index], core_ins[index] = core_out.detach().to(FIT_DTYPE), core_in.detach().to(FIT_DTYPE)
+    new_core = core_outs[index] @ core_ins[index].T
     if layer.anchor is not None and bool(layer.present[index]):
         new_core = new_core + layer.anchor
-    result.norm, result.error = layer.norm.clone(), layer.error.clone()
-    result.norm[index], result.error[index] = torch.linalg.matrix_norm(new_core), 0.0
-    new_weight = float(_style_weights(result.norm, layer.normalize)[index])
-    result.gram_out = _clip_psd(
-        layer.gram_out - old_weight**2 * old_core @ old_core.T + new_weight**2 * new_core @ new_core.T
+    norm, error = layer.norm.clone(), layer.error.clone()
+    norm[index], error[index] = torch.linalg.matrix_norm(new_core), 0.0
+    new_weight = float(_style_weights(norm, layer.normalize)[index])
+    return LayerShare(
+        # The stored bases, not to_fit's re-orthonormalised ones: the other styles stay bit for bit.
+        basis_out=stored.basis_out.to(FIT_DTYPE),
+        basis_in=stored.basis_in.to(FIT_DTYPE),
+        core_out=core_outs,
+        core_in=core_ins,
+        gram_out=_clip_psd(
+            layer.gram_out - old_weight**2 * old_core @ old_core.T + new_weight**2 * new_core @ new_core.T
+        ),
+        gram_in=_clip_psd(
+            layer.gram_in - old_weight**2 * old_core.T @ old_core + new_weight**2 * new_core.T @ new_core
+        ),
+        norm=norm,
+        error=error,
+        anchor=layer.anchor,
+        normalize=layer.normalize,
     )
-    result.gram_in = _clip_psd(
-        layer.gram_in - old_weight**2 * old_core.T @ old_core + new_weight**2 * new_core.T @ new_core
-    )
-    return result
 
 
 def _clip_psd(matrix: torch.Tensor) -> torch.Tensor:
