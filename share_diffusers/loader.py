@@ -13,7 +13,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from .core import LoraAdapter, ShareConfig, ShareFactors, ShareModel, load_factors, save_factors, style_as_lora
@@ -68,6 +67,33 @@ class ShareLoaderMixin:
     @property
     def _share_denoiser(self) -> nn.Module:
         return self.transformer
+
+    @property
+    def share(self) -> ShareModel | None:
+        """The denoiser's :class:`ShareModel` (layers, factors, per-call style state), or None before any factors.
+
+        The same object as ``ShareModel.of(pipe.transformer)``. Use it for what the pipeline does not
+        wrap: ``with pipe.share.styles(["ink", "neon"]): ...`` around any call, training, inspection.
+        """
+        return self._share
+
+    def new_share_subspace(
+        self, target_modules: str | list[str] | None = None, config: ShareConfig | None = None
+    ) -> ShareModel:
+        """Inject an empty Share subspace into the denoiser (styles come later: trained or merged).
+
+        Args:
+            target_modules: which linears Share covers (PEFT rule); default the attention linears.
+            config: ``k``, ``p`` and options (default ``ShareConfig()``: k=32, p=8).
+        """
+        if self._share is not None:
+            raise RuntimeError("this pipeline already holds Share factors; remove_share() first")
+        self._check_no_peft_adapters()
+        targets = self._choose_targets(target_modules, {})
+        share = ShareModel.inject(self._share_denoiser, target_modules=targets, config=config or ShareConfig())
+        share.factors.base_model = self._base_model_id()
+        self._share = share
+        return share
 
     @property
     def share_factors(self) -> ShareFactors | None:
@@ -235,9 +261,14 @@ class ShareLoaderMixin:
     def rename_style(self, old: str, new: str) -> None:
         self._require_share().rename_style(old, new)
 
-    def fuse_style(self, style: StyleSpec, style_scale: float = 1.0) -> None:
-        """Fuse a style or blend into the transformer weights: base-model speed; undo with ``unfuse_style``."""
-        self._require_share().fuse_style(style, style_scale)
+    def fuse_style(self, style: StyleSpec, style_scale: float = 1.0, exact: bool = True) -> None:
+        """Fuse a style or blend into the transformer weights: base-model speed; undo with ``unfuse_style``.
+
+        ``exact`` (default) keeps a copy of the fused weights on their device so that unfusing is bit
+        for bit (5.0 GiB for FLUX.1 in bf16); ``exact=False`` saves that memory and unfuses by
+        subtraction, as PEFT's ``unfuse_lora`` does (within bf16 rounding).
+        """
+        self._require_share().fuse_style(style, style_scale, exact=exact)
 
     def unfuse_style(self) -> None:
         if self._share is not None:
@@ -258,20 +289,6 @@ class ShareLoaderMixin:
         self._default_style = None
 
     # -- helpers --------------------------------------------------------------------------------
-
-    def _style_weights_for_batch(
-        self, style, style_scale: float, batch_size: int, num_images_per_prompt: int
-    ) -> torch.Tensor | None:
-        """``(batch_size * num_images_per_prompt, t)`` weights in diffusers' row order, or None."""
-        from .core.model import style_weights
-
-        if style is None:
-            return None
-        weights = style_weights(self._require_share().factors, style, style_scale, batch_size=batch_size)
-        if weights is None:
-            return None
-        # Diffusers repeats each prompt's embeddings num_images_per_prompt times in place (p0 p0 p1 p1 ...).
-        return weights.repeat_interleave(num_images_per_prompt, dim=0)
 
     def _require_share(self) -> ShareModel:
         if self._share is None:

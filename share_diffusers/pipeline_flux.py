@@ -50,13 +50,9 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
         else:
             raise ValueError("give prompt or prompt_embeds")
         per_prompt = kwargs.get("num_images_per_prompt") or 1
-        weights = self._style_weights_for_batch(style, style_scale, batch_size, per_prompt)
-        selection = self._share.selection
-        selection.set(weights)
-        try:
+        # Diffusers repeats each prompt's embeddings num_images_per_prompt times in place (p0 p0 p1 p1 ...).
+        with self._share.styles(style, style_scale, batch_size=batch_size, repeat=per_prompt):
             return super().__call__(*args, **kwargs)
-        finally:
-            selection.clear()
 
     def load_lora_weights(self, *args, **kwargs):
         """Stock diffusers LoRA loading; refused while Share layers are in the transformer."""

@@ -130,3 +130,13 @@ def fake_hub():
     hub = FakeHub(HUB_PORT)
     yield hub
     hub.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` run only where CUDA is (``pytest -m gpu`` on a GPU machine); CI skips them."""
+    if torch.cuda.is_available() or os.environ.get("SHARE_GPU_TEST_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -83,11 +83,11 @@ def test_peft_written_loras_match_and_mixed_ranks_alphas(share_pipe, loras):
     inputs = transformer_inputs()
     for name in ("ink", "sepia"):
         stock = stock_with((name, loras[name]))
-        share_pipe._share.set_style(name)
+        share_pipe.share.set_style(name)
         assert (
             relative(run_transformer(stock.transformer, inputs), run_transformer(share_pipe.transformer, inputs)) < 1e-4
         )
-    share_pipe._share.set_style(None)
+    share_pipe.share.set_style(None)
 
 
 def test_mixed_batch_equals_separate_calls(share_pipe):
@@ -161,11 +161,11 @@ def test_export_round_trip_through_stock_load_lora_weights(share_pipe, tmp_path)
     for style in ("ink", {"ink": 0.3, "sepia": 0.7}):
         path = share_pipe.export_style_as_lora(style, tmp_path / "exported.safetensors")
         stock = stock_with(("exported", path))
-        share_pipe._share.set_style(style)
+        share_pipe.share.set_style(style)
         assert (
             relative(run_transformer(share_pipe.transformer, inputs), run_transformer(stock.transformer, inputs)) < 1e-4
         )
-    share_pipe._share.set_style(None)
+    share_pipe.share.set_style(None)
 
 
 def test_fuse_equals_unfused_and_unfuse_restores(share_pipe):
@@ -208,9 +208,9 @@ def test_merge_report_measures_energy_outside_targets(loras):
 
 def _snapshot(pipe):
     inputs = transformer_inputs(batch=1)
-    pipe._share.set_style("ink")
+    pipe.share.set_style("ink")
     styled = run_transformer(pipe.transformer, inputs)
-    pipe._share.set_style(None)
+    pipe.share.set_style(None)
     return pipe.list_styles(), styled, {name: layer.basis_out.clone() for name, layer in pipe._share.layers.items()}
 
 
@@ -322,7 +322,7 @@ def test_pipeline_folder_round_trip_and_switch_without_recompiling(tmp_path, lor
     pipe.merge_lora(loras["ink"], style_name="ink", config=EXACT)
     pipe.merge_lora(loras["sepia"], style_name="sepia")
     inputs = transformer_inputs()
-    pipe._share.set_style("ink", batch_size=2)
+    pipe.share.set_style("ink", batch_size=2)
     eager = run_transformer(pipe.transformer, inputs)
     import torch._dynamo
 
@@ -332,7 +332,7 @@ def test_pipeline_folder_round_trip_and_switch_without_recompiling(tmp_path, lor
     try:
         assert relative(eager, run_transformer(compiled, inputs)) < 1e-6
         for style in ("sepia", {"ink": 0.5, "sepia": 0.5}, ["ink", "sepia"]):
-            pipe._share.set_style(style, batch_size=2)
+            pipe.share.set_style(style, batch_size=2)
             run_transformer(compiled, inputs)  # raises if switching styles forced a recompile
     finally:
         torch._dynamo.config.error_on_recompile = False

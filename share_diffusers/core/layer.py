@@ -19,21 +19,59 @@ from .subspace import LayerShare
 
 
 class StyleSelection:
-    """The styles applied to the current batch, shared by every ``ShareLinear`` of a model.
+    """The per-call style state of one model, shared by every ``ShareLinear`` in it.
 
-    ``weights`` is ``(batch, t)`` over the whole style bank (one row broadcasts to any batch), or
-    None for the base model. Dense weights keep every tensor shape fixed while styles switch, so a
-    compiled model does not recompile; blending ``t`` cores costs ``O(t k^2 p)`` per layer and
-    forward, negligible next to the layer's own matmul.
+    ``weights`` is ``(rows, t)`` over the whole style bank (one row broadcasts to any batch), or None
+    for the base model. Setting it does all the per-request work at once, so that a forward does
+    none: the weights go to the layers' device (one small copy), and the blended cores
+    ``C_b = sum_i w[b, i] C_i`` of every layer are computed in one batched product per group of
+    layers that share ``(k, t p, device, dtype)`` (all 266 attention linears of FLUX.1 are one
+    group), then written into one ``(layers, rows, k, k)`` buffer of which each layer holds a view.
+
+    A styled forward then reads its view and adds three kernels (project, per-sample cores, project
+    back fused with the add): no host-device traffic, no recomputation, and the same tensor shapes
+    whatever the request, so a compiled model does not recompile when styles switch. A new request
+    with the same number of rows overwrites the buffer in place (stream-ordered on CUDA); a new
+    row count re-binds the views once.
+
+    Memory: float32 stacks of the layers' cores (``2 k t p`` numbers a layer: 11 MiB for 266
+    FLUX.1 layers, 20 styles, k = 32, p = 8) and the blended buffer (``rows k^2`` numbers a layer in
+    the model's dtype: 0.5 MiB a row at that size).
     """
 
     def __init__(self) -> None:
-        self.weights: torch.Tensor | None = None  # (batch, t) float32
+        self.weights: torch.Tensor | None = None  # (rows, t) float32 on the CPU, as requested
         self.version = 0  # bumped on every change, so callers can tell cheaply whether anything moved
+        self.layers: list[ShareLinear] = []
+        self._groups: list[_LayerGroup] | None = None  # None: rebuilt from the layers before the next blend
+
+    # -- the layers that read this selection ------------------------------------------------------
+
+    def attach(self, layer: ShareLinear) -> None:
+        self.layers.append(layer)
+        self._groups = None
+
+    def detach_all(self) -> None:
+        for layer in self.layers:
+            layer.blended_cores = None
+        self.layers = []
+        self._groups = None
+        self.weights = None
+
+    def invalidate(self) -> None:
+        """A layer's factors changed: regroup before the next blend (cheap; call :meth:`refresh` once after)."""
+        self._groups = None
+
+    def refresh(self) -> None:
+        """Recompute the blended cores of the current weights after factors changed or the model moved."""
+        self._groups = None
+        if self.weights is not None:
+            self._blend(self.weights)
+
+    # -- selecting ------------------------------------------------------------------------------
 
     def set(self, weights: torch.Tensor | None) -> None:
-        """Select styles: ``weights (batch, t)`` or ``(t,)`` for the whole batch, or None for the base model."""
-        self.version += 1
+        """Select styles: ``weights (rows, t)`` or ``(t,)`` for the whole batch, or None for the base model."""
         if weights is not None:
             if weights.ndim == 1:
                 weights = weights[None]
@@ -41,14 +79,18 @@ class StyleSelection:
                 raise ValueError(
                     f"style weights must be (batch, num_styles) or (num_styles,), got {tuple(weights.shape)}"
                 )
-            weights = weights.detach().to(torch.float32)
+            weights = weights.detach().to("cpu", torch.float32)
+            if not bool(torch.isfinite(weights).all()):
+                raise ValueError("style weights must be finite numbers")
             if not bool(weights.any()):
                 weights = None  # nobody styled: take the base path, bit for bit
-        self.weights = weights
+        self.set_checked(weights)
 
     def set_checked(self, weights: torch.Tensor | None) -> None:
-        """:meth:`set` for weights already known to be ``(batch, t)`` float32 with a non-zero entry."""
+        """:meth:`set` for weights already known to be ``(rows, t)`` float32 on the CPU with a non-zero entry."""
         self.version += 1
+        if weights is not None:
+            self._blend(weights)
         self.weights = weights
 
     def clear(self) -> None:
@@ -58,6 +100,82 @@ class StyleSelection:
     def is_active(self) -> bool:
         return self.weights is not None
 
+    # -- the per-request computation ------------------------------------------------------------
+
+    def _blend(self, weights: torch.Tensor) -> None:
+        """Blended cores of every layer for ``weights (rows, t)``, written where the layers read them."""
+        groups = self._current_groups()
+        for group in groups:
+            if weights.shape[1] != group.num_styles:
+                raise ValueError(
+                    f"the style selection covers {weights.shape[1]} styles but the layers hold {group.num_styles}"
+                )
+        on_device: dict[torch.device, torch.Tensor] = {}
+        for group in groups:
+            if group.device not in on_device:
+                on_device[group.device] = weights.to(group.device, non_blocking=True)
+            group.blend(on_device[group.device])
+
+    def _current_groups(self) -> list[_LayerGroup]:
+        groups = self._groups
+        if groups is not None and all(group.is_current() for group in groups):
+            return groups
+        by_key: dict[tuple, list[ShareLinear]] = {}
+        for layer in self.layers:
+            if layer.basis_out.shape[1] == 0 or layer.num_styles == 0:
+                layer.blended_cores = None  # no factors here: the layer stays its base
+                continue
+            key = (layer.basis_out.shape[1], layer.cores_out.shape[1], layer.basis_out.device, layer.basis_out.dtype)
+            by_key.setdefault(key, []).append(layer)
+        self._groups = [_LayerGroup(layers) for layers in by_key.values()]
+        return self._groups
+
+
+class _LayerGroup:
+    """Layers with the same ``(k, t p, device, dtype)``: their cores stacked for one batched blend."""
+
+    def __init__(self, layers: list[ShareLinear]):
+        first = layers[0]
+        self.layers = layers
+        self.device, self.dtype = first.basis_out.device, first.basis_out.dtype
+        self.pseudo_rank = first.pseudo_rank
+        self.num_styles = first.num_styles
+        self.cores_out = torch.stack([layer.cores_out.float() for layer in layers])  # (L, k, t p)
+        self.cores_in = torch.stack([layer.cores_in.float() for layer in layers])  # (L, t p, k)
+        self.anchors = None
+        if any(layer.anchor.numel() for layer in layers):
+            zero = torch.zeros(first.basis_out.shape[1], first.basis_out.shape[1], device=self.device)
+            self.anchors = torch.stack([layer.anchor.float() if layer.anchor.numel() else zero for layer in layers])
+            self.present = torch.stack([layer.present.float() for layer in layers])  # (L, t)
+        self.blended: torch.Tensor | None = None  # (L, rows, k, k) in the layers' dtype
+        self._views: tuple[torch.Tensor, ...] = ()
+
+    def is_current(self) -> bool:
+        """False once the model moved or changed dtype (``.to()`` replaces the layers' buffers)."""
+        first = self.layers[0]
+        return (
+            first.basis_out.device == self.device
+            and first.basis_out.dtype == self.dtype
+            and (not self._views or first.blended_cores is self._views[0])
+        )
+
+    def blend(self, weights: torch.Tensor) -> None:
+        """``weights (rows, t)`` on this group's device."""
+        # sum_i w_i core_out[i] @ core_in[i].T == [w_1 core_out[1], ...] @ [core_in[1]; ...]: one batched matmul.
+        scale = weights.repeat_interleave(self.pseudo_rank, dim=1)  # (rows, t p)
+        blended = (self.cores_out[:, None] * scale[None, :, None, :]) @ self.cores_in[:, None]  # (L, rows, k, k)
+        if self.anchors is not None:
+            # The anchor (mean core) belongs to every style that touches the layer.
+            anchor_weight = self.present @ weights.T  # (L, rows)
+            blended = blended + anchor_weight[:, :, None, None] * self.anchors[:, None]
+        if self.blended is not None and self.blended.shape == blended.shape:
+            self.blended.copy_(blended)  # the views the layers hold see it; no per-layer work
+            return
+        self.blended = blended.to(self.dtype)
+        self._views = self.blended.unbind(0)
+        for layer, view in zip(self.layers, self._views, strict=True):
+            layer.blended_cores = view
+
 
 class ShareLinear(nn.Module):
     """A frozen linear map with a Share style bank on top.
@@ -65,10 +183,12 @@ class ShareLinear(nn.Module):
     Args:
         base_layer: the module it wraps, ``nn.Linear`` or a 1x1 ``nn.Conv2d`` (``groups=1``, no
             padding), of any dtype and device; its parameters are left untouched (frozen).
-        selection: the model-wide :class:`StyleSelection` this layer reads.
+        selection: the model-wide :class:`StyleSelection` this layer reads (it registers itself).
 
-    The Share tensors are non-persistent buffers in the base layer's dtype and device, so the
-    model's own ``state_dict`` stays that of the base model.
+    The Share tensors are non-persistent buffers on the base layer's device, so the model's own
+    ``state_dict`` stays that of the base model. The bases are in the base weight's dtype (they
+    are what the forward multiplies with); the cores stay float32 (tiny, and blends and fusing
+    are computed from them).
     """
 
     def __init__(self, base_layer: nn.Linear | nn.Conv2d, selection: StyleSelection):
@@ -90,149 +210,189 @@ class ShareLinear(nn.Module):
             raise TypeError(f"ShareLinear wraps nn.Linear or 1x1 nn.Conv2d, not {type(base_layer).__name__}")
         self.base_layer = base_layer
         self.selection = selection
+        self._is_conv = isinstance(base_layer, nn.Conv2d)
         weight = base_layer.weight
-        empty = dict(dtype=weight.dtype, device=weight.device)
-        self.register_buffer("basis_out", torch.zeros(self.out_features, 0, **empty), persistent=False)
-        self.register_buffer("basis_in", torch.zeros(self.in_features, 0, **empty), persistent=False)
+        compute = dict(dtype=weight.dtype, device=weight.device)
+        exact = dict(dtype=torch.float32, device=weight.device)
+        self.register_buffer("basis_out", torch.zeros(self.out_features, 0, **compute), persistent=False)
+        self.register_buffer("basis_in", torch.zeros(self.in_features, 0, **compute), persistent=False)
         # The style bank laid out for one matmul per blend: core_out as (k, t p), core_in as (t p, k).
-        self.register_buffer("cores_out", torch.zeros(0, 0, **empty), persistent=False)
-        self.register_buffer("cores_in", torch.zeros(0, 0, **empty), persistent=False)
-        self.register_buffer("anchor", torch.zeros(0, 0, **empty), persistent=False)
-        self.register_buffer("present", torch.zeros(0, **empty), persistent=False)
+        self.register_buffer("cores_out", torch.zeros(0, 0, **exact), persistent=False)
+        self.register_buffer("cores_in", torch.zeros(0, 0, **exact), persistent=False)
+        self.register_buffer("anchor", torch.zeros(0, 0, **exact), persistent=False)
+        self.register_buffer("present", torch.zeros(0, **exact), persistent=False)
+        # (rows, k, k) in the compute dtype: this layer's view of the selection's blended cores.
+        self.register_buffer("blended_cores", None, persistent=False)
         self.trainable: nn.Module | None = None  # set by core.trainable while a new style is learned
         self.fused_weights: torch.Tensor | None = None  # (t,) blend currently fused into the weight
         self._unfused_weight: torch.Tensor | None = None
         self.pseudo_rank = 1
+        selection.attach(self)
 
     @property
     def num_styles(self) -> int:
         return self.present.shape[0]
 
     def load_share(self, layer: LayerShare | None) -> None:
-        """Take this layer's bases and cores (None: no factors, the layer acts as its base)."""
+        """Take this layer's bases and cores (None: no factors, the layer acts as its base).
+
+        Call ``selection.refresh()`` after loading layers, so that blends are recomputed.
+        """
         if self.fused_weights is not None:
             raise RuntimeError("cannot change the Share factors of a layer with a fused style; unfuse_style() first")
         weight = self.base_layer.weight
+        self.selection.invalidate()
+        self.blended_cores = None
+        exact = dict(dtype=torch.float32, device=weight.device)
         if layer is None:
             self.basis_out = weight.new_zeros(self.out_features, 0)
             self.basis_in = weight.new_zeros(self.in_features, 0)
-            self.cores_out = self.cores_in = weight.new_zeros(0, 0)
-            self.anchor = weight.new_zeros(0, 0)
-            self.present = weight.new_zeros(0)
+            self.cores_out = self.cores_in = self.anchor = torch.zeros(0, 0, **exact)
+            self.present = torch.zeros(0, **exact)
             return
         if layer.shape != (self.out_features, self.in_features):
             raise ShapeMismatchError(
                 f"size mismatch: the Share factors are for a ({layer.shape[0]}, {layer.shape[1]}) weight but "
                 f"the layer is ({self.out_features}, {self.in_features})"
             )
-
-        def cast(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.to(device=weight.device, dtype=weight.dtype)
-
-        self.basis_out, self.basis_in = cast(layer.basis_out), cast(layer.basis_in)
+        self.basis_out = layer.basis_out.to(device=weight.device, dtype=weight.dtype)
+        self.basis_in = layer.basis_in.to(device=weight.device, dtype=weight.dtype)
         t, k, p = layer.core_out.shape
         self.pseudo_rank = p
-        self.cores_out = cast(layer.core_out.permute(1, 0, 2).reshape(k, t * p))  # [core_out[0], core_out[1], ...]
-        self.cores_in = cast(layer.core_in.transpose(1, 2).reshape(t * p, k))  # [core_in[0].T; core_in[1].T; ...]
-        self.anchor = cast(layer.anchor) if layer.anchor is not None else weight.new_zeros(0, 0)
-        self.present = cast(layer.present)
+        self.cores_out = layer.core_out.permute(1, 0, 2).reshape(k, t * p).to(**exact)  # [core_out[0], ...]
+        self.cores_in = layer.core_in.transpose(1, 2).reshape(t * p, k).to(**exact)  # [core_in[0].T; ...]
+        self.anchor = layer.anchor.to(**exact) if layer.anchor is not None else torch.zeros(0, 0, **exact)
+        self.present = layer.present.to(**exact)
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _blend_cores(self, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Per-sample blended cores ``C_b = sum_i w[b, i] C_i``: ``(batch, k, k)``; ``weights: (batch, t)``."""
-        weights = weights.to(device=self.cores_out.device, dtype=dtype)
-        # sum_i w_i core_out[i] @ core_in[i].T == [w_1 core_out[1], ...] @ [core_in[1]; ...]: one matmul.
-        scaled = self.cores_out.to(dtype) * weights.repeat_interleave(self.pseudo_rank, dim=1)[:, None, :]  # (b, k, tp)
-        cores = scaled @ self.cores_in.to(dtype)  # (b, k, k)
-        if self.anchor.numel():
-            # The anchor (mean core) belongs to every style that touches this layer.
-            anchor_weight = weights @ self.present.to(dtype)  # (batch,)
-            cores = cores + anchor_weight[:, None, None] * self.anchor.to(dtype)
-        return cores
+    def blend(self, weights: torch.Tensor) -> torch.Tensor:
+        """Blended core ``sum_i w_i C_i`` (plus the anchor where the styles touch the layer), float32 ``(k, k)``.
 
-    def delta(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The styles' contribution for input ``x`` (``(batch, ..., d_in)``): ``(batch, ..., n_out)``."""
-        cores = self._blend_cores(weights, x.dtype)  # (b, k, k) with b = 1 or batch
-        batch = x.shape[0]
-        if cores.shape[0] not in (1, batch):
-            raise ValueError(
-                f"the style selection has {cores.shape[0]} rows but the layer got a batch of {batch}; "
-                "give one style per sample (or one for all)"
-            )
-        projected = x @ self.basis_in  # (batch, ..., k)
-        flat = projected.reshape(batch, -1, projected.shape[-1])  # (batch, tokens, k)
-        if cores.shape[0] == 1:
-            mixed = flat @ cores[0].T  # (batch, tokens, k)
-        else:
-            mixed = torch.bmm(flat, cores.transpose(1, 2))
-        return (mixed @ self.basis_out.T).reshape(*x.shape[:-1], self.out_features)  # (batch, ..., n_out)
+        ``weights: (t,)``. For fusing and export; the forward reads the selection's precomputed blend.
+        """
+        weights = weights.to(device=self.cores_out.device, dtype=torch.float32)
+        core = (self.cores_out * weights.repeat_interleave(self.pseudo_rank)) @ self.cores_in  # (k, k)
+        if self.anchor.numel():
+            core = core + (weights @ self.present) * self.anchor
+        return core
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        styled = self.selection.is_active and self.basis_out.shape[1] > 0
+        styled = self.selection.weights is not None and self.blended_cores is not None
         if not styled and self.trainable is None:
             return result
+        if styled and self.fused_weights is not None:
+            raise RuntimeError("a style is fused into this layer; unfuse_style() before selecting styles per batch")
+        if styled and self.trainable is None and not self._is_conv and result.dtype == self.basis_out.dtype:
+            return self._add_styles(x, result)
         features = self._channels_last(x)  # (batch, ..., d_in)
         delta = None
         if styled:
-            if self.fused_weights is not None:
-                raise RuntimeError("a style is fused into this layer; unfuse_style() before selecting styles per batch")
-            weights = self.selection.weights
-            if weights.shape[1] != self.num_styles:
-                raise ValueError(
-                    f"the style selection covers {weights.shape[1]} styles but the layer holds {self.num_styles}"
-                )
-            delta = self.delta(features, weights)
+            delta = self._styles_delta(features)
         if self.trainable is not None:  # factors being learned (training/), added to the bank's styles
             learned = self.trainable(features)
             delta = learned if delta is None else delta + learned
         return result + self._channels_first(delta).to(result.dtype)
 
+    def _add_styles(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + styles' delta`` in three kernels: project, per-sample cores, project back fused with the add."""
+        mixed = self._mixed(x)  # (batch, tokens, k)
+        flat_mixed = mixed.reshape(-1, mixed.shape[-1])  # (batch * tokens, k)
+        if result.requires_grad or not result.is_contiguous():
+            flat_result = result.reshape(-1, self.out_features)
+            return torch.addmm(flat_result, flat_mixed, self.basis_out.T).view(result.shape)
+        flat_result = result.view(-1, self.out_features)  # (batch * tokens, n_out), the same memory
+        # The base layer's output is a fresh tensor nobody else holds: add into it, no extra copy.
+        flat_result.addmm_(flat_mixed, self.basis_out.T)
+        return result
+
+    def _mixed(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x @ basis_in) @ C_b.T`` per sample: ``(batch, tokens, k)`` for ``x (batch, ..., d_in)``."""
+        cores = self.blended_cores  # (rows, k, k), rows = 1 or batch
+        batch = x.shape[0]
+        projected = (x @ self.basis_in).reshape(batch, -1, self.basis_in.shape[1])  # (batch, tokens, k)
+        if cores.shape[0] == 1:
+            return projected @ cores[0].T
+        if cores.shape[0] != batch:
+            raise ValueError(
+                f"the style selection has {cores.shape[0]} rows but the layer got a batch of {batch}; "
+                "give one style per sample (or one for all)"
+            )
+        return torch.bmm(projected, cores.transpose(1, 2))
+
+    def _styles_delta(self, features: torch.Tensor) -> torch.Tensor:
+        """The styles' contribution for ``features (batch, ..., d_in)``: ``(batch, ..., n_out)``."""
+        mixed = self._mixed(features.to(self.basis_in.dtype))
+        return (mixed @ self.basis_out.T).reshape(*features.shape[:-1], self.out_features)
+
+    def delta(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The contribution of ``weights (rows, t)`` for input ``x (batch, ..., d_in)``, computed from scratch.
+
+        A reference path (tests, one-off use); forward passes read the selection's precomputed blend.
+        """
+        cores = torch.stack([self.blend(row) for row in weights]).to(x.dtype)  # (rows, k, k)
+        batch = x.shape[0]
+        projected = (x @ self.basis_in.to(x.dtype)).reshape(batch, -1, cores.shape[-1])
+        mixed = projected @ cores.transpose(1, 2)
+        return (mixed @ self.basis_out.to(x.dtype).T).reshape(*x.shape[:-1], self.out_features)
+
     def _channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self.base_layer, nn.Conv2d):
+        if not self._is_conv:
             return x
         stride = self.base_layer.stride
         return x[:, :, :: stride[0], :: stride[1]].permute(0, 2, 3, 1)  # a strided 1x1 conv only subsamples
 
     def _channels_first(self, delta: torch.Tensor) -> torch.Tensor:
-        return delta.permute(0, 3, 1, 2) if isinstance(self.base_layer, nn.Conv2d) else delta
+        return delta.permute(0, 3, 1, 2) if self._is_conv else delta
 
     # -- fusing ---------------------------------------------------------------------------------
 
     def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
-        """Dense ``dW`` of a blend ``weights (t,)`` in float32 (at least): ``(n_out, d_in)``."""
+        """Dense ``dW`` of a blend ``weights (t,)`` in float32 (at least), on the layer's device: ``(n_out, d_in)``."""
         dtype = torch.promote_types(self.basis_out.dtype, torch.float32)
-        core = self._blend_cores(weights[None], dtype)[0]  # (k, k)
-        return self.basis_out.to(dtype) @ core @ self.basis_in.to(dtype).T
+        core = self.blend(weights).to(dtype)  # (k, k)
+        return (self.basis_out.to(dtype) @ core) @ self.basis_in.to(dtype).T
 
-    def fuse(self, weights: torch.Tensor) -> None:
-        """Add a blend's ``dW`` to the base weight: zero overhead until :meth:`unfuse`."""
+    def fuse(self, weights: torch.Tensor, exact: bool = True) -> None:
+        """Add a blend's ``dW`` to the base weight, on its device: zero overhead until :meth:`unfuse`.
+
+        Args:
+            weights: ``(t,)`` blend over the bank.
+            exact: keep a copy of the original weight (on its device: one more copy of every fused
+                weight, 5.0 GiB for FLUX.1's 266 attention linears in bf16) so that :meth:`unfuse`
+                restores it bit for bit. ``False`` keeps nothing and subtracts the delta again, as
+                PEFT's ``unfuse_lora`` does: the weight then comes back within the rounding of its
+                dtype (for bf16, a few units of 2^-8 relative on the entries the delta moved).
+        """
         if self.fused_weights is not None:
             raise RuntimeError("a style is already fused into this layer; unfuse_style() first")
         weight = self.base_layer.weight
-        if self.basis_out.shape[1] == 0:
-            self.fused_weights = weights.detach().clone()
-            return
-        delta = self.delta_weight(weights)
-        if weight.dtype not in (torch.float32, torch.float64):
-            # Half precision cannot subtract the delta back exactly: keep the original weight on the CPU.
-            self._unfused_weight = weight.detach().to("cpu", copy=True)
-        with torch.no_grad():
-            weight.copy_((weight.to(delta.dtype) + delta.reshape(weight.shape)).to(weight.dtype))
+        if self.basis_out.shape[1] > 0:
+            delta = self.delta_weight(weights).reshape(weight.shape)
+            if exact:
+                self._unfused_weight = weight.detach().clone()
+            with torch.no_grad():
+                if weight.dtype == delta.dtype:
+                    weight.add_(delta)
+                else:
+                    weight.copy_(weight.to(delta.dtype).add_(delta))
         self.fused_weights = weights.detach().clone()
 
     def unfuse(self) -> None:
-        """Restore the base weight (bit for bit in half precision, within float32 round-off otherwise)."""
+        """Restore the base weight: bit for bit after an exact fuse, within the dtype's rounding otherwise."""
         if self.fused_weights is None:
             return
         weight = self.base_layer.weight
         with torch.no_grad():
             if self._unfused_weight is not None:
-                weight.copy_(self._unfused_weight.to(weight.device))
+                weight.copy_(self._unfused_weight)
             elif self.basis_out.shape[1] > 0:
-                delta = self.delta_weight(self.fused_weights)
-                weight.copy_((weight.to(delta.dtype) - delta.reshape(weight.shape)).to(weight.dtype))
+                delta = self.delta_weight(self.fused_weights).reshape(weight.shape)
+                if weight.dtype == delta.dtype:
+                    weight.sub_(delta)
+                else:
+                    weight.copy_(weight.to(delta.dtype).sub_(delta))
         self._unfused_weight = None
         self.fused_weights = None
 

@@ -4,12 +4,18 @@ model = build_my_model()
 share = ShareModel.inject(model, factors)                   # wraps the layers the factors cover
 share.set_style(["ink", {"ink": 0.5, "neon": 0.5}, None])  # one entry per sample
 out = model(batch)
+with share.styles("ink"):                                   # for a block, then back to what was selected
+    out = model(batch)
+ShareModel.of(model) is share                               # reachable from the model itself
 share.remove()                                              # original module tree back
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -20,12 +26,18 @@ from .factors import ShareConfig, ShareFactors
 from .inject import find_targets, layer_shapes, remove_share, wrap_modules
 from .layer import ShareLinear, StyleSelection
 
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
 StyleSpec = str | dict[str, float] | None
 """One sample's style: None (base model), a style name, or a blend ``{name: weight}``."""
 
 
 def style_weights(
-    factors: ShareFactors, style: StyleSpec | Sequence[StyleSpec], scale: float = 1.0, batch_size: int | None = None
+    factors: ShareFactors,
+    style: StyleSpec | Sequence[StyleSpec],
+    scale: float = 1.0,
+    batch_size: int | None = None,
+    repeat: int = 1,
 ) -> torch.Tensor | None:
     """Turn a style request into ``(rows, t)`` weights over the bank, or None if no sample is styled.
 
@@ -35,7 +47,13 @@ def style_weights(
         batch_size: if given, a list must have exactly this many entries, and a single spec is
             repeated to this many rows (a fixed ``(batch, t)`` shape whatever the request, so a
             compiled model does not recompile when a request switches between one style and several).
+        repeat: each spec's row repeated this many times in place (``s0 s0 s1 s1 ...``), as diffusers
+            repeats a prompt for ``num_images_per_prompt``; a single spec without ``batch_size`` stays one row.
     """
+    if not _is_number(scale) or not math.isfinite(scale):
+        raise StyleError(f"style scale must be a finite number, got {scale!r}")
+    if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+        raise ValueError(f"repeat must be a positive integer, got {repeat!r}")
     if isinstance(style, list | tuple):
         specs = list(style)
         if batch_size is not None and len(specs) != batch_size:
@@ -52,18 +70,26 @@ def style_weights(
             row[factors.style_index(spec)] = float(scale)
         elif isinstance(spec, dict):
             for name, weight in spec.items():
-                if not isinstance(weight, int | float) or weight != weight:
-                    raise ValueError(f"blend weight for style {name!r} must be a number, got {weight!r}")
+                if not _is_number(weight) or not math.isfinite(weight):
+                    raise StyleError(f"blend weight for style {name!r} must be a finite number, got {weight!r}")
                 row[factors.style_index(name)] += float(weight) * float(scale)
         elif spec is not None:
             raise StyleError(f"a style is None, a style name or a {{name: weight}} blend, not {type(spec).__name__}")
         rows.append(row)
     if batch_size is not None and len(rows) == 1:
         rows = rows * batch_size
+    if len(rows) > 1 or batch_size is not None:
+        rows = [row for row in rows for _ in range(repeat)]
+    if any(abs(value) > _FLOAT32_MAX for row in rows for value in row):
+        raise StyleError("style weights times the scale overflow float32; use weights of a sensible size")
     return torch.tensor(rows, dtype=torch.float32)
 
 
-def _cache_key(style, scale: float, batch_size: int | None):
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _cache_key(style, scale: float, batch_size: int | None, repeat: int):
     """A hashable form of a style request, or None if it has none (then it is not cached)."""
 
     def one(spec):
@@ -73,9 +99,9 @@ def _cache_key(style, scale: float, batch_size: int | None):
 
     try:
         if isinstance(style, list | tuple):
-            key = ("list", tuple(one(spec) for spec in style), scale, batch_size)
+            key = ("list", tuple(one(spec) for spec in style), scale, batch_size, repeat)
         else:
-            key = ("one", one(style), scale, batch_size)
+            key = ("one", one(style), scale, batch_size, repeat)
         hash(key)
         return key
     except TypeError:
@@ -101,6 +127,13 @@ class ShareModel:
         self.selection = selection
         self.fused_style: StyleSpec = None
         self._weights_cache: dict = {}  # request -> (batch, t) weights; valid while the bank is unchanged
+        model._share_model = self  # ShareModel.of(model) finds it; removed by remove()
+
+    @staticmethod
+    def of(model: nn.Module) -> ShareModel | None:
+        """The ``ShareModel`` injected into ``model`` (a transformer, a classifier), or None."""
+        share = getattr(model, "_share_model", None)
+        return share if isinstance(share, ShareModel) else None
 
     @classmethod
     def inject(
@@ -142,10 +175,11 @@ class ShareModel:
         return share
 
     def refresh(self) -> None:
-        """Copy the factors into the layers (after a merge, delete or load)."""
+        """Copy the factors into the layers (after a merge, delete or load) and re-blend the selection."""
         self._weights_cache.clear()
         for name, layer in self.layers.items():
             layer.load_share(self.factors.layers.get(name))
+        self.selection.refresh()
 
     # -- styles ---------------------------------------------------------------------------------
 
@@ -154,18 +188,30 @@ class ShareModel:
         return self.factors.style_names
 
     def set_style(
-        self, style: StyleSpec | Sequence[StyleSpec], scale: float = 1.0, batch_size: int | None = None
+        self,
+        style: StyleSpec | Sequence[StyleSpec],
+        scale: float = 1.0,
+        batch_size: int | None = None,
+        repeat: int = 1,
     ) -> None:
         """Choose the styles of the next forward passes: one spec for all samples or one per sample.
 
-        Requests seen before come from a small cache (cleared when the bank changes), so switching
-        back and forth costs a dictionary lookup and one attribute write, whatever the model size.
+        Args:
+            style: None (base model), a name, a ``{name: weight}`` blend, or a list with one per sample.
+            scale: strength multiplying every weight.
+            batch_size: a list must have this many entries; a single spec is repeated to this many rows.
+            repeat: each entry applies to this many consecutive samples (``num_images_per_prompt``).
+
+        All per-request work happens here, once: the weights go to the model's device and every
+        layer's blended cores are computed in one batched product (:class:`StyleSelection`); the
+        forward passes that follow only read them. Requests seen before skip the parsing (a small
+        cache, cleared when the bank changes).
         """
-        key = _cache_key(style, scale, batch_size)
+        key = _cache_key(style, scale, batch_size, repeat)
         if key is not None and key in self._weights_cache:
             weights = self._weights_cache[key]
         else:
-            weights = style_weights(self.factors, style, scale, batch_size)
+            weights = style_weights(self.factors, style, scale, batch_size, repeat)
             if weights is not None and not bool(weights.any()):
                 weights = None  # e.g. {"ink": 0.0}: the base path, bit for bit
             if key is not None:
@@ -175,6 +221,28 @@ class ShareModel:
         if weights is not None and self.fused_style is not None:
             raise RuntimeError(f"style {self.fused_style!r} is fused; unfuse_style() before selecting styles")
         self.selection.set_checked(weights)
+
+    @contextmanager
+    def styles(
+        self,
+        style: StyleSpec | Sequence[StyleSpec],
+        scale: float = 1.0,
+        batch_size: int | None = None,
+        repeat: int = 1,
+    ) -> Iterator[ShareModel]:
+        """Select styles for a block (arguments as :meth:`set_style`), then restore the selection before it.
+
+        Any pipeline can route a request this way without overriding ``__call__``::
+
+            with ShareModel.of(pipe.transformer).styles(["ink", "neon"], repeat=2):
+                images = pipe(prompt=["a cat", "a dog"], num_images_per_prompt=2).images
+        """
+        previous = self.selection.weights
+        self.set_style(style, scale, batch_size, repeat)
+        try:
+            yield self
+        finally:
+            self.selection.set_checked(previous)
 
     def merge(self, adapter: LoraAdapter, name: str, progress: bool = False) -> None:
         """Merge one more LoRA as a style (continual, DESIGN 3); on error nothing changes."""
@@ -207,15 +275,21 @@ class ShareModel:
         self.factors.rename_style(old, new)
         self._weights_cache.clear()
 
-    def fuse_style(self, style: StyleSpec, scale: float = 1.0) -> None:
-        """Fuse one style or blend into the base weights (zero per-step overhead)."""
+    def fuse_style(self, style: StyleSpec, scale: float = 1.0, exact: bool = True) -> None:
+        """Fuse one style or blend into the base weights, on their device (zero per-step overhead).
+
+        ``exact`` keeps a copy of every fused weight so that :meth:`unfuse_style` restores it bit for
+        bit (one more copy of the target weights: 5.0 GiB for FLUX.1's 266 attention linears in
+        bf16); ``exact=False`` keeps nothing and subtracts the delta again on unfuse, as PEFT does
+        (within the weights' rounding).
+        """
         if style is None or isinstance(style, list | tuple):
             raise ValueError("fuse_style takes one style name or one {name: weight} blend")
         self._check_unfused("fuse another style")
         weights = style_weights(self.factors, style, scale)[0]
         self.selection.clear()
         for layer in self.layers.values():
-            layer.fuse(weights)
+            layer.fuse(weights, exact=exact)
         self.fused_style = style
 
     def unfuse_style(self) -> None:
@@ -226,8 +300,11 @@ class ShareModel:
     def remove(self) -> None:
         """Unfuse and unwrap every layer: the model is its original self again."""
         remove_share(self.model)
+        self.selection.detach_all()
         self.layers = {}
         self.fused_style = None
+        if getattr(self.model, "_share_model", None) is self:
+            del self.model._share_model
 
     def _check_unfused(self, action: str) -> None:
         if self.fused_style is not None:

@@ -1,0 +1,211 @@
+"""The per-call style state (``StyleSelection`` owned by ``ShareModel``): work once per request, none per step.
+
+The GPU properties of a styled step (no host-device copies, at most 4 extra kernels a layer, nothing
+recomputed) are held here on the CPU by counting the ATen operations a forward dispatches.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_SHAPES, TinyNet, random_adapter, relative_error
+from flux_helpers import run_transformer, transformer_inputs
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from share_diffusers import ShareFluxPipeline
+from share_diffusers.core import LoraAdapter, ShareConfig, ShareFactors, ShareLinear, ShareModel
+from share_diffusers.core.errors import StyleError
+from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+
+NAMES = ["ink", "neon", "sepia"]
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+# Ops that only reinterpret memory: no kernel runs for them on any device.
+_NO_KERNEL = {torch.ops.aten._unsafe_view.default, torch.ops.aten.lift_fresh.default}
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts the ATen operations that launch work (views excluded) and the copies among them."""
+
+    def __init__(self):
+        super().__init__()
+        self.kernels: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func not in _NO_KERNEL:
+            self.kernels.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def copies(self) -> list[str]:
+        return [name for name in self.kernels if name in ("_to_copy", "copy_", "to", "_copy_from")]
+
+
+def _count(fn) -> KernelCounter:
+    with torch.no_grad(), KernelCounter() as counter:
+        fn()
+    return counter
+
+
+def _flux_with_styles(num_styles: int = 3, rank: int = 8):
+    """The tiny Flux transformer with ``num_styles`` random rank-4 LoRAs merged on its attention linears."""
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    share = pipe.new_share_subspace(config=ShareConfig(rank=rank, pseudo_rank=4))
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in share.layers.items()}
+    for index in range(num_styles):
+        share.merge(random_adapter(shapes, rank=4, seed=10 + index), NAMES[index])
+    return pipe, share
+
+
+@pytest.mark.parametrize(
+    "style",
+    ["ink", {"ink": 0.5, "neon": 0.7}, ["ink", {"neon": 1.0, "sepia": -0.5}]],
+    ids=["one-style", "blend", "mixed-batch"],
+)
+def test_styled_step_adds_at_most_four_kernels_a_layer_and_copies_nothing(style):
+    pipe, share = _flux_with_styles()
+    transformer = pipe.transformer
+    inputs = transformer_inputs(batch=2)
+    base = _count(lambda: run_transformer(transformer, inputs))
+    share.set_style(style, batch_size=2)
+    styled = _count(lambda: run_transformer(transformer, inputs))
+    styled_layers = len(share.layers)
+    extra = len(styled.kernels) - len(base.kernels)
+    assert styled_layers == sum(isinstance(module, ShareLinear) for module in transformer.modules()) > 0
+    assert extra <= 4 * styled_layers, f"{extra / styled_layers:.1f} extra kernels per styled layer"
+    assert extra == 3 * styled_layers  # project, per-sample cores, project back fused with the add
+    assert styled.copies == base.copies  # no host-device (or dtype) copy added by a style
+    # a second step of the same request recomputes nothing
+    again = _count(lambda: run_transformer(transformer, inputs))
+    assert again.kernels == styled.kernels
+
+
+def test_switching_blends_once_for_all_layers_not_per_layer():
+    _, share = _flux_with_styles()
+    share.set_style(["ink", "neon"])  # parsed once; later switches to it are cache hits
+    share.set_style("sepia")
+    switch = _count(lambda: share.set_style(["ink", "neon"]))
+    # one group (every attention linear has the same k, t p, device, dtype): a few batched ops for all
+    assert switch.kernels == ["repeat_interleave", "mul", "bmm", "copy_"] or len(switch.kernels) <= 6, switch.kernels
+    views = {layer.blended_cores.data_ptr() for layer in share.layers.values()}
+    first = next(iter(share.layers.values())).blended_cores
+    share.set_style(["sepia", {"ink": 2.0}])  # same row count: written in place, no rebinding
+    assert next(iter(share.layers.values())).blended_cores is first
+    assert {layer.blended_cores.data_ptr() for layer in share.layers.values()} == views
+
+
+def test_blended_cores_equal_the_factors_blend():
+    _, share = _flux_with_styles()
+    specs = [{"ink": 0.3, "sepia": -1.2}, "neon"]
+    share.set_style(specs)
+    for name, layer in share.layers.items():
+        for row, spec in enumerate(specs):
+            blend = {spec: 1.0} if isinstance(spec, str) else spec
+            state = share.factors.layers[name]
+            expected = state.cores(share.factors.style_vector(blend).to(state.core_out.dtype))
+            assert relative_error(expected, layer.blended_cores[row]) < 1e-6, name
+
+
+def test_styles_context_restores_the_previous_selection():
+    pipe, share = _flux_with_styles()
+    assert ShareModel.of(pipe.transformer) is share is pipe.share
+    inputs = transformer_inputs(batch=2)
+    share.set_style("neon")
+    neon = run_transformer(pipe.transformer, inputs)
+    with share.styles(["ink", "sepia"]) as active:
+        assert active is share
+        mixed = run_transformer(pipe.transformer, inputs)
+    assert torch.equal(run_transformer(pipe.transformer, inputs), neon)
+    share.set_style(None)
+    base = run_transformer(pipe.transformer, inputs)
+    with pytest.raises(StyleError, match="unknown style 'nope'"):
+        with share.styles("nope"):
+            pass
+    assert torch.equal(run_transformer(pipe.transformer, inputs), base)  # a refused request changes nothing
+    assert not torch.equal(mixed, base)
+    share.remove()
+    assert ShareModel.of(pipe.transformer) is None
+
+
+def test_repeat_follows_num_images_per_prompt_order():
+    _, share = _flux_with_styles()
+    share.set_style(["ink", "neon"], repeat=2)
+    weights = share.selection.weights
+    ink, neon = share.factors.style_index("ink"), share.factors.style_index("neon")
+    assert weights.shape == (4, 3)
+    assert weights[:, ink].tolist() == [1.0, 1.0, 0.0, 0.0] and weights[:, neon].tolist() == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_merge_and_model_moves_recompute_the_blend():
+    pipe, share = _flux_with_styles(num_styles=2, rank=16)  # k holds all three styles: ink stays exact
+    inputs = transformer_inputs(batch=2)
+    share.set_style("ink")
+    before = run_transformer(pipe.transformer, inputs)
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in share.layers.items()}
+    share.merge(random_adapter(shapes, rank=4, seed=99), "sepia")  # the bank grows: selection cleared
+    assert share.selection.weights is None
+    share.set_style("ink")
+    after = run_transformer(pipe.transformer, inputs)
+    assert relative_error(before, after) < 1e-5
+    pipe.transformer.to(torch.float64)  # .to() replaces every buffer: the blend is redone on the next request
+    share.set_style("ink")
+    as_double = run_transformer(
+        pipe.transformer,
+        {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()},
+    )
+    assert as_double.dtype == torch.float64
+    assert relative_error(after, as_double) < 1e-5
+
+
+def test_refused_style_values_name_the_problem():
+    _, share = _flux_with_styles()
+    with pytest.raises(StyleError, match="finite"):
+        share.set_style({"ink": float("inf")})
+    with pytest.raises(StyleError, match="finite"):
+        share.set_style("ink", scale=float("nan"))
+    with pytest.raises(StyleError, match="overflow"):
+        share.set_style({"ink": 1e30, "neon": 1e30}, scale=1e10)
+    import numpy as np
+
+    share.set_style({"ink": np.float32(0.5)})  # numpy scalars are numbers too
+    assert share.selection.weights[0, share.factors.style_index("ink")] == 0.5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fuse_exact_and_inexact_unfuse(dtype):
+    net = TinyNet().to(dtype)
+    adapters = [random_adapter(TINY_SHAPES, 3, seed=seed) for seed in range(2)]
+    factors = ShareFactors.fit(adapters, NAMES[:2], ShareConfig(rank=8, pseudo_rank=3))
+    share = ShareModel.inject(net, factors)
+    originals = {name: layer.base_layer.weight.detach().clone() for name, layer in share.layers.items()}
+    share.fuse_style({"ink": 0.7, "neon": 0.4})
+    share.unfuse_style()
+    for name, layer in share.layers.items():
+        assert torch.equal(layer.base_layer.weight, originals[name]), name  # exact: bit for bit
+    share.fuse_style("ink", exact=False)
+    assert all(layer._unfused_weight is None for layer in share.layers.values())  # nothing kept
+    share.unfuse_style()
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2  # bf16: the rounding of the fused weight
+    for name, layer in share.layers.items():
+        assert relative_error(originals[name], layer.base_layer.weight) < tolerance, name
+        assert layer.base_layer.weight.dtype == dtype
+
+
+def test_single_layer_without_a_model_reads_a_fresh_blend():
+    """A ``ShareLinear`` used on its own (no ShareModel): loading factors re-blends on the next selection."""
+    from share_diffusers.core import StyleSelection
+
+    factors = ShareFactors.fit(
+        [random_adapter({"layer": (12, 10)}, 2, seed=s) for s in range(2)], NAMES[:2], ShareConfig(rank=4)
+    )
+    layer = ShareLinear(torch.nn.Linear(10, 12), StyleSelection())
+    layer.load_share(factors.layers["layer"])
+    layer.selection.set(factors.style_vector({"ink": 1.0}))
+    x = torch.randn(2, 3, 10)
+    dense = factors.delta_weight("layer", "ink").float()
+    assert relative_error(layer.base_layer(x) + x @ dense.T, layer(x)) < 1e-5
+    adapter = LoraAdapter({"layer": random_adapter({"layer": (12, 10)}, 2, seed=5).layers["layer"]})
+    factors.merge(adapter, "sepia")
+    layer.load_share(factors.layers["layer"])
+    layer.selection.set(factors.style_vector({"sepia": 1.0}))
+    dense = factors.delta_weight("layer", "sepia").float()
+    assert relative_error(layer.base_layer(x) + x @ dense.T, layer(x)) < 1e-5
