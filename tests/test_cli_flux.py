@@ -33,10 +33,10 @@ def test_cli_checkpoint_of_kohya_xlabs_and_hub_loras_loads_in_the_pipeline(tmp_p
     for style, path in (("kohya-style", kohya), ("xlabs-style", xlabs), ("ink", ink)):
         stock = stock_pipeline()
         stock.load_lora_weights(str(path), adapter_name="x")
-        pipe._share.set_style(style)
+        pipe.share.set_style(style)
         expected, got = run_transformer(stock.transformer, inputs), run_transformer(pipe.transformer, inputs)
         assert float((expected - got).norm() / expected.norm()) < 1e-4, style
-    pipe._share.set_style(None)
+    pipe.share.set_style(None)
     capsys.readouterr()
     assert main(["-q", "merge", str(out), "artist/does-not-exist"]) == 1
     assert "no Hub repo 'artist/does-not-exist'" in capsys.readouterr().err
