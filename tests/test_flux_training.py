@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from flux_helpers import write_diffusers_lora
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
 from share_diffusers.core.trainable import attach_trainable, detach_trainable, trained_adapter
-from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
+from share_diffusers.flux_training import (
+    CaptionEmbeddings,
+    encode_captions,
+    encode_images,
+    encode_posteriors,
+    flow_matching_loss,
+    sample_latents,
+)
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
 
 
@@ -42,7 +50,7 @@ def test_flow_matching_training_learns_a_style_and_merges_it(tmp_path):
     latents = encode_images(pipe, _images())
     embeds, pooled, text_ids = encode_captions(pipe, ["a red square"] * 4, max_sequence_length=16)
     assert latents.shape == (4, 4, 16, 16)
-    share = pipe._share
+    share = pipe.share
     trainables = attach_trainable(share.layers, pseudo_rank=4, phi=4, seed=0)
     before = _fixed_loss(pipe, latents, embeds, pooled, text_ids)
     parameters = [p for module in trainables.values() for p in module.parameters() if p.requires_grad]
@@ -64,3 +72,22 @@ def test_flow_matching_training_learns_a_style_and_merges_it(tmp_path):
     share.set_style(None)
     assert abs(merged - after) < 1e-3 * before  # k = 16 holds the new style: the merge keeps what was learned
     assert _fixed_loss(pipe, latents, embeds, pooled, text_ids) == before  # base model untouched
+
+
+def test_cached_posteriors_and_caption_embeddings_give_what_the_encoders_give():
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    images = _images(3)
+    posteriors = encode_posteriors(pipe, images)  # (3, 2c, h, w): mean and log-variance
+    assert posteriors.shape == (3, 8, 16, 16)
+    # the same generators draw the same latents from the cached posteriors as from the VAE
+    for seeds in ([5, 6, 7], [7, 6, 5]):
+        direct = encode_images(pipe, images, [torch.Generator().manual_seed(s) for s in seeds])
+        cached = sample_latents(pipe.vae, posteriors, [torch.Generator().manual_seed(s) for s in seeds])
+        assert torch.equal(direct, cached)
+    captions = ["a red square", "", "a blue square"]
+    cache = CaptionEmbeddings(pipe, captions + ["a red square"], max_sequence_length=16)
+    assert len(cache.embeds) == 3  # duplicates are encoded once
+    for got, expected in zip(cache(captions), encode_captions(pipe, captions, 16), strict=True):
+        assert torch.allclose(got, expected, atol=1e-6)
+    with pytest.raises(KeyError, match="caption 'a green square' was not encoded ahead"):
+        cache(["a green square"])

@@ -1,7 +1,12 @@
-"""training/train_share_flux.py end to end on the tiny pipeline: one process, two processes, resume, bad input."""
+"""training/train_share_flux.py end to end on the tiny pipeline: one process, two processes, resume, bad input,
+mixed precision, cached latents and gradient checkpointing (in process, CUDA where there is one)."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from diffusers import FluxPipeline
 from flux_helpers import run_transformer, transformer_inputs, write_diffusers_lora
 from launch_helpers import CPU_ENV, accelerate_launch
@@ -44,34 +50,26 @@ def setup(tmp_path_factory):
     return root
 
 
+def _arguments(setup, out, *extra, new_subspace: bool = False) -> list[str]:
+    """The script's command line on the tiny pipeline and its red squares (``extra`` appended)."""
+    arguments = [
+        *("--pretrained_model_name_or_path", setup / "tiny"),
+        *([] if new_subspace else ["--share_factors", setup / "factors"]),
+        *("--instance_data_dir", setup / "data", "--style_name", "red-square", "--output_dir", out),
+        *("--resolution", 32, "--max_sequence_length", 16, "--phi", 4, "--pseudo_rank", 4),
+        *("--learning_rate", "5e-2", "--seed", 3),
+        *extra,
+    ]
+    return [str(argument) for argument in arguments]
+
+
 def run(setup, out, *extra, processes: int = 1, check: bool = True, new_subspace: bool = False, launch: bool = True):
     """The script under ``accelerate launch`` (or plain Python with ``launch=False``, whose stderr has no launcher
     traceback)."""
     command = [
         *(accelerate_launch(processes) if launch else [sys.executable]),
         str(SCRIPT),
-        "--pretrained_model_name_or_path",
-        str(setup / "tiny"),
-        *([] if new_subspace else ["--share_factors", str(setup / "factors")]),
-        "--instance_data_dir",
-        str(setup / "data"),
-        "--style_name",
-        "red-square",
-        "--output_dir",
-        str(out),
-        "--resolution",
-        "32",
-        "--max_sequence_length",
-        "16",
-        "--phi",
-        "4",
-        "--pseudo_rank",
-        "4",
-        "--learning_rate",
-        "5e-2",
-        "--seed",
-        "3",
-        *map(str, extra),
+        *_arguments(setup, out, *extra, new_subspace=new_subspace),
     ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=CPU_ENV, cwd=ROOT)
     if check:
@@ -83,6 +81,39 @@ def _style_cores(path, style="red-square"):
     factors = load_factors(path)
     index = factors.style_index(style)
     return {name: layer.cores()[index] for name, layer in factors.layers.items()}
+
+
+@functools.cache
+def _script():
+    """training/train_share_flux.py as a module, to call its ``main`` in this process (no interpreter start)."""
+    spec = importlib.util.spec_from_file_location("train_share_flux", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def train(setup, monkeypatch, caplog):
+    """``train(out, *extra, device=...)``: the script's ``main`` in process; returns its per-step losses and log."""
+    caplog.set_level(logging.DEBUG, logger="train_share_flux")
+
+    def train(out, *extra, device: str = "cpu") -> tuple[list[float], str]:
+        if device == "cpu":
+            monkeypatch.setenv("ACCELERATE_USE_CPU", "1")  # the CPU even where a GPU is
+        else:
+            monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+        caplog.clear()
+        # accelerate's state is a process-wide singleton fixed by the first Accelerator; its own tests reset it so
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            assert _script().main(_arguments(setup, out, *extra)) == 0
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+        records = [r.getMessage() for r in caplog.records if r.name == "train_share_flux"]
+        losses = [float(m.split("loss ")[1]) for m in records if m.startswith("step ")]
+        return losses, "\n".join(records)
+
+    return train
 
 
 def test_training_lowers_the_loss_and_lands_in_the_factors(setup, tmp_path):
@@ -114,7 +145,7 @@ def test_training_lowers_the_loss_and_lands_in_the_factors(setup, tmp_path):
     embeds, pooled, text_ids = encode_captions(pipe, ["a red square"] * 4, 16)
 
     def loss(style):
-        pipe._share.set_style(style, batch_size=4)
+        pipe.share.set_style(style, batch_size=4)
         with torch.no_grad():
             return float(
                 flow_matching_loss(
@@ -226,11 +257,7 @@ def test_factors_for_another_model_fail_before_training(setup, tmp_path):
 
 
 def test_empty_prompt_share_is_close_to_the_proportion_and_fixed_per_sample():
-    sys.path.insert(0, str(ROOT / "training"))
-    try:
-        from train_share_flux import drop_captions
-    finally:
-        sys.path.remove(str(ROOT / "training"))
+    drop_captions = _script().drop_captions
     captions, indices = [f"caption {i}" for i in range(2000)], torch.arange(2000)
     dropped = drop_captions(captions, indices, 0.25, seed=3, step=5)
     assert 0.22 < dropped.count("") / len(captions) < 0.28
@@ -281,7 +308,7 @@ def test_blocks_targets_put_a_new_subspace_on_every_linear_of_the_blocks(setup, 
     lora = pipe.export_style_as_lora("red-square", tmp_path / "red-square.safetensors")
     stock = FluxPipeline.from_pretrained(str(setup / "tiny"))
     stock.load_lora_weights(str(lora))
-    pipe._share.set_style("red-square")
+    pipe.share.set_style("red-square")
     styled, exported = run_transformer(pipe.transformer, inputs), run_transformer(stock.transformer, inputs)
     assert float((styled - exported).norm() / styled.norm()) < 1e-5
     assert float((styled - base).norm() / base.norm()) > 1e-2  # the style does change the output (measured 0.10)
@@ -338,3 +365,54 @@ def test_fine_tune_style_refusals(setup, tmp_path, extra, new_subspace, message)
     result = run(setup, tmp_path / "o", *extra, check=False, new_subspace=new_subspace, launch=False)
     assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "o" / "factors").exists()
+
+
+def test_cached_latents_and_gradient_checkpointing_leave_the_run_unchanged(train, tmp_path):
+    # --proportion_empty_prompts: the cache holds the empty prompt too; batch 1: the encoders see the same shapes
+    common = ("--max_train_steps", 4, "--proportion_empty_prompts", 0.5)
+    plain, _ = train(tmp_path / "plain", *common)
+    cached, log = train(tmp_path / "cached", *common, "--cache_latents")
+    checkpointed, _ = train(tmp_path / "checkpointed", *common, "--gradient_checkpointing")
+    assert len(plain) == 4 and all(math.isfinite(loss) for loss in plain)
+    # the cache keeps each image's posterior, and every step still draws its own sample from it
+    assert cached == plain
+    assert checkpointed == plain
+    assert "frozen models: float32 on cpu; trained factors: float32" in log
+    reference = _style_cores(tmp_path / "plain" / "factors")
+    assert all(core.abs().sum() > 0 for core in reference.values())  # core_out starts at zero: it trained
+    for run_name in ("cached", "checkpointed"):
+        cores = _style_cores(tmp_path / run_name / "factors")
+        assert all(torch.equal(reference[name], cores[name]) for name in reference), run_name
+
+
+def test_bf16_mixed_precision_trains_float32_factors_on_bf16_models(train, tmp_path):
+    reference, _ = train(tmp_path / "fp32", "--max_train_steps", 1, "--cache_latents")
+    losses, log = train(tmp_path / "bf16", "--max_train_steps", 2, "--cache_latents", "--mixed_precision", "bf16")
+    assert "frozen models: bfloat16 on cpu; trained factors: float32" in log
+    assert all(math.isfinite(loss) for loss in losses)
+    assert abs(losses[0] - reference[0]) < 0.02 * reference[0]  # bf16 round-off only (measured 0.2%)
+    cores = _style_cores(tmp_path / "bf16" / "factors")
+    assert all(core.dtype == torch.float32 and bool(core.isfinite().all()) for core in cores.values())
+    assert all(core.abs().sum() > 0 for core in cores.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["--cache_latents", "--gradient_checkpointing", "--validation_prompt", "a red square"]],
+    ids=["plain", "cached-checkpointed-validated"],
+)
+def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
+    reference, _ = train(tmp_path / "cpu", "--max_train_steps", 1)
+    losses, log = train(tmp_path / "cuda", "--max_train_steps", 3, "--mixed_precision", "bf16", *extra, device="cuda")
+    assert "frozen models: bfloat16 on cuda" in log and "trained factors: float32" in log
+    assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
+    assert abs(losses[0] - reference[0]) < 0.02 * reference[0]  # the same first step as float32 on the CPU
+    pipe = ShareFluxPipeline.from_pretrained(str(setup / "tiny"))
+    pipe.load_share_factors(tmp_path / "cuda" / "factors")
+    assert pipe.list_styles() == ["ink", "red-square"]
+    cores = _style_cores(tmp_path / "cuda" / "factors")
+    assert all(bool(core.isfinite().all()) and core.abs().sum() > 0 for core in cores.values())
+    if extra:
+        assert list((tmp_path / "cuda" / "validation").glob("*.png"))

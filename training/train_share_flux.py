@@ -12,7 +12,10 @@ Share's parameterisation) and creates the subspace. ``--fine_tune_style`` instea
 checkpoint already holds: its ``(k, p)`` cores start from the stored ones and replace them, bases and
 other styles untouched (the paper's Step 3, "eps can then be further fine-tuned": after a merge has
 truncated the new style to k directions, its coefficients win back what they can in them). The same
-script runs on a CPU, one GPU or many processes (``accelerate launch --num_processes N``).
+script runs on a CPU, one GPU or many processes (``accelerate launch --num_processes N``). As in diffusers'
+``train_dreambooth_lora_flux.py``, the frozen models (transformer, VAE, text encoders) are loaded in the
+``--mixed_precision`` dtype and placed on the accelerator, while the factors being trained stay float32;
+``--gradient_checkpointing`` and ``--cache_latents`` bring FLUX.1-dev within one GPU's memory.
 """
 
 from __future__ import annotations
@@ -24,17 +27,19 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import free_memory, offload_models
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
-from share_diffusers.core import ShapeMismatchError, ShareError, ShareModel, StyleError
+from share_diffusers.core import ShapeMismatchError, ShareError, StyleError
 from share_diffusers.core.inject import find_targets
 from share_diffusers.core.trainable import (
     attach_style_cores,
@@ -46,7 +51,14 @@ from share_diffusers.core.trainable import (
     trained_cores,
 )
 from share_diffusers.flux_lora import FLUX_TARGET_PRESETS
-from share_diffusers.flux_training import encode_captions, encode_images, flow_matching_loss
+from share_diffusers.flux_training import (
+    CaptionEmbeddings,
+    encode_captions,
+    encode_images,
+    encode_posteriors,
+    flow_matching_loss,
+    sample_latents,
+)
 from share_diffusers.training_utils import EpochShuffle, find_checkpoint, load_checkpoint, make_accelerator
 
 logger = logging.getLogger("train_share_flux")
@@ -55,6 +67,13 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 class DataError(ValueError):
     """The training data cannot be used; raised before any training step."""
+
+
+class EncodedData(NamedTuple):
+    """``--cache_latents``: the data set through the frozen encoders once, kept on the CPU."""
+
+    posteriors: torch.Tensor  # (N, 2c, h, w): each image's VAE mean and log-variance, in weight_dtype
+    captions: CaptionEmbeddings  # every caption (and "" under --proportion_empty_prompts)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -72,8 +91,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--lr_scheduler", default="constant", help="constant, linear, cosine, ... (diffusers.optimization)")
     add("--lr_warmup_steps", type=int, default=0)
     add("--max_train_steps", type=int, default=500)
-    add("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
-    add("--gradient_checkpointing", action="store_true")
+    add(
+        "--mixed_precision",
+        choices=["no", "fp16", "bf16"],
+        default=None,
+        help="dtype of the frozen transformer, VAE and text encoders, and autocast for the forward (the factors "
+        "being trained stay float32); default: accelerate's config ('accelerate launch --mixed_precision')",
+    )
+    add(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="recompute each transformer block's activations in the backward pass: far less activation memory "
+        "for one more forward of the blocks per step",
+    )
+    add(
+        "--cache_latents",
+        action="store_true",
+        help="encode every training image with the VAE, and every caption (and the empty prompt of "
+        "--proportion_empty_prompts) with the text encoders, once before training; then keep the VAE and text "
+        "encoders off the accelerator except for validation. Each step still draws its latent sample from the "
+        "cached VAE posterior with the generator it would use without caching: the same run, lighter and faster",
+    )
     add("--seed", type=int, default=0)
     add("--checkpointing_steps", type=int, default=0, help="save a resumable state every N steps (0: never)")
     add("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
@@ -114,7 +152,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 class CaptionedImages(Dataset):
-    """``(image (3, R, R) in [-1, 1], caption, index)``: center-cropped and resized to ``resolution``."""
+    """``(image (3, R, R) in [-1, 1], caption, index)``: center-cropped and resized to ``resolution``.
+
+    With ``load_pixels = False`` (the latents are cached) the image is None and no file is read.
+    """
 
     def __init__(self, folder: str, resolution: int):
         root = Path(folder)
@@ -124,6 +165,7 @@ class CaptionedImages(Dataset):
         if not self.items:
             raise DataError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         self.resolution = resolution
+        self.load_pixels = True
         for path, _ in self.items:  # fail before training, not at step 900
             try:
                 with Image.open(path) as image:
@@ -136,6 +178,8 @@ class CaptionedImages(Dataset):
 
     def __getitem__(self, index: int):
         path, caption = self.items[index]
+        if not self.load_pixels:
+            return None, caption, index
         with Image.open(path) as image:
             image = image.convert("RGB")
         side = min(image.size)
@@ -173,7 +217,7 @@ def _metadata_items(root: Path) -> list[tuple[Path, str]]:
 
 def collate(batch):
     pixels, captions, indices = zip(*batch, strict=True)
-    return torch.stack(pixels), list(captions), torch.tensor(indices)
+    return (None if pixels[0] is None else torch.stack(pixels)), list(captions), torch.tensor(indices)
 
 
 def per_sample_generator(seed: int, step: int, index: int) -> torch.Generator:
@@ -205,11 +249,14 @@ def main(argv=None) -> int:
     set_seed(args.seed)
     dataset = CaptionedImages(args.instance_data_dir, args.resolution)  # data errors before any model work
 
-    pipe = ShareFluxPipeline.from_pretrained(args.pretrained_model_name_or_path)
+    # The frozen models in the mixed-precision dtype, on the accelerator (diffusers' weight_dtype).
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    pipe = ShareFluxPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype)
     pipe.set_progress_bar_config(disable=True)
+    pipe.to(accelerator.device)
     if args.share_factors:
         pipe.load_share_factors(args.share_factors)  # refuses factors that do not fit this transformer
-        share = pipe._share
+        share = pipe.share
         if args.fine_tune_style:
             share.factors.style_index(args.style_name)  # names the styles held when it is not one of them
         elif args.style_name in share.style_names:
@@ -218,12 +265,10 @@ def main(argv=None) -> int:
                 "(--fine_tune_style trains it further)"
             )
     else:
-        share = ShareModel.inject(
-            pipe.transformer,
+        share = pipe.new_share_subspace(
             target_modules=_target_modules(pipe.transformer, args.target_modules),
             config=ShareConfig(rank=args.rank, pseudo_rank=args.pseudo_rank),
         )
-        pipe._share = share
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     if args.fine_tune_style:
@@ -232,6 +277,10 @@ def main(argv=None) -> int:
         trainables = attach_trainable(
             share.layers, args.pseudo_rank, phi=args.phi, coefficients_only=args.coefficients_only, seed=args.seed
         )
+    for module in trainables.values():
+        # Trained in float32 whatever the frozen weights' dtype (diffusers' cast_training_params): autocast
+        # runs the forward in weight_dtype, the optimizer updates float32 values (and fp16's scaler needs them).
+        module.to(torch.float32)
     if args.gradient_checkpointing:
         pipe.transformer.enable_gradient_checkpointing()
     trained = count_parameters(trainables)
@@ -243,8 +292,23 @@ def main(argv=None) -> int:
         rank,
         f"{lora_parameter_count({name: share.layers[name] for name in trainables}, rank):,}",
     )
+    cache, idle = None, []
+    if args.cache_latents:
+        cache = _cache_inputs(pipe, dataset, args, accelerator)
+        dataset.load_pixels = False
+        # Validation still needs the VAE and text encoders: they wait on the CPU and come back for it.
+        idle = [pipe.vae, pipe.text_encoder, pipe.text_encoder_2]
+        for module in idle:
+            module.to("cpu")
+        free_memory()
 
     parameters = [p for module in trainables.values() for p in module.parameters() if p.requires_grad]
+    logger.info(
+        "frozen models: %s on %s; trained factors: %s",
+        _dtype_names(p for p in pipe.transformer.parameters() if not p.requires_grad),
+        accelerator.device,
+        _dtype_names(parameters),
+    )
     optimizer = torch.optim.AdamW(parameters, lr=args.learning_rate, weight_decay=0.0)
     loader = DataLoader(
         dataset,
@@ -270,7 +334,7 @@ def main(argv=None) -> int:
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
         for pixels, captions, indices in batches:
             with accelerator.accumulate(transformer):
-                loss = _batch_loss(pipe, transformer, pixels, captions, indices, args, step)
+                loss = _batch_loss(pipe, transformer, pixels, captions, indices, args, step, cache)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
@@ -280,18 +344,19 @@ def main(argv=None) -> int:
                 progress.update(1)
                 logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": scheduler.get_last_lr()[0]}
                 progress.set_postfix(**logs)
+                logger.debug("step %d: loss %.9g", step, logs["loss"])
                 accelerator.log(logs, step=step)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
                 if args.validation_steps and step % args.validation_steps == 0:
-                    _validate(pipe, args, accelerator, step)
+                    _validate(pipe, args, accelerator, step, idle)
                 if step >= args.max_train_steps:
                     break
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if args.validation_prompt:
-            _validate(pipe, args, accelerator, step)
+            _validate(pipe, args, accelerator, step, idle)
         source = {"trained_from": str(args.instance_data_dir), "steps": step, "images": len(dataset)}
         factors_dir = output_dir / "factors"
         if args.fine_tune_style:
@@ -312,12 +377,26 @@ def main(argv=None) -> int:
     return 0
 
 
-def _batch_loss(pipe, transformer, pixels, captions, indices, args, step) -> torch.Tensor:
-    """Mean flow-matching loss over the batch, each sample with its own seeded noise and timestep."""
+def _batch_loss(
+    pipe, transformer, pixels, captions, indices, args, step, cache: EncodedData | None = None
+) -> torch.Tensor:
+    """Mean flow-matching loss over the batch, each sample with its own seeded noise and timestep.
+
+    ``cache`` (``--cache_latents``) stands in for the VAE and text encoders; the result is the same either way.
+    """
+    device, dtype = pipe.transformer.device, pipe.transformer.dtype
     generators = [per_sample_generator(args.seed, step, index) for index in indices.tolist()]
-    latents = encode_images(pipe, pixels, generators)  # each sample's VAE draw from its own generator
+    # Each sample's VAE draw comes from its own generator, before that generator draws noise and timestep.
+    if cache is None:
+        latents = encode_images(pipe, pixels, generators)
+    else:
+        latents = sample_latents(pipe.vae, cache.posteriors[indices.cpu()].to(device), generators)
     captions = drop_captions(captions, indices, args.proportion_empty_prompts, args.seed, step)
-    embeds, pooled, text_ids = encode_captions(pipe, captions, args.max_sequence_length)
+    if cache is None:
+        embeds, pooled, text_ids = encode_captions(pipe, captions, args.max_sequence_length)
+    else:
+        embeds, pooled, text_ids = cache.captions(captions)
+    latents, embeds, pooled, text_ids = (t.to(device, dtype) for t in (latents, embeds, pooled, text_ids))
     losses = []
     for row, generator in enumerate(generators):
         losses.append(
@@ -335,6 +414,25 @@ def _batch_loss(pipe, transformer, pixels, captions, indices, args, step) -> tor
     return torch.stack(losses).mean()
 
 
+def _cache_inputs(pipe, dataset: CaptionedImages, args, accelerator) -> EncodedData:
+    """``--cache_latents``: the VAE posteriors of every image and the embeddings of every caption (and of
+    the empty prompt when ``--proportion_empty_prompts`` may ask for it).
+
+    Every process encodes the whole data set: its share of each epoch changes with the shuffle.
+    """
+    posteriors = []
+    chunks = torch.arange(len(dataset)).split(args.train_batch_size)
+    for chunk in tqdm(chunks, desc="caching latents", disable=not accelerator.is_main_process):
+        pixels = torch.stack([dataset[index][0] for index in chunk.tolist()])  # (b, 3, R, R)
+        posteriors.append(encode_posteriors(pipe, pixels).cpu())  # (b, 2c, R / s, R / s)
+    captions = [caption for _, caption in dataset.items]
+    if args.proportion_empty_prompts > 0:
+        captions.append("")
+    return EncodedData(
+        torch.cat(posteriors), CaptionEmbeddings(pipe, captions, args.max_sequence_length, args.train_batch_size)
+    )
+
+
 def _target_modules(transformer, value: str) -> str:
     """The regex of ``--target_modules`` (a preset name or a regex); refuses one that selects no linear."""
     targets = FLUX_TARGET_PRESETS.get(value, value)
@@ -350,6 +448,10 @@ def _target_modules(transformer, value: str) -> str:
     return targets
 
 
+def _dtype_names(tensors) -> str:
+    return ", ".join(sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors}))
+
+
 def _resume(accelerator, args, output_dir: Path) -> int:
     path = find_checkpoint(args.resume_from_checkpoint, output_dir)
     if path is None:
@@ -357,13 +459,16 @@ def _resume(accelerator, args, output_dir: Path) -> int:
     return load_checkpoint(accelerator, path)
 
 
-def _validate(pipe, args, accelerator, step: int) -> None:
+def _validate(pipe, args, accelerator, step: int, idle: list) -> None:
+    """Images of ``--validation_prompt`` with the factors as trained so far; ``idle`` models (off the
+    accelerator under ``--cache_latents``) come onto it for the call and go back after."""
     if not args.validation_prompt or not accelerator.is_main_process:
         return
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
-    with torch.no_grad():
+    # autocast: the float32 factors being trained meet weight_dtype activations, as in training
+    with offload_models(*idle, device=accelerator.device, offload=bool(idle)), accelerator.autocast(), torch.no_grad():
         images = pipe(
             prompt=[args.validation_prompt] * args.num_validation_images,
             style=None,

@@ -64,6 +64,8 @@ class TrainableFactors(nn.Module):
         self.core_in = nn.Parameter(core_in.to(dtype=dtype, device=basis_out.device).clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., d_in) -> (..., n_out)
+        # Factors may be float32 beside a bf16 model (trained in float32, as PEFT's LoRAs are): compute in theirs.
+        x = x.to(self.basis_in.dtype)
         hidden = (x @ self.basis_in) @ self.core_in  # (..., p)
         return (hidden @ self.core_out.T) @ self.basis_out.T
 
