@@ -29,16 +29,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
 import shutil
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from common import flux_layer_names, log, peak_rss_gib, table
 from safetensors.torch import save_file
 
 from share_diffusers.core import (
@@ -51,17 +50,6 @@ from share_diffusers.core import (
     save_factors,
 )
 
-DOUBLE_LINEARS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
-SINGLE_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v")
 BYTES_FP32 = 4
 SHARED_PROFILE = 0.95  # energy profile of the shared directions: w_j = 0.95**j
 NOISE_FRACTION = 0.02  # share of each factor's energy that is per-LoRA noise
@@ -152,18 +140,6 @@ FIXTURES = {
 }
 
 
-def log(message: str) -> None:
-    """Progress to stderr, so stdout holds only the report."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def flux_layers(settings: Settings) -> list[str]:
-    """Flux-style names of the square attention linears: 8 per double block, then 3 per single block."""
-    names = [f"transformer_blocks.{i}.{lin}" for i in range(settings.double_blocks) for lin in DOUBLE_LINEARS]
-    names += [f"single_transformer_blocks.{i}.{lin}" for i in range(settings.single_blocks) for lin in SINGLE_LINEARS]
-    return names
-
-
 def generator(*key: int) -> torch.Generator:
     """A generator seeded deterministically by a tuple of integers."""
     seed = 0
@@ -190,17 +166,6 @@ def mib(num_bytes: float) -> str:
 def dir_bytes(path: Path) -> int:
     """Bytes of every file under ``path``."""
     return sum(entry.stat().st_size for entry in path.rglob("*") if entry.is_file())
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -818,7 +783,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(2)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    names = flux_layers(settings)
+    names = flux_layer_names(settings.double_blocks, settings.single_blocks)
     shape = (settings.hidden, settings.hidden)
     started = time.perf_counter()
 

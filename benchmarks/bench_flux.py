@@ -36,9 +36,7 @@ import copy
 import gc
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -47,21 +45,36 @@ from dataclasses import dataclass
 import diffusers
 import peft
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from common import (
+    FULL_DOUBLE_BLOCKS,
+    FULL_LAYERS,
+    FULL_SINGLE_BLOCKS,
+    LINEARS_PER_DOUBLE,
+    LINEARS_PER_SINGLE,
+    MODEL_SEED,
+    Stats,
+    Style,
+    flux_inputs,
+    forward,
+    interleave,
+    log,
+    make_styles,
+    mib,
+    ms,
+    peak_rss_gib,
+    peft_lora_bytes,
+    ratio,
+    relative,
+    rounds_table,
+    row_of,
+    share_buffer_bytes,
+    table,
+    us,
+)
+from diffusers import FluxTransformer2DModel
 
-from share_diffusers.core import LoraAdapter, LoraLayer, ShareConfig, ShareLinear, ShareModel, find_targets
+from share_diffusers.core import ShareConfig, ShareLinear, ShareModel, find_targets
 from share_diffusers.flux_lora import FLUX_ATTENTION_TARGETS
-
-FULL_DOUBLE_BLOCKS = 19  # FLUX.1
-FULL_SINGLE_BLOCKS = 38
-LINEARS_PER_DOUBLE = 8  # attention linears Share targets in a double block
-LINEARS_PER_SINGLE = 3
-FULL_LAYERS = FULL_DOUBLE_BLOCKS * LINEARS_PER_DOUBLE + FULL_SINGLE_BLOCKS * LINEARS_PER_SINGLE  # 266
-MODEL_SEED = 0
-INPUT_SEED = 1
-LORA_SEED = 100
-LORA_UP_STD = 0.01  # lora_B entries; lora_A entries have std 1/sqrt(d_in): dW is ~7% of W0 per entry
-
 
 # ----------------------------------------------------------------------------------------------
 # Settings and small helpers
@@ -141,95 +154,11 @@ class Settings:
         )
 
 
-@dataclass(frozen=True)
-class Stats:
-    """Summary of repeated timings in seconds: median and a spread (p10..p90, or min..max under 20 repeats)."""
-
-    median: float
-    low: float
-    high: float
-    count: int
-    samples: tuple[float, ...]  # in the order measured
-
-    @classmethod
-    def of(cls, samples: Sequence[float]) -> Stats:
-        ordered = sorted(samples)
-        if len(ordered) >= 20:
-            low, high = ordered[len(ordered) // 10], ordered[-(len(ordered) // 10) - 1]
-        else:
-            low, high = ordered[0], ordered[-1]
-        return cls(statistics.median(ordered), low, high, len(ordered), tuple(samples))
-
-    @property
-    def spread_label(self) -> str:
-        return "p10-p90" if self.count >= 20 else "min-max"
-
-    @property
-    def spread(self) -> float:
-        """``(high - low) / median``: the relative noise of these repeats."""
-        return (self.high - self.low) / self.median if self.median > 0 else 0.0
-
-
-def log(message: str) -> None:
-    """Progress to stderr, so stdout holds only the report."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def mib(num_bytes: float) -> str:
-    return f"{num_bytes / 2**20:,.2f} MiB"
-
-
-def ms(seconds: float) -> str:
-    return f"{seconds * 1e3:,.3f}" if seconds < 0.01 else f"{seconds * 1e3:,.1f}"
-
-
-def us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.1f}"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def timed(function: Callable[[], object]) -> float:
     """Seconds one call of ``function()`` takes."""
     start = time.perf_counter()
     function()
     return time.perf_counter() - start
-
-
-def interleave(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
-    """Run each variant once per round in a fixed order (A B C A B C ...); each returns its own seconds."""
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, run in variants.items():
-            samples[name].append(run())
-    return samples
-
-
-def ratio(value: float) -> str:
-    """``12x`` for large ratios, ``0.25x`` for small ones."""
-    return f"{value:,.0f}x" if value >= 10 else f"{value:.2f}x"
-
-
-def rounds_table(stats: dict[str, Stats]) -> str:
-    """Every timed round in seconds, one row per variant (to see drift and interference in noisy runs)."""
-    count = max(stat.count for stat in stats.values())
-    rows = [[name, *(f"{value:.3f}" for value in stat.samples)] for name, stat in stats.items()]
-    return table(["round (s)", *(str(i + 1) for i in range(count))], rows)
-
-
-def relative(reference: torch.Tensor, value: torch.Tensor) -> float:
-    """``||value - reference|| / ||reference||`` in float64."""
-    reference, value = reference.double(), value.double()
-    return float((value - reference).norm() / reference.norm())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,96 +184,16 @@ def build_transformer(settings: Settings) -> FluxTransformer2DModel:
 
 
 def transformer_inputs(settings: Settings, batch: int) -> dict:
-    """Inputs of one transformer call: ``hidden_states (batch, image_tokens, 64)``,
-    ``encoder_hidden_states (batch, text_tokens, joint_dim)``, ``pooled_projections (batch, pooled_dim)``,
-    timestep and guidance ``(batch,)``, ``img_ids (image_tokens, 3)``, ``txt_ids (text_tokens, 3)``.
-
-    Row ``b`` is the same whatever ``batch`` (drawn row by row from one generator), so a batch-of-4
-    call and four batch-1 calls see the same prompts.
-    """
-    generator = torch.Generator().manual_seed(INPUT_SEED)
-    rows = [
-        (
-            torch.randn(settings.image_tokens, 64, generator=generator),
-            torch.randn(settings.text_tokens, settings.joint_dim, generator=generator),
-            torch.randn(settings.pooled_dim, generator=generator),
-        )
-        for _ in range(batch)
-    ]
-    side = settings.latent_side
-    return {
-        "hidden_states": torch.stack([row[0] for row in rows]),
-        "encoder_hidden_states": torch.stack([row[1] for row in rows]),
-        "pooled_projections": torch.stack([row[2] for row in rows]),
-        "timestep": torch.full((batch,), 0.7),
-        "guidance": torch.full((batch,), 3.5),
-        "img_ids": FluxPipeline._prepare_latent_image_ids(batch, side, side, "cpu", torch.float32),
-        "txt_ids": torch.zeros(settings.text_tokens, 3),
-        "return_dict": False,
-    }
-
-
-def row_of(inputs: dict, index: int) -> dict:
-    """The batch-1 inputs of row ``index`` of a batched input dict."""
-    batched = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
-    return {key: value[index : index + 1] if key in batched else value for key, value in inputs.items()}
-
-
-def forward(transformer: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    """One denoising step of the transformer: ``(batch, image_tokens, 64)``."""
-    with torch.no_grad():
-        return transformer(**inputs)[0]
+    """Inputs of one transformer call at these settings (see ``common.flux_inputs``), timestep 0.7."""
+    return flux_inputs(
+        batch, settings.latent_side, settings.text_tokens, settings.joint_dim, settings.pooled_dim, timestep=0.7
+    )
 
 
 def timed_forward(transformer: torch.nn.Module, inputs: dict) -> float:
     """Seconds of one forward, after a garbage collection outside the timed region."""
     gc.collect()
     return timed(lambda: forward(transformer, inputs))
-
-
-@dataclass
-class Style:
-    """One random LoRA: the same factors as a diffusers/PEFT state dict and as a Share adapter.
-
-    ``state_dict``: ``"<layer>.lora_A.weight" (r, d_in)`` and ``"<layer>.lora_B.weight" (n_out, r)``
-    with no prefix and no alpha (scale 1 in diffusers); ``adapter`` shares those tensors.
-    """
-
-    name: str
-    state_dict: dict[str, torch.Tensor]
-    adapter: LoraAdapter
-
-
-def make_styles(settings: Settings, layers: dict[str, torch.nn.Linear]) -> list[Style]:
-    """N random rank-r LoRAs on ``layers`` (name -> linear), deterministic per style index."""
-    styles = []
-    for index in range(settings.num_styles):
-        generator = torch.Generator().manual_seed(LORA_SEED + index)
-        state_dict, lora_layers = {}, {}
-        for name, linear in layers.items():
-            down = torch.randn(settings.lora_rank, linear.in_features, generator=generator) / linear.in_features**0.5
-            up = torch.randn(linear.out_features, settings.lora_rank, generator=generator) * LORA_UP_STD
-            state_dict[f"{name}.lora_A.weight"] = down
-            state_dict[f"{name}.lora_B.weight"] = up
-            lora_layers[name] = LoraLayer(up=up, down=down, scale=1.0)
-        name = f"s{index}"
-        styles.append(Style(name, state_dict, LoraAdapter(lora_layers, source={"benchmark": name})))
-    return styles
-
-
-def peft_lora_bytes(transformer: torch.nn.Module, adapter_names: Sequence[str]) -> int:
-    """Bytes of the ``lora_A`` / ``lora_B`` parameters of the named PEFT adapters."""
-    total = 0
-    for name, parameter in transformer.named_parameters():
-        parts = name.split(".")
-        if any(f"lora_{side}" in parts for side in "AB") and any(a in parts for a in adapter_names):
-            total += parameter.numel() * parameter.element_size()
-    return total
-
-
-def share_buffer_bytes(share: ShareModel) -> int:
-    """Bytes of the Share buffers (bases, cores, anchor, presence) in the ``ShareLinear`` layers."""
-    return sum(b.numel() * b.element_size() for layer in share.layers.values() for b in layer.buffers(recurse=False))
 
 
 def share_state_bytes(share: ShareModel) -> int:
@@ -387,7 +236,8 @@ def build_peft_side(settings: Settings) -> tuple[FluxTransformer2DModel, list[St
     log("building the PEFT transformer")
     transformer = build_transformer(settings)
     targets = find_targets(transformer, FLUX_ATTENTION_TARGETS)
-    styles = make_styles(settings, {name: transformer.get_submodule(name) for name in targets})
+    layers = {name: transformer.get_submodule(name) for name in targets}
+    styles = make_styles(settings.num_styles, settings.lora_rank, layers)
     # Before the first adapter, as diffusers requires; all ranks are equal, so nothing is padded.
     transformer.enable_lora_hotswap(target_rank=settings.lora_rank)
     seconds = []

@@ -1,0 +1,1251 @@
+"""GPU benchmark: Share against stock diffusers + PEFT on a FLUX.1-sized transformer, on one GPU, in a few minutes.
+
+Run on a machine with one H100 / H200 (diffusers and this repository on ``PYTHONPATH``)::
+
+    python benchmarks/bench_gpu.py --out results/bench_gpu
+
+``--quick`` runs the same code at toy widths on the CPU (float32) in well under a minute; its numbers
+mean nothing, it checks that every section runs. The report goes to stdout as markdown and to
+``<out>.md`` and ``<out>.json``, both rewritten after every section, so a run cut off by a time limit
+keeps what it finished; progress goes to stderr. Sections that fail are reported with their traceback
+and the run goes on (exit status 1 at the end); sections that would start after ``--budget`` seconds
+are skipped. Share's merges run on the CPU (float64); ``--merge-threads auto`` times the 2nd style with
+torch's threads and the 3rd with one, and merges the rest with the faster.
+
+Model: ``FluxTransformer2DModel`` with FLUX.1-dev's configuration (19 double + 38 single blocks,
+24 heads x 128 = 3072 wide, ``joint_attention_dim`` 4096, pooled 768, guidance embedding), built on
+the meta device, cast to bf16, materialised on the GPU and filled there (weights ~ N(0, 0.5 /
+sqrt(fan_in)), norm weights 1, biases 0). Two identical copies (same seed): one for each side.
+
+Styles: 20 random rank-16 LoRAs (scale 1) on the 266 attention linears
+(``FLUX_ATTENTION_TARGETS``), drawn on the GPU and held on the CPU in the model's dtype, where a
+LoRA file is read to. PEFT side: ``load_lora_adapter`` of each. Share side: ``ShareModel.inject``
+(k = 32, p = 8), then ``merge`` of each, continually.
+
+Inputs (no VAE, no text encoders): packed latents of a 1024 x 1024 image (64 x 64 = 4096 image
+tokens) or 512 x 512 (1024 tokens), 512 T5 tokens (4096 wide), pooled 768, guidance 3.5, timestep
+0.5, ``img_ids`` / ``txt_ids`` as ``FluxPipeline`` makes them.
+
+Timing: forwards with CUDA events, host-side calls (switch, fuse, merge, load) with ``perf_counter``
+between ``torch.cuda.synchronize()`` calls (on the CPU: ``perf_counter``). Every figure is a median
+of interleaved variants (A B C A B C ...) after a warm-up round.
+
+Sections, in the order run (most important first):
+
+- setup: bringing in 20 styles (merge vs ``load_lora_adapter``; the last style merged / loaded 3
+  times with 19 held) and the memory they hold;
+- step: transformer step time, 1024 batch 1 and 4, 512 batch 4: base, Share one style, Share 4
+  per-sample styles, PEFT one adapter;
+- batch: 4 prompts in 4 styles, one Share pass vs 4 PEFT passes with ``set_adapters`` before each;
+- switch: ``set_style``, the pipeline's ``with share.styles(...)`` and ``set_adapters`` over 20 styles;
+- agreement: Share's mixed batch against PEFT holding the same styles (``style_as_lora``), next to the
+  bf16 noise floor of PEFT itself (batch 4 vs batch 1), at style scale 1 and 30, with a control (the
+  styles rotated between rows) that shows whether the comparison can tell styles apart at all;
+- fuse: ``fuse_style`` / ``unfuse_style`` vs ``fuse_lora`` / ``unfuse_lora``, and whether unfusing
+  restores the weights bit for bit;
+- profile: kernel launches and host-to-device copies of one forward (``torch.profiler``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import diffusers
+import peft
+import torch
+import transformers
+from common import (
+    FULL_DOUBLE_BLOCKS,
+    FULL_LAYERS,
+    FULL_SINGLE_BLOCKS,
+    LINEARS_PER_DOUBLE,
+    LINEARS_PER_SINGLE,
+    MODEL_SEED,
+    Stats,
+    Style,
+    flux_inputs,
+    forward,
+    interleave,
+    log,
+    make_styles,
+    mib,
+    ms,
+    peak_rss_gib,
+    peft_lora_bytes,
+    ratio,
+    relative,
+    row_of,
+    share_buffer_bytes,
+    table,
+)
+from diffusers import FluxTransformer2DModel
+
+from share_diffusers.core import ShareConfig, ShareModel, export_rank, find_targets, style_as_lora
+from share_diffusers.flux_lora import FLUX_ATTENTION_TARGETS
+
+STARTED = time.perf_counter()  # the --budget counts from here (after the imports)
+
+TIMESTEP = 0.5
+GUIDANCE = 3.5
+FUSE_LAYER = "single_transformer_blocks.0.attn.to_q"  # the weight compared bit for bit after unfusing
+AGREEMENT_FACTOR = 2.0  # "within the floor": Share's difference <= this x PEFT's own batch-4 vs batch-1 difference
+# The floor is taken as at least this much: where PEFT's batch-4 and batch-1 kernels happen to agree (float32 on
+# the CPU), two different computations still differ by their roundings. 2e-3 is about the relative size of one
+# bf16 rounding of a tensor; 1e-5 is generous for float32.
+MIN_FLOOR = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
+# Random LoRAs move the output of the random model by ~0.1-0.3% at scale 1, about bf16's noise; both sides are
+# also compared with every style scaled by this (linear in dW on both sides), where they move it by a few %.
+AGREEMENT_SCALE = 30.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run measures. ``full()`` is FLUX.1 on one GPU, ``quick()`` a toy smoke run."""
+
+    heads: int  # attention heads of 128 channels: hidden = 128 * heads
+    joint_dim: int  # text embedding width (T5: 4096)
+    pooled_dim: int  # pooled text embedding width (CLIP: 768)
+    double_blocks: int
+    single_blocks: int
+    text_tokens: int
+    resolutions: tuple[tuple[str, int], ...]  # (image size, packed latent side): side**2 image tokens
+    num_styles: int
+    lora_rank: int
+    k: int  # Share basis rank
+    p: int  # Share core rank
+    step_rounds: int  # interleaved rounds of the step variants
+    batch_rounds: int  # interleaved rounds of the 4-prompts-in-4-styles comparison
+    switch_rounds: int  # passes over all styles for the switch
+    fuse_rounds: int  # interleaved fuse / unfuse rounds
+    load_rounds: int  # merges / loads of the last style with the others held
+    dtype: torch.dtype
+    batch_styles: int = 4
+
+    @property
+    def hidden(self) -> int:
+        return 128 * self.heads
+
+    @property
+    def num_layers(self) -> int:
+        return self.double_blocks * LINEARS_PER_DOUBLE + self.single_blocks * LINEARS_PER_SINGLE
+
+    @property
+    def large(self) -> str:
+        return self.resolutions[0][0]
+
+    @property
+    def small(self) -> str:
+        return self.resolutions[-1][0]
+
+    def latent_side(self, resolution: str) -> int:
+        return dict(self.resolutions)[resolution]
+
+    @classmethod
+    def full(cls) -> Settings:
+        return cls(
+            heads=24,
+            joint_dim=4096,
+            pooled_dim=768,
+            double_blocks=FULL_DOUBLE_BLOCKS,
+            single_blocks=FULL_SINGLE_BLOCKS,
+            text_tokens=512,
+            resolutions=(("1024x1024", 64), ("512x512", 32)),
+            num_styles=20,
+            lora_rank=16,
+            k=32,
+            p=8,
+            step_rounds=5,
+            batch_rounds=5,
+            switch_rounds=3,
+            fuse_rounds=3,
+            load_rounds=3,
+            dtype=torch.bfloat16,
+        )
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            heads=2,
+            joint_dim=64,
+            pooled_dim=32,
+            double_blocks=2,
+            single_blocks=2,
+            text_tokens=16,
+            resolutions=(("1024x1024", 8), ("512x512", 4)),
+            num_styles=6,
+            lora_rank=16,
+            k=32,
+            p=8,
+            step_rounds=2,
+            batch_rounds=2,
+            switch_rounds=2,
+            fuse_rounds=2,
+            load_rounds=2,
+            dtype=torch.float32,
+        )
+
+    def describe(self) -> dict:
+        data = asdict(self)
+        data["dtype"] = dtype_name(self.dtype)
+        data["hidden"], data["num_layers"] = self.hidden, self.num_layers
+        return data
+
+
+STEP_CASES = (("large", 1, 1.05), ("large", 4, 1.05), ("small", 4, 1.10))  # resolution, batch, target ratio
+BATCH_TARGETS = {"large": 1.3, "small": 2.3}  # speed-up of one Share pass over 4 PEFT passes
+SWITCH_TARGET = 100.0  # set_adapters / Share's pipeline path
+FUSE_TARGET = 2.0  # Share fuse time / PEFT fuse time
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing
+
+
+class Clock:
+    """CUDA events for device work, ``perf_counter`` around synchronisations for host-side calls.
+
+    On the CPU both are ``perf_counter``: the code paths are the same everywhere but for the timer.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.name = "CUDA events (forwards), perf_counter + synchronize (host calls)" if self.cuda else "perf_counter"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def host(self, function: Callable[[], object]) -> float:
+        """Seconds of ``function()`` and the device work it queued."""
+        self.sync()
+        start = time.perf_counter()
+        function()
+        self.sync()
+        return time.perf_counter() - start
+
+    def events(self, function: Callable[[], object]) -> float:
+        """Seconds from before to after ``function()`` on the device's timeline (host gaps included)."""
+        if not self.cuda:
+            return self.host(function)
+        self.sync()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        function()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    def allocated(self) -> int | None:
+        """Bytes the CUDA caching allocator has handed out (None on the CPU)."""
+        return torch.cuda.memory_allocated(self.device) if self.cuda else None
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """No garbage collection inside timed rounds (collected once before)."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def stats_data(stats: dict[str, Stats]) -> dict:
+    return {
+        name: {"median_s": s.median, "min_s": s.low, "max_s": s.high, "samples_s": list(s.samples)}
+        for name, s in stats.items()
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: markdown to stdout and <out>.md, data to <out>.json, rewritten after every section
+
+
+@dataclass
+class Target:
+    what: str
+    measured: str
+    passed: bool | None  # None: not measured here
+
+    @property
+    def result(self) -> str:
+        return "n/a" if self.passed is None else ("PASS" if self.passed else "FAIL")
+
+
+@dataclass
+class Section:
+    title: str
+    markdown: str
+    data: dict
+    targets: list[Target] = field(default_factory=list)
+
+
+class Report:
+    """The sections so far, their targets, errors and skips: printed as they come, files rewritten each time."""
+
+    def __init__(self, out: Path | None, title: str, meta: dict, meta_markdown: str):
+        self.out = out
+        self.title = title
+        self.meta = meta
+        self.meta_markdown = meta_markdown
+        self.sections: dict[str, Section] = {}
+        self.errors: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.footer = ""
+        if out is not None:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        print(f"# {title}\n\n{meta_markdown}\n", flush=True)
+        self.write()
+
+    @property
+    def targets(self) -> list[Target]:
+        return [target for section in self.sections.values() for target in section.targets]
+
+    def add(self, key: str, section: Section) -> None:
+        self.sections[key] = section
+        print(f"## {section.title}\n\n{section.markdown}\n", flush=True)
+        self.write()
+
+    def fail(self, key: str, title: str, error: str) -> None:
+        self.errors[key] = error
+        print(f"## {title}\n\nFAILED:\n\n```\n{error}\n```\n", flush=True)
+        self.write()
+
+    def skip(self, key: str, title: str, reason: str) -> None:
+        self.skipped[key] = reason
+        print(f"## {title}\n\nskipped: {reason}\n", flush=True)
+        self.write()
+
+    def targets_markdown(self) -> str:
+        rows = [[t.what, t.measured, t.result] for t in self.targets]
+        return table(["target", "measured", "result"], rows) if rows else "(none measured yet)"
+
+    def markdown(self) -> str:
+        parts = [f"# {self.title}", self.meta_markdown]
+        parts += [f"## {section.title}\n\n{section.markdown}" for section in self.sections.values()]
+        parts += [f"## {key}: FAILED\n\n```\n{error}\n```" for key, error in self.errors.items()]
+        parts += [f"## {key}: skipped\n\n{reason}" for key, reason in self.skipped.items()]
+        parts += ["## Targets\n\n" + self.targets_markdown()]
+        parts += [self.footer or f"Written {time.perf_counter() - STARTED:.0f} s after the imports."]
+        return "\n\n".join(parts) + "\n"
+
+    def data(self) -> dict:
+        return {
+            "meta": self.meta,
+            "sections": {key: {"title": s.title, **s.data} for key, s in self.sections.items()},
+            "targets": [{"target": t.what, "measured": t.measured, "result": t.result} for t in self.targets],
+            "errors": self.errors,
+            "skipped": self.skipped,
+            "elapsed_s": time.perf_counter() - STARTED,
+        }
+
+    def write(self) -> None:
+        if self.out is None:
+            return
+        for suffix, text in ((".md", self.markdown()), (".json", json.dumps(self.data(), indent=1, default=str))):
+            path = self.out.with_name(self.out.name + suffix)
+            partial = path.with_name(path.name + ".partial")
+            with open(partial, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(partial, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models, styles and the two sides
+
+
+def build_transformer(settings: Settings, device: torch.device) -> FluxTransformer2DModel:
+    """A FLUX.1-configured transformer (fewer blocks with ``--quick``): built on the meta device, cast,
+    materialised on ``device`` and filled there from ``MODEL_SEED``; frozen, eval."""
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=64,
+            num_layers=settings.double_blocks,
+            num_single_layers=settings.single_blocks,
+            attention_head_dim=128,
+            num_attention_heads=settings.heads,
+            joint_attention_dim=settings.joint_dim,
+            pooled_projection_dim=settings.pooled_dim,
+            guidance_embeds=True,
+            axes_dims_rope=(16, 56, 56),
+        )
+    transformer = transformer.to(settings.dtype).to_empty(device=device)
+    fill_random_(transformer, device, MODEL_SEED)
+    return transformer.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def fill_random_(model: torch.nn.Module, device: torch.device, seed: int) -> None:
+    """Weights ~ N(0, 0.5 / sqrt(fan_in)), norm weights 1, biases 0, drawn on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if parameter.ndim >= 2:
+            parameter.normal_(0.0, 0.5 / parameter[0].numel() ** 0.5, generator=generator)
+        elif name.endswith("bias"):
+            parameter.zero_()
+        else:
+            parameter.fill_(1.0)
+    for name, buffer in model.named_buffers():  # FluxTransformer2DModel has none; to_empty left them unset
+        log(f"warning: buffer {name} set to zero")
+        buffer.zero_()
+
+
+@dataclass
+class Sides:
+    """Both transformers with the styles in, the style names, and what bringing them in cost."""
+
+    peft: FluxTransformer2DModel
+    share_model: FluxTransformer2DModel
+    share: ShareModel
+    names: list[str]
+    setup: dict
+
+
+def merge_with_threads(clock: Clock, share: ShareModel, style: Style, threads: int | None) -> float:
+    """Seconds of one continual merge, with ``torch.set_num_threads(threads)`` around it (None: as is)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return clock.host(lambda: share.merge(style.fresh_adapter(), style.name))
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_sides(settings: Settings, device: torch.device, clock: Clock, merge_threads: str) -> Sides:
+    """Both transformers, the styles drawn, loaded into PEFT and merged into Share (everything timed)."""
+    figures: dict = {}
+    started = time.perf_counter()
+    log("building the two transformers")
+    start = time.perf_counter()
+    share_model = build_transformer(settings, device)
+    peft_model = build_transformer(settings, device)
+    clock.sync()
+    figures["build_s"] = time.perf_counter() - start
+    for name in ("x_embedder.weight", f"single_transformer_blocks.{settings.single_blocks - 1}.attn.to_q.weight"):
+        assert torch.equal(share_model.get_parameter(name), peft_model.get_parameter(name)), f"copies differ: {name}"
+    memory = {"models": clock.allocated()}
+
+    targets = find_targets(peft_model, FLUX_ATTENTION_TARGETS)
+    assert len(targets) == settings.num_layers, f"{len(targets)} target layers, expected {settings.num_layers}"
+    log(f"drawing {settings.num_styles} LoRAs on {len(targets)} layers")
+    start = time.perf_counter()
+    layers = {name: peft_model.get_submodule(name) for name in targets}
+    styles = make_styles(settings.num_styles, settings.lora_rank, layers, device=device, dtype=settings.dtype)
+    figures["draw_s"] = time.perf_counter() - start
+    held, last = styles[:-1], styles[-1]
+
+    log("PEFT: load_lora_adapter of each style")
+    load = [
+        clock.host(lambda s=s: peft_model.load_lora_adapter(dict(s.state_dict), adapter_name=s.name, prefix=None))
+        for s in held
+    ]
+    last_load = []
+    for round_index in range(settings.load_rounds):
+        if round_index:
+            peft_model.delete_adapters(last.name)
+        last_load.append(
+            clock.host(lambda: peft_model.load_lora_adapter(dict(last.state_dict), adapter_name=last.name, prefix=None))
+        )
+    memory["peft"] = clock.allocated()
+    log(f"PEFT: {sum(load) + last_load[-1]:.1f} s")
+
+    log("Share: inject, then merge each style")
+    config = ShareConfig(rank=settings.k, pseudo_rank=settings.p)
+    inject = clock.host(lambda: ShareModel.inject(share_model, target_modules=FLUX_ATTENTION_TARGETS, config=config))
+    share = ShareModel.of(share_model)
+    assert share is not None and len(share.layers) == settings.num_layers
+    # Threads: MKL's threaded float64 QR of thin matrices was several times slower than one thread on the
+    # (shared) CPUs we develop on. "auto" merges the 2nd style with torch's threads and the 3rd with one,
+    # then merges the rest with whichever was faster; both figures are reported.
+    default_threads = torch.get_num_threads()
+    merge, trial = [], {}
+    for index, style in enumerate(held):
+        if merge_threads == "auto" and index in (1, 2):
+            threads = None if index == 1 else 1
+            seconds = merge_with_threads(clock, share, style, threads)
+            trial[default_threads if threads is None else 1] = seconds
+        else:
+            threads = chosen_threads(merge_threads, trial, default_threads)
+            seconds = merge_with_threads(clock, share, style, threads)
+        merge.append(seconds)
+        log(f"Share: merged {style.name} in {seconds:.2f} s")
+    threads = chosen_threads(merge_threads, trial, default_threads)
+    last_merge = []
+    for round_index in range(settings.load_rounds):
+        if round_index:
+            share.delete_style(last.name)
+        last_merge.append(merge_with_threads(clock, share, last, threads))
+    clock.sync()
+    log(f"Share: {sum(merge) + last_merge[-1]:.1f} s")
+    memory["share"] = clock.allocated()
+    names = [style.name for style in styles]
+    assert share.style_names == names, share.style_names
+    errors = [share.factors.style_error(name) for name in names]
+    share_bytes = share_buffer_bytes(share)
+    share.set_style(names[0])  # the selection's stacked cores and blend buffer are made on first use
+    memory["share_selected"] = clock.allocated()
+    share.set_style(None)
+
+    figures.update(
+        total_s=time.perf_counter() - started,
+        inject_s=inject,
+        peft_load_s=load,
+        peft_last_load_s=last_load,
+        share_merge_s=merge,
+        share_last_merge_s=last_merge,
+        merge_threads={"trial_s": {str(k): v for k, v in trial.items()}, "used": threads or default_threads},
+        style_errors=errors,
+        peft_bytes=peft_lora_bytes(peft_model, names),
+        share_bytes=share_bytes,
+        allocated=memory,
+        lora_dtype=dtype_name(settings.dtype),
+        peft_param_dtype=str(next(p.dtype for n, p in peft_model.named_parameters() if "lora_A" in n)).removeprefix(
+            "torch."
+        ),
+    )
+    return Sides(peft=peft_model, share_model=share_model, share=share, names=names, setup=figures)
+
+
+def chosen_threads(policy: str, trial: dict[int, float], default_threads: int) -> int | None:
+    if policy == "auto":
+        if len(trial) < 2:
+            return None
+        best = min(trial, key=trial.__getitem__)
+        return None if best == default_threads else best
+    return None if policy == "default" else int(policy)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sections
+
+
+class Bench:
+    """Everything the sections share: settings, clock, both sides, inputs by (resolution, batch)."""
+
+    def __init__(self, settings: Settings, device: torch.device, clock: Clock, sides: Sides):
+        self.settings, self.device, self.clock, self.sides = settings, device, clock, sides
+        self.share, self.share_model, self.peft = sides.share, sides.share_model, sides.peft
+        self.names = sides.names
+        self.four = self.names[: settings.batch_styles]
+        self._inputs: dict[tuple[str, int], dict] = {}
+
+    def inputs(self, resolution: str, batch: int) -> dict:
+        key = (resolution, batch)
+        if key not in self._inputs:
+            s = self.settings
+            self._inputs[key] = flux_inputs(
+                batch,
+                s.latent_side(resolution),
+                s.text_tokens,
+                s.joint_dim,
+                s.pooled_dim,
+                timestep=TIMESTEP,
+                guidance=GUIDANCE,
+                device=self.device,
+                dtype=s.dtype,
+            )
+        return self._inputs[key]
+
+    def tokens(self, resolution: str) -> str:
+        return f"{self.settings.latent_side(resolution) ** 2} image + {self.settings.text_tokens} text tokens"
+
+    def reset(self) -> None:
+        """Both sides back to their resting state (after a failed section too)."""
+        if self.share.fused_style is not None:
+            self.share.unfuse_style()
+        self.share.set_style(None)
+        if any(getattr(module, "merged", False) for module in self.peft.modules()):
+            self.peft.unfuse_lora()
+        self.peft.enable_lora()
+        self.peft.set_adapters(self.names[0])
+        if self.clock.cuda:
+            torch.cuda.empty_cache()
+
+
+def section_setup(bench: Bench) -> Section:
+    s, figures = bench.settings, bench.sides.setup
+    n, layers = s.num_styles, s.num_layers
+    merge, load = figures["share_merge_s"], figures["peft_load_s"]
+    last_merge, last_load = figures["share_last_merge_s"], figures["peft_last_load_s"]
+    rows = [
+        [
+            f"Share `merge` (k={s.k}, p={s.p}), continual",
+            f"{sum(merge) + last_merge[-1]:.1f}",
+            f"{statistics.median(merge):.2f}",
+            f"{statistics.median(last_merge):.2f} ({', '.join(f'{x:.2f}' for x in last_merge)})",
+        ],
+        [
+            "diffusers `load_lora_adapter`",
+            f"{sum(load) + last_load[-1]:.1f}",
+            f"{statistics.median(load):.2f}",
+            f"{statistics.median(last_load):.2f} ({', '.join(f'{x:.2f}' for x in last_load)})",
+        ],
+    ]
+    merge_ratio = statistics.median(last_merge) / statistics.median(last_load)
+    trial = figures["merge_threads"]["trial_s"]
+    threads_note = (
+        "Merge threads: " + ", ".join(f"{k} thread(s) {v:.2f} s" for k, v in trial.items()) + " on styles 2-3; "
+        f"the rest with {figures['merge_threads']['used']}."
+        if trial
+        else f"Merge threads: {figures['merge_threads']['used']}."
+    )
+    peft_bytes, share_bytes = figures["peft_bytes"], figures["share_bytes"]
+    memory_rows = [
+        [
+            f"PEFT: {n} adapters' `lora_A` + `lora_B`",
+            mib(peft_bytes),
+            f"{peft_bytes / layers / n / 2**10:,.1f}",
+            "1.0x",
+        ],
+        [
+            "Share: buffers of the `ShareLinear` layers",
+            mib(share_bytes),
+            f"{share_bytes / layers / n / 2**10:,.1f}",
+            f"{peft_bytes / share_bytes:,.1f}x less",
+        ],
+    ]
+    allocated = figures["allocated"]
+    if allocated["models"] is not None:
+        memory_rows += [
+            ["PEFT, CUDA allocator delta of loading", mib(allocated["peft"] - allocated["models"]), "", ""],
+            ["Share, CUDA allocator delta of merging", mib(allocated["share"] - allocated["peft"]), "", ""],
+            [
+                "Share, + the selection's stacked cores and blend (first `set_style`)",
+                mib(allocated["share_selected"] - allocated["share"]),
+                "",
+                "",
+            ],
+        ]
+    errors = figures["style_errors"]
+    markdown = (
+        f"Two transformers built and filled in {figures['build_s']:.1f} s; {n} LoRAs drawn in "
+        f"{figures['draw_s']:.1f} s (held on the CPU in {figures['lora_dtype']}; PEFT's parameters are "
+        f"{figures['peft_param_dtype']}). "
+        f"`ShareModel.inject` ({layers} layers): {ms(figures['inject_s'])} ms.\n\n"
+        + table(
+            [
+                "bringing in the styles",
+                f"all {n} s",
+                "median per style s",
+                f"style {n} with {n - 1} held: median (each) s",
+            ],
+            rows,
+        )
+        + f"\n\nMerge one LoRA into {layers} layers with {n - 1} held: {merge_ratio:.2f}x the time of "
+        f"`load_lora_adapter`. {threads_note}\n\n"
+        + table(["memory of the styles", "bytes", "KiB per layer per style", "ratio"], memory_rows)
+        + f"\n\nShare's relative error per style after all merges: {min(errors):.2f}-{max(errors):.2f} "
+        f"(random LoRAs share no subspace, so k={s.k} keeps part of each; speed does not depend on it).\n"
+    )
+    data = {
+        **figures,
+        "merge_over_load": merge_ratio,
+        "memory_ratio": peft_bytes / share_bytes,
+    }
+    return Section(f"Bringing in {n} styles, and their memory", markdown, data)
+
+
+def section_step(bench: Bench) -> Section:
+    s, clock, share, peft_model = bench.settings, bench.clock, bench.share, bench.peft
+    first = bench.names[0]
+    cases, rows, targets, data = [], [], [], {}
+    for size, batch, target in STEP_CASES:
+        resolution = getattr(s, size)
+        inputs = bench.inputs(resolution, batch)
+        log(f"step: {resolution}, batch {batch}: {s.step_rounds} interleaved rounds")
+
+        def timed(model, before=None, after=None, inputs=inputs) -> Callable[[], float]:
+            def variant() -> float:
+                if before is not None:
+                    before()
+                seconds = clock.events(lambda: forward(model, inputs))
+                if after is not None:
+                    after()
+                return seconds
+
+            return variant
+
+        variants = {
+            "base (Share model, no style)": timed(bench.share_model, lambda: share.set_style(None)),
+            "base (PEFT model, LoRA disabled)": timed(peft_model, peft_model.disable_lora, peft_model.enable_lora),
+            "Share, one style": timed(
+                bench.share_model,
+                lambda b=batch: share.set_style(first, batch_size=b),
+                lambda: share.set_style(None),
+            ),
+        }
+        if batch == s.batch_styles:
+            variants[f"Share, {batch} styles (one per sample)"] = timed(
+                bench.share_model,
+                lambda b=batch: share.set_style(list(bench.four), batch_size=b),
+                lambda: share.set_style(None),
+            )
+        variants["PEFT, one adapter"] = timed(peft_model)
+        peft_model.set_adapters(first)
+        for run in variants.values():  # warm-up
+            run()
+        with no_gc():
+            stats = {name: Stats.of(values) for name, values in interleave(variants, s.step_rounds).items()}
+        base = stats["base (Share model, no style)"].median
+        label = f"{resolution}, batch {batch}"
+        for name, stat in stats.items():
+            rows.append(
+                [
+                    label,
+                    name,
+                    f"{stat.median * 1e3:,.1f}",
+                    f"{stat.low * 1e3:,.1f}-{stat.high * 1e3:,.1f}",
+                    f"{stat.median / base:.3f}",
+                ]
+            )
+        for name, stat in stats.items():
+            if name.startswith("Share,"):
+                value = stat.median / base
+                targets.append(Target(f"step {label}: {name} <= {target:.2f}x base", f"{value:.3f}x", value <= target))
+        cases.append(f"{label}: {bench.tokens(resolution)}")
+        data[label] = {"stats": stats_data(stats), "ratios": {k: v.median / base for k, v in stats.items()}}
+    markdown = (
+        table(["case", "variant", "median ms", "min-max ms", "ratio to base"], rows)
+        + f"\n\n{s.step_rounds} interleaved rounds after a warm-up; {bench.clock.name}. Style switches happen "
+        "outside the timed forward (see the switch section). Tokens: " + "; ".join(cases) + ".\n"
+    )
+    return Section("Transformer step time", markdown, data, targets)
+
+
+def section_batch(bench: Bench) -> Section:
+    s, clock, share, peft_model = bench.settings, bench.clock, bench.share, bench.peft
+    count, four = s.batch_styles, bench.four
+    rows, targets, data = [], [], {}
+    for size, target in BATCH_TARGETS.items():
+        resolution = getattr(s, size)
+        log(f"batch of {count} in {count} styles, {resolution}: {s.batch_rounds} interleaved rounds")
+        inputs = bench.inputs(resolution, count)
+        singles = [row_of(inputs, b) for b in range(count)]
+        outputs: dict[str, torch.Tensor] = {}
+
+        def share_pass(inputs=inputs, outputs=outputs) -> float:
+            def request() -> None:
+                with ShareModel.of(bench.share_model).styles(list(four), batch_size=count):
+                    outputs["share"] = forward(bench.share_model, inputs)
+
+            return clock.events(request)
+
+        def peft_passes(singles=singles, outputs=outputs) -> float:
+            def request() -> None:
+                results = []
+                for name, row in zip(four, singles, strict=True):
+                    peft_model.set_adapters(name)
+                    results.append(forward(peft_model, row))
+                outputs["peft"] = torch.cat(results)
+
+            return clock.events(request)
+
+        variants = {
+            f"Share: one pass, batch {count}, {count} styles (`with share.styles(...)` included)": share_pass,
+            f"diffusers: {count} passes of batch 1, `set_adapters` before each": peft_passes,
+        }
+        for run in variants.values():
+            run()
+        with no_gc():
+            stats = {name: Stats.of(values) for name, values in interleave(variants, s.batch_rounds).items()}
+        share_stat, peft_stat = stats.values()
+        speedup = peft_stat.median / share_stat.median
+        for name, stat in stats.items():
+            rows.append(
+                [resolution, name, f"{stat.median * 1e3:,.1f}", f"{stat.low * 1e3:,.1f}-{stat.high * 1e3:,.1f}"]
+            )
+        rows.append([resolution, "**speed-up of the Share pass**", f"**{speedup:.2f}x**", ""])
+        targets.append(
+            Target(
+                f"{count} prompts in {count} styles, {resolution}: Share >= {target}x faster",
+                f"{speedup:.2f}x",
+                speedup >= target,
+            )
+        )
+        data[resolution] = {"stats": stats_data(stats), "speedup": speedup}
+        share.set_style(None)
+    peft_model.set_adapters(bench.names[0])
+    markdown = (
+        table(["resolution", "method", "median ms", "min-max ms"], rows)
+        + f"\n\n{s.batch_rounds} interleaved rounds after a warm-up; each figure covers the whole request "
+        "(selecting the styles included).\n"
+    )
+    return Section(f"{count} prompts in {count} styles", markdown, data, targets)
+
+
+def section_switch(bench: Bench) -> Section:
+    s, clock, share, peft_model, names = bench.settings, bench.clock, bench.share, bench.peft, bench.names
+    log(f"switch: {s.switch_rounds} passes over {len(names)} styles")
+    share.set_style(None)
+    counters = {"set_style": 0, "styles": 0, "set_adapters": 0}
+
+    def next_name(key: str) -> str:
+        name = names[counters[key] % len(names)]
+        counters[key] += 1
+        return name
+
+    def set_style() -> float:
+        name = next_name("set_style")
+        return clock.host(lambda: share.set_style(name))
+
+    def pipeline_path() -> float:
+        name = next_name("styles")
+        share.set_style(None)  # a pipeline call starts from no selection
+
+        def enter_exit() -> None:
+            with ShareModel.of(bench.share_model).styles(name, 1.0, batch_size=1):
+                pass
+
+        return clock.host(enter_exit)
+
+    def set_adapters() -> float:
+        name = next_name("set_adapters")
+        return clock.host(lambda: peft_model.set_adapters(name))
+
+    variants = {
+        "Share `set_style(name)`": set_style,
+        "Share pipeline path: `with share.styles(name):` enter + exit": pipeline_path,
+        "diffusers `set_adapters(name)`": set_adapters,
+    }
+    for _ in names:  # warm-up: every request once
+        for run in variants.values():
+            run()
+    with no_gc():
+        samples = interleave(variants, s.switch_rounds * len(names))
+    stats = {name: Stats.of(values) for name, values in samples.items()}
+    share.set_style(None)
+    peft_model.set_adapters(names[0])
+    adapters = stats["diffusers `set_adapters(name)`"].median
+    rows = [
+        [name, ms(stat.median), f"{ms(stat.low)}-{ms(stat.high)}", ratio(adapters / stat.median)]
+        for name, stat in stats.items()
+    ]
+    pipeline = stats["Share pipeline path: `with share.styles(name):` enter + exit"].median
+    speedup = adapters / pipeline
+    markdown = (
+        table(["switch", "median ms", f"{next(iter(stats.values())).spread_label} ms", "set_adapters / this"], rows)
+        + f"\n\n{s.switch_rounds} passes over the {len(names)} styles, the three interleaved switch by switch; "
+        f"{s.num_layers} layers. Share's figures include moving the weights to the device and blending the "
+        "cores of every layer (the work a forward then only reads); `set_adapters` walks every LoRA layer.\n"
+    )
+    target = Target(
+        f"switch: Share's pipeline path >= {SWITCH_TARGET:.0f}x faster than `set_adapters`",
+        f"{speedup:,.0f}x ({ms(pipeline)} ms vs {ms(adapters)} ms)",
+        speedup >= SWITCH_TARGET,
+    )
+    data = {
+        "stats": stats_data(stats),
+        "speedup_pipeline_path": speedup,
+        "speedup_set_style": adapters / stats["Share `set_style(name)`"].median,
+    }
+    return Section(f"Switching between {len(names)} styles", markdown, data, [target])
+
+
+def section_agreement(bench: Bench) -> Section:
+    s, share, peft_model, four = bench.settings, bench.share, bench.peft, bench.four
+    count = len(four)
+    log("agreement: loading Share's styles into PEFT (style_as_lora)")
+    exported = [f"export_{name}" for name in four]
+    for name, adapter_name in zip(four, exported, strict=True):
+        if adapter_name in getattr(peft_model, "peft_config", {}):
+            continue
+        lora = style_as_lora(share.factors, name)
+        state_dict = {}
+        for layer, factors in lora.layers.items():
+            state_dict[f"{layer}.lora_A.weight"] = (factors.down * factors.scale).to(s.dtype)
+            state_dict[f"{layer}.lora_B.weight"] = factors.up.to(s.dtype)
+        peft_model.load_lora_adapter(state_dict, adapter_name=adapter_name, prefix=None)
+    rank = export_rank(share.factors, {four[0]: 1.0})
+    rotated = exported[1:] + exported[:1]  # the control: every row given its neighbour's style
+
+    def peft_rows(inputs: dict, adapters: Sequence[str], scale: float) -> torch.Tensor:
+        outputs = []
+        for index, adapter in enumerate(adapters):
+            peft_model.set_adapters(adapter, weights=scale)
+            outputs.append(forward(peft_model, row_of(inputs, index)))
+        return torch.cat(outputs)
+
+    rows, targets, data = [], [], {}
+    min_floor = MIN_FLOOR.get(s.dtype, 0.0)
+    for resolution, _ in s.resolutions:
+        inputs = bench.inputs(resolution, count)
+        base = forward(bench.share_model, inputs)
+        for scale in (1.0, AGREEMENT_SCALE):
+            log(f"agreement: {resolution}, styles x {scale:g}")
+            with share.styles(list(four), scale=scale, batch_size=count):
+                mixed = forward(bench.share_model, inputs)
+            peft_each = peft_rows(inputs, exported, scale)
+            control = relative(peft_rows(inputs, rotated, scale), mixed)
+            peft_model.set_adapters(exported[0], weights=scale)
+            floor = relative(peft_rows(inputs, [exported[0]] * count, scale), forward(peft_model, inputs))
+            difference = relative(peft_each, mixed)
+            per_row = [relative(peft_each[i], mixed[i]) for i in range(count)]
+            finite = bool(torch.isfinite(mixed).all()) and bool(torch.isfinite(peft_each).all())
+            bound = AGREEMENT_FACTOR * max(floor, min_floor)
+            within = finite and difference <= bound
+            discriminates = control > bound  # a wrong style per row would show
+            figures = {
+                "share_vs_peft": difference,
+                "share_vs_peft_rows": per_row,
+                "floor": floor,
+                "bound": bound,
+                "control_rotated_styles": control,
+                "styles_vs_base": relative(base, peft_each),
+                "finite": finite,
+            }
+            if scale == 1.0:
+                singles = []
+                for index, name in enumerate(four):
+                    with share.styles(name, batch_size=1):
+                        singles.append(forward(bench.share_model, row_of(inputs, index)))
+                figures["share_mixed_vs_share_singles"] = relative(torch.cat(singles), mixed)
+                figures["share_vs_original_loras"] = relative(peft_rows(inputs, four, 1.0), mixed)
+            data[f"{resolution}, styles x {scale:g}"] = figures
+            rows.append(
+                [
+                    resolution,
+                    f"{scale:g}",
+                    f"{figures['styles_vs_base']:.2e}",
+                    f"{difference:.2e} (worst row {max(per_row):.2e})",
+                    f"{floor:.2e}",
+                    f"{control:.2e}",
+                    f"{figures['share_mixed_vs_share_singles']:.2e}" if scale == 1.0 else "",
+                ]
+            )
+            verdict = within if discriminates or not within else None
+            targets.append(
+                Target(
+                    f"agreement {resolution}, styles x {scale:g}: Share's mixed batch vs PEFT within the floor",
+                    f"{difference:.2e} <= {bound:.2e}: {within}; rotated-styles control {control:.2e}"
+                    + ("" if discriminates else " (inconclusive: the styles move the output less than the floor)")
+                    + ("" if finite else " (not finite)"),
+                    verdict,
+                )
+            )
+    peft_model.set_adapters(bench.names[0])
+    lossy = [f"{data[f'{res}, styles x 1']['share_vs_original_loras']:.2e} at {res}" for res, _ in s.resolutions]
+    markdown = (
+        table(
+            [
+                "resolution",
+                "style scale",
+                "styled vs base",
+                f"Share, batch of {count} styles vs PEFT, each alone",
+                "floor: PEFT batch 4 vs 4 x batch 1",
+                "control: PEFT with the styles rotated",
+                "Share batch vs Share each alone",
+            ],
+            rows,
+        )
+        + f"\n\nRelative differences `||a - b|| / ||b||` of the transformer outputs, {dtype_name(s.dtype)}. PEFT holds "
+        f"Share's own styles here (`style_as_lora`, rank {rank}: the same `dW` exactly), each run alone at batch 1 "
+        "(`set_adapters(name, weights=scale)`); Share runs them as one mixed batch (`share.styles(names, scale)`). "
+        "The floor is what PEFT alone changes between a batch of 4 and 4 batches of 1 (other kernels, other "
+        f"rounding). Rule: within if the difference <= {AGREEMENT_FACTOR:g} x max(floor, {min_floor:g}) (about "
+        f"the least two {dtype_name(s.dtype)} computations differ by); the check counts only where the control "
+        "(each row given another style) lands outside that bound. These random LoRAs move the output of this "
+        f"random model little at scale 1, hence the second scale ({AGREEMENT_SCALE:g}) on both sides. Share "
+        f"against the random LoRAs it compressed (k = {s.k} keeps part of each; context): " + ", ".join(lossy) + ".\n"
+    )
+    return Section("Agreement: Share's mixed batch vs PEFT", markdown, data, targets)
+
+
+def section_fuse(bench: Bench) -> Section:
+    s, clock, share, peft_model = bench.settings, bench.clock, bench.share, bench.peft
+    name = bench.names[0]
+    log(f"fuse / unfuse: {s.fuse_rounds} interleaved rounds")
+    share.set_style(None)
+    share_weight = bench.share_model.get_submodule(FUSE_LAYER).base_layer.weight
+    peft_weight = peft_model.get_submodule(FUSE_LAYER).base_layer.weight
+    originals = {"share": share_weight.detach().clone(), "peft": peft_weight.detach().clone()}
+    exact = {"share": True, "peft": True}
+    changed = {"share": True, "peft": True}
+
+    def check(side: str, weight: torch.Tensor, fused: bool) -> None:
+        same = torch.equal(weight, originals[side])
+        if fused:
+            changed[side] &= not same
+        else:
+            exact[side] &= same
+
+    def share_fuse() -> float:
+        seconds = clock.host(lambda: share.fuse_style(name))
+        check("share", share_weight, fused=True)
+        return seconds
+
+    def share_unfuse() -> float:
+        seconds = clock.host(share.unfuse_style)
+        check("share", share_weight, fused=False)
+        return seconds
+
+    def peft_fuse() -> float:
+        seconds = clock.host(lambda: peft_model.fuse_lora(lora_scale=1.0, adapter_names=[name]))
+        check("peft", peft_weight, fused=True)
+        return seconds
+
+    def peft_unfuse() -> float:
+        seconds = clock.host(peft_model.unfuse_lora)
+        check("peft", peft_weight, fused=False)
+        return seconds
+
+    variants = {
+        "Share `fuse_style(name)` (exact=True)": share_fuse,
+        "Share `unfuse_style()`": share_unfuse,
+        "diffusers `fuse_lora(adapter_names=[name])`": peft_fuse,
+        "diffusers `unfuse_lora()`": peft_unfuse,
+    }
+    for run in variants.values():
+        run()
+    with no_gc():
+        stats = {key: Stats.of(values) for key, values in interleave(variants, s.fuse_rounds).items()}
+    share_fuse_s = stats["Share `fuse_style(name)` (exact=True)"].median
+    peft_fuse_s = stats["diffusers `fuse_lora(adapter_names=[name])`"].median
+    rows = [[key, ms(stat.median), f"{ms(stat.low)}-{ms(stat.high)}"] for key, stat in stats.items()]
+    markdown = (
+        table(["call", "median ms", "min-max ms"], rows)
+        + f"\n\n{s.fuse_rounds} interleaved rounds after a warm-up, {s.num_layers} layers. `{FUSE_LAYER}`'s weight "
+        f"after every unfuse equals the original bit for bit (torch.equal): Share {exact['share']}, diffusers/PEFT "
+        f"{exact['peft']} (PEFT subtracts the delta again, in {dtype_name(s.dtype)}). Every fuse changed the weight: "
+        f"Share {changed['share']}, PEFT {changed['peft']}. Share's exact fuse keeps a copy of the fused weights "
+        "on the device until unfused.\n"
+    )
+    value = share_fuse_s / peft_fuse_s
+    targets = [
+        Target(
+            f"fuse: Share <= {FUSE_TARGET:g}x PEFT's `fuse_lora`",
+            f"{value:.2f}x ({ms(share_fuse_s)} vs {ms(peft_fuse_s)} ms)",
+            value <= FUSE_TARGET,
+        ),
+        Target(
+            "unfuse_style restores the weight bit for bit", str(exact["share"]), exact["share"] and changed["share"]
+        ),
+    ]
+    data = {"stats": stats_data(stats), "exact": exact, "changed": changed, "fuse_ratio": value}
+    return Section("Fuse / unfuse one style", markdown, data, targets)
+
+
+def count_events(profiler) -> dict[str, int]:
+    """Kernels, host-to-device copies, other copies/memsets (CUDA activity) and aten ops (CPU) of a trace."""
+    from torch.autograd import DeviceType
+
+    counts = {"kernels": 0, "memcpy_htod": 0, "other_memcpy_memset": 0, "aten_ops": 0}
+    for event in profiler.events():
+        name = event.name
+        if "Memcpy HtoD" in name:
+            counts["memcpy_htod"] += 1
+        elif "Memcpy" in name or "Memset" in name:
+            counts["other_memcpy_memset"] += 1
+        elif event.device_type == DeviceType.CUDA:
+            counts["kernels"] += 1
+        elif name.startswith("aten::"):
+            counts["aten_ops"] += 1
+    return counts
+
+
+def section_profile(bench: Bench) -> Section:
+    from torch.profiler import ProfilerActivity, profile
+
+    s, clock, share, peft_model = bench.settings, bench.clock, bench.share, bench.peft
+    batch = s.batch_styles
+    inputs = bench.inputs(s.small, batch)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if clock.cuda else [])
+    share.set_style(None)
+    peft_model.set_adapters(bench.names[0])
+    variants = {
+        "base (Share model, no style)": (bench.share_model, lambda: share.set_style(None)),
+        "Share, one style": (bench.share_model, lambda: share.set_style(bench.names[0], batch_size=batch)),
+        f"Share, {batch} styles (one per sample)": (bench.share_model, lambda: share.set_style(list(bench.four))),
+        "PEFT, one adapter": (peft_model, lambda: share.set_style(None)),
+    }
+    counts = {}
+    for name, (model, select) in variants.items():
+        log(f"profile: {name}")
+        select()
+        forward(model, inputs)  # warm-up
+        clock.sync()
+        with profile(activities=activities) as profiler:
+            forward(model, inputs)
+            clock.sync()
+        counts[name] = count_events(profiler)
+    share.set_style(None)
+    base = counts["base (Share model, no style)"]
+    rows = []
+    for name, c in counts.items():
+        extra = (c["kernels"] - base["kernels"]) / s.num_layers
+        rows.append(
+            [
+                name,
+                c["kernels"] if clock.cuda else "n/a",
+                f"{extra:+.2f}" if clock.cuda else "n/a",
+                c["memcpy_htod"] if clock.cuda else "n/a",
+                c["other_memcpy_memset"] if clock.cuda else "n/a",
+                c["aten_ops"],
+            ]
+        )
+    styled = [name for name in counts if name.startswith("Share,")]
+    markdown = (
+        table(
+            [
+                "forward",
+                "CUDA kernels",
+                "extra kernels per Share layer",
+                "Memcpy HtoD",
+                "other copies / memsets",
+                "aten ops (CPU)",
+            ],
+            rows,
+        )
+        + f"\n\nOne forward each at {s.small}, batch {batch}, after a warm-up, the styles selected before the "
+        "profiled region (`torch.profiler`, CPU"
+        + (" and CUDA activity)." if clock.cuda else " activity only: no GPU here, so no kernel or copy counts).")
+        + "\n"
+    )
+    targets = []
+    if clock.cuda:
+        worst = max(counts[name]["memcpy_htod"] for name in styled)
+        targets.append(
+            Target(
+                "profile: no host-to-device copy in a styled forward (beyond the base forward's own)",
+                f"{worst} in the styled forwards, {base['memcpy_htod']} in the base",
+                worst <= base["memcpy_htod"],
+            )
+        )
+    else:
+        targets.append(Target("profile: no host-to-device copy in a styled forward", "not measured on the CPU", None))
+    return Section("Profiler counts of one forward", markdown, {"counts": counts}, targets)
+
+
+SECTIONS: tuple[tuple[str, str, Callable[[Bench], Section]], ...] = (
+    ("setup", "Bringing in the styles, and their memory", section_setup),
+    ("step", "Transformer step time", section_step),
+    ("batch", "4 prompts in 4 styles", section_batch),
+    ("switch", "Switching styles", section_switch),
+    ("agreement", "Agreement: Share's mixed batch vs PEFT", section_agreement),
+    ("fuse", "Fuse / unfuse one style", section_fuse),
+    ("profile", "Profiler counts of one forward", section_profile),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+
+
+def environment(settings: Settings, device: torch.device, clock: Clock, quick: bool) -> tuple[dict, str]:
+    gpu = torch.cuda.get_device_name(device) if clock.cuda else None
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "device": str(device),
+        "gpu": gpu,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "transformers": transformers.__version__,
+        "cpu_threads": torch.get_num_threads(),
+        "timer": clock.name,
+        "quick": quick,
+        "argv": sys.argv,
+        "settings": settings.describe(),
+    }
+    s = settings
+    where = f"{gpu} (CUDA {torch.version.cuda})" if gpu else f"CPU ({platform.processor() or platform.machine()})"
+    markdown = (
+        f"{meta['date']}; {where}; Python {meta['python']}, torch {torch.__version__}, diffusers "
+        f"{diffusers.__version__}, peft {peft.__version__}, transformers {transformers.__version__}; "
+        f"CPU threads: {meta['cpu_threads']}; timer: {clock.name}.\n\n"
+        f"FluxTransformer2DModel: {s.double_blocks} double + {s.single_blocks} single blocks (FLUX.1: "
+        f"{FULL_DOUBLE_BLOCKS} + {FULL_SINGLE_BLOCKS}), hidden {s.hidden}, joint_attention_dim {s.joint_dim}, pooled "
+        f"{s.pooled_dim}, random {dtype_name(s.dtype)} weights; {s.num_styles} random rank-{s.lora_rank} LoRAs on the "
+        f"{s.num_layers} attention linears (FLUX.1: {FULL_LAYERS}); Share k={s.k}, p={s.p}. Inputs: "
+        + ", ".join(f"{name} = {side**2} image tokens" for name, side in s.resolutions)
+        + f", {s.text_tokens} text tokens, guidance {GUIDANCE}, timestep {TIMESTEP}."
+        + ("\n\n**--quick: toy widths, numbers not meaningful.**" if quick else "")
+    )
+    return meta, markdown
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="toy widths (default on the CPU in float32)")
+    parser.add_argument("--device", default=None, help="cuda (default where available) or cpu")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default=None, help="default: bf16, float32 with --quick"
+    )
+    parser.add_argument("--out", default=None, help="write <out>.md and <out>.json after every section")
+    parser.add_argument("--budget", type=float, default=300.0, help="start no section after this many seconds")
+    parser.add_argument(
+        "--merge-threads", default="auto", help="torch threads for Share merges: auto (try both), default, or a number"
+    )
+    args = parser.parse_args(argv)
+    # PEFT warns on every adapter after the first that the model now holds several: that is the point here.
+    warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    settings = Settings.quick() if args.quick else Settings.full()
+    if args.dtype:
+        settings = replace(settings, dtype=getattr(torch, args.dtype))
+    clock = Clock(device)
+    meta, meta_markdown = environment(settings, device, clock, args.quick)
+    title = "share-diffusers GPU benchmark: Share vs diffusers + PEFT" + (" (--quick)" if args.quick else "")
+    report = Report(Path(args.out) if args.out else None, title, meta, meta_markdown)
+
+    try:
+        sides = build_sides(settings, device, clock, args.merge_threads)
+    except Exception:
+        report.fail("setup", "Setup", traceback.format_exc())
+        return 1
+    bench = Bench(settings, device, clock, sides)
+    for key, title, run in SECTIONS:
+        elapsed = time.perf_counter() - STARTED
+        if elapsed > args.budget:
+            report.skip(key, title, f"{elapsed:.0f} s elapsed, over the --budget of {args.budget:.0f} s")
+            continue
+        try:
+            report.add(key, run(bench))
+        except Exception:
+            log(f"{key} failed")
+            report.fail(key, title, traceback.format_exc())
+        try:
+            bench.reset()
+        except Exception:
+            report.fail(f"{key}-reset", f"{title}: reset", traceback.format_exc())
+
+    footer = f"Peak RSS {peak_rss_gib():.1f} GiB"
+    if clock.cuda:
+        footer += f", peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+    footer += f"; {time.perf_counter() - STARTED:.0f} s after the imports."
+    report.meta["footer"] = report.footer = footer
+    print("## Targets\n\n" + report.targets_markdown() + f"\n\n{footer}", flush=True)
+    report.write()
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

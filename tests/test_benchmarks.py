@@ -1,0 +1,165 @@
+"""The benchmarks run end to end: ``bench_gpu.py --quick`` on the CPU (every section, every row, sane numbers)
+and ``bench_flux.py --quick`` (a smoke run of the same shared helpers).
+
+``bench_core.py --quick`` needs ``lorashare`` and takes minutes: marked slow, run with ``SHARE_SLOW_TESTS=1``.
+On a GPU machine ``pytest -m gpu`` also runs the quick GPU benchmark on CUDA. The quick runs get one CPU
+thread: at toy widths threads gain nothing, and on a busy 2-core machine spinning OpenMP threads made
+them ten times slower.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+SECTIONS = ("setup", "step", "batch", "switch", "agreement", "fuse", "profile")
+STEP_VARIANTS = (
+    "base (Share model, no style)",
+    "base (PEFT model, LoRA disabled)",
+    "Share, one style",
+    "PEFT, one adapter",
+)
+slow = pytest.mark.skipif(not os.environ.get("SHARE_SLOW_TESTS"), reason="slow: set SHARE_SLOW_TESTS=1")
+
+
+def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if "--quick" in args:  # toy widths gain nothing from threads, and spinning ones slow a busy machine down
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def run_gpu_benchmark(out: Path, device: str) -> tuple[dict, str, str]:
+    """``bench_gpu.py --quick`` on ``device``: ``(json report, markdown report, stdout)``; fails on a non-zero exit."""
+    result = run_benchmark("bench_gpu.py", "--quick", "--device", device, "--out", str(out), timeout=300)
+    out.with_name(out.name + ".stderr.txt").write_text(result.stderr)  # progress, for a failure's post-mortem
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(out.with_name(out.name + ".json").read_text())
+    markdown = out.with_name(out.name + ".md").read_text()
+    return report, markdown, result.stdout
+
+
+def check_gpu_report(report: dict, markdown: str, stdout: str) -> None:
+    assert report["errors"] == {} and report["skipped"] == {}
+    assert set(report["sections"]) == set(SECTIONS)
+    for section in report["sections"].values():  # each section's table in the file and on stdout
+        assert f"## {section['title']}" in markdown and f"## {section['title']}" in stdout
+    settings = report["meta"]["settings"]
+    styles, layers = settings["num_styles"], settings["num_layers"]
+    large, small = (name for name, _ in settings["resolutions"])
+
+    setup = report["sections"]["setup"]
+    assert len(setup["share_merge_s"]) == len(setup["peft_load_s"]) == styles - 1
+    assert len(setup["share_last_merge_s"]) == len(setup["peft_last_load_s"]) == settings["load_rounds"]
+    assert setup["peft_bytes"] == styles * layers * 2 * settings["hidden"] * settings["lora_rank"] * 4  # float32
+    assert 0 < setup["share_bytes"] < setup["peft_bytes"]
+    for row in ("Share `merge`", "diffusers `load_lora_adapter`", "PEFT: ", "Share: buffers"):
+        assert row in markdown
+
+    step = report["sections"]["step"]
+    assert set(step) == {"title", f"{large}, batch 1", f"{large}, batch 4", f"{small}, batch 4"}
+    for case, figures in step.items():
+        if case == "title":
+            continue
+        expected = set(STEP_VARIANTS) | ({"Share, 4 styles (one per sample)"} if case.endswith("batch 4") else set())
+        assert set(figures["ratios"]) == expected
+        # timings only finite and positive: the CPUs here are shared, toy ratios say nothing
+        assert all(0 < value < math.inf for value in figures["ratios"].values()), figures["ratios"]
+        assert all(len(s["samples_s"]) == settings["step_rounds"] for s in figures["stats"].values())
+
+    batch = report["sections"]["batch"]
+    assert all(batch[res]["speedup"] > 0 and math.isfinite(batch[res]["speedup"]) for res in (large, small))
+
+    switch = report["sections"]["switch"]
+    assert len(switch["stats"]) == 3
+    for stat in switch["stats"].values():
+        assert len(stat["samples_s"]) == settings["switch_rounds"] * styles
+    assert switch["speedup_pipeline_path"] > 0
+
+    # PEFT holds Share's own styles (style_as_lora): at float32 the outputs agree to rounding, and giving each
+    # row another style (the control) would show.
+    agreement = report["sections"]["agreement"]
+    for res in (large, small):
+        for scale in (1, 30):
+            figures = agreement[f"{res}, styles x {scale}"]
+            assert figures["finite"]
+            assert figures["share_vs_peft"] < 1e-5 and figures["floor"] < 1e-5, figures
+            assert figures["control_rotated_styles"] > 100 * figures["share_vs_peft"], figures
+        assert agreement[f"{res}, styles x 1"]["share_mixed_vs_share_singles"] < 1e-5
+        assert (
+            agreement[f"{res}, styles x 30"]["styles_vs_base"] > 10 * agreement[f"{res}, styles x 1"]["styles_vs_base"]
+        )
+
+    # every timed variant has its row in the markdown
+    timed = [step[case]["stats"] for case in step if case != "title"] + [batch[res]["stats"] for res in (large, small)]
+    timed += [switch["stats"], report["sections"]["fuse"]["stats"]]
+    for stats in timed:
+        for name in stats:
+            assert f"| {name} |" in markdown, name
+    assert markdown.count("speed-up of the Share pass") == 2
+    for name in report["sections"]["profile"]["counts"]:
+        assert f"| {name} |" in markdown, name
+
+    fuse = report["sections"]["fuse"]
+    assert fuse["exact"]["share"] and fuse["changed"]["share"] and fuse["changed"]["peft"]
+    assert len(fuse["stats"]) == 4
+
+    counts = report["sections"]["profile"]["counts"]
+    assert len(counts) == 4 and all(c["aten_ops"] > 0 for c in counts.values())
+    base = counts["base (Share model, no style)"]["aten_ops"]
+    assert counts["Share, one style"]["aten_ops"] > base  # the styled path adds ops on every Share layer
+
+    targets = {target["target"]: target for target in report["targets"]}
+    assert len([name for name in targets if name.startswith("agreement")]) == 4
+    assert all(targets[name]["result"] == "PASS" for name in targets if name.startswith("agreement"))
+    assert targets["unfuse_style restores the weight bit for bit"]["result"] == "PASS"
+    assert "## Targets" in markdown and "## Targets" in stdout
+    assert len([t for t in report["targets"] if t["target"].startswith("step")]) == 5
+
+
+def test_bench_gpu_quick_runs_every_section_on_the_cpu(tmp_path):
+    report, markdown, stdout = run_gpu_benchmark(tmp_path / "results" / "bench_gpu", "cpu")
+    assert report["meta"]["device"] == "cpu" and report["meta"]["settings"]["dtype"] == "float32"
+    check_gpu_report(report, markdown, stdout)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bench_gpu_quick_runs_every_section_on_cuda(tmp_path):
+    report, markdown, stdout = run_gpu_benchmark(tmp_path / "bench_gpu", "cuda")
+    assert report["meta"]["gpu"]
+    check_gpu_report(report, markdown, stdout)
+    counts = report["sections"]["profile"]["counts"]
+    assert all(counts[name]["memcpy_htod"] == 0 for name in counts if name.startswith("Share,")), counts
+
+
+def test_bench_flux_quick_smoke_run():
+    result = run_benchmark("bench_flux.py", "--quick", timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    for heading in ("## 1. Style switch", "## 2. Bringing in", "## 3. Per-step", "## 4. A batch of 4", "## Targets"):
+        assert heading in result.stdout, heading
+
+
+@pytest.mark.slow
+@slow
+def test_bench_core_quick_smoke_run(tmp_path):
+    pytest.importorskip("lorashare", reason="bench_core compares with lorashare (pip install '.[bench]')")
+    result = run_benchmark("bench_core.py", "--quick", "--workdir", str(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "## Targets" in result.stdout
