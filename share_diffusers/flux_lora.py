@@ -18,6 +18,7 @@ from diffusers.utils.peft_utils import get_peft_kwargs
 
 from .core.adapters import LoraLayer
 from .core.errors import LoraFormatError
+from .core.factors import map_layers
 from .core.inject import matches_target
 from .lora_files import lora_layers_from_state_dict
 
@@ -49,8 +50,15 @@ class FluxLora:
     other_energy: dict[str, float] = field(default_factory=dict)
 
     def energies(self) -> dict[str, float]:
-        """``||dW||_F^2`` of each transformer layer."""
-        return {name: layer.canonical().energy for name, layer in self.transformer.items()}
+        """``||dW||_F^2`` of each transformer layer.
+
+        Computed from each layer's canonical form (on the layer-parallel pool of ``ShareFactors.merge``),
+        which :class:`LoraLayer` caches: a merge of these layers afterwards (the loader's order) reuses
+        it instead of a second transfer to the CPU and QR per layer.
+        """
+        names = list(self.transformer)
+        energies = map_layers(lambda name: self.transformer[name].canonical().energy, names)
+        return dict(zip(names, energies, strict=True))
 
 
 def convert_flux_lora(

@@ -196,14 +196,14 @@ def test_continual_merge_close_to_batch_fit_when_truncated():
 def test_merge_work_does_not_grow_with_styles_held(monkeypatch):
     shapes = {"a": (64, 48)}
     calls = []
-    original = subspace_module.principal_directions
+    original = subspace_module.principal_decomposition
 
-    def recording(spans, inner):
+    def recording(spans, inner, **kwargs):
         calls.append(tuple(torch.cat(spans, dim=1).shape))
-        return original(spans, inner)
+        return original(spans, inner, **kwargs)
 
     factors = ShareFactors.fit([random_adapter(shapes, 4, seed=0)], ["s0"], ShareConfig(rank=8, pseudo_rank=2))
-    monkeypatch.setattr(subspace_module, "principal_directions", recording)
+    monkeypatch.setattr(subspace_module, "principal_decomposition", recording)
     sizes = {}
     for count in range(1, 30):
         calls.clear()
@@ -326,3 +326,18 @@ def test_merge_into_new_layer_creates_it_with_zero_cores_for_earlier_styles():
     assert set(factors.layers) == {"a", "c"}
     assert torch.count_nonzero(factors.layers["c"].cores()[0]) == 0
     assert relative_error(_dense(extra, "c"), factors.delta_weight("c", "y")) < 1e-5
+
+
+def test_merge_leaves_the_layers_it_does_not_touch_bit_for_bit():
+    adapters = _adapters()
+    factors = ShareFactors.fit(adapters, ["x", "y", "z"], ShareConfig(rank=6, pseudo_rank=3))
+    before = {(layer, name): factors.delta_weight(layer, name) for layer in SHAPES for name in "xyz"}
+    bases = {name: (layer.basis_out.clone(), layer.basis_in.clone()) for name, layer in factors.layers.items()}
+    factors.merge(LoraAdapter({"a": adapters[0].layers["a"]}), "only_a")
+    # no re-orthonormalisation of stored bases where nothing is merged: "b" keeps every bit
+    assert torch.equal(factors.layers["b"].basis_out, bases["b"][0])
+    assert torch.equal(factors.layers["b"].basis_in, bases["b"][1])
+    for name in "xyz":
+        assert torch.equal(factors.delta_weight("b", name), before[("b", name)])
+    assert not factors.layers["b"].present[3]
+    assert factors.layers["a"].present[3]

@@ -239,10 +239,14 @@ def _detach_lora(peft) -> None:
 
 
 def _lora_adapter(peft, args, source: dict) -> LoraAdapter:
-    layers, _ = lora_layers_from_state_dict(
-        get_peft_model_state_dict(peft), {"r": args.lora_rank, "lora_alpha": args.lora_alpha}, "PEFT LoRA"
-    )
-    return LoraAdapter({name: layer for name, layer in layers.items()}, source=source)
+    """The trained PEFT LoRA as an adapter for ``ShareFactors.merge``.
+
+    The tensors stay where training left them (a GPU, any mixed-precision dtype), detached from the
+    parameters' graph: the merge moves each layer to the CPU in float64 once (``LoraLayer.canonical``).
+    """
+    tensors = {key: tensor.detach() for key, tensor in get_peft_model_state_dict(peft).items()}
+    layers, _ = lora_layers_from_state_dict(tensors, {"r": args.lora_rank, "lora_alpha": args.lora_alpha}, "PEFT LoRA")
+    return LoraAdapter(layers, source=source)
 
 
 # -- the run ---------------------------------------------------------------------------------------------

@@ -4,6 +4,14 @@ A LoRA on a frozen linear ``W0: (n_out, d_in)`` is ``dW = scale * up @ down`` wi
 ``up: (n_out, r)`` ("B", ``lora_B``), ``down: (r, d_in)`` ("A", ``lora_A``) and
 ``scale = alpha / r`` (``alpha / sqrt(r)`` for rsLoRA). DESIGN.md section 1: the scale is always
 folded in before anything else.
+
+Device and dtype policy (the same for :mod:`.subspace` and :mod:`.factors`): fitting and merging run in
+float64 on the CPU, and ``ShareFactors`` are stored on the CPU in float32 (the checkpoint form). LoRA
+factors may come from any device and in any dtype (fp32, bf16, fp16; CUDA or CPU, e.g. straight from a
+PEFT model being trained); they are moved to the CPU in float64 exactly once per layer, in
+:meth:`LoraLayer.canonical`, whose result is cached on the layer, so a loader that first asks for the
+energies and then merges pays for one transfer and one small SVD per layer. Everything downstream sees
+only the CPU float64 canonical form.
 """
 
 from __future__ import annotations
@@ -16,6 +24,9 @@ import torch
 # Fitting always runs in float64: community LoRAs are mostly bf16/fp16, and the tail singular values
 # that decide truncation error are far below half precision's resolution.
 FIT_DTYPE = torch.float64
+# ... and on the CPU: the factors live there (a checkpoint, a pipeline's state kept across offloading), the
+# work per layer is a few skinny QRs that a GPU does not speed up, and LoRAs on any device then merge.
+FIT_DEVICE = torch.device("cpu")
 
 
 def lora_scale(alpha: float | None, rank: int, use_rslora: bool = False) -> float:
@@ -30,8 +41,8 @@ class LoraLayer:
     """One layer's LoRA factors.
 
     Args:
-        up: ``(n_out, r)``, the LoRA "B" matrix.
-        down: ``(r, d_in)``, the LoRA "A" matrix.
+        up: ``(n_out, r)``, the LoRA "B" matrix, on any device, in any floating dtype.
+        down: ``(r, d_in)``, the LoRA "A" matrix, likewise.
         scale: multiplier of ``up @ down`` (``alpha / r``), already resolved.
         conv: the layer is a 1x1 ``Conv2d`` (factors stored as ``(a, b, 1, 1)`` kernels on disk).
     """
@@ -40,6 +51,9 @@ class LoraLayer:
     down: torch.Tensor
     scale: float = 1.0
     conv: bool = False
+    # The canonical form and what it was computed from (the tensors, their in-place versions, the scale):
+    # it is reused only while all of those are unchanged. Not part of the value (eq, repr, init).
+    _canonical: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[0]:
@@ -67,14 +81,27 @@ class LoraLayer:
         QR of ``up`` and of ``down.T``, then the SVD of the small ``r x r`` product (DESIGN 2.1).
         The result does not depend on the gauge: ``(up G, G^-1 down)`` gives the same ``U, S, V``
         (up to the signs of singular vectors).
+
+        The factors are detached and copied to the CPU in float64 here, once: ``U: (n_out, r)``,
+        ``S: (r,)`` and ``V: (d_in, r)`` are CPU float64 whatever the factors' device and dtype. The
+        result is cached on the layer until ``up``, ``down`` or ``scale`` change (replaced or modified
+        in place); it holds ``(n_out + d_in) r`` float64 numbers.
         """
-        up = self.up.to(FIT_DTYPE)
-        down = self.down.to(FIT_DTYPE)
+        key = (self.up, self.down, self.up._version, self.down._version, self.scale)
+        if self._canonical is not None:
+            (up, down, *numbers), cached = self._canonical
+            if up is self.up and down is self.down and tuple(numbers) == key[2:]:
+                return cached
+        up = self.up.detach().to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (n, r)
+        down = self.down.detach().to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (r, d)
         q_up, r_up = torch.linalg.qr(up)  # (n, r), (r, r)
         q_down, r_down = torch.linalg.qr(down.T)  # (d, r), (r, r)
         small = self.scale * (r_up @ r_down.T)  # (r, r)
         u_small, s, vh_small = torch.linalg.svd(small)
-        return CanonicalLora(U=q_up @ u_small, S=s, V=q_down @ vh_small.T)
+        # Formed column-major, like the QR factors, as the merge's QR wants them (see subspace.principal_decomposition).
+        result = CanonicalLora(U=(u_small.T @ q_up.T).T, S=s, V=(vh_small @ q_down.T).T)
+        self._canonical = (key, result)
+        return result
 
 
 @dataclass

@@ -2,13 +2,23 @@
 
 This is the object a checkpoint holds. It fits from adapters, merges one more adapter continually,
 deletes and renames styles, and reports errors and storage. It knows nothing of models or files.
+
+Device and dtype: every layer is held on the CPU in float32 (the checkpoint form, whatever device the
+model runs on); fitting and merging compute in float64 on the CPU. Adapters may hold their factors on
+any device and in any dtype: each LoRA layer is brought to the CPU in float64 once per merge, by
+:meth:`~.adapters.LoraLayer.canonical`. Layers are independent, so fitting and merging run them on a
+thread pool (torch releases the GIL in its kernels); results are gathered in layer order and swapped
+in only when every layer is done.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from typing import TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +36,68 @@ from .subspace import (
     to_fit,
     to_storage,
 )
+
+# Layers are merged in parallel: at FLUX.1 width a layer is a few skinny QRs (n x 48) and small products
+# that several cores barely speed up, so the layers themselves are the parallelism. The cap is because
+# part of each layer's time holds the GIL (Python and op dispatch, an estimated ~1 ms of ~7.5 ms single-
+# threaded at 3072 x 3072), which bounds what more threads can give; 8 is a guess for 16-core hosts, not
+# a measurement there.
+MAX_WORKERS = 8
+
+_Item = TypeVar("_Item")
+_Result = TypeVar("_Result")
+
+
+def default_workers() -> int:
+    """Threads used for per-layer work when none is given: ``MAX_WORKERS`` or the CPUs this process may use."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_WORKERS, cpus or 1))
+
+
+def map_layers(
+    function: Callable[[_Item], _Result],
+    items: Sequence[_Item],
+    workers: int | None = None,
+    desc: str = "",
+    progress: bool = False,
+) -> list[_Result]:
+    """``[function(item) for item in items]`` on a pool of ``workers`` threads, in order, with a progress bar.
+
+    The first failure in ``items`` order is raised once the layers before it are done; the layers not
+    started yet are cancelled. ``workers=1`` runs everything in the calling thread, with torch's
+    intra-op threads as they are; on the pool each worker runs its kernels single-threaded.
+    """
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    results: list[_Result] = []
+    with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
+        if workers == 1 or len(items) <= 1:
+            for item in items:
+                results.append(function(item))
+                bar.update()
+            return results
+        # The layers are the parallelism, so each worker runs its kernels single-threaded: workers that
+        # opened OpenMP teams of their own oversubscribed the cores, and left later multi-threaded calls
+        # in the main thread 3-4x slower (measured on 2 cores; far worse when other processes were busy).
+        # torch.set_num_threads acts on the calling thread's OpenMP and MKL settings and on the default
+        # that new threads start with; that default is put back afterwards.
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(
+            max_workers=min(workers, len(items)),
+            thread_name_prefix="share-layers",
+            initializer=torch.set_num_threads,
+            initargs=(1,),
+        )
+        try:
+            futures = [pool.submit(function, item) for item in items]
+            for future in futures:
+                results.append(future.result())
+                bar.update()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
+    return results
 
 
 @dataclass
@@ -120,15 +192,17 @@ class ShareFactors:
         config: ShareConfig | None = None,
         base_model: str | None = None,
         progress: bool = False,
+        workers: int | None = None,
     ) -> ShareFactors:
         """Fit a subspace from ``t >= 1`` adapters at once (DESIGN 2).
 
         Args:
-            adapters: the LoRAs; ranks, alphas and layer sets may differ.
+            adapters: the LoRAs; ranks, alphas and layer sets may differ; factors on any device, any dtype.
             names: one unique, non-empty style name per adapter.
             config: ``k``, ``p`` and options; defaults to ``ShareConfig()`` (k=32, p=8).
             base_model: id of the model the LoRAs were trained for, recorded in the checkpoint.
             progress: show a progress bar over layers.
+            workers: threads fitting layers in parallel; default :func:`default_workers`.
         """
         config = config or ShareConfig()
         if len(adapters) == 0:
@@ -139,8 +213,8 @@ class ShareFactors:
         for name in names:
             taken.append(validate_style_name(name, taken))
         shapes = _layer_shapes(adapters, names)
-        layers = {}
-        for layer_name in tqdm(sorted(shapes), desc="fitting layers", disable=not progress):
+
+        def fit_one(layer_name: str) -> LayerShare:
             entries = [
                 adapter.layers[layer_name].canonical() if layer_name in adapter.layers else None for adapter in adapters
             ]
@@ -149,7 +223,11 @@ class ShareFactors:
                 layer = empty_layer(n_out, d_in, len(adapters), config.pseudo_rank, config.center, config.normalize)
             else:
                 layer = fit_layer(entries, config.rule, config.pseudo_rank, config.center, config.normalize)
-            layers[layer_name] = to_storage(layer)
+            return to_storage(layer)
+
+        layer_names = sorted(shapes)
+        fitted = map_layers(fit_one, layer_names, workers, desc="fitting layers", progress=progress)
+        layers = dict(zip(layer_names, fitted, strict=True))
         styles = [_style_info(adapter, name) for adapter, name in zip(adapters, names, strict=True)]
         conv_layers = {key for adapter in adapters for key, lora in adapter.layers.items() if lora.conv}
         return cls(config, layers, styles, base_model, conv_layers)
@@ -179,13 +257,14 @@ class ShareFactors:
         known = ", ".join(repr(n) for n in self.style_names) or "none"
         raise StyleError(f"unknown style {name!r}; styles held: {known}")
 
-    def merge(self, adapter: LoraAdapter, name: str, progress: bool = False) -> None:
+    def merge(self, adapter: LoraAdapter, name: str, progress: bool = False, workers: int | None = None) -> None:
         """Add one adapter as a new style, continually (DESIGN 3), without the adapters merged before.
 
         Cost per layer is one QR of ``n x (k + r)`` plus ``O(t k^2 p)`` re-projection: it does not grow
-        with the styles held except through that small term. All layers are computed first and
-        swapped in at the end, so an error leaves the factors exactly as they were. Layers the
-        adapter adds are created with zero cores for the earlier styles.
+        with the styles held except through that small term. All layers are computed first (on
+        ``workers`` threads, default :func:`default_workers`) and swapped in at the end, so an error
+        leaves the factors exactly as they were. Layers the adapter adds are created with zero cores
+        for the earlier styles. The adapter's factors may be on any device and in any dtype.
         """
         validate_style_name(name, self.style_names)
         if not adapter.layers:
@@ -198,16 +277,18 @@ class ShareFactors:
                 )
         rule = self.config.rule
         t = len(self.styles)
-        new_layers = {}
-        names = sorted(set(self.layers) | set(adapter.layers))
-        for layer_name in tqdm(names, desc=f"merging {name}", disable=not progress):
+
+        def merge_one(layer_name: str) -> LayerShare:
             layer = self.layers.get(layer_name)
             if layer is None:
                 n_out, d_in = adapter.layers[layer_name].shape
                 layer = empty_layer(n_out, d_in, t, self.config.pseudo_rank, self.config.center, self.config.normalize)
             lora = adapter.layers.get(layer_name)
-            new_layers[layer_name] = to_storage(merge_layer(layer, lora.canonical() if lora else None, rule))
-        self.layers = new_layers
+            return to_storage(merge_layer(layer, lora.canonical() if lora else None, rule))
+
+        names = sorted(set(self.layers) | set(adapter.layers))
+        merged = map_layers(merge_one, names, workers, desc=f"merging {name}", progress=progress)
+        self.layers = dict(zip(names, merged, strict=True))
         self.styles = [*self.styles, _style_info(adapter, name)]
         self.conv_layers |= {key for key, lora in adapter.layers.items() if lora.conv}
 

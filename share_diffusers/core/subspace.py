@@ -15,17 +15,22 @@ C_i                style core       ``core_out[i] @ core_in[i].T`` (``k x k``)
 ``dW_i ~= basis_out @ (anchor + core_out[i] @ core_in[i].T) @ basis_in.T`` where ``anchor`` is the
 mean core kept by ``center=True`` (zero otherwise).
 
-Everything here is float64 on CPU while it computes and float32 when stored; nothing depends on
-diffusers or a model.
+Device and dtype: layers are stored in float32 on the CPU (:func:`to_storage`, the checkpoint form) and
+computed in float64 (:func:`to_fit`); the canonical forms handed in are CPU float64, made so once per
+LoRA layer by :meth:`~.adapters.LoraLayer.canonical` from factors on any device and in any dtype. The
+functions here never choose a device themselves: every tensor they create takes the device (and dtype)
+of their inputs, so consistent float64 inputs on another device would be computed there. Nothing here
+depends on diffusers or a model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from .adapters import FIT_DTYPE, CanonicalLora
+from .adapters import FIT_DEVICE, FIT_DTYPE, CanonicalLora
 from .errors import FactorValueError, ShapeMismatchError
 
 STORE_DTYPE = torch.float32
@@ -127,7 +132,7 @@ class LayerShare:
             cores = cores + self.present[:, None, None].to(cores.dtype) * self.anchor
         if weights is None:
             return cores
-        return torch.einsum("t,tij->ij", weights.to(cores.dtype), cores)
+        return torch.einsum("t,tij->ij", weights.to(dtype=cores.dtype, device=cores.device), cores)
 
     def delta_weight(self, weights: torch.Tensor) -> torch.Tensor:
         """Dense ``dW`` of a blend, ``(n_out, d_in)``; ``weights: (t,)``. For tests, fusing and export."""
@@ -162,8 +167,48 @@ class LayerShare:
 # Linear algebra shared by fitting and merging
 
 
-def principal_directions(spans: list[torch.Tensor], inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvectors of ``Y @ inner @ Y.T`` where ``Y = [spans...]``, without forming the ``n x n`` matrix.
+class PrincipalDecomposition(NamedTuple):
+    """``Y @ inner @ Y.T = q @ E @ diag(eigenvalues) @ E.T @ q.T`` for a stack ``Y = q @ r`` of shape ``(n, R)``.
+
+    Attributes:
+        q: ``(n, m)`` orthonormal columns spanning ``Y`` (``m = min(n, R)``).
+        r: ``(m, R)``, ``Y``'s coordinates in ``q``: ``Y = q @ r``.
+        eigenvectors: ``E``, ``(m, m)``, columns sorted by decreasing eigenvalue.
+        eigenvalues: ``(m,)``, descending, clamped at 0.
+    """
+
+    q: torch.Tensor
+    r: torch.Tensor
+    eigenvectors: torch.Tensor
+    eigenvalues: torch.Tensor
+
+    def basis(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The top ``count`` principal directions and their coordinates in ``q``.
+
+        Only the kept columns are formed: at FLUX.1 width a fit stacks ``R = t r`` columns (hundreds)
+        and keeps ``k = 32``, so this is ``O(n m k)`` instead of ``O(n m^2)``.
+
+        Returns:
+            ``(directions, coordinates)``: ``(n, count)`` orthonormal columns with fixed signs, and the
+            ``(m, count)`` matrix with ``directions = q @ coordinates``. So any span of the stack projects
+            onto the directions in ``O(m k R)``, with no ``n``-sized product:
+            ``directions.T @ Y = coordinates.T @ r``.
+        """
+        coordinates = self.eigenvectors[:, :count]  # (m, count)
+        # Formed as (coordinates.T @ q.T).T, column-major like q: at n = 3072 torch's CPU matmul took
+        # 0.2 ms this way against 0.6 ms for q @ coordinates (and ~4 ms with the column slice as is).
+        directions, signs = _fix_signs((coordinates.T @ self.q.T).T)  # (n, count)
+        return directions, coordinates * signs
+
+    def directions(self, count: int) -> torch.Tensor:
+        """The top ``count`` principal directions, ``(n, count)`` with fixed signs."""
+        return self.basis(count)[0]
+
+
+def principal_decomposition(
+    spans: list[torch.Tensor], inner: torch.Tensor, orthonormalize_first: bool = False
+) -> PrincipalDecomposition:
+    """Eigen-decomposition of ``Y @ inner @ Y.T`` where ``Y = [spans...]``, without forming the ``n x n`` matrix.
 
     Fitting and merging both reduce to this: ``Y`` holds the directions (``U_i`` of each adapter, or
     the current basis), ``inner`` their energies. QR of ``Y`` costs ``O(n R^2)`` with ``R`` the total
@@ -172,27 +217,50 @@ def principal_directions(spans: list[torch.Tensor], inner: torch.Tensor) -> tupl
     Args:
         spans: tensors ``(n, r_j)``; their concatenation ``Y`` is ``(n, R)``.
         inner: ``(R, R)`` symmetric positive semi-definite.
+        orthonormalize_first: ``spans[0]`` is a nearly orthonormal basis (held in float32): decompose
+            the stack with it re-orthonormalised as :func:`to_fit` does, i.e. ``Y = q @ r`` holds that
+            orthonormal basis (``q @ r[:, :k]``) in place of ``spans[0]``. The leading columns of a QR are
+            a QR of ``spans[0]`` alone, so this costs no QR of its own.
+    """
+    # Stacked as Y.T (R, n) then viewed as (n, R) column-major, the layout LAPACK's QR works in: this
+    # saves a transposing copy of the whole stack inside linalg.qr.
+    stack = torch.cat([span.T for span in spans], dim=0).T  # (n, R)
+    q, r = torch.linalg.qr(stack)  # (n, m), (m, R)
+    if orthonormalize_first:
+        # spans[0] = q[:, :k] @ r[:k, :k]; _orthonormalize(spans[0]) = q[:, :k] * signs(diag r[:k, :k]). With
+        # that basis in place of spans[0], the stack's QR keeps q and gets diag(signs) as its top-left block.
+        k = spans[0].shape[1]
+        signs = torch.sign(torch.diagonal(r[:k, :k]))
+        signs[signs == 0] = 1.0
+        r = r.clone()
+        r[:k, :k] = torch.diag(signs)
+    small = r @ inner @ r.T  # (m, m)
+    small = 0.5 * (small + small.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(small)
+    order = torch.argsort(eigenvalues, descending=True)
+    return PrincipalDecomposition(q, r, eigenvectors[:, order], eigenvalues[order].clamp_min(0.0))
+
+
+def principal_directions(spans: list[torch.Tensor], inner: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """All principal directions of ``Y @ inner @ Y.T`` (see :func:`principal_decomposition`).
 
     Returns:
         ``(directions, eigenvalues)``: ``(n, m)`` orthonormal columns sorted by decreasing eigenvalue,
         and the ``(m,)`` eigenvalues (clamped at 0), ``m = min(n, R)``.
     """
-    stack = torch.cat(spans, dim=1)  # (n, R)
-    q, r = torch.linalg.qr(stack)  # (n, m), (m, R)
-    small = r @ inner @ r.T  # (m, m)
-    small = 0.5 * (small + small.T)
-    eigenvalues, eigenvectors = torch.linalg.eigh(small)
-    order = torch.argsort(eigenvalues, descending=True)
-    directions = q @ eigenvectors[:, order]  # (n, m)
-    return _fix_signs(directions), eigenvalues[order].clamp_min(0.0)
+    decomposition = principal_decomposition(spans, inner)
+    return decomposition.directions(decomposition.eigenvalues.numel()), decomposition.eigenvalues
 
 
-def _fix_signs(basis: torch.Tensor) -> torch.Tensor:
-    """Flip columns so each one's largest-magnitude entry is positive: a deterministic basis."""
+def _fix_signs(basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip columns so each one's largest-magnitude entry is positive: a deterministic basis.
+
+    Returns the flipped ``(n, k)`` basis and the ``(k,)`` signs applied.
+    """
     pivot = basis.abs().argmax(dim=0)
-    signs = torch.sign(basis[pivot, torch.arange(basis.shape[1])])
+    signs = torch.sign(basis[pivot, torch.arange(basis.shape[1], device=basis.device)])
     signs[signs == 0] = 1.0
-    return basis * signs
+    return basis * signs, signs
 
 
 def split_core(core: torch.Tensor, pseudo_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,7 +283,12 @@ def split_core(core: torch.Tensor, pseudo_rank: int) -> tuple[torch.Tensor, torc
 
 def project_adapter(entry: CanonicalLora, basis_out: torch.Tensor, basis_in: torch.Tensor) -> torch.Tensor:
     """Least-squares core ``basis_out.T @ dW @ basis_in`` (``(k, k)``) for orthonormal bases."""
-    return (basis_out.T @ entry.U) * entry.S @ (entry.V.T @ basis_in)
+    return _core(basis_out.T @ entry.U, entry.S, basis_in.T @ entry.V)
+
+
+def _core(projected_out: torch.Tensor, singular_values: torch.Tensor, projected_in: torch.Tensor) -> torch.Tensor:
+    """``(basis_out.T @ U) diag(S) (basis_in.T @ V).T``: ``(k, k)`` from ``(k, r)``, ``(r,)``, ``(k, r)``."""
+    return (projected_out * singular_values) @ projected_in.T
 
 
 def _squared_norms(
@@ -301,12 +374,13 @@ def fit_layer(
     if not present:
         raise ValueError("a layer needs at least one adapter with a non-zero update")
     used = [entries[i] for i in present]
-    norms = torch.tensor([entry.energy**0.5 for entry in used], dtype=FIT_DTYPE)
+    like = {"dtype": used[0].S.dtype, "device": used[0].S.device}
+    norms = torch.tensor([entry.energy**0.5 for entry in used], **like)
     weights = 1.0 / norms if normalize else torch.ones_like(norms)
     n_out, d_in = used[0].U.shape[0], used[0].V.shape[0]
     width = sum(entry.S.numel() for entry in used)
     k = None
-    bases = []
+    bases, projections = [], []
     for side in ("out", "in"):
         spans = [entry.U if side == "out" else entry.V for entry in used]
         partners = [entry.V if side == "out" else entry.U for entry in used]
@@ -316,35 +390,52 @@ def fit_layer(
             # Energy about the mean, plus the mean's own: Y P (I - (t-1)/t^2 Z.T Z) P Y.T, P = diag(w S).
             z = torch.cat(partners, dim=1)  # (d, R)
             inner = inner - (len(used) - 1) / len(used) ** 2 * scaled[:, None] * (z.T @ z) * scaled[None, :]
-        directions, eigenvalues = principal_directions(spans, inner)
+        decomposition = principal_decomposition(spans, inner)
         if k is None:
-            k = rule.choose(eigenvalues, cap=min(width, n_out, d_in))
-        bases.append(directions[:, :k])
+            k = rule.choose(decomposition.eigenvalues, cap=min(width, n_out, d_in))
+        basis, coordinates = decomposition.basis(k)
+        bases.append(basis)
+        projections.append(coordinates.T @ decomposition.r)  # (k, R): basis.T @ [spans...], no n-sized product
     basis_out, basis_in = bases
+    projected_out, projected_in = projections
 
     t = len(entries)
-    cores = torch.zeros(t, k, k, dtype=FIT_DTYPE)
-    norm = torch.zeros(t, dtype=FIT_DTYPE)
+    cores = torch.zeros(t, k, k, **like)
+    norm = torch.zeros(t, **like)
+    start = 0
     for i, entry in zip(present, used, strict=True):
-        cores[i] = project_adapter(entry, basis_out, basis_in)
+        columns = slice(start, start + entry.S.numel())
+        cores[i] = _core(projected_out[:, columns], entry.S, projected_in[:, columns])
         norm[i] = entry.energy**0.5
+        start = columns.stop
     anchor = cores[present].mean(0) if center else None
     return _finish(cores, norm, basis_out, basis_in, pseudo_rank, anchor, normalize)
 
 
-def empty_layer(n_out: int, d_in: int, num_styles: int, pseudo_rank: int, center: bool, normalize: bool) -> LayerShare:
-    """A layer no style touches yet: ``k = 0``; a later merge that touches it gives it a basis."""
-    zeros = torch.zeros
+def empty_layer(
+    n_out: int,
+    d_in: int,
+    num_styles: int,
+    pseudo_rank: int,
+    center: bool,
+    normalize: bool,
+    device: torch.device | str = FIT_DEVICE,
+) -> LayerShare:
+    """A layer no style touches yet: ``k = 0``; a later merge that touches it gives it a basis. Float64."""
+
+    def zeros(*shape: int) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=FIT_DTYPE, device=device)
+
     return LayerShare(
-        basis_out=zeros(n_out, 0, dtype=FIT_DTYPE),
-        basis_in=zeros(d_in, 0, dtype=FIT_DTYPE),
-        core_out=zeros(num_styles, 0, pseudo_rank, dtype=FIT_DTYPE),
-        core_in=zeros(num_styles, 0, pseudo_rank, dtype=FIT_DTYPE),
-        gram_out=zeros(0, 0, dtype=FIT_DTYPE),
-        gram_in=zeros(0, 0, dtype=FIT_DTYPE),
-        norm=zeros(num_styles, dtype=FIT_DTYPE),
-        error=zeros(num_styles, dtype=FIT_DTYPE),
-        anchor=zeros(0, 0, dtype=FIT_DTYPE) if center else None,
+        basis_out=zeros(n_out, 0),
+        basis_in=zeros(d_in, 0),
+        core_out=zeros(num_styles, 0, pseudo_rank),
+        core_in=zeros(num_styles, 0, pseudo_rank),
+        gram_out=zeros(0, 0),
+        gram_in=zeros(0, 0),
+        norm=zeros(num_styles),
+        error=zeros(num_styles),
+        anchor=zeros(0, 0) if center else None,
         normalize=normalize,
     )
 
@@ -357,13 +448,18 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
     the number of styles held. Earlier styles are re-projected through the ``k x k`` change of basis
     (``O(t k^2 p)``); their rank-p factors stay rank p, so no per-style SVD is needed.
 
-    ``entry`` None means the new style does not touch this layer: only its zero core is appended.
-    Returns a new float64 ``LayerShare``; ``layer`` is not modified.
+    ``entry`` None means the new style does not touch this layer: only its zero core is appended and
+    the bases stay exactly as stored. Returns a new float64 ``LayerShare``; ``layer`` is not modified.
+    ``entry`` must be on ``layer``'s device (both on the CPU under the package's policy).
     """
-    layer = to_fit(layer)
+    # float32 -> float64 is exact; bases stored in float32 are re-orthonormalised (see to_fit) below,
+    # inside the QR the merge needs anyway, instead of by a QR of their own.
+    orthonormalize = layer.basis_out.dtype != FIT_DTYPE
+    layer = _convert(layer, FIT_DTYPE)
     p = layer.pseudo_rank
+    like = {"dtype": layer.norm.dtype, "device": layer.norm.device}
     if entry is None or entry.energy == 0.0:
-        zeros = torch.zeros(1, layer.k, p, dtype=FIT_DTYPE)
+        zeros = torch.zeros(1, layer.k, p, **like)
         return LayerShare(
             basis_out=layer.basis_out,
             basis_in=layer.basis_in,
@@ -371,8 +467,8 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
             core_in=torch.cat([layer.core_in, zeros]),
             gram_out=layer.gram_out,
             gram_in=layer.gram_in,
-            norm=torch.cat([layer.norm, torch.zeros(1, dtype=FIT_DTYPE)]),
-            error=torch.cat([layer.error, torch.zeros(1, dtype=FIT_DTYPE)]),
+            norm=torch.cat([layer.norm, torch.zeros(1, **like)]),
+            error=torch.cat([layer.error, torch.zeros(1, **like)]),
             anchor=layer.anchor,
             normalize=layer.normalize,
         )
@@ -380,20 +476,25 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
     weight = 1.0 / norm_new if layer.normalize else 1.0
     n_out, d_in = layer.shape
     cap = min(layer.k + entry.S.numel(), n_out, d_in)
+    k_old = layer.k
     k_new = None
-    bases = []
+    bases, projections = [], []
     for old_basis, old_gram, span in (
         (layer.basis_out, layer.gram_out, entry.U),
         (layer.basis_in, layer.gram_in, entry.V),
     ):
-        inner = torch.block_diag(old_gram, torch.diag((weight * entry.S) ** 2))
-        directions, eigenvalues = principal_directions([old_basis, span], inner)
+        inner = torch.block_diag(old_gram, torch.diag((weight * entry.S) ** 2))  # (k + r, k + r)
+        decomposition = principal_decomposition([old_basis, span], inner, orthonormalize_first=orthonormalize)
         if k_new is None:
-            k_new = rule.choose(eigenvalues, cap=cap)
-        bases.append(directions[:, :k_new])
+            k_new = rule.choose(decomposition.eigenvalues, cap=cap)
+        basis, coordinates = decomposition.basis(k_new)
+        bases.append(basis)
+        # new_basis.T @ [old_basis, span] from the QR's small factors, (k_new, k_old + r): no n-sized
+        # product, and old_basis as re-orthonormalised by the decomposition.
+        projections.append(coordinates.T @ decomposition.r)
     basis_out, basis_in = bases
-    rotate_out = basis_out.T @ layer.basis_out  # (k_new, k_old)
-    rotate_in = basis_in.T @ layer.basis_in
+    rotate_out, projected_out = projections[0][:, :k_old], projections[0][:, k_old:]  # (k_new, k_old), (k_new, r)
+    rotate_in, projected_in = projections[1][:, :k_old], projections[1][:, k_old:]
 
     # Earlier styles: their reconstructions projected onto the new bases (a projection, so the
     # drift is the energy it removes, and their factors stay rank p).
@@ -410,8 +511,8 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
     error = torch.where(present, bound, layer.error)
 
     # The new style: exact core, then rank p (about the anchor when centred).
-    core_new = project_adapter(entry, basis_out, basis_in)  # (k_new, k_new)
-    norm_tensor = torch.tensor([norm_new], dtype=FIT_DTYPE)
+    core_new = _core(projected_out, entry.S, projected_in)  # (k_new, k_new), = project_adapter(entry, ...)
+    norm_tensor = torch.tensor([norm_new], **like)
     if anchor is not None and not bool(present.any()):  # the first style on a centred layer anchors it
         anchor = core_new.clone()
     finished = _finish(core_new[None], norm_tensor, basis_out, basis_in, p, anchor, layer.normalize)
@@ -437,7 +538,7 @@ def delete_from_layer(layer: LayerShare, index: int) -> LayerShare:
     The bases are kept as they are: the remaining styles' reconstructions do not change at all.
     """
     layer = to_fit(layer)
-    keep = torch.tensor([i for i in range(layer.num_styles) if i != index], dtype=torch.long)
+    keep = torch.tensor([i for i in range(layer.num_styles) if i != index], dtype=torch.long, device=layer.norm.device)
     core = layer.cores()[index]  # (k, k)
     weight = float(_style_weights(layer.norm, layer.normalize)[index])
     result = layer.select(keep)
@@ -468,7 +569,8 @@ def replace_in_layer(layer: LayerShare, index: int, core_out: torch.Tensor, core
     old_core = layer.cores()[index]  # (k, k)
     old_weight = float(_style_weights(layer.norm, layer.normalize)[index])
     core_outs, core_ins = layer.core_out.clone(), layer.core_in.clone()
-    core_outs[index], core_ins[index] = core_out.detach().to(FIT_DTYPE), core_in.detach().to(FIT_DTYPE)
+    like = {"dtype": layer.core_out.dtype, "device": layer.core_out.device}
+    core_outs[index], core_ins[index] = core_out.detach().to(**like), core_in.detach().to(**like)
     new_core = core_outs[index] @ core_ins[index].T
     if layer.anchor is not None and bool(layer.present[index]):
         new_core = new_core + layer.anchor
@@ -504,7 +606,9 @@ def _clip_psd(matrix: torch.Tensor) -> torch.Tensor:
 
 def _convert(layer: LayerShare, dtype: torch.dtype) -> LayerShare:
     def cast(tensor: torch.Tensor | None) -> torch.Tensor | None:
-        return None if tensor is None else tensor.to(dtype)
+        # Cast, then make contiguous: bases are computed column-major, and torch's casting copy into a
+        # row-major layout took 3x longer than the cast and a float32 transpose (0.24 vs 0.08 ms at 3072 x 32).
+        return None if tensor is None else tensor.to(dtype).contiguous()
 
     return LayerShare(
         basis_out=cast(layer.basis_out),
@@ -546,5 +650,5 @@ def _orthonormalize(basis: torch.Tensor) -> torch.Tensor:
 
 
 def to_storage(layer: LayerShare) -> LayerShare:
-    """The layer in float32, as it is held and saved."""
+    """The layer in float32, as it is held and saved: contiguous (row-major), whatever layout it was computed in."""
     return _convert(layer, STORE_DTYPE)
