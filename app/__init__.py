@@ -1,7 +1,5 @@
-"""The Share style studio, a Gradio app (``app.studio``), runnable from the repository root.
+"""Thin launchers of the Share style studio, which lives in the package (:mod:`share_diffusers.studio`).
 
-    python -m app --help
-
-Needs the ``app`` extra (``pip install -e ".[app]"``). The non-UI parts, ``app.styles`` (text forms
-of prompts and styles) and ``app.engine`` (the pipeline work), import no Gradio.
+python -m app --help        # from the repository root; the same as ``share-diffusers app``
+python app/space.py         # a Hugging Face Space's entry (app_file: app/space.py)
 """

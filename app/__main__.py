@@ -1,7 +1,7 @@
-"""``python -m app``: run the Share style studio (see ``app.studio``)."""
+"""``python -m app``: run the Share style studio (``share_diffusers.studio``), as ``share-diffusers app`` does."""
 
 import sys
 
-from .studio import main
+from share_diffusers.studio import main
 
 sys.exit(main())

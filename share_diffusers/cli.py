@@ -5,9 +5,12 @@
     share-diffusers inspect OUT [--json]
     share-diffusers export OUT STYLE -o FILE.safetensors
     share-diffusers generate [--model M] --factors OUT --style STYLE --prompt TEXT -o out.png
+    share-diffusers app [studio options]
 
-Bad input ends with a one-line ``error: ...`` on stderr and exit status 1; the checkpoint on disk is
-never changed by a failed command (saves are atomic).
+Bad input ends with a one-line ``error: ...`` on stderr and exit status 1 (a malformed command line:
+argparse's usage message and status 2); the checkpoint on disk is never changed by a failed command
+(saves are atomic). Loading pipelines, the generation defaults and the style syntax live in
+:mod:`share_diffusers.runtime`, which the studio (:mod:`share_diffusers.studio`) shares.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 from collections.abc import Sequence
@@ -25,9 +29,33 @@ from tqdm.auto import tqdm
 
 from .core import LoraAdapter, ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
 from .core.checkpoint import CONFIG_NAME
-from .core.errors import LoraFormatError, ShareError
-from .fashion.model import DEMO_CALL, DEMO_GUIDANCE
+from .core.errors import LoraFormatError
 from .lora_files import load_lora, read_safetensors, save_lora
+from .runtime import (
+    DEFAULT_PROMPTS,
+    DEMO_DEFAULTS,
+    DTYPES,
+    FLUX_DEV_DEFAULTS,
+    FLUX_SCHNELL_DEFAULTS,
+    TINY_RANDOM,
+    TINY_RANDOM_DEFAULTS,
+    USER_ERRORS,
+    call_arguments,
+    defaults_for,
+    error_line,
+    format_style,
+    import_diffusers_quietly,
+    load_pipeline,
+    load_styles,
+    parse_style,
+)
+
+# Layers of diffusers' FluxTransformer2DModel: a checkpoint of only these is for a Flux pipeline's transformer.
+_FLUX_TRANSFORMER_LAYER = re.compile(
+    r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
+    r"|x_embedder|context_embedder|proj_out|norm_out\.linear|time_text_embed\..+"
+)
+FLUX_LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
 
 
 def _style_name_for(source: str) -> str:
@@ -35,20 +63,6 @@ def _style_name_for(source: str) -> str:
     if path.is_dir() or not path.exists():  # a folder, or a Hub id: its last part
         return path.name
     return path.stem
-
-
-def _parse_style(text: str) -> str | dict[str, float]:
-    """``name`` or a blend ``a=0.5,b=0.5``."""
-    if "=" not in text:
-        return text
-    blend = {}
-    for part in text.split(","):
-        name, _, weight = part.partition("=")
-        try:
-            blend[name.strip()] = float(weight)
-        except ValueError:
-            raise ValueError(f"blend entry {part!r} must be name=weight, e.g. ink=0.5") from None
-    return blend
 
 
 def read_lora_source(source: str, weight_name: str | None = None, revision: str | None = None) -> LoraAdapter:
@@ -66,6 +80,7 @@ def read_lora_source(source: str, weight_name: str | None = None, revision: str 
     file, provenance = resolve_lora_file(source, weight_name, revision=revision)
     tensors, metadata = read_safetensors(file)
     if _looks_like_flux(tensors):
+        import_diffusers_quietly()
         from .flux_lora import convert_flux_lora
 
         converted = convert_flux_lora(tensors, metadata, origin=file.name)
@@ -192,81 +207,73 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         _print_summary(factors, Path(args.checkpoint))
 
 
+def is_flux_transformer_checkpoint(factors: ShareFactors) -> bool:
+    """Whether every layer of the checkpoint is a layer of diffusers' ``FluxTransformer2DModel``."""
+    return bool(factors.layers) and all(_FLUX_TRANSFORMER_LAYER.fullmatch(name) for name in factors.layers)
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     factors = load_factors(args.checkpoint)
-    adapter = style_as_lora(factors, _parse_style(args.style))
-    target = save_lora(adapter, args.output, base_model=factors.base_model)
-    print(f"wrote {target} (rank {adapter.source['rank']}, {len(adapter.layers)} layers)")
-
-
-TINY_RANDOM = "tiny-random"  # --model value: the random-weight tiny pipeline (fast numerics, noise pictures)
-
-
-def load_pipeline(model: str | None, device: str = "cpu", dtype: str = "float32"):
-    """``ShareFluxPipeline`` from a Flux repo or folder; the embedded demo model (a small Flux trained on
-    Fashion-MNIST) when ``model`` is None; the random tiny pipeline when ``model`` is ``"tiny-random"``."""
-    from .pipeline_flux import ShareFluxPipeline
-
-    torch_dtype = getattr(torch, dtype)
-    if model is None:
-        from .fashion.model import load_demo_pipeline
-
-        pipe = load_demo_pipeline().to(dtype=torch_dtype)
-    elif model == TINY_RANDOM:
-        from .tiny_flux import build_tiny_flux_pipeline
-
-        pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline).to(dtype=torch_dtype)
+    style = parse_style(args.style)
+    if style is None:
+        raise ValueError("give a style name or a blend like ink=0.5,neon=0.5 to export, not none")
+    adapter = style_as_lora(factors, style)
+    output = Path(args.output)
+    if is_flux_transformer_checkpoint(factors):
+        # What stock FluxPipeline.load_lora_weights loads: diffusers keys under "transformer.", a file,
+        # or a folder holding the file save_lora_weights writes.
+        target = output if output.suffix == ".safetensors" else output / FLUX_LORA_FILE
+        target = save_lora(adapter, target, key_prefix="transformer.")
+        kind = "diffusers Flux LoRA: pipe.load_lora_weights"
     else:
-        pipe = ShareFluxPipeline.from_pretrained(model, torch_dtype=torch_dtype)
-    return pipe.to(device)
+        target = save_lora(adapter, output, base_model=factors.base_model)
+        kind = "PEFT adapter folder: PeftModel.from_pretrained" if target.parent == output else "diffusers keys"
+    print(
+        f"wrote {target} ({format_style(style)}, rank {adapter.source['rank']}, {len(adapter.layers)} layers; {kind})"
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .pipeline_flux import guidance_arguments
-
-    pipe = load_pipeline(args.model, args.device, args.dtype)
+    style = parse_style(args.style)  # before the minutes a real model may take to load
+    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
     pipe.set_progress_bar_config(disable=args.quiet)
-    if args.factors:
-        pipe.load_share_factors(args.factors)
-    elif args.model is None:
-        from .fashion.model import DEMO_STYLES_DIR
-
-        pipe.load_share_factors(DEMO_STYLES_DIR)  # the demo styles: inverted, tint, stripes, outlines
-    steps = args.steps if args.steps is not None else (DEMO_CALL["num_inference_steps"] if args.model is None else 4)
-    guidance = args.guidance
-    if guidance is None:  # the demo model: true CFG; guidance-distilled models: 3.5; others (schnell): none
-        distilled = getattr(pipe.transformer.config, "guidance_embeds", False)
-        guidance = DEMO_GUIDANCE if args.model is None else (3.5 if distilled else 0.0)
-    style = _parse_style(args.style) if args.style and args.style.lower() != "none" else None
+    load_styles(pipe, args.model, args.factors)
+    defaults = defaults_for(pipe, args.model)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     image = pipe(
         prompt=args.prompt,
         style=style,
         style_scale=args.style_scale,
-        height=args.height,
-        width=args.width,
-        num_inference_steps=steps,
-        **guidance_arguments(pipe, guidance, 1),
+        **call_arguments(
+            pipe, defaults, 1, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance
+        ),
         generator=generator,
     ).images[0]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     image.save(output)
-    print(f"wrote {output} ({image.width}x{image.height}, style {args.style or 'none'})")
+    print(f"wrote {output} ({image.width}x{image.height}, style {format_style(style)})")
 
 
 def _run_studio(argv: list[str]) -> int:
-    """``share-diffusers app ...``: the Gradio style studio (top-level ``app/`` folder, ``app`` extra)."""
+    """``share-diffusers app ...``: the Gradio style studio (:mod:`share_diffusers.studio`, the ``app`` extra)."""
     try:
-        from app.studio import main as studio_main
+        import_diffusers_quietly()
+        from .studio.ui import main as studio_main
     except ModuleNotFoundError as error:
-        print(
-            f"error: the studio needs the app extra (pip install -e '.[app]') and runs from the repository root "
-            f"({error})",
-            file=sys.stderr,
-        )
+        if not (error.name or "").startswith("gradio"):
+            raise
+        print(f"error: the studio needs the app extra: pip install 'share-diffusers[app]' ({error})", file=sys.stderr)
         return 1
     return studio_main(argv)
+
+
+def _defaults_help(field: str, unit: str = "") -> str:
+    """Where a generate setting comes from when not given: one phrase per kind of model."""
+    demo, tiny = getattr(DEMO_DEFAULTS, field), getattr(TINY_RANDOM_DEFAULTS, field)
+    dev, schnell = getattr(FLUX_DEV_DEFAULTS, field), getattr(FLUX_SCHNELL_DEFAULTS, field)
+    real = f"{dev}{unit}" if dev == schnell else f"{dev}{unit} on FLUX.1-dev-like models, {schnell}{unit} otherwise"
+    return f"default: {demo}{unit} on the demo model, {tiny}{unit} on {TINY_RANDOM}, {real}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -323,43 +330,47 @@ def build_parser() -> argparse.ArgumentParser:
         f"inverted, tint, stripes, outlines; {TINY_RANDOM}: the random-weight tiny pipeline)",
     )
     generate.add_argument("--factors", help="Share checkpoint folder or Hub repo id (default: the demo styles)")
-    generate.add_argument("--style", help="style name, a blend like 'ink=0.5,neon=0.5', or none")
-    generate.add_argument("--style-scale", type=float, default=1.0, help="overall style strength")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--style", help="style name, a blend like 'ink=0.5,neon=0.5', or none (the default)")
+    generate.add_argument("--style-scale", type=float, default=1.0, help="overall style strength (default 1)")
+    generate.add_argument("--prompt", required=True, help=f"e.g. '{DEFAULT_PROMPTS[0]}' on the demo model")
     generate.add_argument("-o", "--output", required=True, help="image file to write (.png)")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--steps", type=int, default=None, help="denoising steps (default: 20 demo model, else 4)")
-    generate.add_argument("--height", type=int, default=32)
-    generate.add_argument("--width", type=int, default=32)
+    generate.add_argument("--steps", type=int, default=None, help=f"denoising steps ({_defaults_help('steps')})")
+    generate.add_argument("--height", type=int, default=None, help=f"pixels ({_defaults_help('height')})")
+    generate.add_argument("--width", type=int, default=None, help=f"pixels ({_defaults_help('width')})")
     generate.add_argument(
         "--guidance",
         type=float,
         default=None,
-        help="guidance input of FLUX.1-dev-like models (default 3.5), or true CFG against an empty prompt on "
-        f"models without one (default: {DEMO_GUIDANCE} on the demo model, off otherwise)",
+        help="the guidance input of FLUX.1-dev-like models, or true CFG against an empty prompt on models without "
+        f"one, off at 1 or below ({_defaults_help('guidance')})",
     )
-    generate.add_argument("--device", default="cpu")
-    generate.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    generate.add_argument(
+        "--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on cuda, float32 otherwise)"
+    )
     generate.set_defaults(func=cmd_generate)
-    commands.add_parser(
-        "app", help="open the Gradio style studio (python -m app --help for its options)", add_help=False
-    )
+    commands.add_parser("app", help="open the Gradio style studio (share-diffusers app --help)", add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["app"]:
-        return _run_studio(argv[1:])
+    command_at = next((i for i, arg in enumerate(argv) if arg not in ("-q", "--quiet")), len(argv))
+    if argv[command_at : command_at + 1] == ["app"]:  # the studio parses its own options
+        return _run_studio(argv[command_at + 1 :])
     args = build_parser().parse_args(argv)
     if args.command in ("merge", "inspect", "export") and not os.path.isdir(args.checkpoint):
         print(f"error: no Share checkpoint folder at {args.checkpoint}", file=sys.stderr)
         return 1
     try:
         args.func(args)
-    except (ShareError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

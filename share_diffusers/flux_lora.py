@@ -9,6 +9,7 @@ from that same config, so a merged style reproduces what stock diffusers applies
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -17,7 +18,7 @@ from diffusers import FluxPipeline
 from diffusers.utils.peft_utils import get_peft_kwargs
 
 from .core.adapters import LoraLayer
-from .core.errors import LoraFormatError
+from .core.errors import FactorValueError, LoraFormatError
 from .core.factors import map_layers
 from .core.inject import matches_target
 from .lora_files import lora_layers_from_state_dict
@@ -48,17 +49,26 @@ class FluxLora:
 
     transformer: dict[str, LoraLayer]
     other_energy: dict[str, float] = field(default_factory=dict)
+    origin: str = "LoRA"
 
     def energies(self) -> dict[str, float]:
         """``||dW||_F^2`` of each transformer layer.
 
         Computed from each layer's canonical form (on the layer-parallel pool of ``ShareFactors.merge``),
         which :class:`LoraLayer` caches: a merge of these layers afterwards (the loader's order) reuses
-        it instead of a second transfer to the CPU and QR per layer.
+        it instead of a second transfer to the CPU and QR per layer. A layer whose update is not finite
+        raises :class:`LoraFormatError` naming the file and the layer.
         """
         names = list(self.transformer)
-        energies = map_layers(lambda name: self.transformer[name].canonical().energy, names)
+        energies = map_layers(lambda name: _energy(self.transformer[name], self.origin, name), names)
         return dict(zip(names, energies, strict=True))
+
+
+def _energy(layer: LoraLayer, origin: str, name: str) -> float:
+    try:
+        return layer.canonical().energy
+    except FactorValueError as error:
+        raise LoraFormatError(f"{origin}: layer {name!r}: {error}") from None
 
 
 def convert_flux_lora(
@@ -71,6 +81,14 @@ def convert_flux_lora(
         file_metadata: the safetensors header metadata (diffusers stores the adapter config there).
         origin: the file name, for error messages.
     """
+    # Checked on the file's own keys, before diffusers' converters fold alphas into the factors.
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if key.endswith(".alpha"):
+                raise LoraFormatError(
+                    f"{origin}: tensor {key!r} holds a NaN or Inf alpha; an alpha must be a finite number"
+                )
+            raise LoraFormatError(f"{origin}: tensor {key!r} contains NaN or Inf")
     try:
         state_dict, alphas = FluxPipeline.lora_state_dict(dict(tensors), return_alphas=True)
     except Exception as error:  # diffusers raises ValueError, KeyError, IndexError... for layouts it cannot read
@@ -78,6 +96,12 @@ def convert_flux_lora(
             f"{origin}: diffusers could not read this LoRA layout ({type(error).__name__}: {error})"
         ) from None
     alphas = alphas or {}
+    for key, value in alphas.items():
+        alpha = float(value)
+        if not math.isfinite(alpha):
+            raise LoraFormatError(
+                f"{origin}: the alpha of {key.removesuffix('.alpha')!r} is {alpha}, not a finite number"
+            )
     transformer_sd = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
     if not any(".lora_A." in key or ".lora_B." in key for key in state_dict):
         sample = ", ".join(list(tensors)[:3])
@@ -85,7 +109,7 @@ def convert_flux_lora(
             f"{origin}: no LoRA layers in a known layout (diffusers/PEFT, kohya, XLabs, BFL, ai-toolkit, ComfyUI); "
             f"first keys: {sample}"
         )
-    config = _transformer_lora_config(transformer_sd, alphas, file_metadata)
+    config = _transformer_lora_config(transformer_sd, alphas, file_metadata, origin)
     layers = {}
     if transformer_sd:
         layers, _ = lora_layers_from_state_dict(transformer_sd, config, origin)
@@ -99,11 +123,11 @@ def convert_flux_lora(
             )
         except LoraFormatError:
             continue  # a component with no LoRA pairs (e.g. norm weights) carries no low-rank energy
-        other[component] = sum(layer.canonical().energy for layer in part_layers.values())
-    return FluxLora(transformer=layers, other_energy=other)
+        other[component] = sum(_energy(layer, origin, f"{component}.{name}") for name, layer in part_layers.items())
+    return FluxLora(transformer=layers, other_energy=other, origin=origin)
 
 
-def _transformer_lora_config(transformer_sd: dict, alphas: dict, file_metadata: dict | None) -> dict:
+def _transformer_lora_config(transformer_sd: dict, alphas: dict, file_metadata: dict | None, origin: str) -> dict:
     """The ``LoraConfig`` kwargs stock diffusers would build for the transformer part."""
     if file_metadata and file_metadata.get(_METADATA_KEY):
         try:
@@ -113,9 +137,25 @@ def _transformer_lora_config(transformer_sd: dict, alphas: dict, file_metadata: 
         if isinstance(metadata, dict):
             prefixed = {k.removeprefix("transformer."): v for k, v in metadata.items() if k.startswith("transformer.")}
             if prefixed:
+                _check_metadata_alphas(prefixed, origin)
                 return prefixed
     transformer_alphas = {k.removeprefix("transformer."): v for k, v in alphas.items() if k.startswith("transformer.")}
     return _alpha_config(transformer_sd, transformer_alphas)
+
+
+def _check_metadata_alphas(config: dict, origin: str) -> None:
+    """``lora_alpha`` and ``alpha_pattern`` of the file's adapter metadata: finite numbers."""
+    values = {"lora_alpha": config.get("lora_alpha")}
+    patterns = config.get("alpha_pattern")
+    if isinstance(patterns, dict):
+        values.update({f"alpha_pattern[{pattern!r}]": value for pattern, value in patterns.items()})
+    for field_name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise LoraFormatError(
+                f"{origin}: {field_name} in the file's {_METADATA_KEY} is {value!r}; an alpha must be a finite number"
+            )
 
 
 def _alpha_config(state_dict: dict, alphas: dict) -> dict:

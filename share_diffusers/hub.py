@@ -15,6 +15,7 @@ from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     OfflineModeIsEnabled,
     RepositoryNotFoundError,
@@ -45,13 +46,29 @@ def _hub_call(function, repo_id: str, what: str, **kwargs):
         raise HubError(f"{repo_id} has no revision {revision!r}") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError: a subclass of it
         raise HubError(
-            f"{what} of {repo_id}{at} is not in the local cache and downloading is off "
-            "(offline mode or local_files_only=True); connect once or point at a local folder"
+            f"{what} of {repo_id}{at} is not in the local cache and downloading is off or failed (offline mode, "
+            "local_files_only=True, or no connection to the Hub); connect once or point at a local folder"
         ) from None
     except EntryNotFoundError:
         raise HubError(f"{repo_id}{at} has no file {what}") from None
     except HfHubHTTPError as error:
-        raise HubError(f"the Hub refused {what} of {repo_id}{at}: {error}") from None
+        raise HubError(f"the Hub refused {what} of {repo_id}{at}: {_one_line(error)}") from None
+    except HFValidationError as error:
+        raise HubError(f"{repo_id!r} is not a valid Hub repo id ({_one_line(error)})") from None
+    except Exception as error:
+        # Network failures: OSError, or the HTTP client's own errors (httpx / httpx2 / requests, by version).
+        if isinstance(error, OSError) or type(error).__module__.split(".")[0] in _HTTP_CLIENTS:
+            raise HubError(
+                f"could not reach the Hub for {what} of {repo_id}{at} ({type(error).__name__}: {_one_line(error)})"
+            ) from None
+        raise
+
+
+_HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3", "httpcore")
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 def download(
@@ -116,6 +133,8 @@ def resolve_lora_file(
         return path, {"path": str(path)}
     if path.is_dir():
         folder = path / subfolder if subfolder else path
+        if not folder.is_dir():
+            raise HubError(f"{path} has no subfolder {subfolder!r}")
         if weight_name is None:
             candidates = sorted(p.name for p in folder.glob("*.safetensors"))
             weight_name = _pick_weight(candidates, str(folder), [p.name for p in folder.iterdir()])

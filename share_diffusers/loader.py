@@ -16,9 +16,10 @@ from pathlib import Path
 from torch import nn
 
 from .core import LoraAdapter, ShareConfig, ShareFactors, ShareModel, load_factors, save_factors, style_as_lora
-from .core.errors import ShapeMismatchError, StyleError
+from .core.errors import FactorValueError, ShapeMismatchError, ShareStateError, ShareValueError, StyleError
 from .core.factors import validate_style_name
-from .core.inject import find_targets
+from .core.inject import find_targets, remove_share
+from .core.layer import ShareLinear
 from .core.model import StyleSpec, check_factors_fit
 from .flux_lora import ALL_LORA_LAYERS, FLUX_ATTENTION_TARGETS, convert_flux_lora, split_by_targets
 from .hub import push_share_factors, resolve_lora_file, resolve_share_factors
@@ -87,8 +88,9 @@ class ShareLoaderMixin:
             config: ``k``, ``p`` and options (default ``ShareConfig()``: k=32, p=8).
         """
         if self._share is not None:
-            raise RuntimeError("this pipeline already holds Share factors; remove_share() first")
+            raise ShareStateError("this pipeline already holds Share factors; remove_share() first")
         self._check_no_peft_adapters()
+        self._check_plain_denoiser()
         targets = self._choose_targets(target_modules, {})
         share = ShareModel.inject(self._share_denoiser, target_modules=targets, config=config or ShareConfig())
         share.factors.base_model = self._base_model_id()
@@ -130,6 +132,8 @@ class ShareLoaderMixin:
                 "Share factors were made for %s; this pipeline is %s", factors.base_model, self._base_model_id()
             )
         self._check_no_peft_adapters()
+        if self._share is None:
+            self._check_plain_denoiser()
         check_factors_fit(self._share_denoiser, factors)
         self.remove_share()
         self._share = ShareModel.inject(self._share_denoiser, factors)
@@ -187,39 +191,57 @@ class ShareLoaderMixin:
             local_files_only=local_files_only,
         )
         name = style_name if style_name is not None else _default_name(repo_id_or_path, path)
-        validate_style_name(name, self.list_styles())
+        try:
+            validate_style_name(name, self.list_styles())
+        except StyleError as error:
+            if style_name is not None:
+                raise
+            raise StyleError(f"{error} (the name comes from {path.name}); pass style_name=...") from None
+        creating = self._share is None
+        if not creating and (target_modules is not None or config is not None):
+            raise ShareValueError("target_modules and config apply only when the first LoRA creates the subspace")
+        # Everything about the file is checked before the pipeline changes: its layout and values (finite
+        # factors and alphas), its fit to the transformer, and its canonical forms (cached, reused by the merge).
         tensors, metadata = read_safetensors(path)
         converted = convert_flux_lora(tensors, metadata, origin=path.name)
         denoiser = self._share_denoiser
         _check_lora_fits(denoiser, converted.transformer, path.name)
-        if self._share is None:
-            self._check_no_peft_adapters()
-            targets = self._choose_targets(target_modules, converted.transformer)
-            share = ShareModel.inject(denoiser, target_modules=targets, config=config or ShareConfig())
-            share.factors.base_model = self._base_model_id()
-        else:
-            if target_modules is not None or config is not None:
-                raise ValueError("target_modules and config apply only when the first LoRA creates the subspace")
-            share = self._share
-        inside, outside = split_by_targets(converted.transformer, list(share.layers))
         energies = converted.energies()
+        if energies and not any(energy > 0 for energy in energies.values()):
+            raise FactorValueError(
+                f"{path.name}: the LoRA's update is zero on every transformer layer; nothing to merge"
+            )
+        if creating:
+            self._check_no_peft_adapters()
+            self._check_plain_denoiser()
+            targets = self._choose_targets(target_modules, converted.transformer)
+        try:
+            if creating:
+                share = ShareModel.inject(denoiser, target_modules=targets, config=config or ShareConfig())
+                share.factors.base_model = self._base_model_id()
+            else:
+                share = self._share
+            inside, outside = split_by_targets(converted.transformer, list(share.layers))
+            if not inside:
+                raise ShapeMismatchError(
+                    f"{path.name}: none of the LoRA's layers are Share targets (it touches e.g. "
+                    f"{next(iter(converted.transformer), 'no transformer layer')!r}); widen target_modules"
+                )
+            try:
+                share.merge(LoraAdapter(inside, source=source), name)
+            except FactorValueError as error:
+                raise FactorValueError(f"{path.name}: {error}") from None
+        except BaseException:
+            if creating:  # the subspace this call created goes away with the failure, however far it got
+                created = ShareModel.of(denoiser)
+                if created is not None:
+                    created.remove()
+                remove_share(denoiser)
+            raise
+        self._share = share
         total = sum(energies.values()) + sum(converted.other_energy.values())
         outside_energy = {name: energies[name] for name in outside}
         outside_energy.update(converted.other_energy)
-        if not inside:
-            if self._share is None:
-                share.remove()
-            raise ShapeMismatchError(
-                f"{path.name}: none of the LoRA's layers are Share targets (it touches e.g. "
-                f"{next(iter(converted.transformer), 'no transformer layer')!r}); widen target_modules"
-            )
-        try:
-            share.merge(LoraAdapter(inside, source=source), name)
-        except Exception:
-            if self._share is None:
-                share.remove()  # the subspace this call created goes away with the failure
-            raise
-        self._share = share
         fractions = {k: v / total for k, v in sorted(outside_energy.items(), key=lambda item: -item[1]) if total > 0}
         report = MergeReport(
             style_name=name,
@@ -250,7 +272,12 @@ class ShareLoaderMixin:
         if style is not None:
             from .core.model import style_weights
 
-            style_weights(self._require_share().factors, style, style_scale)  # validate now, not at call time
+            share = self._require_share()
+            if share.fused_style is not None:
+                raise ShareStateError(
+                    f"style {share.fused_style!r} is fused; unfuse_style() before choosing a default style"
+                )
+            style_weights(share.factors, style, style_scale)  # validate now, not at call time
         self._default_style, self._default_style_scale = style, style_scale
 
     def delete_style(self, name: str) -> None:
@@ -259,7 +286,9 @@ class ShareLoaderMixin:
             self._default_style = None
 
     def rename_style(self, old: str, new: str) -> None:
+        """Rename a style; the default style from :meth:`set_style` follows the new name."""
         self._require_share().rename_style(old, new)
+        self._default_style = _renamed(self._default_style, old, new)
 
     def fuse_style(self, style: StyleSpec, style_scale: float = 1.0, exact: bool = True) -> None:
         """Fuse a style or blend into the transformer weights: base-model speed; undo with ``unfuse_style``.
@@ -295,9 +324,17 @@ class ShareLoaderMixin:
             raise StyleError("no Share factors loaded: call load_share_factors(...) or merge_lora(...) first")
         return self._share
 
+    def _check_plain_denoiser(self) -> None:
+        """No Share layers in the denoiser that this pipeline does not hold (injected by hand)."""
+        if any(isinstance(module, ShareLinear) for module in self._share_denoiser.modules()):
+            raise ShareStateError(
+                "the transformer holds Share layers this pipeline did not load; take them out first with "
+                "ShareModel.of(pipe.transformer).remove() (or share_diffusers.core.remove_share(pipe.transformer))"
+            )
+
     def _check_no_peft_adapters(self) -> None:
         if getattr(self._share_denoiser, "peft_config", None):
-            raise RuntimeError(
+            raise ShareStateError(
                 "this transformer holds diffusers/PEFT LoRA adapters; call unload_lora_weights() before using Share "
                 "(or merge those LoRAs as Share styles with merge_lora)"
             )
@@ -328,6 +365,15 @@ def _default_name(repo_id_or_path, path: Path) -> str:
     if Path(text).exists():
         return path.stem if path.stem not in ("pytorch_lora_weights", "adapter_model") else path.parent.name
     return text.split("/")[-1]
+
+
+def _renamed(style, old: str, new: str):
+    """``style`` (a spec or list of specs) with the style ``old`` called ``new``."""
+    if isinstance(style, list | tuple):
+        return type(style)(_renamed(item, old, new) for item in style)
+    if isinstance(style, dict):
+        return {new if name == old else name: weight for name, weight in style.items()}
+    return new if style == old else style
 
 
 def _mentions(style, name: str) -> bool:

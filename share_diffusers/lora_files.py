@@ -9,7 +9,9 @@ are refused without being opened: unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -18,7 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .core.adapters import LoraAdapter, LoraLayer, lora_scale
-from .core.errors import LoraFormatError
+from .core.checkpoint import create_empty_file, set_file_mode
+from .core.errors import LoraFormatError, ShareIOError, ShareValueError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _LORA_KEY = re.compile(r"^(?P<layer>.+?)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -70,6 +73,8 @@ def load_lora(path: str | os.PathLike) -> LoraAdapter:
                 config = json.loads(config_path.read_text(encoding="utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise LoraFormatError(f"{config_path} is not valid JSON ({error})") from None
+            if not isinstance(config, dict):
+                raise LoraFormatError(f"{config_path} must hold a JSON object, not a {type(config).__name__}")
         file_path = weights
     else:
         file_path = path
@@ -94,6 +99,7 @@ def lora_layers_from_state_dict(
         origin: file name used in error messages.
     """
     config = config or {}
+    _check_config(config, origin)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     alphas: dict[str, float] = {}
     ignored = []
@@ -103,7 +109,10 @@ def lora_layers_from_state_dict(
         if match:
             pairs.setdefault(match["layer"], {})[match["which"]] = tensor
         elif name.endswith(".alpha") and tensor.numel() == 1:
-            alphas[name.removesuffix(".alpha")] = float(tensor.float().item())
+            alpha = float(tensor.double().item())
+            if not math.isfinite(alpha):
+                raise LoraFormatError(f"{origin}: tensor {key!r} holds alpha {alpha}; an alpha must be a finite number")
+            alphas[name.removesuffix(".alpha")] = alpha
         elif "lora_magnitude_vector" in name:
             raise LoraFormatError(f"{origin}: {key!r} is a DoRA magnitude vector; DoRA adapters are not supported")
         else:
@@ -128,16 +137,46 @@ def lora_layers_from_state_dict(
             if not torch.isfinite(tensor).all():
                 raise LoraFormatError(f"{origin}: {layer_name}.{which}.weight contains NaN or Inf")
         rank = down.shape[0]
+        if rank == 0:
+            raise LoraFormatError(f"{origin}: layer {layer_name!r} has rank 0 (empty lora_A and lora_B)")
         alpha = alphas.get(layer_name, _pattern_value(config, "alpha_pattern", layer_name, config.get("lora_alpha")))
         if layer_name not in alphas:
             rank_in_config = _pattern_value(config, "rank_pattern", layer_name, config.get("r"))
-            if rank_in_config is not None and int(rank_in_config) != rank:
+            if rank_in_config is not None and (not _is_number(rank_in_config) or rank_in_config != rank):
                 raise LoraFormatError(
-                    f"{origin}: layer {layer_name!r} has rank {rank} but adapter_config.json says r={rank_in_config}"
+                    f"{origin}: layer {layer_name!r} has rank {rank} but adapter_config.json says r={rank_in_config!r}"
+                )
+            if alpha is not None and (not _is_number(alpha) or not math.isfinite(alpha)):
+                raise LoraFormatError(
+                    f"{origin}: layer {layer_name!r} has lora_alpha {alpha!r} in its adapter config; "
+                    "an alpha must be a finite number"
                 )
         scale = lora_scale(alpha, rank, bool(config.get("use_rslora", False)))
+        if not math.isfinite(scale):
+            raise LoraFormatError(f"{origin}: layer {layer_name!r} has scale alpha / rank = {scale}, out of range")
         layers[layer_name] = LoraLayer(up=up, down=down, scale=scale, conv=pair["A"].ndim == 4)
     return layers, ignored
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_config(config: dict, origin: str) -> None:
+    """The fields of an adapter config that scales are read from, with the types PEFT writes."""
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"{origin}: the adapter config must be a JSON object, not a {type(config).__name__}")
+    for key in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict) or not all(isinstance(pattern, str) for pattern in patterns):
+            raise LoraFormatError(f"{origin}: {key} in the adapter config must map layer patterns to numbers")
+        for pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as error:
+                raise LoraFormatError(f"{origin}: {key} {pattern!r} is not a valid pattern ({error})") from None
 
 
 def _as_matrix(tensor: torch.Tensor) -> torch.Tensor | None:
@@ -173,7 +212,7 @@ def save_lora(
     path = Path(path)
     ranks = {layer.rank for layer in adapter.layers.values()}
     if len(ranks) != 1:
-        raise ValueError(f"export needs one rank for every layer, got ranks {sorted(ranks)}")
+        raise ShareValueError(f"export needs one rank for every layer, got ranks {sorted(ranks)}")
     rank = ranks.pop()
     as_folder = path.suffix != ".safetensors"
     prefix = _PEFT_PREFIX if as_folder else key_prefix
@@ -186,10 +225,13 @@ def save_lora(
         tensors[f"{prefix}{name}.lora_B.weight"] = up.contiguous()
     metadata = {"format": "pt", "share_style": str(adapter.source.get("share_style", ""))}
     target = path / "adapter_model.safetensors" if as_folder else path
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp")
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # a leftover of an interrupted export of this same file
+        mode = create_empty_file(tmp)
         save_file(tensors, str(tmp), metadata=metadata)
+        set_file_mode(tmp, mode)  # safetensors writes 0600; an exported LoRA is an ordinary file
         if as_folder:
             config = {
                 "peft_type": "LORA",
@@ -204,6 +246,9 @@ def save_lora(
             }
             (path / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
         os.replace(tmp, target)
+    except OSError as error:
+        raise ShareIOError(f"cannot write the LoRA to {target} ({error.strerror or error})") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return target

@@ -1,5 +1,5 @@
-"""The style studio: its text parsing and helpers (no server), its demo styles, then its API through
-``gradio_client`` against the app running in a subprocess."""
+"""The style studio (``share_diffusers.studio``): its text parsing and helpers (no server), its demo styles,
+its error handling, then its API through ``gradio_client`` against the app running in a subprocess."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ import pytest
 import torch
 from flux_helpers import generate, write_diffusers_lora
 
-from app.engine import merge_source, pick_seed, zip_folder
-from app.styles import blend_text, format_style, parse_prompts, parse_style, parse_style_lines
 from share_diffusers import ShareFluxPipeline, load_factors
 from share_diffusers.core import LoraFormatError
 from share_diffusers.demo_styles import make_demo_styles, write_demo_lora
+from share_diffusers.fashion.data import CLASS_NAMES, prompt_for
+from share_diffusers.runtime import DEFAULT_PROMPTS, format_style, parse_style
+from share_diffusers.studio.engine import PREVIEW_PROMPT, merge_source, pick_seed, zip_folder
+from share_diffusers.studio.text import blend_text, parse_prompts, parse_style_lines
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
 
 # -- parsing ------------------------------------------------------------------------------------
@@ -111,6 +113,16 @@ def test_pick_seed():
         pick_seed(None, False)
     with pytest.raises(ValueError, match="the seed must be a whole number from 0 to 4294967295, got 1.5"):
         pick_seed(1.5, False)
+    for seed in (float("inf"), float("nan"), -1, 2**32):
+        with pytest.raises(ValueError, match="the seed must be a whole number"):
+            pick_seed(seed, False)
+
+
+def test_default_prompts_are_what_the_demo_model_draws():
+    """The studio starts with prompts of classes the demo model learned, captioned as in its training."""
+    captions = {prompt_for(label) for label in range(len(CLASS_NAMES))}
+    assert len(DEFAULT_PROMPTS) >= 2 and set(DEFAULT_PROMPTS) <= captions
+    assert PREVIEW_PROMPT in captions
 
 
 @pytest.mark.parametrize(
@@ -186,9 +198,55 @@ def test_demo_lora_is_an_ordinary_diffusers_lora(tmp_path):
     assert np.abs(generate(share, ["a photo of a cat"]) - expected).max() > 1e-2  # the style matters
 
 
+# -- errors in the page --------------------------------------------------------------------------
+
+
+def test_errors_reach_the_page_as_one_line():
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    import gradio as gr
+
+    from share_diffusers.core.errors import StyleError
+    from share_diffusers.studio.ui import user_errors
+
+    def failing(error):
+        @user_errors
+        def handler():
+            raise error
+
+        with pytest.raises(gr.Error) as raised:
+            handler()
+        return raised.value.message
+
+    assert failing(StyleError("unknown style 'x'")) == "unknown style 'x'"
+    assert failing(ValueError("a\n  b")) == "a b"
+    assert failing(RuntimeError("boom\nsecond line")) == "RuntimeError: boom second line"  # not a bare "Error"
+
+
+def test_a_failed_merge_leaves_its_message_in_the_report_box():
+    """The page's report box shows ``error: <message>`` after a failed merge (the toast fades)."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from types import SimpleNamespace
+
+    import gradio as gr
+
+    from share_diffusers.core.errors import StyleError
+    from share_diffusers.studio.ui import Handlers
+
+    def merge(source, name, weight_name=None):
+        raise StyleError(f"a style named {name!r} already exists; pick another name or delete it first")
+
+    handlers = Handlers(SimpleNamespace(merge=merge))
+    alice, bob = SimpleNamespace(session_hash="alice"), SimpleNamespace(session_hash="bob")
+    with pytest.raises(gr.Error):
+        handlers.merge_lora("user/ink", "", None, "ink", request=alice, progress=lambda *a, **k: None)
+    assert handlers.merge_failed(bob) == "error: the merge failed"  # another session's error stays its own
+    expected = "error: a style named 'ink' already exists; pick another name or delete it first"
+    assert handlers.merge_failed(alice) == expected
+
+
 def test_main_reports_bad_factors_in_one_line(tmp_path, capsys):
     pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
-    from app.studio import main
+    from share_diffusers.studio.ui import main
 
     missing = tmp_path / "missing"
     assert main(["--factors", str(missing), "--device", "cpu"]) == 1
@@ -208,7 +266,7 @@ SETTINGS = dict(style_scale=1.0, seed=3, randomize=False, steps=2, width=32, hei
 def client(tmp_path_factory):
     gradio_client = pytest.importorskip("gradio_client", reason="the app extra (gradio) is not installed")
     pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
-    from app.testing import SERVER_ENV, running_studio
+    from share_diffusers.studio.testing import SERVER_ENV, running_studio
 
     home = tmp_path_factory.mktemp("studio")
     with pytest.MonkeyPatch.context() as patch:
@@ -305,10 +363,20 @@ def test_merge_a_bad_hub_id_is_a_readable_error(client):
 
 def test_delete_style(client):
     status = client.predict("sepia", api_name="/delete_style")
-    assert status.startswith("deleted 'sepia'; styles left: ink, neon")
+    assert re.match(r"deleted 'sepia'; styles left: ink, neon\b", status), status
     captions = [caption for _, caption in gallery_images(client.predict(api_name="/styles"))]
     assert not any(caption.startswith("sepia ") for caption in captions)
     assert app_error(client, "sepia", api_name="/delete_style").startswith("unknown style 'sepia'; styles held:")
+
+
+def test_delete_a_style_merged_after_start_up(client, tmp_path):
+    """The API (a fresh session, the page's first choices) deletes a style merged after the page was built."""
+    from gradio_client import handle_file
+
+    lora = write_diffusers_lora(tmp_path / "charcoal", seed=12, rank=2, alpha=2)
+    assert client.predict("", "", handle_file(str(lora)), "charcoal", api_name="/merge_lora").startswith("merged")
+    status = client.predict("charcoal", api_name="/delete_style")
+    assert status.startswith("deleted 'charcoal'; styles left:") and "charcoal" not in status.split(":", 1)[1]
 
 
 def test_save_factors_zip_loads(client, tmp_path):

@@ -34,7 +34,7 @@ pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
 
 @pytest.fixture(scope="module")
 def studio_url(tmp_path_factory):
-    from app.testing import running_studio
+    from share_diffusers.studio.testing import running_studio
 
     home = tmp_path_factory.mktemp("studio-browser")
     with running_studio(log_path=home / "studio.log", home=home) as url:
@@ -53,14 +53,18 @@ def page(studio_url):
 
 
 def test_pick_a_style_and_generate(page):
+    from share_diffusers.runtime import DEFAULT_PROMPTS
+
     expect = sync_api.expect
     page.wait_for_function(IMAGES_LOADED, arg=["#styles", 4])  # the style gallery: one preview per style
+    expect(page.locator("#prompts textarea")).to_have_value("\n".join(DEFAULT_PROMPTS))  # classes the model draws
     page.get_by_label("Style 1", exact=True).click()
     page.get_by_role("option", name="stripes", exact=True).click()
     expect(page.locator("#style-lines textarea")).to_have_value("stripes")  # the blend builder wrote the line
     page.get_by_role("button", name="Generate", exact=True).click()
     page.wait_for_function(IMAGES_LOADED, arg=["#generated", 2])
-    expect(page.locator("#generated")).to_contain_text("a photo of a sneaker · stripes")
+    for prompt in DEFAULT_PROMPTS:
+        expect(page.locator("#generated")).to_contain_text(f"{prompt} · stripes")
     assert page.locator("#generated img").first.evaluate("image => image.naturalWidth") > 0
     SCREENSHOT.parent.mkdir(exist_ok=True)
     page.screenshot(path=str(SCREENSHOT), full_page=True)
@@ -77,9 +81,9 @@ def test_a_bad_style_is_one_line_in_the_page(page):
 def test_merge_an_uploaded_lora(page, tmp_path):
     expect = sync_api.expect
     from share_diffusers.demo_styles import write_demo_lora
-    from share_diffusers.fashion.model import load_demo_pipeline
+    from share_diffusers.runtime import load_pipeline
 
-    lora = write_demo_lora(load_demo_pipeline().transformer, tmp_path / "pencil", seed=11, rank=4, alpha=4.0)
+    lora = write_demo_lora(load_pipeline(None, "cpu").transformer, tmp_path / "pencil", seed=11, rank=4, alpha=4.0)
     page.get_by_role("tab", name="Merge, delete, save").click()
     page.locator("#lora-upload input[type=file]").set_input_files(str(lora))
     page.get_by_label("Style name", exact=True).fill("pencil")
@@ -87,3 +91,12 @@ def test_merge_an_uploaded_lora(page, tmp_path):
     expect(page.locator("#merge-report textarea")).to_have_value(re.compile(r"^merged 'pencil': 28 layers"))
     expect(page.locator("#styles")).to_contain_text(re.compile(r"pencil · error \d\.\de-\d\d"))  # gallery refreshed
     page.wait_for_function(IMAGES_LOADED, arg=["#styles", 5])
+
+
+def test_a_failed_merge_leaves_its_message_in_the_report_box(page):
+    """The toast fades; the report box keeps ``error: <message>`` (not Gradio's bare "Error")."""
+    page.get_by_role("tab", name="Merge, delete, save").click()
+    page.get_by_label("Style name", exact=True).fill("pencil")  # the upload of the test before is still there
+    page.get_by_role("button", name="Merge", exact=True).click()
+    message = "error: a style named 'pencil' already exists; pick another name or delete it first"
+    sync_api.expect(page.locator("#merge-report textarea")).to_have_value(message)

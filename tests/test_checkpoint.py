@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
 from conftest import random_adapter
 from safetensors.torch import load_file, save_file
 
-from share_diffusers.core import ShareCheckpointError, ShareConfig, ShareFactors, load_factors, save_factors
+from share_diffusers.core import (
+    FactorValueError,
+    ShareCheckpointError,
+    ShareConfig,
+    ShareFactors,
+    StyleError,
+    load_factors,
+    save_factors,
+)
 from share_diffusers.core import checkpoint as checkpoint_module
 
 SHAPES = {"blocks.0.to_q": (32, 24), "blocks.1.to_k": (16, 24)}
@@ -181,3 +191,183 @@ def test_bfloat16_storage_halves_the_bulk_and_reloads_close(tmp_path, factors):
     assert json.loads((tmp_path / "again" / "share_config.json").read_text())["dtype"] == "bfloat16"
     with pytest.raises(ValueError, match="storage dtype must be one of"):
         save_factors(factors, tmp_path / "int", dtype=torch.int8)
+
+
+# -- a checkpoint folder is a closed world (issue 19) -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["absolute", "parent", "own-json", "subfolder"])
+def test_weights_file_must_be_a_plain_name_of_ours(tmp_path, factors, kind):
+    """A JSON naming a path (or any file not of the saver's pattern) is refused; saves never delete it."""
+    folder = tmp_path / "checkpoint"
+    save_factors(factors, folder)
+    victim = tmp_path / "victim.safetensors"
+    victim.write_bytes(_weights_file(folder).read_bytes())  # a valid tensor file, outside the folder
+    (folder / "sub").mkdir()
+    inner = folder / "sub" / "share_factors-00000000.safetensors"
+    inner.write_bytes(victim.read_bytes())
+    name = {
+        "absolute": str(victim),
+        "parent": "../victim.safetensors",
+        "own-json": "share_config.json",
+        "subfolder": "sub/share_factors-00000000.safetensors",
+    }[kind]
+    _edit_json(folder, weights_file=name)
+    with pytest.raises(ShareCheckpointError, match="field 'weights_file' must be a plain file name") as caught:
+        load_factors(folder)
+    assert "never a path" in str(caught.value)
+    save_factors(factors, folder)  # reports success and means it
+    assert victim.is_file() and inner.is_file()
+    assert load_factors(folder).style_names == ["ink", "neon"]
+    assert len(list(folder.glob("*.safetensors"))) == 1  # the tensor file the bad JSON hid is removed: it was ours
+
+
+def test_checkpoint_with_inf_summary_is_refused_naming_the_key(tmp_path, factors):
+    save_factors(factors, tmp_path)
+    _corrupt_tensor(_weights_file(tmp_path), "blocks.0.to_q.gram_out", lambda t: t * float("inf"))
+    with pytest.raises(ShareCheckpointError, match="'blocks.0.to_q.gram_out' contains NaN or Inf"):
+        load_factors(tmp_path)
+
+
+def _edit_style(index, **changes):
+    def edit(document):
+        document["styles"][index].update(changes)
+
+    return edit
+
+
+def _edit_layer(**changes):
+    def edit(document):
+        document["layers"]["blocks.0.to_q"].update(changes)
+
+    return edit
+
+
+def _set(key, value):
+    def edit(document):
+        document[key] = value
+
+    return edit
+
+
+def _set_config(**changes):
+    def edit(document):
+        document["config"].update(changes)
+
+    return edit
+
+
+BAD_FIELDS = {
+    "weights-number": (_set("weights_file", 5), "field 'weights_file' must be a plain file name"),
+    "weights-null": (_set("weights_file", None), "field 'weights_file' must be a plain file name"),
+    "styles-string": (_set("styles", "ink,neon"), "field 'styles' must be a list, got 'ink,neon'"),
+    "style-number": (_set("styles", [5]), r"field 'styles\[0\]' must be an object, got 5"),
+    "style-name-number": (_edit_style(0, name=5), r"field 'styles\[0\].name' must be a string, got 5"),
+    "style-name-empty": (_edit_style(1, name=""), "style name must be a non-empty string, got ''"),
+    "style-name-duplicate": (_edit_style(1, name="ink"), "a style named 'ink' already exists"),
+    "style-name-syntax": (_edit_style(1, name="a=1,b"), "contains '='"),
+    "style-rank-string": (_edit_style(0, rank="3"), r"field 'styles\[0\].rank' must be a non-negative integer"),
+    "style-source-list": (_edit_style(0, source=[]), r"field 'styles\[0\].source' must be an object"),
+    "style-error-nan": (_edit_style(0, error=float("nan")), r"field 'styles\[0\].error' must be a non-negative"),
+    "style-unknown-key": (_edit_style(0, colour="red"), r"unknown field 'styles\[0\].colour'"),
+    "layers-list": (_set("layers", []), "field 'layers' must be an object"),
+    "layer-shape-string": (_edit_layer(shape="32x24"), r"field \"layers\['blocks.0.to_q'\].shape\" must be"),
+    "layer-k-float": (_edit_layer(k=2.5), r"layers\['blocks.0.to_q'\].k\" must be an integer from 0 to 24"),
+    "layer-k-too-big": (_edit_layer(k=99), r"must be an integer from 0 to 24, got 99"),
+    "layer-conv-string": (_edit_layer(conv="yes"), "must be true or false"),
+    "config-list": (_set("config", []), "field 'config' must be an object"),
+    "config-center-string": (_set_config(center="yes"), "field 'config.center' must be a bool, got 'yes'"),
+    "config-rank-bool": (_set_config(rank=True), "field 'config.rank' must be an int, got True"),
+    "config-p-zero": (_set_config(pseudo_rank=0), "pseudo_rank p must be >= 1"),
+    "config-unknown": (_set_config(alpha=1), "unknown field 'config.alpha'"),
+    "dtype-number": (_set("dtype", 3), "field 'dtype' must be one of float32"),
+    "base-model-number": (_set("base_model", 7), "field 'base_model' must be a string or null"),
+    "targets-string": (_set("target_modules", "to_q"), "field 'target_modules' must be a list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FIELDS))
+def test_json_fields_of_the_wrong_type_are_refused_naming_the_field(tmp_path, factors, case):
+    edit, message = BAD_FIELDS[case]
+    save_factors(factors, tmp_path)
+    document = json.loads((tmp_path / "share_config.json").read_text())
+    edit(document)
+    (tmp_path / "share_config.json").write_text(json.dumps(document))
+    with pytest.raises(ShareCheckpointError, match=message) as caught:
+        load_factors(tmp_path)
+    assert str(tmp_path / "share_config.json") in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(ShareCheckpointError, match=message):
+        checkpoint_module.read_document(tmp_path / "share_config.json")  # what the Hub path checks before downloading
+    # a save over the malformed JSON commits a good checkpoint and raises nothing afterwards
+    save_factors(factors, tmp_path)
+    assert load_factors(tmp_path).style_names == ["ink", "neon"]
+
+
+def test_interrupted_saves_are_cleaned_up_by_the_next_save(tmp_path, factors):
+    save_factors(factors, tmp_path)
+    current = _weights_file(tmp_path)
+    leftovers = [
+        ".share_factors-deadbeef.safetensors.tmp",  # killed while writing tensors
+        "share_factors-deadbeef.safetensors",  # killed between the tensor rename and the JSON commit
+        ".share_config.json.abc123_x.tmp",  # killed while writing the JSON
+    ]
+    for name in leftovers:
+        (tmp_path / name).write_bytes(current.read_bytes())
+    unrelated = ["README.md", "share_factors-notes.txt", ".share_factors-x.safetensors", "my.tmp"]
+    for name in unrelated:
+        (tmp_path / name).write_text("keep me")
+    # loads ignore the leftovers, and the checkpoint's files are the JSON and its tensor file only
+    assert load_factors(tmp_path).style_names == ["ink", "neon"]
+    assert checkpoint_module.checkpoint_files(tmp_path) == [tmp_path / "share_config.json", current]
+    save_factors(factors, tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted(["share_config.json", _weights_file(tmp_path).name, *unrelated])
+    assert all((tmp_path / name).read_text() == "keep me" for name in unrelated)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_files_get_the_default_mode_for_new_files(tmp_path, factors, umask):
+    previous = os.umask(umask)
+    try:
+        save_factors(factors, tmp_path)
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    for path in checkpoint_module.checkpoint_files(tmp_path):
+        assert stat.S_IMODE(path.stat().st_mode) == expected, path.name
+
+
+def test_unsavable_factors_are_refused_before_writing(tmp_path, factors):
+    factors.layers["blocks.0.to_q"].core_out[0, 0, 0] = float("inf")
+    with pytest.raises(FactorValueError, match="'blocks.0.to_q.core_out' holds NaN or Inf"):
+        save_factors(factors, tmp_path / "new")
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+    factors.layers["blocks.0.to_q"].core_out[0, 0, 0] = 1e6  # fine in float32, overflows float16
+    with pytest.raises(FactorValueError, match="holds NaN or Inf in torch.float16; save in float32"):
+        save_factors(factors, tmp_path / "half", dtype=torch.float16)
+    factors.styles[1].name = "a,b"
+    with pytest.raises(StyleError, match="cannot save: style name 'a,b' contains ','"):
+        save_factors(factors, tmp_path / "names")
+
+
+def test_concurrent_saves_into_one_folder_leave_a_loadable_checkpoint(tmp_path, factors):
+    """Saves take turns on the folder, so one save's cleanup never removes another's fresh tensor file."""
+    import threading
+
+    errors = []
+
+    def save_repeatedly():
+        try:
+            for _ in range(5):
+                save_factors(factors, tmp_path)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=save_repeatedly) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert load_factors(tmp_path).style_names == ["ink", "neon"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["share_config.json", _weights_file(tmp_path).name]

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from share_diffusers.cli import main
 from share_diffusers.core import load_factors, save_factors
+from share_diffusers.core.errors import ShareCheckpointError
 from share_diffusers.lora_files import load_lora
 
 
@@ -74,6 +75,10 @@ def test_compress_inspect_merge_export_end_to_end(tmp_path, peft_adapters, capsy
     reread = load_lora(blend_file)
     expected = factors.delta_weight("to_q", {"ink": 0.5, "sepia": 0.5})
     assert relative_error(expected, reread.layers["to_q"].delta_weight()) < 1e-5
+    # not a Flux checkpoint: the model's own module names, no "transformer." prefix
+    assert sorted(load_file(blend_file)) == sorted(
+        f"{layer}.lora_{ab}.weight" for layer in factors.layers for ab in "AB"
+    )
 
 
 def test_inspect_marks_fine_tuned_styles_and_a_checkpoint_larger_than_its_sources(tmp_path, peft_adapters, capsys):
@@ -102,6 +107,27 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: no Share checkpoint folder at {tmp_path / 'missing'}"
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("error", "line"),
+    [
+        (ValueError("first line\n  second line"), "error: first line second line"),
+        (ShareCheckpointError("share_config.json is truncated\n"), "error: share_config.json is truncated"),
+        (OSError(28, "No space left on device"), "error: [Errno 28] No space left on device"),
+    ],
+)
+def test_every_user_error_is_one_line(monkeypatch, tmp_path, capsys, error, line):
+    """A ShareError, ValueError or OSError ends the command with ``error: <message>`` on one line, status 1."""
+    from share_diffusers import cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_inspect", fail)
+    (tmp_path / "ckpt").mkdir()
+    assert run_cli("inspect", tmp_path / "ckpt") == 1
+    assert capsys.readouterr().err == line + "\n"
 
 
 def _bad_inputs(tmp_path, peft_adapters):

@@ -1,20 +1,25 @@
-"""``share-diffusers compress`` / ``merge`` on community Flux layouts and Hub ids, loaded by the pipeline."""
+"""``share-diffusers compress`` / ``merge`` on community Flux layouts and Hub ids, loaded by the pipeline;
+``export`` loaded by stock diffusers; ``generate`` and its defaults."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from flux_helpers import (
     fused_qkv_lora,
+    generate,
     run_transformer,
     stock_pipeline,
     transformer_inputs,
     write_diffusers_lora,
     write_fused_lora,
 )
+from safetensors.torch import load_file
 
 from share_diffusers import ShareFluxPipeline
-from share_diffusers.cli import main
+from share_diffusers.cli import build_parser, main
+from share_diffusers.runtime import DEMO_DEFAULTS, TINY_RANDOM, TINY_RANDOM_DEFAULTS, call_arguments, defaults_for
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
 
 
@@ -85,4 +90,94 @@ def test_generate_command_writes_the_styled_image(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--style", "nope", "-o", str(tmp_path / "x.png")]) == 1
     assert "unknown style 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.fixture(scope="module")
+def flux_factors(tmp_path_factory):
+    """A Share checkpoint of two diffusers Flux LoRAs on the tiny pipeline, and the pipeline holding it."""
+    root = tmp_path_factory.mktemp("flux-factors")
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.merge_lora(write_diffusers_lora(root / "ink", seed=1, rank=4, alpha=8), style_name="ink")
+    pipe.merge_lora(write_diffusers_lora(root / "sepia", seed=3, rank=2, alpha=2), style_name="sepia")
+    pipe.save_share_factors(root / "factors")
+    return pipe, root / "factors"
+
+
+@pytest.mark.parametrize(
+    ("style", "output"),
+    [("ink", "ink.safetensors"), ({"ink": 0.5, "sepia": 0.5}, "blend-folder")],
+    ids=["file", "blend-as-folder"],
+)
+def test_exported_flux_style_loads_in_stock_diffusers(tmp_path, flux_factors, capsys, style, output):
+    """``export`` of a Flux checkpoint writes what stock ``FluxPipeline.load_lora_weights`` loads: its images
+    are the style's images through ShareFluxPipeline."""
+    pipe, factors = flux_factors
+    text = style if isinstance(style, str) else ",".join(f"{name}={weight}" for name, weight in style.items())
+    assert main(["-q", "export", str(factors), text, "-o", str(tmp_path / output)]) == 0
+    assert "diffusers Flux LoRA" in capsys.readouterr().out
+    file = (
+        tmp_path / output if output.endswith(".safetensors") else tmp_path / output / "pytorch_lora_weights.safetensors"
+    )
+    keys = load_file(file)
+    assert keys and all(key.startswith("transformer.") for key in keys)
+    stock = stock_pipeline()
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(tmp_path / output))  # a file, or a folder as save_lora_weights writes it
+    assert stock.transformer.peft_config  # something was loaded (stock diffusers ignores unknown keys)
+    prompts = ["a photo of a sneaker", "a photo of a bag"]
+    expected = generate(pipe, prompts, style=style)
+    assert np.abs(generate(stock, prompts) - expected).max() < 1e-4
+    assert np.abs(generate(pipe, prompts) - expected).max() > 1e-2  # the style changes the images
+
+
+@pytest.mark.parametrize(
+    ("style", "message"),
+    [
+        ("ink=0.5,sepia", "blend entry 'sepia' must be name=weight, e.g. ink=0.5"),
+        ("ink=nan", "blend weight of 'ink' must be finite, got 'nan'"),
+        ("none", "give a style name or a blend like ink=0.5,neon=0.5 to export, not none"),
+        ("nope", "unknown style 'nope'"),
+    ],
+)
+def test_export_refuses_bad_styles_in_one_line(tmp_path, flux_factors, capsys, style, message):
+    capsys.readouterr()
+    assert main(["-q", "export", str(flux_factors[1]), style, "-o", str(tmp_path / "x.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_generate_defaults_have_one_source(capsys):
+    """``generate --help`` states the defaults the runtime applies (16 steps on the demo model, not 20)."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["generate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default: {DEMO_DEFAULTS.steps} on the demo model, {TINY_RANDOM_DEFAULTS.steps} on {TINY_RANDOM}" in text
+    assert DEMO_DEFAULTS.steps == 16
+    assert f"default: {DEMO_DEFAULTS.guidance} on the demo model" in text
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    defaults = defaults_for(pipe, TINY_RANDOM)
+    assert call_arguments(pipe, defaults, 1) == dict(
+        num_inference_steps=TINY_RANDOM_DEFAULTS.steps, width=32, height=32, guidance_scale=3.5
+    )
+    assert call_arguments(pipe, defaults, 1, steps=2, guidance=1.0)["num_inference_steps"] == 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--style", "ink=0.5,neon"], "blend entry 'neon' must be name=weight, e.g. ink=0.5"),
+        (["--model", "/no/such/folder"], "'/no/such/folder' is neither a local diffusers pipeline folder nor a Hub"),
+        (["--model", "{tmp}"], "{tmp} holds no diffusers pipeline (model_index.json missing)"),
+        (["--device", "nowhere:0"], "unknown torch device 'nowhere:0'; use e.g. cpu, cuda or cuda:1"),
+    ],
+    ids=["style", "missing-folder", "not-a-pipeline", "device"],
+)
+def test_generate_refuses_bad_input_before_loading_in_one_line(tmp_path, capsys, extra, message):
+    extra = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]
+    assert main(["-q", "generate", "--prompt", "a photo of a bag", "-o", str(tmp_path / "x.png"), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1, err
     assert not (tmp_path / "x.png").exists()

@@ -162,8 +162,8 @@ def test_refused_style_values_name_the_problem():
         share.set_style({"ink": float("inf")})
     with pytest.raises(StyleError, match="finite"):
         share.set_style("ink", scale=float("nan"))
-    with pytest.raises(StyleError, match="overflow"):
-        share.set_style({"ink": 1e30, "neon": 1e30}, scale=1e10)
+    with pytest.raises(StyleError, match="must lie within"):
+        share.set_style({"ink": 1e30, "neon": 1e30})
     import numpy as np
 
     share.set_style({"ink": np.float32(0.5)})  # numpy scalars are numbers too

@@ -17,9 +17,12 @@ only the CPU float64 canonical form.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
+
+from .errors import FactorValueError, ShapeMismatchError
 
 # Fitting always runs in float64: community LoRAs are mostly bf16/fp16, and the tail singular values
 # that decide truncation error are far below half precision's resolution.
@@ -57,10 +60,16 @@ class LoraLayer:
 
     def __post_init__(self) -> None:
         if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[0]:
-            raise ValueError(
+            raise ShapeMismatchError(
                 f"LoRA factors must be up (n_out, r) and down (r, d_in); got up {tuple(self.up.shape)} "
                 f"and down {tuple(self.down.shape)}"
             )
+        if (
+            isinstance(self.scale, bool)
+            or not isinstance(self.scale, numbers.Real)
+            or not math.isfinite(float(self.scale))
+        ):
+            raise FactorValueError(f"the LoRA's scale (alpha / rank) must be a finite number, got {self.scale!r}")
 
     @property
     def rank(self) -> int:
@@ -94,9 +103,14 @@ class LoraLayer:
                 return cached
         up = self.up.detach().to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (n, r)
         down = self.down.detach().to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (r, d)
+        for which, factor in (("up (lora_B)", up), ("down (lora_A)", down)):
+            if not bool(torch.isfinite(factor).all()):
+                raise FactorValueError(f"the LoRA's {which} factor contains NaN or Inf")
         q_up, r_up = torch.linalg.qr(up)  # (n, r), (r, r)
         q_down, r_down = torch.linalg.qr(down.T)  # (d, r), (r, r)
         small = self.scale * (r_up @ r_down.T)  # (r, r)
+        if not bool(torch.isfinite(small).all()):
+            raise FactorValueError(f"the LoRA's update overflows float64: its scale {self.scale:g} is out of range")
         u_small, s, vh_small = torch.linalg.svd(small)
         # Formed column-major, like the QR factors, as the merge's QR wants them (see subspace.principal_decomposition).
         result = CanonicalLora(U=(u_small.T @ q_up.T).T, S=s, V=(vh_small @ q_down.T).T)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from .adapters import LoraAdapter, LoraLayer
+from .errors import FactorValueError, StyleError
 from .factors import ShareFactors
 from .subspace import to_fit
 
@@ -32,8 +33,11 @@ def style_as_lora(
     Layers that no style of the blend touches are left out. Every layer gets the same rank (see
     :func:`export_rank`), zero-padded where a layer needs less, so PEFT and diffusers load it with one ``r``.
     """
+    if not isinstance(style, str | dict):
+        raise StyleError(f"export takes a style name or a {{name: weight}} blend, not {type(style).__name__}")
     blend = {style: 1.0} if isinstance(style, str) else dict(style)
-    weights = factors.style_vector(blend)  # validates the names
+    weights = factors.style_vector(blend)  # validates the names and weights
+    label = style if isinstance(style, str) else "+".join(f"{w:g}*{n}" for n, w in blend.items())
     rank = export_rank(factors, blend)
     layers = {}
     for name, stored in factors.layers.items():
@@ -49,6 +53,10 @@ def style_as_lora(
         if keep < rank:
             up = torch.nn.functional.pad(up, (0, rank - keep))
             down = torch.nn.functional.pad(down, (0, 0, 0, rank - keep))
-        layers[name] = LoraLayer(up=up.to(dtype), down=down.to(dtype), scale=1.0, conv=name in factors.conv_layers)
-    label = style if isinstance(style, str) else "+".join(f"{w:g}*{n}" for n, w in blend.items())
+        up, down = up.to(dtype), down.to(dtype)
+        if not (bool(torch.isfinite(up).all()) and bool(torch.isfinite(down).all())):
+            raise FactorValueError(f"{name}: the exported factors of {label!r} overflow {dtype}")
+        layers[name] = LoraLayer(up=up, down=down, scale=1.0, conv=name in factors.conv_layers)
+    if not layers:
+        raise FactorValueError(f"{label!r} is zero on every layer: there is no update to export")
     return LoraAdapter(layers=layers, source={"share_style": label, "rank": rank})

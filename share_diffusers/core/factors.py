@@ -14,9 +14,12 @@ in only when every layer is done.
 from __future__ import annotations
 
 import math
+import numbers
 import os
-from collections.abc import Callable, Sequence
+import unicodedata
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
@@ -24,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import LoraAdapter
-from .errors import FactorValueError, ShapeMismatchError, StyleError
+from .errors import FactorValueError, ShapeMismatchError, ShareValueError, StyleError
 from .subspace import (
     LayerShare,
     RankRule,
@@ -43,6 +46,13 @@ from .subspace import (
 # threaded at 3072 x 3072), which bounds what more threads can give; 8 is a guess for 16-core hosts, not
 # a measurement there.
 MAX_WORKERS = 8
+
+# The largest |weight| a style may take in a blend, after the overall scale. LoRA strengths that mean
+# anything are near 1 (diffusers users set 0 to 2; "negative" styles and extrapolation go to a few
+# units); past this a style swamps the base weights by orders of magnitude. Finite float32 weights far
+# beyond it passed before and gave NaN images with no error (the tiny Flux turns NaN between 1e10 and
+# 1e15; half-precision activations overflow far sooner), so requests are refused here, not in the model.
+MAX_STYLE_WEIGHT = 1000.0
 
 _Item = TypeVar("_Item")
 _Result = TypeVar("_Result")
@@ -69,7 +79,7 @@ def map_layers(
     """
     workers = default_workers() if workers is None else workers
     if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+        raise ShareValueError(f"workers must be >= 1, got {workers}")
     results: list[_Result] = []
     with tqdm(total=len(items), desc=desc, disable=not progress) as bar:
         if workers == 1 or len(items) <= 1:
@@ -100,6 +110,17 @@ def map_layers(
     return results
 
 
+@contextmanager
+def _naming_layer(layer_name: str) -> Iterator[None]:
+    """Errors of one layer's maths carry the layer's name (and a failed decomposition becomes a ShareError)."""
+    try:
+        yield
+    except FactorValueError as error:
+        raise FactorValueError(f"{layer_name}: {error}") from None
+    except torch.linalg.LinAlgError as error:
+        raise FactorValueError(f"{layer_name}: the update could not be decomposed ({error})") from None
+
+
 @dataclass
 class ShareConfig:
     """How a Share subspace is fitted.
@@ -124,9 +145,28 @@ class ShareConfig:
     def __post_init__(self) -> None:
         if self.rank is None and self.variance is None:
             self.rank = 32  # the paper's Flux setting
-        RankRule(rank=self.rank, variance=self.variance, max_rank=self.max_rank)  # raises on bad values
+        for name in ("rank", "max_rank", "pseudo_rank"):
+            value = getattr(self, name)
+            if value is None and name == "rank":
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ShareValueError(f"{name} must be an integer, got {value!r}")
+            setattr(self, name, int(value))  # numpy integers become plain ints (the JSON takes those)
+        if self.variance is not None:
+            if not _is_real(self.variance) or not math.isfinite(float(self.variance)):
+                raise ShareValueError(f"variance must be a number, got {self.variance!r}")
+            self.variance = float(self.variance)
+        for name in ("center", "normalize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ShareValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        try:
+            RankRule(rank=self.rank, variance=self.variance, max_rank=self.max_rank)
+        except ValueError as error:
+            raise ShareValueError(str(error)) from None
+        if self.max_rank < 1:
+            raise ShareValueError(f"max_rank must be >= 1, got {self.max_rank}")
         if self.pseudo_rank < 1:
-            raise ValueError(f"pseudo_rank p must be >= 1, got {self.pseudo_rank}")
+            raise ShareValueError(f"pseudo_rank p must be >= 1, got {self.pseudo_rank}")
 
     @property
     def rule(self) -> RankRule:
@@ -152,12 +192,65 @@ class StyleInfo:
 
 
 def validate_style_name(name: object, taken: Sequence[str]) -> str:
-    """Check a new style name: a non-empty string not already in ``taken``."""
+    """Check a new style name: a non-empty string that the style syntax can address, not already in ``taken``.
+
+    The CLI and the app write blends as ``"name=weight,name2=weight2"``, so a name holds no ``=`` or
+    ``,``, no control character (newlines, tabs...), and no leading or trailing whitespace.
+    """
     if not isinstance(name, str) or not name.strip():
         raise StyleError(f"style name must be a non-empty string, got {name!r}")
+    bad = next((c for c in name if c in "=," or unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    if bad is not None:
+        raise StyleError(
+            f"style name {name!r} contains {bad!r}; names cannot hold '=', ',' or control characters "
+            "(the style syntax is 'name=weight,name2=weight2')"
+        )
+    if name != name.strip():
+        raise StyleError(f"style name {name!r} starts or ends with whitespace; use {name.strip()!r}")
     if name in taken:
         raise StyleError(f"a style named {name!r} already exists; pick another name or delete it first")
     return name
+
+
+def _is_real(value: object) -> bool:
+    """A real number (Python, numpy or 0-d torch), not a bool."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1 and not value.dtype.is_complex and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_style_weight(name: str, weight: object, scale: float = 1.0) -> float:
+    """A blend weight as a float: a finite real number with ``|weight * scale| <= MAX_STYLE_WEIGHT``."""
+    if not _is_real(weight) or not math.isfinite(float(weight)):
+        raise StyleError(f"blend weight for style {name!r} must be a finite number, got {weight!r}")
+    value = float(weight) * float(scale)
+    if abs(value) > MAX_STYLE_WEIGHT:
+        raise StyleError(
+            f"style {name!r} would get weight {value:g} (weight {float(weight):g} x scale {float(scale):g}); "
+            f"style weights must lie within +-{MAX_STYLE_WEIGHT:g} (larger ones overflow the model's activations)"
+        )
+    return value
+
+
+def _check_storable(
+    layer: LayerShare, layer_name: str, what: str, hint: str = "the LoRA's scale (alpha / rank) is out of range"
+) -> LayerShare:
+    """Refuse a layer state (in storage dtype) holding NaN or Inf; ``what`` says what produced it."""
+    for tensor_name in (
+        "basis_out",
+        "basis_in",
+        "core_out",
+        "core_in",
+        "gram_out",
+        "gram_in",
+        "norm",
+        "error",
+        "anchor",
+    ):
+        tensor = getattr(layer, tensor_name)
+        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+            raise FactorValueError(f"{layer_name}: {what} gives {tensor_name} values beyond float32's range; {hint}")
+    return layer
 
 
 class ShareFactors:
@@ -206,28 +299,33 @@ class ShareFactors:
         """
         config = config or ShareConfig()
         if len(adapters) == 0:
-            raise ValueError("fitting needs at least one adapter")
+            raise ShareValueError("fitting needs at least one adapter")
         if len(adapters) != len(names):
-            raise ValueError(f"got {len(adapters)} adapters but {len(names)} names")
+            raise ShareValueError(f"got {len(adapters)} adapters but {len(names)} names")
         taken: list[str] = []
         for name in names:
             taken.append(validate_style_name(name, taken))
         shapes = _layer_shapes(adapters, names)
 
         def fit_one(layer_name: str) -> LayerShare:
-            entries = [
-                adapter.layers[layer_name].canonical() if layer_name in adapter.layers else None for adapter in adapters
-            ]
-            if all(entry is None or entry.energy == 0 for entry in entries):
-                n_out, d_in = shapes[layer_name]
-                layer = empty_layer(n_out, d_in, len(adapters), config.pseudo_rank, config.center, config.normalize)
-            else:
-                layer = fit_layer(entries, config.rule, config.pseudo_rank, config.center, config.normalize)
-            return to_storage(layer)
+            with _naming_layer(layer_name):
+                entries = [
+                    adapter.layers[layer_name].canonical() if layer_name in adapter.layers else None
+                    for adapter in adapters
+                ]
+                if all(entry is None or entry.energy == 0 for entry in entries):
+                    n_out, d_in = shapes[layer_name]
+                    layer = empty_layer(n_out, d_in, len(adapters), config.pseudo_rank, config.center, config.normalize)
+                else:
+                    layer = fit_layer(entries, config.rule, config.pseudo_rank, config.center, config.normalize)
+            return _check_storable(to_storage(layer), layer_name, "fitting the LoRAs")
 
         layer_names = sorted(shapes)
         fitted = map_layers(fit_one, layer_names, workers, desc="fitting layers", progress=progress)
         layers = dict(zip(layer_names, fitted, strict=True))
+        for index, name in enumerate(names):
+            if not any(bool(layer.norm[index] > 0) for layer in fitted):
+                raise FactorValueError(f"the LoRA for style {name!r} is zero on every layer: the LoRA's update is zero")
         styles = [_style_info(adapter, name) for adapter, name in zip(adapters, names, strict=True)]
         conv_layers = {key for adapter in adapters for key, lora in adapter.layers.items() if lora.conv}
         return cls(config, layers, styles, base_model, conv_layers)
@@ -268,7 +366,7 @@ class ShareFactors:
         """
         validate_style_name(name, self.style_names)
         if not adapter.layers:
-            raise ValueError(f"adapter for style {name!r} has no layers")
+            raise ShareValueError(f"adapter for style {name!r} has no layers")
         for layer_name, lora in adapter.layers.items():
             if layer_name in self.layers and self.layers[layer_name].shape != lora.shape:
                 raise ShapeMismatchError(
@@ -279,15 +377,25 @@ class ShareFactors:
         t = len(self.styles)
 
         def merge_one(layer_name: str) -> LayerShare:
-            layer = self.layers.get(layer_name)
-            if layer is None:
-                n_out, d_in = adapter.layers[layer_name].shape
-                layer = empty_layer(n_out, d_in, t, self.config.pseudo_rank, self.config.center, self.config.normalize)
-            lora = adapter.layers.get(layer_name)
-            return to_storage(merge_layer(layer, lora.canonical() if lora else None, rule))
+            with _naming_layer(layer_name):
+                layer = self.layers.get(layer_name)
+                if layer is None:
+                    n_out, d_in = adapter.layers[layer_name].shape
+                    layer = empty_layer(
+                        n_out, d_in, t, self.config.pseudo_rank, self.config.center, self.config.normalize
+                    )
+                lora = adapter.layers.get(layer_name)
+                merged = to_storage(merge_layer(layer, lora.canonical() if lora else None, rule))
+            # The stored (float32) state must be finite, or the checkpoint could never be loaded or merged into.
+            return _check_storable(merged, layer_name, f"merging style {name!r}")
 
         names = sorted(set(self.layers) | set(adapter.layers))
         merged = map_layers(merge_one, names, workers, desc=f"merging {name}", progress=progress)
+        if not any(bool(layer.norm[-1] > 0) for layer in merged):
+            raise FactorValueError(
+                f"the LoRA for style {name!r} is zero on every layer it touches: the LoRA's update is zero, "
+                "nothing to merge"
+            )
         self.layers = dict(zip(names, merged, strict=True))
         self.styles = [*self.styles, _style_info(adapter, name)]
         self.conv_layers |= {key for key, lora in adapter.layers.items() if lora.conv}
@@ -318,6 +426,9 @@ class ShareFactors:
                 new_layers[layer_name] = to_storage(replace_in_layer(layer, index, core_out, core_in))
             except (ShapeMismatchError, FactorValueError) as error:
                 raise type(error)(f"{layer_name}: {error}") from None
+            _check_storable(
+                new_layers[layer_name], layer_name, f"the new factors of style {name!r}", "they are out of range"
+            )
         self.layers = new_layers
         if source is not None:
             previous = self.styles[index].source.get("fine_tuned")
@@ -336,10 +447,15 @@ class ShareFactors:
         self.styles[index].name = new
 
     def style_vector(self, blend: dict[str, float]) -> torch.Tensor:
-        """``(t,)`` weights over the bank for a blend ``{name: weight}``."""
+        """``(t,)`` weights over the bank for a blend ``{name: weight}``.
+
+        Every name must be held and every weight a finite number within ``+-MAX_STYLE_WEIGHT``.
+        """
+        if not isinstance(blend, dict):
+            raise StyleError(f"a blend is a {{name: weight}} dict, not {type(blend).__name__}")
         weights = torch.zeros(len(self.styles), dtype=torch.float64)
         for name, weight in blend.items():
-            weights[self.style_index(name)] += float(weight)
+            weights[self.style_index(name)] += check_style_weight(name, weight)
         return weights
 
     # -- numbers --------------------------------------------------------------------------------
@@ -410,7 +526,7 @@ def _layer_shapes(adapters: Sequence[LoraAdapter], names: Sequence[str]) -> dict
     owner: dict[str, str] = {}
     for adapter, name in zip(adapters, names, strict=True):
         if not adapter.layers:
-            raise ValueError(f"adapter for style {name!r} has no layers")
+            raise ShareValueError(f"adapter for style {name!r} has no layers")
         for layer_name, lora in adapter.layers.items():
             if layer_name in shapes and shapes[layer_name] != lora.shape:
                 raise ShapeMismatchError(

@@ -21,12 +21,10 @@ import torch
 from torch import nn
 
 from .adapters import LoraAdapter
-from .errors import ShapeMismatchError, StyleError
-from .factors import ShareConfig, ShareFactors
+from .errors import ShapeMismatchError, ShareStateError, ShareValueError, StyleError
+from .factors import MAX_STYLE_WEIGHT, ShareConfig, ShareFactors, check_style_weight
 from .inject import find_targets, layer_shapes, remove_share, wrap_modules
 from .layer import ShareLinear, StyleSelection
-
-_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 
 StyleSpec = str | dict[str, float] | None
 """One sample's style: None (base model), a style name, or a blend ``{name: weight}``."""
@@ -52,12 +50,17 @@ def style_weights(
     """
     if not _is_number(scale) or not math.isfinite(scale):
         raise StyleError(f"style scale must be a finite number, got {scale!r}")
+    if abs(float(scale)) > MAX_STYLE_WEIGHT:
+        raise StyleError(
+            f"style scale {float(scale):g} is out of range: style weights must lie within +-{MAX_STYLE_WEIGHT:g} "
+            "(larger ones overflow the model's activations)"
+        )
     if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"repeat must be a positive integer, got {repeat!r}")
+        raise ShareValueError(f"repeat must be a positive integer, got {repeat!r}")
     if isinstance(style, list | tuple):
         specs = list(style)
         if batch_size is not None and len(specs) != batch_size:
-            raise ValueError(f"got {len(specs)} styles for a batch of {batch_size}; give one per prompt")
+            raise ShareValueError(f"got {len(specs)} styles for a batch of {batch_size}; give one per prompt")
     else:
         specs = [style]
     if all(spec is None for spec in specs):
@@ -72,7 +75,7 @@ def style_weights(
             for name, weight in spec.items():
                 if not _is_number(weight) or not math.isfinite(weight):
                     raise StyleError(f"blend weight for style {name!r} must be a finite number, got {weight!r}")
-                row[factors.style_index(name)] += float(weight) * float(scale)
+                row[factors.style_index(name)] += check_style_weight(name, weight, scale)
         elif spec is not None:
             raise StyleError(f"a style is None, a style name or a {{name: weight}} blend, not {type(spec).__name__}")
         rows.append(row)
@@ -80,8 +83,6 @@ def style_weights(
         rows = rows * batch_size
     if len(rows) > 1 or batch_size is not None:
         rows = [row for row in rows for _ in range(repeat)]
-    if any(abs(value) > _FLOAT32_MAX for row in rows for value in row):
-        raise StyleError("style weights times the scale overflow float32; use weights of a sensible size")
     return torch.tensor(rows, dtype=torch.float32)
 
 
@@ -219,7 +220,7 @@ class ShareModel:
                     self._weights_cache.clear()
                 self._weights_cache[key] = weights
         if weights is not None and self.fused_style is not None:
-            raise RuntimeError(f"style {self.fused_style!r} is fused; unfuse_style() before selecting styles")
+            raise ShareStateError(f"style {self.fused_style!r} is fused; unfuse_style() before selecting styles")
         self.selection.set_checked(weights)
 
     @contextmanager
@@ -284,7 +285,7 @@ class ShareModel:
         (within the weights' rounding).
         """
         if style is None or isinstance(style, list | tuple):
-            raise ValueError("fuse_style takes one style name or one {name: weight} blend")
+            raise StyleError("fuse_style takes one style name or one {name: weight} blend")
         self._check_unfused("fuse another style")
         weights = style_weights(self.factors, style, scale)[0]
         self.selection.clear()
@@ -308,7 +309,7 @@ class ShareModel:
 
     def _check_unfused(self, action: str) -> None:
         if self.fused_style is not None:
-            raise RuntimeError(f"cannot {action} while style {self.fused_style!r} is fused; unfuse_style() first")
+            raise ShareStateError(f"cannot {action} while style {self.fused_style!r} is fused; unfuse_style() first")
 
 
 def check_factors_fit(model: nn.Module, factors: ShareFactors) -> None:

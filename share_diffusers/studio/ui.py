@@ -1,40 +1,55 @@
 """Share style studio: a Gradio app to browse, blend, compare, merge and save Share styles on Flux.
 
-    python -m app [--model REPO_OR_DIR] [--factors DIR_OR_HUB_ID] [--port 7860]
+    share-diffusers app [--model REPO_OR_DIR] [--factors DIR_OR_HUB_ID] [--port 7860]
 
 With no ``--model`` it runs the embedded demo model (a small Flux trained on Fashion-MNIST, shipped in
 the package: no download) and, with no ``--factors``, its four demo styles learned continually into one
 Share checkpoint (inverted, tint, stripes, outlines). ``--model tiny-random`` runs the random-weight
-tiny pipeline with three random demo LoRAs instead (fast, for tests). Every user error shows in the page as one line
-(``gr.Error``), never as a stack trace. API endpoints for ``gradio_client``: ``/generate``,
+tiny pipeline with three random demo LoRAs instead (fast, for tests). Every error shows in the page as one
+line (``gr.Error``), never as a stack trace. API endpoints for ``gradio_client``: ``/generate``,
 ``/compare``, ``/merge_lora``, ``/delete_style``, ``/save_factors``, ``/styles``.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import sys
+import threading
 from collections.abc import Sequence
 from types import SimpleNamespace
 
 import gradio as gr
-import torch
 
-from share_diffusers.core.errors import ShareError
+from ..runtime import (
+    DEFAULT_PROMPTS,
+    DTYPES,
+    TINY_RANDOM,
+    USER_ERRORS,
+    GenerationDefaults,
+    defaults_for,
+    error_line,
+    format_style,
+    load_pipeline,
+    load_styles,
+    parse_style,
+    resolve_device,
+    resolve_dtype,
+)
+from .engine import MAX_SEED, StyleStudio, merge_source, pick_seed
+from .text import blend_text, parse_prompts, parse_style_lines, style_choices
 
-from .engine import MAX_SEED, Defaults, StyleStudio, defaults_for, merge_source, pick_seed
-from .styles import blend_text, format_style, parse_prompts, parse_style, parse_style_lines, style_choices
-
-USER_ERRORS = (ShareError, ValueError, OSError)
 BLEND_SLOTS = 3
 CSS = ".pixel-art img { image-rendering: pixelated; }"
 # Gradio hands each call its own tracker configured like this default (pipeline and download bars).
 TRACK_TQDM = gr.Progress(track_tqdm=True)
+_REMEMBERED_ERRORS = 256  # sessions whose last merge error is kept for the report box
 
 
 def user_errors(handler):
-    """Show the library's message of an expected error in the page, without a stack trace."""
+    """Show an error's message in the page as one line: the library's own without a stack trace, an
+    unexpected one with its type (and its stack trace in the server's log)."""
 
     @functools.wraps(handler)
     def wrapper(*args, **kwargs):
@@ -43,7 +58,9 @@ def user_errors(handler):
         except gr.Error:
             raise
         except USER_ERRORS as error:
-            raise gr.Error(str(error), print_exception=False) from None
+            raise gr.Error(error_line(error), print_exception=False) from None
+        except Exception as error:
+            raise gr.Error(f"{type(error).__name__}: {error_line(error)}") from error
 
     return wrapper
 
@@ -53,6 +70,9 @@ class Handlers:
 
     def __init__(self, studio: StyleStudio):
         self.studio = studio
+        # The last failed merge's message per browser session, for the report box once the toast fades.
+        self._merge_errors: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._errors_lock = threading.Lock()
 
     @user_errors
     def generate(
@@ -96,11 +116,28 @@ class Handlers:
         settings = dict(steps=int(steps), width=int(width), height=int(height), guidance=float(guidance))
         return self.studio.compare(prompt, specs, seed, style_scale=style_scale, **settings), seed
 
+    def merge_lora(self, hub_id, weight_name, upload, style_name, request: gr.Request = None, progress=TRACK_TQDM):
+        try:
+            return self._merge_lora(hub_id, weight_name, upload, style_name, progress)
+        except gr.Error as error:
+            if request is not None and request.session_hash:
+                with self._errors_lock:
+                    self._merge_errors[request.session_hash] = error.message
+                    while len(self._merge_errors) > _REMEMBERED_ERRORS:
+                        self._merge_errors.popitem(last=False)
+            raise
+
     @user_errors
-    def merge_lora(self, hub_id, weight_name, upload, style_name, progress=TRACK_TQDM):
+    def _merge_lora(self, hub_id, weight_name, upload, style_name, progress):
         source, name = merge_source(hub_id, upload, style_name)
         progress(0, desc="merging the LoRA")
         return str(self.studio.merge(source, name, weight_name=(weight_name or "").strip() or None))
+
+    def merge_failed(self, request: gr.Request = None):
+        """The report box after a failed merge: its one-line message (the toast fades, this stays)."""
+        with self._errors_lock:
+            message = self._merge_errors.pop(getattr(request, "session_hash", None) or "", "the merge failed")
+        return f"error: {message}"
 
     @user_errors
     def delete_style(self, name):
@@ -134,7 +171,7 @@ class Handlers:
 # -- layout -------------------------------------------------------------------------------------
 
 
-def _settings(defaults: Defaults) -> SimpleNamespace:
+def _settings(defaults: GenerationDefaults) -> SimpleNamespace:
     with gr.Accordion("Settings", open=True):
         style_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Style strength", info="multiplies every style")
         with gr.Row():
@@ -159,7 +196,9 @@ def _settings(defaults: Defaults) -> SimpleNamespace:
     )
 
 
-def _image_gallery(label: str, elem_id: str, defaults: Defaults, columns: int, height: int | None = None) -> gr.Gallery:
+def _image_gallery(
+    label: str, elem_id: str, defaults: GenerationDefaults, columns: int, height: int | None = None
+) -> gr.Gallery:
     return gr.Gallery(
         label=label,
         elem_id=elem_id,
@@ -173,14 +212,14 @@ def _image_gallery(label: str, elem_id: str, defaults: Defaults, columns: int, h
     )
 
 
-def _generate_tab(choices: list[str], defaults: Defaults) -> SimpleNamespace:
+def _generate_tab(choices: list[str], defaults: GenerationDefaults) -> SimpleNamespace:
     with gr.Tab("Generate"):
         prompts = gr.Textbox(
             label="Prompts",
             elem_id="prompts",
             info="one per line: the whole batch is one pipeline call",
             lines=3,
-            value="a photo of a sneaker\na red cat",
+            value="\n".join(DEFAULT_PROMPTS),
         )
         styles = gr.Textbox(
             label="Styles",
@@ -201,9 +240,9 @@ def _generate_tab(choices: list[str], defaults: Defaults) -> SimpleNamespace:
     return SimpleNamespace(prompts=prompts, styles=styles, slots=slots, button=button, images=images)
 
 
-def _compare_tab(choices: list[str], defaults: Defaults) -> SimpleNamespace:
+def _compare_tab(choices: list[str], defaults: GenerationDefaults) -> SimpleNamespace:
     with gr.Tab("Compare"):
-        prompt = gr.Textbox(label="Prompt", value="a photo of a sneaker")
+        prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPTS[0])
         styles = gr.Dropdown(
             choices,
             value=choices,
@@ -235,7 +274,8 @@ def _manage_tab(styles: list[str]) -> SimpleNamespace:
         report = gr.Textbox(label="Merge report", elem_id="merge-report", interactive=False)
         gr.Markdown("**Delete a style**")
         with gr.Row():
-            to_delete = gr.Dropdown(styles, value=None, label="Style to delete")
+            # Custom values: the API (a fresh session) must reach styles merged after the page was built.
+            to_delete = gr.Dropdown(styles, value=None, label="Style to delete", allow_custom_value=True)
             delete = gr.Button("Delete", variant="stop")
         status = gr.Textbox(label="Status", interactive=False)
         gr.Markdown("**Save the factors** (a zip of `save_share_factors`; load it with `load_share_factors`)")
@@ -307,14 +347,14 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
             [compare.images, settings.seed],
             api_name="compare",
         )
-        refresh(
-            manage.merge.click(
-                handlers.merge_lora,
-                [manage.hub_id, manage.weight_name, manage.upload, manage.style_name],
-                manage.report,
-                api_name="merge_lora",
-            )
+        merge = manage.merge.click(
+            handlers.merge_lora,
+            [manage.hub_id, manage.weight_name, manage.upload, manage.style_name],
+            manage.report,
+            api_name="merge_lora",
         )
+        refresh(merge)
+        merge.failure(handlers.merge_failed, None, manage.report, api_visibility="private")
         refresh(manage.delete.click(handlers.delete_style, manage.to_delete, manage.status, api_name="delete_style"))
         manage.save.click(handlers.save_factors, None, manage.factors_file, api_name="save_factors")
         demo.load(handlers.style_gallery, None, gallery, api_name="styles")
@@ -330,15 +370,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         help="Flux repo id or folder (default: the embedded demo model, trained on Fashion-MNIST, no download; "
-        "tiny-random: the random-weight tiny pipeline)",
+        f"{TINY_RANDOM}: the random-weight tiny pipeline)",
     )
     parser.add_argument("--factors", help="Share checkpoint folder or Hub repo id to load")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="weights dtype (default: bfloat16 on cuda, float32 otherwise)",
+        "--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on cuda, float32 otherwise)"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860)
@@ -349,39 +386,19 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="start with demo styles: the shipped inverted/tint/stripes/outlines on the demo model, three random "
-        "LoRAs on tiny-random (default: on unless --factors)",
+        f"LoRAs on {TINY_RANDOM} (default: on unless --factors)",
     )
     return parser
 
 
-def load_pipeline(model: str | None, device: str, dtype: str):
-    """``ShareFluxPipeline`` from a Flux repo or folder, the embedded demo model (None) or ``tiny-random``."""
-    from share_diffusers.cli import load_pipeline as load
-
-    pipe = load(model, device, dtype)
-    pipe.set_progress_bar_config(leave=False)
-    return pipe
-
-
 def load_studio(args: argparse.Namespace) -> tuple[StyleStudio, str]:
     """The pipeline with its styles (factors, demo styles), warmed previews, and the page's description."""
-    from share_diffusers.cli import TINY_RANDOM
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     pipe = load_pipeline(args.model, device, dtype)
-    demo_styles = args.demo_styles if args.demo_styles is not None else not args.factors
-    if args.factors:
-        pipe.load_share_factors(args.factors)
-    elif demo_styles and args.model is None:
-        from share_diffusers.fashion.model import DEMO_STYLES_DIR
-
-        pipe.load_share_factors(DEMO_STYLES_DIR)
-    if demo_styles and args.model == TINY_RANDOM:
-        from share_diffusers.demo_styles import make_demo_styles
-
-        for report in make_demo_styles(pipe):
-            print(report, flush=True)
+    pipe.set_progress_bar_config(leave=False)
+    for report in load_styles(pipe, args.model, args.factors, args.demo_styles):
+        print(report, flush=True)
     studio = StyleStudio(pipe, defaults_for(pipe, model=args.model))
     studio.previews()  # render them now, not on the first page load
     model = {
@@ -389,7 +406,7 @@ def load_studio(args: argparse.Namespace) -> tuple[StyleStudio, str]:
         "'a photo of a bag', ...)",
         TINY_RANDOM: "the random-weight tiny Flux pipeline (the pictures are noise, the numbers real)",
     }.get(args.model, args.model)
-    description = f"Model: {model} · {device} · {dtype}"
+    description = f"Model: {model} · {device} · {str(dtype).removeprefix('torch.')}"
     return studio, description
 
 
@@ -409,7 +426,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prevent_thread_lock=True,
         )
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {error_line(error)}", file=sys.stderr)
         return 1
     print(f"Share style studio running at {url}  (Ctrl+C to stop)", flush=True)
     demo.block_thread()

@@ -6,74 +6,27 @@ request is state on the transformer for the length of a call, so every pipeline 
 
 from __future__ import annotations
 
+import math
 import random
 import re
 import tempfile
 import threading
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from share_diffusers.fashion.model import DEMO_CALL, DEMO_GUIDANCE
-from share_diffusers.loader import MergeReport
-from share_diffusers.lora_files import refuse_pickle
-from share_diffusers.pipeline_flux import guidance_arguments
+from ..loader import MergeReport
+from ..lora_files import refuse_pickle
+from ..runtime import DEFAULT_PROMPTS, GenerationDefaults, StyleSpec, call_arguments, format_style
 
-from .styles import StyleSpec, format_style
-
-PREVIEW_PROMPT = "a photo of a sneaker"
+PREVIEW_PROMPT = DEFAULT_PROMPTS[0]
 PREVIEW_SEED = 0
 MAX_SEED = 2**32 - 1
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _GENERIC_FILE_NAMES = ("pytorch_lora_weights", "adapter_model")
-
-
-@dataclass(frozen=True)
-class Defaults:
-    """Image settings the UI starts from, and the limits of its sliders.
-
-    Attributes:
-        size_step: width and height must be multiples of this (``2 * vae_scale_factor``).
-        preview_size: side of the style gallery's preview images.
-        max_batch: most images one Generate or Compare call makes.
-        pixel_art: the images are tiny; show them scaled up without smoothing.
-    """
-
-    width: int = 32
-    height: int = 32
-    steps: int = 4
-    guidance: float = 3.5
-    size_step: int = 4
-    max_size: int = 256
-    preview_size: int = 32
-    max_batch: int = 16
-    pixel_art: bool = True
-
-
-def defaults_for(pipe, model: str | None) -> Defaults:
-    """Defaults for the embedded demo model (``model`` None), the random tiny pipeline (``tiny-random``),
-    or a real Flux model (dev-like if it embeds guidance)."""
-    size_step = 2 * pipe.vae_scale_factor
-    if model is None:
-        return Defaults(size_step=size_step, steps=DEMO_CALL["num_inference_steps"], guidance=DEMO_GUIDANCE)
-    if model == "tiny-random":
-        return Defaults(size_step=size_step)
-    guidance_distilled = bool(getattr(pipe.transformer.config, "guidance_embeds", False))
-    return Defaults(
-        width=1024,
-        height=1024,
-        steps=28 if guidance_distilled else 4,  # FLUX.1-dev vs the 4-step FLUX.1-schnell
-        guidance=3.5 if guidance_distilled else 0.0,
-        size_step=size_step,
-        max_size=2048,
-        preview_size=256,
-        max_batch=8,
-        pixel_art=False,
-    )
 
 
 def pick_seed(seed: float | None, randomize: bool) -> int:
@@ -82,7 +35,7 @@ def pick_seed(seed: float | None, randomize: bool) -> int:
         return random.randint(0, MAX_SEED)
     if seed is None:
         raise ValueError("enter a seed, or tick 'Randomize seed'")
-    if seed != int(seed) or not 0 <= seed <= MAX_SEED:
+    if not math.isfinite(seed) or seed != int(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
     return int(seed)
 
@@ -130,12 +83,12 @@ class StyleStudio:
 
     Args:
         pipe: the pipeline; its styles are whatever it holds (demo styles, loaded factors, merges).
-        defaults: image settings and limits (see :func:`defaults_for`).
+        defaults: image settings and limits (:func:`share_diffusers.runtime.defaults_for`).
         preview_prompt, preview_seed: what every style's preview shows.
     """
 
     def __init__(
-        self, pipe, defaults: Defaults, preview_prompt: str = PREVIEW_PROMPT, preview_seed: int = PREVIEW_SEED
+        self, pipe, defaults: GenerationDefaults, preview_prompt: str = PREVIEW_PROMPT, preview_seed: int = PREVIEW_SEED
     ):
         self.pipe = pipe
         self.defaults = defaults
@@ -171,10 +124,9 @@ class StyleStudio:
                 prompt=list(prompts),
                 style=style,
                 style_scale=style_scale,
-                num_inference_steps=steps or self.defaults.steps,
-                width=width or self.defaults.width,
-                height=height or self.defaults.height,
-                **guidance_arguments(self.pipe, self.defaults.guidance if guidance is None else guidance, len(prompts)),
+                **call_arguments(
+                    self.pipe, self.defaults, len(prompts), steps=steps, width=width, height=height, guidance=guidance
+                ),
                 generator=[torch.Generator().manual_seed(seed) for _ in prompts],
             ).images
 

@@ -1,0 +1,334 @@
+"""What the command line, the style studio and a server share: loading a pipeline with its styles, the
+generation defaults of each kind of model, the text syntax of styles, and one-line user errors.
+
+    pipe = load_pipeline(None)                  # the embedded demo model: no download, float32, CPU
+    load_styles(pipe, None)                     # its demo styles: inverted, tint, stripes, outlines
+    defaults = defaults_for(pipe, None)         # 32x32, 16 steps, guidance 3.0
+    images = pipe(prompt=["a photo of a bag"], style=[parse_style("tint=0.5,stripes=0.5")],
+                  **call_arguments(pipe, defaults, 1)).images
+
+Importing this module imports neither diffusers (it loads in :func:`load_pipeline`) nor Gradio, and
+nothing from :mod:`share_diffusers.cli` or :mod:`share_diffusers.studio`: they import from here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .core.errors import ShareError
+from .core.model import StyleSpec
+from .fashion.data import CLASS_NAMES, prompt_for
+from .fashion.model import DEMO_CALL, DEMO_GUIDANCE, DEMO_PIPELINE_DIR, DEMO_STYLES_DIR, RESOLUTION
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "DEMO_DEFAULTS",
+    "DTYPES",
+    "FLUX_DEV_DEFAULTS",
+    "FLUX_SCHNELL_DEFAULTS",
+    "NONE",
+    "TINY_RANDOM",
+    "TINY_RANDOM_DEFAULTS",
+    "USER_ERRORS",
+    "GenerationDefaults",
+    "StyleSpec",
+    "call_arguments",
+    "defaults_for",
+    "error_line",
+    "format_style",
+    "import_diffusers_quietly",
+    "load_pipeline",
+    "load_styles",
+    "parse_style",
+    "resolve_device",
+    "resolve_dtype",
+]
+
+TINY_RANDOM = "tiny-random"
+"""``model`` value for the random-weight tiny pipeline (fast numerics, pictures of noise)."""
+DTYPES = ("float32", "bfloat16", "float16")
+# Prompts the embedded demo model draws: its training captions of the Fashion-MNIST classes.
+DEFAULT_PROMPTS = tuple(prompt_for(CLASS_NAMES.index(name)) for name in ("sneaker", "bag"))
+
+# -- errors -------------------------------------------------------------------------------------
+
+USER_ERRORS = (ShareError, ValueError, OSError)
+"""What bad input raises (a file, a name, a number, a Hub id): shown as one line, never as a traceback."""
+
+
+def error_line(error: BaseException) -> str:
+    """The error's message on one line (an empty message gives the exception's type name)."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or type(error).__name__
+
+
+# -- style syntax -------------------------------------------------------------------------------
+
+NONE = "none"
+
+
+def parse_style(text: str | None) -> StyleSpec:
+    """The text form of a style: ``none`` or empty -> None; ``name`` -> name; ``a=0.5,b=0.5`` -> a blend.
+
+    Raises:
+        ValueError: a blend entry without ``=``, a weight that is not a finite number, a style twice,
+            or names separated by commas without weights.
+    """
+    text = (text or "").strip()
+    if not text or text.lower() == NONE:
+        return None
+    if "=" not in text:
+        if "," in text:
+            raise ValueError(f"{text!r}: give a blend with weights, e.g. ink=0.5,neon=0.5")
+        return text
+    blend: dict[str, float] = {}
+    for part in text.split(","):
+        name, equals, weight = (piece.strip() for piece in part.partition("="))
+        if not equals or not name:
+            raise ValueError(f"blend entry {part.strip()!r} must be name=weight, e.g. ink=0.5")
+        try:
+            value = float(weight)
+        except ValueError:
+            raise ValueError(f"blend weight of {name!r} must be a number, got {weight!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"blend weight of {name!r} must be finite, got {weight!r}")
+        if name in blend:
+            raise ValueError(f"style {name!r} appears twice in the blend {text!r}")
+        blend[name] = value
+    return blend
+
+
+def format_style(spec: StyleSpec) -> str:
+    """The text form of a style, for captions and text boxes; :func:`parse_style` reads it back."""
+    if spec is None:
+        return NONE
+    if isinstance(spec, str):
+        return spec
+    if len(spec) == 1 and next(iter(spec.values())) == 1.0:
+        return next(iter(spec))
+    return ",".join(f"{name}={weight:g}" for name, weight in spec.items())
+
+
+# -- generation defaults ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    """Image settings a call starts from when the user gives none, and the limits a UI or server enforces.
+
+    Attributes:
+        width, height, steps, guidance: the call's defaults (``guidance`` goes through
+            :func:`~share_diffusers.pipeline_flux.guidance_arguments`).
+        size_step: width and height must be multiples of this (``2 * vae_scale_factor``).
+        max_size: largest width or height.
+        preview_size: side of a style's preview image.
+        max_batch: most images in one pipeline call.
+        pixel_art: the images are tiny; show them scaled up without smoothing.
+    """
+
+    width: int = 32
+    height: int = 32
+    steps: int = 4
+    guidance: float = 3.5
+    size_step: int = 16
+    max_size: int = 256
+    preview_size: int = 32
+    max_batch: int = 16
+    pixel_art: bool = True
+
+
+# The embedded demo model: what it was trained for (32x32), 16 Euler steps, true CFG at 3.0 (README).
+DEMO_DEFAULTS = GenerationDefaults(
+    width=RESOLUTION, height=RESOLUTION, steps=DEMO_CALL["num_inference_steps"], guidance=DEMO_GUIDANCE
+)
+TINY_RANDOM_DEFAULTS = GenerationDefaults(steps=4, guidance=3.5)
+FLUX_DEV_DEFAULTS = GenerationDefaults(
+    width=1024, height=1024, steps=28, guidance=3.5, max_size=2048, preview_size=256, max_batch=8, pixel_art=False
+)
+FLUX_SCHNELL_DEFAULTS = replace(FLUX_DEV_DEFAULTS, steps=4, guidance=0.0)  # 4 steps, no guidance input
+
+
+def defaults_for(pipe, model: str | None) -> GenerationDefaults:
+    """Defaults for the embedded demo model (``model`` None), :data:`TINY_RANDOM`, or a real Flux model:
+    FLUX.1-dev-like if its transformer takes a guidance input, FLUX.1-schnell-like otherwise."""
+    if model is None:
+        chosen = DEMO_DEFAULTS
+    elif model == TINY_RANDOM:
+        chosen = TINY_RANDOM_DEFAULTS
+    elif getattr(pipe.transformer.config, "guidance_embeds", False):
+        chosen = FLUX_DEV_DEFAULTS
+    else:
+        chosen = FLUX_SCHNELL_DEFAULTS
+    return replace(chosen, size_step=2 * pipe.vae_scale_factor)
+
+
+def call_arguments(
+    pipe,
+    defaults: GenerationDefaults,
+    batch_size: int,
+    *,
+    steps: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    guidance: float | None = None,
+) -> dict:
+    """Pipeline call arguments for ``batch_size`` prompts: each setting given, else its default.
+
+    Guidance goes in as the transformer understands it (its guidance input, or true CFG against an empty
+    prompt); see :func:`~share_diffusers.pipeline_flux.guidance_arguments`.
+    """
+    from .pipeline_flux import guidance_arguments
+
+    return dict(
+        num_inference_steps=defaults.steps if steps is None else steps,
+        width=defaults.width if width is None else width,
+        height=defaults.height if height is None else height,
+        **guidance_arguments(pipe, defaults.guidance if guidance is None else guidance, batch_size),
+    )
+
+
+# -- loading ------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | None = None) -> str:
+    """``device`` checked by torch; None: ``cuda`` if available, else ``cpu``."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown torch device {device!r}; use e.g. cpu, cuda or cuda:1") from None
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """One of :data:`DTYPES` (or a ``torch.dtype``); None: bfloat16 on CUDA, float32 elsewhere."""
+    if dtype is None:
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return getattr(torch, dtype)
+
+
+def import_diffusers_quietly() -> None:
+    """Import diffusers' Flux pipeline without transformers' one-time notes that its image processors
+    fall back to PIL (torchvision is no dependency of ours, and Flux without IP-adapters needs none)."""
+    notes = logging.getLogger("transformers.utils.import_utils")
+    level = notes.level
+    notes.setLevel(logging.ERROR)
+    try:
+        from diffusers import FluxPipeline  # noqa: F401  (the import is the point)
+    finally:
+        notes.setLevel(level)
+
+
+@contextlib.contextmanager
+def _quiet_loading(progress: bool) -> Iterator[None]:
+    """Our own ``from_pretrained`` calls without diffusers' ``torch_dtype`` FutureWarning (only the newest
+    diffusers accept ``dtype``; the older ones we support do not), and without loading bars unless ``progress``."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [
+        module
+        for module in (diffusers_logging, transformers_logging)
+        if not progress and module.is_progress_bar_enabled()
+    ]
+    for module in bars:
+        module.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        for module in bars:
+            module.enable_progress_bar()
+
+
+def load_pipeline(
+    model: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None, progress: bool = True
+):
+    """A ``ShareFluxPipeline`` with no styles yet, on ``device`` in ``dtype``.
+
+    Args:
+        model: None for the embedded demo model (a small Flux trained on Fashion-MNIST, shipped in the
+            package); :data:`TINY_RANDOM` for the random-weight tiny pipeline; otherwise a Flux repo id
+            on the Hub or a local diffusers folder.
+        device: torch device (default: ``cuda`` if available, else ``cpu``).
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (default: bfloat16 on CUDA, float32 elsewhere).
+        progress: show the loading bars of diffusers and transformers.
+
+    Raises:
+        ValueError: an unknown device or dtype; OSError: a model that cannot be found or read.
+    """
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
+    import_diffusers_quietly()
+    with _quiet_loading(progress):
+        from .pipeline_flux import ShareFluxPipeline
+
+        if model is None:
+            if not (DEMO_PIPELINE_DIR / "model_index.json").is_file():
+                raise FileNotFoundError(
+                    f"the embedded demo model is missing from the installed package ({DEMO_PIPELINE_DIR}); "
+                    "reinstall share-diffusers"
+                )
+            pipe = ShareFluxPipeline.from_pretrained(str(DEMO_PIPELINE_DIR), torch_dtype=torch_dtype)
+        elif model == TINY_RANDOM:
+            from .tiny_flux import build_tiny_flux_pipeline
+
+            pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+            for component in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+                # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32: []".
+                torch.nn.Module.to(component, dtype=torch_dtype)
+        else:
+            _check_model_source(model)
+            pipe = ShareFluxPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+    return pipe.to(device)
+
+
+def _check_model_source(model: str) -> None:
+    """A local folder must hold a diffusers pipeline; anything else must look like a Hub repo id."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"{model} holds no diffusers pipeline (model_index.json missing)")
+    elif model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        raise FileNotFoundError(
+            f"{model!r} is neither a local diffusers pipeline folder nor a Hub repo id like 'user/name'"
+        )
+
+
+def load_styles(pipe, model: str | None, factors: str | None = None, demo_styles: bool | None = None) -> list:
+    """Load the styles a session starts with into ``pipe`` (from :func:`load_pipeline` with this ``model``).
+
+    Args:
+        factors: a Share checkpoint folder or Hub repo id to load.
+        demo_styles: also start with the model's demo styles (default: only when no ``factors``): the
+            shipped inverted / tint / stripes / outlines on the demo model, three random LoRAs merged on
+            :data:`TINY_RANDOM` (none exist for other models).
+
+    Returns:
+        The merge reports of the random demo LoRAs (empty otherwise).
+    """
+    if demo_styles is None:
+        demo_styles = not factors
+    if factors:
+        pipe.load_share_factors(factors)
+    if demo_styles and model is None and not factors:
+        pipe.load_share_factors(DEMO_STYLES_DIR)
+    if demo_styles and model == TINY_RANDOM:
+        from .demo_styles import make_demo_styles
+
+        return make_demo_styles(pipe)
+    return []
