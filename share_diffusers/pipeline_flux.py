@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from diffusers import FluxPipeline
 
 from .loader import ShareLoaderMixin
 
-_UNSET = object()
+_FLUX_CALL = inspect.signature(FluxPipeline.__call__)
+
+
+class _DefaultStyle:
+    """The value of ``style`` when a call leaves it out: the style chosen with ``set_style`` applies."""
+
+    def __repr__(self) -> str:
+        return "DEFAULT_STYLE"
+
+
+DEFAULT_STYLE = _DefaultStyle()
+
+
+def _share_call_signature(flux_call: inspect.Signature) -> inspect.Signature:
+    """``FluxPipeline.__call__``'s parameters unchanged, then keyword-only ``style`` and ``style_scale``.
+
+    The two come after every FluxPipeline parameter (before a ``**kwargs``, should diffusers add one),
+    so positional arguments bind exactly as they do on ``FluxPipeline``.
+    """
+    taken = sorted({"style", "style_scale"} & set(flux_call.parameters))
+    if taken:
+        raise TypeError(f"FluxPipeline.__call__ now takes {taken}; ShareFluxPipeline's own parameters need new names")
+    share_parameters = [
+        inspect.Parameter(
+            "style", inspect.Parameter.KEYWORD_ONLY, default=DEFAULT_STYLE, annotation="StyleSpec | list[StyleSpec]"
+        ),
+        inspect.Parameter("style_scale", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="float | None"),
+    ]
+    parameters = list(flux_call.parameters.values())
+    var_keyword = [p for p in parameters if p.kind is inspect.Parameter.VAR_KEYWORD]
+    others = [p for p in parameters if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    return flux_call.replace(parameters=[*others, *share_parameters, *var_keyword])
 
 
 class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
@@ -30,29 +63,66 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
     """
 
     @torch.no_grad()
-    def __call__(self, *args, style=_UNSET, style_scale: float | None = None, **kwargs):
+    def __call__(self, *args, style=DEFAULT_STYLE, style_scale: float | None = None, **kwargs):
+        # Bound against FluxPipeline's own signature: unknown or repeated arguments fail as they do there,
+        # and what was given is known whether it came by position or by keyword.
+        try:
+            call = _FLUX_CALL.bind(self, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}.__call__() {error}") from None
+        given = call.arguments
         trained_length = getattr(self.tokenizer_2, "model_max_length", 512) if self.tokenizer_2 is not None else 512
-        if "max_sequence_length" not in kwargs and trained_length < 512:
-            kwargs["max_sequence_length"] = trained_length
-        if style is _UNSET:
+        if "max_sequence_length" not in given and trained_length < 512:
+            given["max_sequence_length"] = trained_length
+        if style is DEFAULT_STYLE:
             style = self._default_style
             style_scale = self._default_style_scale if style_scale is None else style_scale
         style_scale = 1.0 if style_scale is None else style_scale
         if style is None or self._share is None:
             if style is not None:
                 self._require_share()  # raises: styles requested but none loaded
-            return super().__call__(*args, **kwargs)
-        prompt = kwargs.get("prompt", args[0] if args else None)
-        if prompt is not None:
+            return super().__call__(*call.args[1:], **call.kwargs)
+        if given.get("prompt") is not None:
+            prompt = given["prompt"]
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        elif kwargs.get("prompt_embeds") is not None:
-            batch_size = kwargs["prompt_embeds"].shape[0]
+        elif given.get("prompt_embeds") is not None:
+            batch_size = given["prompt_embeds"].shape[0]
         else:
             raise ValueError("give prompt or prompt_embeds")
-        per_prompt = kwargs.get("num_images_per_prompt") or 1
+        per_prompt = given.get("num_images_per_prompt") or 1
         # Diffusers repeats each prompt's embeddings num_images_per_prompt times in place (p0 p0 p1 p1 ...).
         with self._share.styles(style, style_scale, batch_size=batch_size, repeat=per_prompt):
-            return super().__call__(*args, **kwargs)
+            return super().__call__(*call.args[1:], **call.kwargs)
+
+    # What tools read (inspect.signature, help, diffusers' pipeline and LoRA test helpers): FluxPipeline's
+    # parameters with their defaults, plus ``style`` and ``style_scale``. The body above does not copy
+    # FluxPipeline's; it binds the arguments to that signature and passes them on.
+    __call__.__signature__ = _share_call_signature(_FLUX_CALL)
+    __call__.__doc__ = (
+        inspect.cleandoc(
+            """Generate images as ``FluxPipeline.__call__`` does, each prompt in its Share style.
+
+            Every ``FluxPipeline.__call__`` parameter is accepted with the same default and in the same
+            position (``pipe("a cat")`` works); two keyword-only parameters follow them:
+
+            Args:
+                style (`str`, `dict[str, float]`, `None` or a `list` of those, *optional*):
+                    One style for every prompt or one per prompt: a style name, a ``{name: weight}``
+                    blend, or None for the base model. Left out, the style chosen with ``set_style``
+                    applies (None unless set).
+                style_scale (`float`, *optional*):
+                    Multiplies every style weight; defaults to the ``set_style`` scale when ``style`` is
+                    left out, else 1.0.
+
+            Without ``max_sequence_length``, T5 prompts are padded to ``tokenizer_2.model_max_length``
+            when that is under 512 (see the class docstring).
+
+            FluxPipeline's documentation follows.
+            """
+        )
+        + "\n\n"
+        + inspect.cleandoc(FluxPipeline.__call__.__doc__ or "")
+    )
 
     def load_lora_weights(self, *args, **kwargs):
         """Stock diffusers LoRA loading; refused while Share layers are in the transformer."""
