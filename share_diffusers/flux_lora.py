@@ -71,6 +71,23 @@ def _energy(layer: LoraLayer, origin: str, name: str) -> float:
         raise LoraFormatError(f"{origin}: layer {name!r}: {error}") from None
 
 
+def _bfl_peft_names_to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename BFL keys with PEFT's names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight``).
+
+    diffusers 0.42 has no converter for this FLUX.1 layout (stock ``load_lora_weights`` loads nothing); with
+    kohya's ``lora_down`` / ``lora_up`` names the same keys take diffusers' ComfyUI/BFL branch, which reads
+    them exactly. Other files are returned as they are.
+    """
+    if not any(key.startswith("diffusion_model.") and ".lora_A." in key for key in tensors):
+        return tensors
+    renamed = {}
+    for key, tensor in tensors.items():
+        if key.startswith("diffusion_model."):
+            key = key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")
+        renamed[key] = tensor
+    return renamed
+
+
 def convert_flux_lora(
     tensors: dict[str, torch.Tensor], file_metadata: dict[str, str] | None = None, origin: str = "LoRA"
 ) -> FluxLora:
@@ -89,6 +106,7 @@ def convert_flux_lora(
                     f"{origin}: tensor {key!r} holds a NaN or Inf alpha; an alpha must be a finite number"
                 )
             raise LoraFormatError(f"{origin}: tensor {key!r} contains NaN or Inf")
+    tensors = _bfl_peft_names_to_kohya(tensors)
     try:
         state_dict, alphas = FluxPipeline.lora_state_dict(dict(tensors), return_alphas=True)
     except Exception as error:  # diffusers raises ValueError, KeyError, IndexError... for layouts it cannot read

@@ -211,8 +211,7 @@ KOHYA_FINAL_ALPHA = (
     KOHYA_UNPREFIXED + "; and it drops the alpha of final_layer.linear and final_layer.adaLN_modulation.1 "
     "('TODO: alphas' in diffusers): their update would be up @ down, not alpha / rank * up @ down"
 )
-CONVERSION_XFAIL = {
-    "bfl": BFL_NOT_READ,
+CONVERSION_XFAIL = {  # BFL with lora_A/lora_B: convert_flux_lora renames it to kohya's names (stock still fails)
     "kohya-embedders": KOHYA_UNPREFIXED,
     "kohya-final-layer": KOHYA_UNPREFIXED,
     "kohya-final-layer-alpha": KOHYA_FINAL_ALPHA,
