@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import LoraAdapter, ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
-from .core.checkpoint import CONFIG_NAME
+from .core.checkpoint import CONFIG_NAME, checkpoint_files
 from .core.errors import LoraFormatError
 from .lora_files import load_lora, read_safetensors, save_lora
 from .runtime import (
@@ -134,16 +134,17 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
 
 def summary(factors: ShareFactors, directory: Path | None = None) -> dict:
-    """Styles, k, p, errors and storage of a checkpoint, as a JSON-able dict."""
+    """Styles, k, p, errors and storage of a checkpoint, as a JSON-able dict.
+
+    ``bytes_on_disk`` counts the checkpoint's own files in ``directory`` (``share_config.json`` and the
+    tensor file it names), not what an interrupted save left there nor anything else in the folder.
+    """
     ranks = list(factors.ranks().values()) or [0]
     variance = list(factors.explained_variance().values()) or [0.0]
     on_disk = None
     if directory is not None:
-        on_disk = sum(
-            path.stat().st_size
-            for path in Path(directory).iterdir()
-            if path.is_file() and not path.name.startswith(".")
-        )
+        # The JSON and the tensor file it names: leftovers of interrupted saves and other files do not count.
+        on_disk = sum(path.stat().st_size for path in checkpoint_files(directory))
     source = factors.source_bytes()
     return {
         "base_model": factors.base_model,

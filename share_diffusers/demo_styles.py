@@ -1,8 +1,10 @@
 """Demo styles made offline: small random LoRAs, written as ordinary diffusers files and merged.
 
-The style studio (``app/studio.py``) and demos start with a few styles without any download. Each
-LoRA is a diffusers-format file written by ``FluxPipeline.save_lora_weights`` for the pipeline's own
-attention linears (random factors from a fixed seed, the ranks and alphas of
+On the random-weight tiny pipeline (``--model tiny-random``), the style studio
+(:mod:`share_diffusers.studio`), ``share-diffusers generate`` (both through
+:func:`share_diffusers.runtime.load_styles`) and the server start with these styles, without any
+download. Each LoRA is a diffusers-format file written by ``FluxPipeline.save_lora_weights`` for the
+pipeline's own attention linears (random factors from a fixed seed, the ranks and alphas of
 ``samples/flux_styles.py``), merged with ``pipe.merge_lora`` like a LoRA from the Hub.
 
     pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)

@@ -294,7 +294,7 @@ class ShareLoaderMixin:
         """Fuse a style or blend into the transformer weights: base-model speed; undo with ``unfuse_style``.
 
         ``exact`` (default) keeps a copy of the fused weights on their device so that unfusing is bit
-        for bit (5.0 GiB for FLUX.1 in bf16); ``exact=False`` saves that memory and unfuses by
+        for bit (4.7 GiB for FLUX.1 in bf16); ``exact=False`` saves that memory and unfuses by
         subtraction, as PEFT's ``unfuse_lora`` does (within bf16 rounding).
         """
         self._require_share().fuse_style(style, style_scale, exact=exact)

@@ -98,6 +98,26 @@ def test_inspect_marks_fine_tuned_styles_and_a_checkpoint_larger_than_its_source
     assert f"{1 / info['compression']:.1f}x the size of the sources" in text
 
 
+def test_inspect_counts_only_the_checkpoint_files(tmp_path, peft_adapters, capsys):
+    """Orphans of an interrupted save (and unrelated files) in the folder are not the checkpoint's size."""
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", peft_adapters[0], "-o", out, "-k", 8, "-p", 4, "--names", "ink") == 0
+    weights_file = json.loads((out / "share_config.json").read_text())["weights_file"]
+    expected = (out / "share_config.json").stat().st_size + (out / weights_file).stat().st_size
+    capsys.readouterr()
+    assert run_cli("inspect", out, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["bytes_on_disk"] == expected
+
+    save_file({"x": torch.zeros(1000)}, str(out / "share_factors-0123abcd.safetensors"))  # orphan tensor file
+    (out / f".{weights_file}.tmp").write_bytes(b"\0" * 5000)  # an interrupted save's temporary file
+    (out / "notes.txt").write_text("not part of the checkpoint")
+    assert run_cli("inspect", out, "--json") == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["bytes_on_disk"] == expected
+    assert run_cli("inspect", out) == 0
+    assert f"storage: {expected:,} bytes on disk" in capsys.readouterr().out
+
+
 def test_console_script_reports_errors_in_one_line(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "share_diffusers.cli", "inspect", str(tmp_path / "missing")],

@@ -8,7 +8,7 @@ from conftest import TINY_SHAPES, TinyNet, random_adapter, relative_error
 from torch import nn
 
 from share_diffusers.core import ShareConfig, ShareFactors, ShareLinear, ShareModel, StyleSelection
-from share_diffusers.core.errors import ShapeMismatchError, StyleError
+from share_diffusers.core.errors import ShapeMismatchError, ShareError, ShareStateError, ShareValueError, StyleError
 
 NAMES = ["ink", "neon", "sepia"]
 
@@ -134,6 +134,28 @@ def test_selection_batch_mismatch_is_a_clear_error():
         layer(_input("linear", batch=3))
 
 
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        (torch.ones(1, 1, 3), r"must be \(batch, num_styles\) or \(num_styles,\), got \(1, 1, 3\)"),
+        (torch.tensor([1.0, float("nan"), 0.0]), "must be finite numbers"),
+        (torch.tensor([[0.5, float("inf"), 0.0]]), "must be finite numbers"),
+        (torch.ones(2, 2), "covers 2 styles but the layers hold 3"),
+    ],
+)
+def test_selection_refuses_bad_weights_and_keeps_the_current_ones(weights, message):
+    """A ShareError (still a ValueError for older callers); the selected styles and the layer's output stay."""
+    layer, selection, factors, _ = _layer("linear")
+    selection.set(factors.style_vector({"ink": 1.0}))
+    x = _input("linear")
+    before, selected = layer(x), selection.weights
+    with pytest.raises(ShareValueError, match=message) as error:
+        selection.set(weights)
+    assert isinstance(error.value, ShareError) and isinstance(error.value, ValueError)
+    assert selection.weights is selected
+    assert torch.equal(layer(x), before)
+
+
 def test_conv_wrapper_refuses_non_pointwise_convolutions():
     with pytest.raises(ShapeMismatchError, match="1x1"):
         ShareLinear(nn.Conv2d(4, 4, kernel_size=3), StyleSelection())
@@ -163,6 +185,17 @@ def test_inject_and_remove_restore_the_module_tree(tiny_net):
     assert [(name, type(module)) for name, module in tiny_net.named_modules()] == before
     assert all(torch.equal(value, state[key]) for key, value in tiny_net.state_dict().items())
     assert torch.equal(tiny_net(x), reference)
+
+
+def test_injecting_twice_is_a_state_error_and_changes_nothing(tiny_net):
+    factors, _ = _factors()
+    share = ShareModel.inject(tiny_net, factors)
+    modules = [(name, id(module)) for name, module in tiny_net.named_modules()]
+    with pytest.raises(ShareStateError, match="'to_q' already carries Share factors; remove_share\\(\\) first"):
+        ShareModel.inject(tiny_net, factors)
+    assert [(name, id(module)) for name, module in tiny_net.named_modules()] == modules
+    assert ShareModel.of(tiny_net) is share
+    share.remove()
 
 
 def test_switching_styles_writes_only_the_shared_selection(tiny_net):

@@ -6,7 +6,18 @@ transformers classifiers.
 
 from .adapters import CanonicalLora, LoraAdapter, LoraLayer, lora_scale
 from .checkpoint import FORMAT_VERSION, load_factors, save_factors
-from .errors import FactorValueError, LoraFormatError, ShapeMismatchError, ShareCheckpointError, ShareError, StyleError
+from .errors import (
+    CheckpointError,
+    FactorValueError,
+    LoraFormatError,
+    ShapeMismatchError,
+    ShareCheckpointError,
+    ShareError,
+    ShareIOError,
+    ShareStateError,
+    ShareValueError,
+    StyleError,
+)
 from .export import export_rank, style_as_lora
 from .factors import ShareConfig, ShareFactors, StyleInfo
 from .inject import find_targets, remove_share
@@ -22,11 +33,15 @@ __all__ = [
     "FORMAT_VERSION",
     "load_factors",
     "save_factors",
+    "CheckpointError",
     "FactorValueError",
     "LoraFormatError",
     "ShapeMismatchError",
     "ShareCheckpointError",
     "ShareError",
+    "ShareIOError",
+    "ShareStateError",
+    "ShareValueError",
     "StyleError",
     "export_rank",
     "style_as_lora",

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from .errors import ShapeMismatchError
+from .errors import ShapeMismatchError, ShareStateError
 from .layer import ShareLinear, StyleSelection
 
 
@@ -68,7 +68,7 @@ def wrap_modules(model: nn.Module, names: Sequence[str], selection: StyleSelecti
         if module is None:
             raise ShapeMismatchError(f"the model has no module named {name!r}")
         if isinstance(module, ShareLinear):
-            raise ValueError(f"{name!r} already carries Share factors; remove_share() first")
+            raise ShareStateError(f"{name!r} already carries Share factors; remove_share() first")
         if not _is_wrappable(module):
             raise ShapeMismatchError(f"{name!r} is a {type(module).__name__}, not an nn.Linear or 1x1 nn.Conv2d")
     wrapped = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ShapeMismatchError
+from .errors import ShapeMismatchError, ShareValueError
 from .subspace import LayerShare
 
 
@@ -76,12 +76,12 @@ class StyleSelection:
             if weights.ndim == 1:
                 weights = weights[None]
             if weights.ndim != 2:
-                raise ValueError(
+                raise ShareValueError(
                     f"style weights must be (batch, num_styles) or (num_styles,), got {tuple(weights.shape)}"
                 )
             weights = weights.detach().to("cpu", torch.float32)
             if not bool(torch.isfinite(weights).all()):
-                raise ValueError("style weights must be finite numbers")
+                raise ShareValueError("style weights must be finite numbers")
             if not bool(weights.any()):
                 weights = None  # nobody styled: take the base path, bit for bit
         self.set_checked(weights)
@@ -107,7 +107,7 @@ class StyleSelection:
         groups = self._current_groups()
         for group in groups:
             if weights.shape[1] != group.num_styles:
-                raise ValueError(
+                raise ShareValueError(
                     f"the style selection covers {weights.shape[1]} styles but the layers hold {group.num_styles}"
                 )
         on_device: dict[torch.device, torch.Tensor] = {}
@@ -360,7 +360,7 @@ class ShareLinear(nn.Module):
         Args:
             weights: ``(t,)`` blend over the bank.
             exact: keep a copy of the original weight (on its device: one more copy of every fused
-                weight, 5.0 GiB for FLUX.1's 266 attention linears in bf16) so that :meth:`unfuse`
+                weight, 4.7 GiB for FLUX.1's 266 attention linears in bf16) so that :meth:`unfuse`
                 restores it bit for bit. ``False`` keeps nothing and subtracts the delta again, as
                 PEFT's ``unfuse_lora`` does: the weight then comes back within the rounding of its
                 dtype (for bf16, a few units of 2^-8 relative on the entries the delta moved).

@@ -280,7 +280,7 @@ class ShareModel:
         """Fuse one style or blend into the base weights, on their device (zero per-step overhead).
 
         ``exact`` keeps a copy of every fused weight so that :meth:`unfuse_style` restores it bit for
-        bit (one more copy of the target weights: 5.0 GiB for FLUX.1's 266 attention linears in
+        bit (one more copy of the target weights: 4.7 GiB for FLUX.1's 266 attention linears in
         bf16); ``exact=False`` keeps nothing and subtracts the delta again on unfuse, as PEFT does
         (within the weights' rounding).
         """

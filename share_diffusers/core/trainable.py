@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import LoraAdapter, LoraLayer
-from .errors import StyleError
+from .errors import ShareStateError, ShareValueError, StyleError
 from .factors import ShareFactors
 from .layer import ShareLinear
 
@@ -96,11 +96,11 @@ def attach_trainable(
     attached = {}
     for name, layer in layers.items():
         if layer.trainable is not None:
-            raise RuntimeError(f"{name} already has factors being trained; detach_trainable() first")
+            raise ShareStateError(f"{name} already has factors being trained; detach_trainable() first")
         k = layer.basis_out.shape[1]
         width = k if coefficients_only else (phi if phi is not None else max(1, k // 4))
         if coefficients_only and k == 0:
-            raise ValueError(f"{name} has no basis yet: coefficients-only training needs an existing subspace")
+            raise ShareValueError(f"{name} has no basis yet: coefficients-only training needs an existing subspace")
         basis_out = _directions(layer.basis_out, width, generator)
         basis_in = _directions(layer.basis_in, width, generator)
         trainable = TrainableFactors(
@@ -127,7 +127,7 @@ def attach_style_cores(layers: dict[str, ShareLinear], factors: ShareFactors, na
         if state is None or not bool(state.present[index]):
             continue
         if layer.trainable is not None:
-            raise RuntimeError(f"{layer_name} already has factors being trained; detach_trainable() first")
+            raise ShareStateError(f"{layer_name} already has factors being trained; detach_trainable() first")
         trainable = TrainableFactors(
             state.basis_out.float(),
             state.basis_in.float(),
@@ -166,7 +166,7 @@ def trained_adapter(layers: dict[str, ShareLinear], source: dict | None = None) 
     """The learned updates of all layers as one LoRA adapter, ready for ``ShareFactors.merge``."""
     missing = [name for name, layer in layers.items() if layer.trainable is None]
     if missing:
-        raise RuntimeError(f"no factors are being trained on {missing[0]!r}")
+        raise ShareStateError(f"no factors are being trained on {missing[0]!r}")
     return LoraAdapter({name: layer.trainable.to_lora() for name, layer in layers.items()}, source=source or {})
 
 

@@ -83,13 +83,21 @@ def build_fashion_flux_components(seed: int = 0) -> dict:
 
 
 def load_demo_pipeline(path: str | Path = DEMO_PIPELINE_DIR, pipeline_class=None):
-    """The trained demo pipeline (``ShareFluxPipeline`` unless ``pipeline_class``), float32 on CPU."""
+    """The trained demo pipeline (``ShareFluxPipeline`` unless ``pipeline_class``), float32 on CPU.
+
+    Loaded as :func:`share_diffusers.runtime.load_pipeline` loads it: without diffusers' ``torch_dtype``
+    FutureWarning, transformers' image-processor notes, or loading bars.
+    """
     import torch
 
-    if pipeline_class is None:
-        from ..pipeline_flux import ShareFluxPipeline as pipeline_class
+    from ..runtime import _quiet_loading, import_diffusers_quietly  # runtime imports this module: not at the top
+
     if not (Path(path) / "model_index.json").is_file():
         raise FileNotFoundError(f"{path} holds no diffusers pipeline (model_index.json missing)")
-    pipe = pipeline_class.from_pretrained(str(path), torch_dtype=torch.float32)
+    import_diffusers_quietly()
+    with _quiet_loading(progress=False):
+        if pipeline_class is None:
+            from ..pipeline_flux import ShareFluxPipeline as pipeline_class
+        pipe = pipeline_class.from_pretrained(str(path), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
