@@ -352,6 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.set_defaults(func=cmd_generate)
     commands.add_parser("app", help="open the Gradio style studio (share-diffusers app --help)", add_help=False)
+    commands.add_parser(
+        "serve",
+        help="serve concurrent requests, each in its own style, batched (share-diffusers serve --help)",
+        add_help=False,
+    )
     return parser
 
 
@@ -360,6 +365,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command_at = next((i for i, arg in enumerate(argv) if arg not in ("-q", "--quiet")), len(argv))
     if argv[command_at : command_at + 1] == ["app"]:  # the studio parses its own options
         return _run_studio(argv[command_at + 1 :])
+    if argv[command_at : command_at + 1] == ["serve"]:  # the server parses its own options
+        from .serving.server import main as serve_main
+
+        return serve_main(argv[command_at + 1 :])
     args = build_parser().parse_args(argv)
     if args.command in ("merge", "inspect", "export") and not os.path.isdir(args.checkpoint):
         print(f"error: no Share checkpoint folder at {args.checkpoint}", file=sys.stderr)

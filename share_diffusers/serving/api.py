@@ -1,0 +1,390 @@
+"""The FastAPI app: OpenAI's image endpoint with per-request styles, style listing and management, health, metrics.
+
+    POST   /v1/images/generations   one request = one prompt, n images, one style; batched with others
+    GET    /v1/styles               the styles held (name, reconstruction error, source)
+    POST   /v1/styles               admin: merge a LoRA (JSON {"hub_id", "name"} or a multipart .safetensors upload)
+    DELETE /v1/styles/{name}        admin: delete a style
+    GET    /healthz                 liveness, queue depth, styles
+    GET    /metrics                 Prometheus text
+
+Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
+(naming it in ``param``), 401/403 for admin calls without the token, 404 for an unknown style to delete,
+409 when a request's style was deleted while it waited, 413 for an upload over the limit, 503 when the
+queue is full (with ``Retry-After``).
+
+:func:`create_app` takes the engine and a backend that queues jobs: the :class:`DynamicBatcher` of one
+machine, or a Ray Serve replica (:mod:`share_diffusers.serving.ray_app`), which serve the same schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+from ..core.errors import ShareError
+from ..lora_files import PICKLE_SUFFIXES
+from ..runtime import error_line
+from .batcher import BatchedResult, DynamicBatcher, QueueFullError
+from .engine import DEFAULT_MAX_UPLOAD_MB, ImageJob, RequestError, ServingEngine, encode_images
+from .metrics import ServeMetrics
+from .schema import ImageRequest, MergeRequest, error_body
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_GENERIC_FILE_NAMES = ("pytorch_lora_weights", "adapter_model")
+_ADMIN_OFF = "style management is off; start the server with --admin-token (or SHARE_ADMIN_TOKEN) to turn it on"
+
+
+class Backend(Protocol):
+    """What the app needs to queue jobs: a :class:`DynamicBatcher`, or a Ray Serve replica."""
+
+    queued_images: int
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def submit(self, job: ImageJob) -> BatchedResult: ...
+
+    async def run_exclusive(self, function, *args, **kwargs) -> Any: ...
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return when the client closes the connection (the body is read already, so only that can arrive)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, awaitable):
+    """``await awaitable``, cancelling it if the client goes away first (then :class:`_ClientGone`)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()  # the job leaves the queue (or its images are dropped)
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise _ClientGone
+    return task.result()
+
+
+def _is_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its JSON header's length (8 bytes, little-endian), then ``{``."""
+    if len(head) < 9:
+        return False
+    header_length = int.from_bytes(head[:8], "little")
+    return head[8:9] == b"{" and 0 < header_length <= size - 8
+
+
+def create_app(
+    engine: ServingEngine,
+    backend: Backend | None = None,
+    *,
+    max_batch: int = 8,
+    max_wait_ms: float = 10.0,
+    max_queue: int = 64,
+    admin_token: str | None = None,
+    max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    metrics: ServeMetrics | None = None,
+    admin_off_message: str = _ADMIN_OFF,
+    health_extra: Callable[[], dict] | None = None,
+) -> FastAPI:
+    """The serving app.
+
+    Args:
+        engine: the pipeline and its validation (:class:`ServingEngine`).
+        backend: queues jobs; default a :class:`DynamicBatcher` over ``engine`` with ``max_batch``,
+            ``max_wait_ms`` and ``max_queue``, started and stopped with the app.
+        admin_token: bearer token of ``POST /v1/styles`` and ``DELETE /v1/styles/{name}``; None turns
+            them off (403).
+        max_upload_mb: largest LoRA upload.
+        metrics: where counts go (a fresh registry by default); the backend should share it.
+        admin_off_message: the 403 message while admin calls are off.
+        health_extra: more fields for ``GET /healthz`` (a Ray replica's id and checkpoint).
+    """
+    metrics = metrics or getattr(backend, "metrics", None) or ServeMetrics()
+    if backend is None:
+        backend = DynamicBatcher(engine, max_batch, max_wait_ms, max_queue, metrics=metrics)
+    max_upload_bytes = int(max_upload_mb * 2**20)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await backend.start()
+        try:
+            yield
+        finally:
+            await backend.stop()
+
+    app = FastAPI(
+        title="share-diffusers",
+        summary="Flux with Share styles: every request its own style, denoised together in one batch",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    app.state.backend = backend
+    app.state.metrics = metrics
+
+    def answer(endpoint: str, status: int, content: Any, headers: dict | None = None) -> JSONResponse:
+        metrics.requests.labels(endpoint, str(status)).inc()
+        return JSONResponse(content, status_code=status, headers=headers)
+
+    def failure(endpoint: str, status: int, message: str, reason: str, param: str | None = None, **kwargs):
+        metrics.errors.labels(reason).inc()
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return answer(endpoint, status, error_body(message, kind, param, reason), **kwargs)
+
+    def endpoint_of(request: Request) -> str:
+        route = request.scope.get("route")
+        return getattr(route, "path", request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, error: RequestValidationError):
+        first = error.errors()[0] if error.errors() else {}
+        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(location) or None
+        message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request body")
+        return failure(endpoint_of(request), 400, message, "validation", param)
+
+    # -- images -------------------------------------------------------------------------------
+
+    @app.post("/v1/images/generations")
+    async def generate(body: ImageRequest, request: Request):
+        endpoint = "/v1/images/generations"
+        arrived = time.time()
+        try:
+            job = engine.validate(body)
+        except RequestError as error:
+            return failure(endpoint, error.status, str(error), "validation", error.param)
+        try:
+            outcome = await _unless_disconnected(request, backend.submit(job))
+        except _ClientGone:
+            metrics.errors.labels("disconnected").inc()
+            return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+        except QueueFullError as error:
+            return failure(endpoint, 503, str(error), "queue_full", headers={"Retry-After": "1"})
+        except RequestError as error:
+            reason = "style_gone" if error.status == 409 else "validation"
+            return failure(endpoint, error.status, str(error), reason, error.param)
+        except Exception as error:
+            return failure(endpoint, 500, f"generation failed: {error_line(error)}", "internal")
+        result = outcome.result
+        encoded = await asyncio.to_thread(encode_images, result.images, job.response_format)
+        metrics.images.inc(len(encoded))
+        field = "b64_npy" if job.response_format == "b64_npy" else "b64_json"
+        key = job.key
+        return answer(
+            endpoint,
+            200,
+            {
+                "created": int(arrived),
+                "data": [{field: text} for text in encoded],
+                "share": {
+                    "batch_size": result.batch_size,
+                    "queue_ms": round(outcome.queue_s * 1e3, 3),
+                    "compute_ms": round(result.compute_s * 1e3, 3),
+                    "seed": job.seeds[0],
+                    "width": key.width,
+                    "height": key.height,
+                    "num_inference_steps": key.steps,
+                    "guidance_scale": key.guidance,
+                },
+            },
+        )
+
+    # -- styles -------------------------------------------------------------------------------
+
+    @app.get("/v1/styles")
+    async def styles():
+        return answer("/v1/styles", 200, {"object": "list", "data": engine.styles()})
+
+    def check_admin(request: Request, endpoint: str) -> JSONResponse | None:
+        if admin_token is None:
+            return failure(endpoint, 403, admin_off_message, "auth")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token.encode()):
+            return failure(
+                endpoint, 401, "give the admin token: Authorization: Bearer <token>", "auth",
+                headers={"WWW-Authenticate": "Bearer"},
+            )  # fmt: skip
+        return None
+
+    @app.post("/v1/styles")
+    async def merge_style(request: Request):
+        endpoint = "/v1/styles"
+        refused = check_admin(request, endpoint)
+        if refused is not None:
+            return refused
+        content_type = request.headers.get("content-type", "")
+        try:
+            if content_type.startswith("multipart/form-data"):
+                report = await _merge_upload(request)
+            else:
+                report = await _merge_from_hub(request)
+        except _Refused as error:
+            return failure(endpoint, error.status, str(error), error.reason, error.param)
+        except (ShareError, ValueError, OSError) as error:
+            return failure(endpoint, 400, error_line(error), "merge_failed")
+        return answer(
+            endpoint,
+            201,
+            {
+                "name": report.style_name,
+                "error": report.error,
+                "layers_merged": report.layers_merged,
+                "outside_energy_fraction": report.outside_energy_fraction,
+                "source": report.source,
+                "styles": engine.style_names,
+                "message": str(report),
+            },
+        )
+
+    async def _merge_from_hub(request: Request):
+        try:
+            body = MergeRequest.model_validate(json.loads(await request.body() or b"null"))
+        except (json.JSONDecodeError, ValidationError) as error:
+            raise _Refused(
+                f"give JSON {{'hub_id': 'user/name', 'name': ...}} or upload a .safetensors file as multipart "
+                f"form field 'file' ({error_line(error)})",
+                "hub_id",
+            ) from None
+        hub_id = body.hub_id.strip()
+        if not _HUB_ID.fullmatch(hub_id) or Path(hub_id).exists():
+            raise _Refused(f"{hub_id!r} is not a Hub repo id like 'user/name'", "hub_id")
+        if body.weight_name is not None and not body.weight_name.lower().endswith(".safetensors"):
+            raise _Refused(f"{body.weight_name}: only .safetensors LoRA files are merged", "weight_name")
+        from ..hub import resolve_lora_file
+
+        # Download before taking the pipeline: batches keep running meanwhile; the merge reads the cache.
+        _, source = await asyncio.to_thread(resolve_lora_file, hub_id, body.weight_name, revision=body.revision)
+        return await backend.run_exclusive(
+            engine.merge_lora,
+            hub_id,
+            style_name=body.name or None,
+            weight_name=source["weight_name"],
+            revision=body.revision,
+            local_files_only=True,
+        )
+
+    async def _merge_upload(request: Request):
+        length = request.headers.get("content-length")
+        if length is None:
+            raise _Refused("an upload needs a Content-Length header", "file", status=411, reason="upload")
+        if int(length) > max_upload_bytes + 64 * 1024:  # the form's own fields and boundaries on top
+            raise _Refused(
+                f"the upload is {int(length) / 2**20:.1f} MiB; the limit is {max_upload_bytes / 2**20:.0f} MiB "
+                "(--max-upload-mb)",
+                "file",
+                status=413,
+                reason="upload",
+            )
+        form = await request.form(max_files=1, max_fields=4)
+        try:
+            upload = form.get("file")
+            name = (form.get("name") or "").strip() or None
+            if upload is None or isinstance(upload, str):
+                raise _Refused("upload the LoRA as multipart form field 'file'", "file")
+            filename = Path(upload.filename or "upload.safetensors").name
+            if filename.lower().endswith(PICKLE_SUFFIXES) or not filename.lower().endswith(".safetensors"):
+                raise _Refused(f"{filename}: only .safetensors LoRA files are merged (never pickles)", "file")
+            stem = filename[: -len(".safetensors")]
+            if name is None and stem in _GENERIC_FILE_NAMES:
+                raise _Refused(f"give a style name: the file name {filename} says nothing about the style", "name")
+            size = upload.size if upload.size is not None else max_upload_bytes + 1
+            if size > max_upload_bytes:
+                raise _Refused(
+                    f"{filename} is over the {max_upload_mb:g} MiB limit (--max-upload-mb)", "file", 413, "upload"
+                )
+            await upload.seek(0)
+            head = await upload.read(9)
+            if not _is_safetensors(head, size):
+                raise _Refused(f"{filename} is not a safetensors file", "file")
+            folder = Path(tempfile.mkdtemp(prefix="share-upload-"))
+            try:
+                path = folder / filename
+                await upload.seek(0)
+                with path.open("wb") as out:
+                    await asyncio.to_thread(shutil.copyfileobj, upload.file, out)
+                return await backend.run_exclusive(
+                    engine.merge_lora,
+                    str(path),
+                    style_name=name or stem,
+                    provenance={"upload": filename, "bytes": size},
+                )
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        finally:
+            await form.close()
+
+    @app.delete("/v1/styles/{name}")
+    async def delete_style(name: str, request: Request):
+        endpoint = "/v1/styles/{name}"
+        refused = check_admin(request, endpoint)
+        if refused is not None:
+            return refused
+        try:
+            await backend.run_exclusive(engine.delete_style, name)
+        except RequestError as error:
+            return failure(endpoint, error.status, str(error), "unknown_style", error.param)
+        except (ShareError, ValueError) as error:
+            return failure(endpoint, 400, error_line(error), "delete_failed")
+        return answer(endpoint, 200, {"deleted": name, "styles": engine.style_names})
+
+    # -- operations ---------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def health():
+        return answer(
+            "/healthz",
+            200,
+            {
+                "status": "ok",
+                "styles": engine.style_names,
+                "queued_images": backend.queued_images,
+                "device": str(engine.pipe.device),
+                "dtype": str(engine.pipe.transformer.dtype).removeprefix("torch."),
+                "defaults": {
+                    "size": f"{engine.defaults.width}x{engine.defaults.height}",
+                    "num_inference_steps": engine.defaults.steps,
+                    "guidance_scale": engine.defaults.guidance,
+                },
+                **(health_extra() if health_extra is not None else {}),
+            },
+        )
+
+    @app.get("/metrics")
+    async def prometheus():
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+class _Refused(Exception):
+    """An admin request refused before anything changed."""
+
+    def __init__(self, message: str, param: str | None, status: int = 400, reason: str = "validation"):
+        super().__init__(message)
+        self.param, self.status, self.reason = param, status, reason

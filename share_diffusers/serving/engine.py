@@ -1,0 +1,376 @@
+"""``ServingEngine``: one ``ShareFluxPipeline``, request validation, and one pipeline call for a batch of requests.
+
+The engine knows nothing of HTTP or queues. :meth:`ServingEngine.validate` turns a request into an
+:class:`ImageJob` (or raises :class:`RequestError`, which the API answers with a 4xx) without touching the
+pipeline, so it can run on the event loop while a batch computes. :meth:`ServingEngine.run` denoises any
+number of compatible jobs (same :class:`BatchKey`) in one call, with one style and one generator per image,
+so each image is the one its request alone would get with the same seed. Pipeline calls and bank changes
+(merge, delete, load) hold one lock: a batch finishes with the bank it started with.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..core.model import StyleSpec
+from ..runtime import GenerationDefaults, call_arguments, defaults_for, load_pipeline, load_styles
+from .schema import ImageRequest
+
+logger = logging.getLogger(__name__)
+
+MAX_SEED = 2**32 - 1
+DEFAULT_MAX_UPLOAD_MB = 512  # largest LoRA upload that POST /v1/styles takes (--max-upload-mb)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class RequestError(ValueError):
+    """A request the server refuses before it reaches a batch (answered with ``status``, 400 by default).
+
+    Attributes:
+        param: the request field at fault (OpenAI's ``error.param``), or None.
+        status: the HTTP status to answer with.
+    """
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+@dataclass(frozen=True)
+class BatchKey:
+    """What requests must share to be denoised in one pipeline call."""
+
+    width: int
+    height: int
+    steps: int
+    guidance: float
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """A validated request: ``n`` images of one prompt and one style, image ``i`` from seed ``seeds[i]``.
+
+    ``style`` has the request's ``style_scale`` folded in (``"ink"`` at 0.5 is ``{"ink": 0.5}``), so that jobs
+    with different scales share a call: the weights the layers see are the same numbers either way.
+    """
+
+    prompt: str
+    style: StyleSpec
+    seeds: tuple[int, ...]
+    key: BatchKey
+    response_format: str = "b64_json"
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+    def style_names(self) -> set[str]:
+        if self.style is None:
+            return set()
+        return {self.style} if isinstance(self.style, str) else set(self.style)
+
+
+@dataclass
+class JobResult:
+    """A job's images and how they were made.
+
+    Attributes:
+        images: ``(n, H, W, 3)`` float32 in [0, 1], the pipeline's ``output_type="np"``.
+        batch_size: images in the pipeline call that made them.
+        compute_s: seconds of that call.
+    """
+
+    images: np.ndarray
+    batch_size: int
+    compute_s: float
+
+
+def fold_scale(style: StyleSpec, scale: float) -> StyleSpec:
+    """``style`` at ``scale`` as one spec at scale 1 (the same weight numbers as the pipeline's ``style_scale``)."""
+    if style is None or scale == 1.0:
+        return style
+    if isinstance(style, str):
+        return {style: float(scale)}
+    return {name: float(weight) * float(scale) for name, weight in style.items()}
+
+
+def parse_size(size: str | None, defaults: GenerationDefaults) -> tuple[int, int]:
+    """``(width, height)`` of ``"WxH"``; None or ``"auto"`` give the model's default size."""
+    if size is None or size.strip().lower() == "auto":
+        return defaults.width, defaults.height
+    width_text, separator, height_text = size.strip().lower().partition("x")
+    if not separator or not width_text.isdigit() or not height_text.isdigit():
+        raise RequestError(
+            f"size must be 'WxH' in pixels, e.g. '{defaults.width}x{defaults.height}', got {size!r}", "size"
+        )
+    width, height = int(width_text), int(height_text)
+    step, largest = defaults.size_step, defaults.max_size
+    for side, value in (("width", width), ("height", height)):
+        if not step <= value <= largest or value % step:
+            raise RequestError(
+                f"size {size!r}: the {side} must be a multiple of {step} from {step} to {largest}, got {value}", "size"
+            )
+    return width, height
+
+
+def encode_images(images: np.ndarray, response_format: str) -> list[str]:
+    """Base64 PNG (``b64_json``, rounded as diffusers' ``output_type="pil"``) or ``.npy`` (``b64_npy``) per image."""
+    encoded = []
+    for image in images:  # (H, W, 3)
+        buffer = io.BytesIO()
+        if response_format == "b64_npy":
+            np.save(buffer, np.ascontiguousarray(image, dtype=np.float32))
+        else:
+            Image.fromarray((image * 255).round().astype("uint8")).save(buffer, format="PNG")
+        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
+    return encoded
+
+
+class ServingEngine:
+    """A ``ShareFluxPipeline`` behind validation and batched calls.
+
+    Args:
+        pipe: the pipeline, with its styles loaded.
+        defaults: size, steps and guidance when a request gives none, and the size limits
+            (:func:`share_diffusers.runtime.defaults_for`).
+        max_images: most images one request may ask for (``n``).
+        max_steps: most denoising steps a request may ask for.
+        max_guidance: largest ``guidance_scale``.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        defaults: GenerationDefaults,
+        max_images: int = 8,
+        max_steps: int = 100,
+        max_guidance: float = 30.0,
+    ):
+        self.pipe = pipe
+        self.defaults = defaults
+        self.max_images = max_images
+        self.max_steps = max_steps
+        self.max_guidance = max_guidance
+        # Pipeline calls and bank changes; re-entrant so that a bank change may call helpers that lock.
+        self.lock = threading.RLock()
+        self._catalog: list[dict] = []
+        self._names: frozenset[str] = frozenset()
+        self.refresh_catalog()
+
+    @classmethod
+    def from_model(
+        cls,
+        model: str | None = None,
+        factors: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        demo_styles: bool | None = None,
+        progress: bool = False,
+        **limits,
+    ) -> ServingEngine:
+        """Load a pipeline and its styles as the command line and the studio do
+        (:func:`share_diffusers.runtime.load_pipeline` / ``load_styles``), with the model's defaults."""
+        pipe = load_pipeline(model, device, dtype, progress=progress)
+        pipe.set_progress_bar_config(disable=True)
+        load_styles(pipe, model, factors, demo_styles)
+        return cls(pipe, defaults_for(pipe, model), **limits)
+
+    # -- styles -------------------------------------------------------------------------------
+
+    def refresh_catalog(self) -> None:
+        """Snapshot the styles (names, errors, sources); call with the lock held after any bank change."""
+        factors = self.pipe.share_factors
+        catalog = []
+        if factors is not None:
+            for info in factors.styles:
+                catalog.append(
+                    {"name": info.name, "error": factors.style_error(info.name), "source": dict(info.source)}
+                )
+        self._catalog = catalog
+        self._names = frozenset(entry["name"] for entry in catalog)
+
+    @property
+    def style_names(self) -> list[str]:
+        return [entry["name"] for entry in self._catalog]
+
+    def styles(self) -> list[dict]:
+        """``[{"name", "error", "source"}]`` of the bank as of the last change (never waits for a batch)."""
+        return [dict(entry) for entry in self._catalog]
+
+    def merge_lora(
+        self,
+        source: str,
+        style_name: str | None = None,
+        weight_name: str | None = None,
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        provenance: dict | None = None,
+    ):
+        """Merge a LoRA (local ``.safetensors`` file or Hub id) as a new style; waits for the running batch.
+
+        Args:
+            provenance: recorded as the style's source instead of the file's path (an upload's temporary
+                path means nothing later).
+
+        Returns the pipeline's :class:`~share_diffusers.loader.MergeReport`.
+        """
+        with self.lock:
+            try:
+                report = self.pipe.merge_lora(
+                    source,
+                    weight_name=weight_name,
+                    style_name=style_name,
+                    revision=revision,
+                    local_files_only=local_files_only,
+                )
+                if provenance is not None:
+                    for info in self.pipe.share_factors.styles:
+                        if info.name == report.style_name:
+                            info.source = dict(provenance)
+                    report.source = dict(provenance)
+                return report
+            finally:
+                self.refresh_catalog()
+
+    def delete_style(self, name: str) -> None:
+        if name not in self._names:
+            known = ", ".join(sorted(self._names)) or "none"
+            raise RequestError(f"unknown style {name!r}; styles held: {known}", "name", status=404)
+        with self.lock:
+            try:
+                self.pipe.delete_style(name)
+            finally:
+                self.refresh_catalog()
+
+    def load_share_factors(self, path_or_hub_id: str, revision: str | None = None) -> None:
+        """Replace the whole bank with a Share checkpoint (folder or Hub id); waits for the running batch."""
+        with self.lock:
+            try:
+                self.pipe.load_share_factors(path_or_hub_id, revision=revision)
+            finally:
+                self.refresh_catalog()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def validate(self, request: ImageRequest) -> ImageJob:
+        """The job of a request, or :class:`RequestError` naming the field at fault. Reads no pipeline state."""
+        defaults = self.defaults
+        if request.response_format == "url":
+            raise RequestError(
+                "response_format 'url' is not served (no image store); use 'b64_json'", "response_format"
+            )
+        if not request.prompt.strip():
+            raise RequestError("prompt must not be blank", "prompt")
+        if request.n > self.max_images:
+            raise RequestError(f"n must be from 1 to {self.max_images}, got {request.n}", "n")
+        width, height = parse_size(request.size, defaults)
+        steps = defaults.steps if request.num_inference_steps is None else request.num_inference_steps
+        if not 1 <= steps <= self.max_steps:
+            raise RequestError(
+                f"num_inference_steps must be from 1 to {self.max_steps}, got {steps}", "num_inference_steps"
+            )
+        guidance = defaults.guidance if request.guidance_scale is None else float(request.guidance_scale)
+        if not (math.isfinite(guidance) and 0.0 <= guidance <= self.max_guidance):
+            raise RequestError(
+                f"guidance_scale must be from 0 to {self.max_guidance}, got {guidance}", "guidance_scale"
+            )
+        style = self._check_style(request.style, request.style_scale)
+        seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - self.max_images)
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"seed must be from 0 to {MAX_SEED}, got {seed}", "seed")
+        return ImageJob(
+            prompt=request.prompt,
+            style=style,
+            seeds=tuple(seed + index for index in range(request.n)),
+            key=BatchKey(width, height, steps, guidance),
+            response_format=request.response_format,
+        )
+
+    def _check_style(self, style, scale: float) -> StyleSpec:
+        if not math.isfinite(scale):
+            raise RequestError(f"style_scale must be a finite number, got {scale}", "style_scale")
+        if style is None:
+            return None
+        known = ", ".join(repr(name) for name in self.style_names) or "none"
+        if isinstance(style, str):
+            names = {style: 1.0}
+        else:
+            if not style:
+                raise RequestError("style is an empty blend; give {name: weight, ...} or null for none", "style")
+            names = style
+        for name, weight in names.items():
+            if name not in self._names:
+                raise RequestError(f"unknown style {name!r}; styles held: {known}", "style")
+            if not math.isfinite(weight) or abs(weight * scale) > _FLOAT32_MAX:
+                raise RequestError(f"blend weight for style {name!r} must be a finite number, got {weight}", "style")
+        return fold_scale(style, scale)
+
+    def run(self, jobs: Sequence[ImageJob]) -> list[JobResult | Exception]:
+        """Denoise every job's images in one pipeline call; one result (or exception) per job.
+
+        All jobs must have the same :attr:`ImageJob.key`. A job whose style left the bank since it was
+        validated gets a :class:`RequestError`; the others still run.
+        """
+        keys = {job.key for job in jobs}
+        if len(keys) != 1:
+            raise ValueError(f"one pipeline call needs one size, step count and guidance; got {sorted(keys, key=str)}")
+        key = keys.pop()
+        with self.lock:
+            outcomes: list[JobResult | Exception | None] = [None] * len(jobs)
+            runnable = []
+            for index, job in enumerate(jobs):
+                gone = sorted(job.style_names() - self._names)
+                if gone:
+                    outcomes[index] = RequestError(
+                        f"style {gone[0]!r} was deleted while the request waited", "style", 409
+                    )
+                else:
+                    runnable.append(index)
+            if runnable:
+                try:
+                    results = self._call([jobs[index] for index in runnable], key)
+                except Exception as error:  # the call failed for everyone in it
+                    logger.exception("pipeline call failed")
+                    results = [error] * len(runnable)
+                for index, result in zip(runnable, results, strict=True):
+                    outcomes[index] = result
+        return outcomes
+
+    def _call(self, jobs: Sequence[ImageJob], key: BatchKey) -> list[JobResult]:
+        prompts = [job.prompt for job in jobs for _ in job.seeds]
+        styles = [job.style for job in jobs for _ in job.seeds]
+        # One CPU generator per image: the same noise whatever else is in the batch (and on any device).
+        generators = [torch.Generator().manual_seed(seed) for job in jobs for seed in job.seeds]
+        # All-None goes in as None: the base path, and a pipeline without styles refuses any style list.
+        style = None if all(spec is None for spec in styles) else styles
+        arguments = call_arguments(
+            self.pipe,
+            self.defaults,
+            len(prompts),
+            steps=key.steps,
+            width=key.width,
+            height=key.height,
+            guidance=key.guidance,
+        )
+        start = time.perf_counter()
+        images = self.pipe(prompt=prompts, style=style, generator=generators, output_type="np", **arguments).images
+        compute_s = time.perf_counter() - start
+        images = np.asarray(images, dtype=np.float32)  # (B, H, W, 3)
+        results, offset = [], 0
+        for job in jobs:
+            results.append(JobResult(images[offset : offset + job.n], len(prompts), compute_s))
+            offset += job.n
+        return results

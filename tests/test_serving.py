@@ -1,0 +1,599 @@
+"""The serving app (``share_diffusers.serving``) end to end on the tiny pipeline: the OpenAI schema, a batch of
+mixed styles equal to single requests (and to a direct pipeline call), per-request validation, 503 when the
+queue is full, a client that goes away, the admin token, bank changes waiting for a running batch, metrics,
+the command line, and ``benchmarks/bench_serve.py --quick`` against real servers on loopback.
+
+Requests go through httpx's ASGI transport (or Starlette's TestClient) to the app in this process; the
+batcher runs in the test's event loop and the pipeline in its worker thread, as under uvicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi", reason="needs the serve extra")
+pytest.importorskip("prometheus_client", reason="needs the serve extra")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from share_diffusers.demo_styles import write_demo_lora  # noqa: E402
+from share_diffusers.runtime import TINY_RANDOM  # noqa: E402
+from share_diffusers.serving.api import create_app  # noqa: E402
+from share_diffusers.serving.batcher import DynamicBatcher, QueueFullError  # noqa: E402
+from share_diffusers.serving.engine import ServingEngine  # noqa: E402
+from share_diffusers.serving.schema import ImageRequest  # noqa: E402
+from share_diffusers.serving.server import build_parser, main  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 2  # every request: two denoising steps of the tiny pipeline (about 0.1 s an image)
+ENDPOINT = "/v1/images/generations"
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def engine() -> ServingEngine:
+    """The tiny pipeline with its three random demo styles (ink, neon, sepia); never changed by a test."""
+    return ServingEngine.from_model(TINY_RANDOM, max_images=8)
+
+
+@pytest.fixture(scope="module")
+def admin_engine() -> ServingEngine:
+    """A second tiny pipeline for the tests that merge and delete styles."""
+    return ServingEngine.from_model(TINY_RANDOM, max_images=8)
+
+
+@contextlib.asynccontextmanager
+async def serving(app):
+    """The app's batcher started in this event loop, and an httpx client that talks to the app directly."""
+    await app.state.backend.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://serve", timeout=60) as client:
+            yield client
+    finally:
+        await app.state.backend.stop()
+
+
+def body(prompt="a photo of a cat", **fields) -> dict:
+    return {"prompt": prompt, "num_inference_steps": STEPS, "response_format": "b64_npy", **fields}
+
+
+def array(reply: dict, index: int = 0) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(reply["data"][index]["b64_npy"])))
+
+
+async def until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+@contextlib.asynccontextmanager
+async def pipeline_held(backend):
+    """Hold the pipeline thread (as a long batch would) until the block ends."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        holding.set()
+        release.wait(30)
+
+    task = asyncio.ensure_future(backend.run_exclusive(hold))
+    await asyncio.to_thread(holding.wait, 10)
+    try:
+        yield
+    finally:
+        release.set()
+        await task
+
+
+# -- the schema -----------------------------------------------------------------------------------
+
+
+def test_openai_schema_styles_and_health(engine):
+    with TestClient(create_app(engine, max_wait_ms=1)) as client:  # the real lifespan starts the batcher
+        reply = client.post(
+            ENDPOINT,
+            json={"prompt": "a photo of a cat", "n": 2, "size": "32x32", "style": "ink", "seed": 7,
+                  "num_inference_steps": STEPS, "model": "ignored", "user": "me"},
+        )  # fmt: skip
+        assert reply.status_code == 200, reply.text
+        payload = reply.json()
+        assert set(payload) == {"created", "data", "share"}
+        assert isinstance(payload["created"], int) and abs(payload["created"] - time.time()) < 60
+        assert len(payload["data"]) == 2
+        for item in payload["data"]:
+            image = Image.open(io.BytesIO(base64.b64decode(item["b64_json"])))
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (32, 32))
+        share = payload["share"]
+        assert share["batch_size"] == 2 and share["seed"] == 7
+        assert share["queue_ms"] >= 0 and share["compute_ms"] > 0
+        assert (share["width"], share["height"], share["num_inference_steps"]) == (32, 32, STEPS)
+        assert share["guidance_scale"] == engine.defaults.guidance
+
+        drawn = client.post(ENDPOINT, json={"prompt": "a cat", "num_inference_steps": 1}).json()["share"]
+        assert isinstance(drawn["seed"], int)  # a random seed, reported so the image can be made again
+
+        styles = client.get("/v1/styles").json()
+        assert styles["object"] == "list"
+        assert [entry["name"] for entry in styles["data"]] == ["ink", "neon", "sepia"]
+        assert all(entry["error"] >= 0 and isinstance(entry["source"], dict) for entry in styles["data"])
+
+        health = client.get("/healthz").json()
+        assert health["status"] == "ok" and health["styles"] == ["ink", "neon", "sepia"]
+        assert health["queued_images"] == 0 and health["defaults"]["size"] == "32x32"
+        assert ENDPOINT in client.get("/openapi.json").json()["paths"]
+
+
+# -- batching -------------------------------------------------------------------------------------
+
+MIXED = [
+    body(style="ink", seed=1),
+    body("a photo of a dog", style="neon", seed=2, n=2),
+    body(style=None, seed=3),
+    body("a red house", style={"ink": 0.5, "sepia": 0.5}, seed=4),
+    body(style="sepia", style_scale=0.5, seed=5),
+    body("a photo of a tree", style={"neon": 1.5}, style_scale=0.5, seed=6),
+]
+
+
+def direct_call(pipe, request: dict) -> np.ndarray:
+    """The request as one plain pipeline call with the pipeline's own ``style_scale`` (no server code)."""
+    n = request.get("n", 1)
+    style = request["style"]
+    return pipe(
+        prompt=[request["prompt"]] * n,
+        style=None if style is None else [style] * n,
+        style_scale=request.get("style_scale", 1.0),
+        generator=[torch.Generator().manual_seed(request["seed"] + i) for i in range(n)],
+        num_inference_steps=STEPS,
+        height=32,
+        width=32,
+        guidance_scale=3.5,
+        output_type="np",
+    ).images
+
+
+def test_mixed_style_batch_equals_single_requests(engine):
+    app = create_app(engine, max_batch=8, max_wait_ms=2000)
+    backend = app.state.backend
+
+    async def scenario():
+        async with serving(app) as client:
+            together = await asyncio.gather(*(client.post(ENDPOINT, json=request) for request in MIXED))
+            pngs = [{**request, "response_format": "b64_json"} for request in MIXED]
+            together_png = await asyncio.gather(*(client.post(ENDPOINT, json=request) for request in pngs))
+            backend.max_wait_s = 0.0  # alone: no wait for company
+            alone_png = [await client.post(ENDPOINT, json=request) for request in pngs]
+            return [[reply.json() for reply in replies] for replies in (together, together_png, alone_png)]
+
+    together, together_png, alone_png = asyncio.run(scenario())
+    images = sum(request.get("n", 1) for request in MIXED)
+    assert [reply["share"]["batch_size"] for reply in together] == [images] * len(MIXED)  # one pipeline call
+    for request, reply in zip(MIXED, together, strict=True):
+        reference = direct_call(engine.pipe, request)
+        for index in range(request.get("n", 1)):
+            np.testing.assert_allclose(array(reply, index), reference[index], rtol=0, atol=1e-5)
+    # The same requests one at a time (batches of their own n) give the same PNGs as together.
+    for request, single, batched in zip(MIXED, alone_png, together_png, strict=True):
+        assert single["share"]["batch_size"] == request.get("n", 1)
+        for first, second in zip(single["data"], batched["data"], strict=True):
+            a = np.asarray(Image.open(io.BytesIO(base64.b64decode(first["b64_json"]))), dtype=int)
+            b = np.asarray(Image.open(io.BytesIO(base64.b64decode(second["b64_json"]))), dtype=int)
+            assert np.abs(a - b).max() <= 1  # float32 agreement within 1e-5 can flip a rounding
+
+
+def test_single_requests_in_float32_match_batched(engine):
+    """``b64_npy`` single requests vs the same requests batched: within 1e-5 (float32)."""
+    app = create_app(engine, max_batch=8, max_wait_ms=1)
+    subset = MIXED[:3]
+
+    async def scenario():
+        async with serving(app) as client:
+            alone = [(await client.post(ENDPOINT, json=request)).json() for request in subset]
+            app.state.backend.max_wait_s = 2.0  # together: wait for all three
+            together = await asyncio.gather(*(client.post(ENDPOINT, json=request) for request in subset))
+            return alone, [reply.json() for reply in together]
+
+    alone, together = asyncio.run(scenario())
+    assert {reply["share"]["batch_size"] for reply in together} == {4}
+    for request, single, batched in zip(subset, alone, together, strict=True):
+        for index in range(request.get("n", 1)):
+            np.testing.assert_allclose(array(single, index), array(batched, index), rtol=0, atol=1e-5)
+
+
+def test_requests_with_other_settings_go_in_their_own_call(engine):
+    app = create_app(engine, max_batch=8, max_wait_ms=1500)
+    requests = [body(seed=1), body(seed=2, size="16x32"), body(seed=3), body(seed=4, num_inference_steps=1)]
+
+    async def scenario():
+        async with serving(app) as client:
+            return [r.json() for r in await asyncio.gather(*(client.post(ENDPOINT, json=r) for r in requests))]
+
+    replies = asyncio.run(scenario())
+    assert [reply["share"]["batch_size"] for reply in replies] == [2, 1, 2, 1]
+    assert array(replies[1]).shape == (32, 16, 3)  # height x width
+
+
+# -- validation -----------------------------------------------------------------------------------
+
+INVALID = [
+    (body(style="nope"), "style", "unknown style 'nope'; styles held: 'ink', 'neon', 'sepia'"),
+    (body(style={"ink": 0.5, "nope": 0.5}), "style", "unknown style 'nope'"),
+    (body(style={}), "style", "empty blend"),
+    (body(size="33x32"), "size", "the width must be a multiple of 4 from 4 to 256, got 33"),
+    (body(size="512x512"), "size", "from 4 to 256"),
+    (body(size="big"), "size", "size must be 'WxH' in pixels"),
+    (body(n=9), "n", "n must be from 1 to 8, got 9"),
+    (body(n=0), "n", "greater than or equal to 1"),
+    (body(response_format="url"), "response_format", "no image store"),
+    (body(prompt="   "), "prompt", "prompt must not be blank"),
+    (body(prompt=""), "prompt", "at least 1 character"),
+    (body(seed=-1), "seed", "seed must be from 0 to"),
+    (body(num_inference_steps=0), "num_inference_steps", "from 1 to 100"),
+    (body(guidance_scale=-1.0), "guidance_scale", "from 0 to 30"),
+    (body(style_scale=float("inf")), "style_scale", "finite"),
+    (body(stlye="ink"), "stlye", "Extra inputs are not permitted"),
+]
+
+
+def test_invalid_requests_get_their_own_400_and_never_reach_a_batch(engine):
+    app = create_app(engine, max_batch=8, max_wait_ms=1500)
+    good = [body(style="ink", seed=1), body(style="neon", seed=2)]
+
+    async def scenario():
+        async with serving(app) as client:
+            posts = [client.post(ENDPOINT, json=request) for request in good]
+            as_json = {"content-type": "application/json"}
+            posts += [
+                client.post(ENDPOINT, content=json.dumps(r, allow_nan=True), headers=as_json) for r, _, _ in INVALID
+            ]
+            posts.append(client.post(ENDPOINT, content=b"{not json", headers=as_json))
+            replies = await asyncio.gather(*posts)
+            return replies, (await client.get("/metrics")).text
+
+    replies, metrics = asyncio.run(scenario())
+    assert [reply.status_code for reply in replies[:2]] == [200, 200]
+    assert [reply.json()["share"]["batch_size"] for reply in replies[:2]] == [2, 2]  # only the good ones ran
+    for (_, param, message), reply in zip(INVALID, replies[2:], strict=False):
+        assert reply.status_code == 400, (param, reply.text)
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["param"] == param
+        assert message in error["message"], (message, error["message"])
+    assert replies[-1].status_code == 400 and "JSON" in replies[-1].json()["error"]["message"]
+    assert f'share_errors_total{{reason="validation"}} {float(len(INVALID) + 1)}' in metrics
+    assert "share_batch_size_count 1.0" in metrics
+
+
+# -- the queue ------------------------------------------------------------------------------------
+
+
+def test_full_queue_answers_503_and_a_burst_never_hangs(engine):
+    app = create_app(engine, max_batch=2, max_wait_ms=5, max_queue=2)
+    backend = app.state.backend
+
+    async def scenario():
+        async with serving(app) as client:
+            async with pipeline_held(backend):
+                first = asyncio.ensure_future(client.post(ENDPOINT, json=body(seed=1, n=2)))
+                await asyncio.sleep(0.3)  # a full batch: the worker takes it at once and waits for the pipeline
+                second = asyncio.ensure_future(client.post(ENDPOINT, json=body(seed=2, n=2)))
+                await until(lambda: backend.queued_images == 2)
+                full = await client.post(ENDPOINT, json=body(seed=3))
+                health = await client.get("/healthz")  # the event loop answers while the pipeline is busy
+            results = [await first, await second, full, health]
+            # A burst of 4x the queue while the pipeline is held: each request gets its image or a 503.
+            async with pipeline_held(backend):
+                burst = [asyncio.ensure_future(client.post(ENDPOINT, json=body(seed=10 + i))) for i in range(8)]
+                await asyncio.sleep(0.3)
+            burst = await asyncio.wait_for(asyncio.gather(*burst), timeout=60)
+            after = await client.get("/healthz")
+            return results, burst, after, (await client.get("/metrics")).text
+
+    (first, second, full, health), burst, after, metrics = asyncio.run(scenario())
+    assert first.status_code == 200 and second.status_code == 200
+    assert full.status_code == 503 and full.headers["retry-after"] == "1"
+    assert "images are queued (limit 2)" in full.json()["error"]["message"]
+    assert health.status_code == 200 and health.json()["queued_images"] == 2
+    codes = [reply.status_code for reply in burst]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 2 and codes.count(503) >= 1
+    assert after.status_code == 200 and after.json()["queued_images"] == 0
+    assert f'share_errors_total{{reason="queue_full"}} {float(1 + codes.count(503))}' in metrics
+
+
+async def _raw_post(app, payload: dict, gone: asyncio.Event) -> list[dict]:
+    """POST through the ASGI interface with a client that disconnects when ``gone`` is set."""
+    data = json.dumps(payload).encode()
+    incoming = [{"type": "http.request", "body": data, "more_body": False}]
+    sent = []
+
+    async def receive():
+        if incoming:
+            return incoming.pop(0)
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": ENDPOINT,
+        "raw_path": ENDPOINT.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+        "client": ("127.0.0.1", 50000),
+        "server": ("127.0.0.1", 8000),
+    }
+    await app(scope, receive, send)
+    return sent
+
+
+def test_client_that_goes_away_loses_its_slot_only(engine):
+    app = create_app(engine, max_batch=8, max_wait_ms=10, max_queue=8)
+    backend = app.state.backend
+
+    async def scenario():
+        async with serving(app) as client:
+            gone = asyncio.Event()
+            async with pipeline_held(backend):
+                busy = asyncio.ensure_future(client.post(ENDPOINT, json=body(seed=0)))
+                await asyncio.sleep(0.3)  # the worker took it and waits for the pipeline: the next ones queue
+                leaving = asyncio.ensure_future(_raw_post(app, body(seed=1, n=3), gone))
+                staying = asyncio.ensure_future(client.post(ENDPOINT, json=body(seed=2)))
+                await until(lambda: backend.queued_images == 4)
+                gone.set()
+                await until(lambda: backend.queued_images == 1)  # the slot went back at once
+            sent = await leaving
+            return sent, await busy, await staying, (await client.get("/metrics")).text
+
+    sent, busy, staying, metrics = asyncio.run(scenario())
+    assert sent[0]["status"] == 499, sent
+    assert busy.status_code == 200
+    assert staying.status_code == 200 and staying.json()["share"]["batch_size"] == 1  # no work for the leaver
+    assert 'share_errors_total{reason="disconnected"} 1.0' in metrics
+
+
+def test_batcher_drops_cancelled_jobs_and_checks_its_limits(engine):
+    jobs = [engine.validate(ImageRequest(**body(seed=seed))) for seed in range(3)]
+
+    async def scenario():
+        batcher = DynamicBatcher(engine, max_batch=4, max_wait_ms=1000, max_queue=8)
+        await batcher.start()
+        try:
+            tasks = [asyncio.ensure_future(batcher.submit(job)) for job in jobs]
+            await until(lambda: batcher.queued_images == 3)
+            tasks[1].cancel()
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            await batcher.stop()
+        with pytest.raises(QueueFullError, match="not running"):
+            await batcher.submit(jobs[0])
+        return results
+
+    first, cancelled, third = asyncio.run(scenario())
+    assert isinstance(cancelled, asyncio.CancelledError)
+    assert first.result.batch_size == 2 and third.result.batch_size == 2
+    with pytest.raises(ValueError, match="must hold a whole batch"):
+        DynamicBatcher(engine, max_batch=4, max_queue=2)
+
+
+# -- styles at run time ---------------------------------------------------------------------------
+
+
+def test_admin_calls_need_the_token(engine):
+    async def scenario():
+        replies = {}
+        async with serving(create_app(engine)) as client:
+            replies["off-post"] = await client.post("/v1/styles", json={"hub_id": "someone/lora"})
+            replies["off-delete"] = await client.delete("/v1/styles/ink")
+        async with serving(create_app(engine, admin_token=TOKEN)) as client:
+            replies["missing"] = await client.delete("/v1/styles/ink")
+            replies["wrong"] = await client.delete("/v1/styles/ink", headers={"Authorization": "Bearer nope"})
+            replies["basic"] = await client.post("/v1/styles", headers={"Authorization": f"Basic {TOKEN}"})
+            replies["metrics"] = await client.get("/metrics")
+        return replies
+
+    replies = asyncio.run(scenario())
+    for key in ("off-post", "off-delete"):
+        assert replies[key].status_code == 403 and "--admin-token" in replies[key].json()["error"]["message"]
+    for key in ("missing", "wrong", "basic"):
+        assert replies[key].status_code == 401 and replies[key].headers["www-authenticate"] == "Bearer"
+    assert 'share_errors_total{reason="auth"} 3.0' in replies["metrics"].text
+    assert engine.style_names == ["ink", "neon", "sepia"]  # nothing changed
+
+
+def test_merge_upload_and_hub_then_delete(admin_engine, tmp_path, fake_hub):
+    transformer = admin_engine.pipe.transformer
+    ocean = write_demo_lora(transformer, tmp_path / "ocean", seed=31, rank=4, alpha=4.0).read_bytes()
+    write_demo_lora(transformer, tmp_path / "forest", seed=32, rank=4, alpha=4.0)
+    fake_hub.add_folder("someone/forest-lora", tmp_path / "forest")
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def scenario():
+        replies = {}
+        async with serving(create_app(admin_engine, admin_token=TOKEN, max_wait_ms=1)) as client:
+            post = client.post
+            replies["upload"] = await post("/v1/styles", headers=headers, files={"file": ("ocean.safetensors", ocean)})
+            replies["generic"] = await post(
+                "/v1/styles", headers=headers, files={"file": ("pytorch_lora_weights.safetensors", ocean)}
+            )
+            replies["pickle"] = await post("/v1/styles", headers=headers, files={"file": ("x.bin", b"\x80\x04junk")})
+            replies["fake"] = await post("/v1/styles", headers=headers, files={"file": ("y.safetensors", b"not it")})
+            replies["taken"] = await post("/v1/styles", headers=headers, files={"file": ("ink.safetensors", ocean)})
+            replies["hub"] = await post(
+                "/v1/styles", headers=headers, json={"hub_id": "someone/forest-lora", "name": "forest"}
+            )
+            replies["path"] = await post("/v1/styles", headers=headers, json={"hub_id": str(tmp_path / "forest")})
+            replies["styles"] = await client.get("/v1/styles")
+            replies["use"] = await post(ENDPOINT, json=body(style={"ocean": 0.5, "forest": 0.5}, seed=1))
+            replies["delete"] = await client.delete("/v1/styles/ocean", headers=headers)
+            replies["deleted"] = await post(ENDPOINT, json=body(style="ocean", seed=1))
+            replies["again"] = await client.delete("/v1/styles/ocean", headers=headers)
+            await client.delete("/v1/styles/forest", headers=headers)
+        async with serving(create_app(admin_engine, admin_token=TOKEN, max_upload_mb=0.01)) as client:
+            replies["big"] = await client.post(
+                "/v1/styles", headers=headers, files={"file": ("ocean.safetensors", ocean)}
+            )
+        return replies
+
+    replies = asyncio.run(scenario())
+    upload = replies["upload"]
+    assert upload.status_code == 201, upload.text
+    assert upload.json()["name"] == "ocean" and upload.json()["source"] == {
+        "upload": "ocean.safetensors",
+        "bytes": len(ocean),
+    }
+    assert replies["generic"].status_code == 400 and replies["generic"].json()["error"]["param"] == "name"
+    assert replies["pickle"].status_code == 400 and "never pickles" in replies["pickle"].json()["error"]["message"]
+    assert replies["fake"].status_code == 400 and "not a safetensors file" in replies["fake"].json()["error"]["message"]
+    assert replies["taken"].status_code == 400 and "already exists" in replies["taken"].json()["error"]["message"]
+    hub = replies["hub"]
+    assert hub.status_code == 201, hub.text
+    assert hub.json()["source"]["repo_id"] == "someone/forest-lora"
+    assert replies["path"].status_code == 400 and "not a Hub repo id" in replies["path"].json()["error"]["message"]
+    names = [entry["name"] for entry in replies["styles"].json()["data"]]
+    assert names == ["ink", "neon", "sepia", "ocean", "forest"]
+    assert replies["use"].status_code == 200
+    assert replies["delete"].status_code == 200 and "ocean" not in replies["delete"].json()["styles"]
+    assert replies["deleted"].status_code == 400 and replies["deleted"].json()["error"]["param"] == "style"
+    assert replies["again"].status_code == 404
+    assert replies["big"].status_code == 413 and "--max-upload-mb" in replies["big"].json()["error"]["message"]
+    assert admin_engine.style_names == ["ink", "neon", "sepia"]
+
+
+def test_a_bank_change_waits_for_the_running_batch(admin_engine, tmp_path):
+    engine = admin_engine
+    job = engine.validate(ImageRequest(**body(style="ink", seed=3)))
+    (before,) = engine.run([job])
+    lora = write_demo_lora(engine.pipe.transformer, tmp_path / "late", seed=41, rank=8, alpha=8.0)
+    in_call, release = threading.Event(), threading.Event()
+
+    def hold_first_step(module, args):
+        in_call.set()
+        release.wait(30)
+
+    hook = engine.pipe.transformer.register_forward_pre_hook(hold_first_step)
+    outcome = {}
+    batch = threading.Thread(target=lambda: outcome.update(batch=engine.run([job])))
+    merge = threading.Thread(target=lambda: outcome.update(merge=engine.merge_lora(str(lora), style_name="late")))
+    try:
+        batch.start()
+        assert in_call.wait(30)
+        merge.start()
+        time.sleep(0.3)
+        assert merge.is_alive() and "late" not in engine.style_names  # the merge waits for the batch
+    finally:
+        release.set()
+        batch.join(30)
+        merge.join(60)
+        hook.remove()
+    (during,) = outcome["batch"]
+    np.testing.assert_allclose(during.images, before.images, rtol=0, atol=1e-6)  # made with the bank it started with
+    assert outcome["merge"].style_name == "late" and engine.style_names[-1] == "late"
+    stale = engine.validate(ImageRequest(**body(style="late", seed=3)))
+    engine.delete_style("late")
+    (gone,) = engine.run([stale])  # validated, then its style was deleted before the call
+    assert gone.status == 409 and "deleted while the request waited" in str(gone)
+
+
+# -- operations -----------------------------------------------------------------------------------
+
+
+def test_metrics_count_requests_batches_and_latency(engine):
+    app = create_app(engine, max_batch=4, max_wait_ms=500)
+
+    async def scenario():
+        async with serving(app) as client:
+            await asyncio.gather(*(client.post(ENDPOINT, json=body(seed=seed)) for seed in range(3)))
+            await client.post(ENDPOINT, json=body(style="nope"))
+            return await client.get("/metrics")
+
+    reply = asyncio.run(scenario())
+    assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+    text = reply.text
+    for line in (
+        'share_requests_total{endpoint="/v1/images/generations",status="200"} 3.0',
+        'share_requests_total{endpoint="/v1/images/generations",status="400"} 1.0',
+        'share_errors_total{reason="validation"} 1.0',
+        "share_images_total 3.0",
+        "share_batch_size_count 1.0",
+        "share_batch_size_sum 3.0",
+        'share_batch_size_bucket{le="2.0"} 0.0',
+        'share_batch_size_bucket{le="3.0"} 1.0',
+        "share_queue_seconds_count 3.0",
+        "share_compute_seconds_count 1.0",
+        "share_queued_images 0.0",
+    ):
+        assert line in text, line
+
+
+def test_command_line_defaults_and_errors(capsys):
+    args = build_parser().parse_args([])
+    assert (args.host, args.port, args.max_batch, args.admin_token) == ("127.0.0.1", 8000, 8, None)
+    assert main(["--model", TINY_RANDOM, "--max-batch", "8", "--max-queue", "4"]) == 1  # before loading anything
+    assert capsys.readouterr().err.strip() == "error: need 1 <= --max-batch <= --max-queue, got 8 and 4"
+    help_text = subprocess.run(
+        [sys.executable, "-m", "share_diffusers.serving", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert help_text.returncode == 0
+    for flag in (
+        "--model",
+        "--factors",
+        "--device",
+        "--dtype",
+        "--host",
+        "--max-batch",
+        "--max-wait-ms",
+        "--admin-token",
+    ):
+        assert flag in help_text.stdout
+
+
+# -- the load test --------------------------------------------------------------------------------
+
+
+def test_bench_serve_quick(tmp_path):
+    """``bench_serve.py --quick``: three real servers on loopback, a short closed-loop load each."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--quick", "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert set(report["servers"]) == {"share", "share_max_batch_1", "stock_peft"}
+    for name, row in report["servers"].items():
+        assert row["ok"] > 0 and row["errors"] == 0, (name, row)
+        assert row["throughput_images_s"] > 0 and row["p95_s"] >= row["p50_s"] > 0
+    assert report["servers"]["share_max_batch_1"]["mean_batch"] == 1.0
+    assert report["servers"]["stock_peft"]["mean_batch"] == 1.0
+    assert report["servers"]["share"]["mean_batch"] > 1.0  # concurrent clients' styles shared pipeline calls
+    assert report["config"]["styles"] >= 8
+    assert "| share" in out.with_suffix(".md").read_text()

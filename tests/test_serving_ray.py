@@ -1,0 +1,132 @@
+"""The serving app on Ray Serve (``share_diffusers.serving.ray_app``): a local Ray instance on the CPU, the tiny
+pipeline, two replicas. Requests of different styles batched on the replicas give the images single
+requests give, and the images the engine makes in this process; a new checkpoint revision reaches both
+running replicas in place.
+
+The app is deployed from :func:`serve_config` the way ``serve run config.yaml`` / ``serve deploy`` do
+(Ray's declarative API, where a new ``user_config`` is a lightweight update). One Ray start and one
+deployment for the module: about a minute on two busy cores.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from share_diffusers.demo_styles import write_demo_lora  # noqa: E402
+from share_diffusers.runtime import TINY_RANDOM  # noqa: E402
+from share_diffusers.serving.engine import ServingEngine  # noqa: E402
+from share_diffusers.serving.ray_app import serve_config  # noqa: E402
+from share_diffusers.serving.schema import ImageRequest  # noqa: E402
+
+STEPS = 2
+REQUESTS = [
+    {"prompt": "a photo of a cat", "style": "ink", "seed": 1},
+    {"prompt": "a photo of a dog", "style": "neon", "seed": 2},
+    {"prompt": "a photo of a cat", "style": "sepia", "seed": 3},
+    {"prompt": "a red house", "style": None, "seed": 4},
+    {"prompt": "a photo of a cat", "style": {"ink": 0.5, "neon": 0.5}, "seed": 5},
+    {"prompt": "a photo of a tree", "style": "neon", "style_scale": 0.5, "seed": 6},
+]
+REPLICA = dict(model=TINY_RANDOM, num_replicas=2, max_batch=8, max_wait_ms=400, ray_actor_options={"num_cpus": 1})
+
+
+def deploy(config: dict) -> None:
+    """What ``serve run config.yaml`` does with a config file (the declarative API)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _image(response: dict) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(response["data"][0]["b64_npy"])))
+
+
+@pytest.fixture(scope="module")
+def ray_url():
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        deploy(serve_config(**REPLICA))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _post(url: str, body: dict) -> dict:
+    response = httpx.post(
+        f"{url}/v1/images/generations",
+        json={**body, "num_inference_steps": STEPS, "response_format": "b64_npy"},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_two_replicas_batch_styles_like_single_requests(ray_url):
+    with ThreadPoolExecutor(len(REQUESTS)) as pool:
+        batched = list(pool.map(lambda body: _post(ray_url, body), REQUESTS))
+    assert max(reply["share"]["batch_size"] for reply in batched) >= 2  # requests did share pipeline calls
+    assert sum(reply["share"]["batch_size"] for reply in batched) >= len(REQUESTS)
+    singles = [_post(ray_url, body) for body in REQUESTS]
+    assert [reply["share"]["batch_size"] for reply in singles] == [1] * len(REQUESTS)
+    # An independent computation: the engine in this process, one pipeline call per request.
+    engine = ServingEngine.from_model(TINY_RANDOM)
+    for body, together, alone in zip(REQUESTS, batched, singles, strict=True):
+        job = engine.validate(ImageRequest(**body, num_inference_steps=STEPS))
+        (local,) = engine.run([job])
+        np.testing.assert_allclose(_image(together), _image(alone), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(_image(together), local.images[0], rtol=0, atol=1e-5)
+
+
+def _replicas(url: str) -> dict[str, dict]:
+    """``/healthz`` of each replica: the router spreads requests over both."""
+    seen = {}
+    deadline = time.monotonic() + 60
+    while len(seen) < 2 and time.monotonic() < deadline:
+        health = httpx.get(f"{url}/healthz", timeout=30).json()
+        seen[health["replica"]] = health
+    return seen
+
+
+def test_new_checkpoint_rolls_out_to_every_replica(ray_url, tmp_path):
+    from share_diffusers import ShareFluxPipeline
+    from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    for seed, name in ((21, "ocean"), (22, "forest")):
+        pipe.merge_lora(write_demo_lora(pipe.transformer, tmp_path / name, seed, 4, 4.0), style_name=name)
+    pipe.save_share_factors(tmp_path / "v2")
+    before = _replicas(ray_url)
+    assert [health["styles"] for health in before.values()] == [["ink", "neon", "sepia"]] * 2
+
+    deploy(serve_config(**REPLICA, factors=str(tmp_path / "v2")))
+    seen = _replicas(ray_url)
+    assert set(seen) == set(before)  # the same two replicas, reconfigured in place (no restart)
+    for health in seen.values():
+        assert health["styles"] == ["ocean", "forest"]
+        assert health["checkpoint"]["factors"] == str(tmp_path / "v2")
+    assert _post(ray_url, {"prompt": "a photo of a cat", "style": "forest", "seed": 0})["share"]["batch_size"] == 1
+    refused = httpx.post(f"{ray_url}/v1/images/generations", json={"prompt": "a cat", "style": "ink"}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "style"
+    admin = httpx.delete(f"{ray_url}/v1/styles/ocean", timeout=30)
+    assert admin.status_code == 403 and "checkpoint revision" in admin.json()["error"]["message"]
