@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from classifier_helpers import write_keyword_tasks, write_shape_tasks, write_tiny_bert, write_tiny_mobilenet
-from launch_helpers import CPU_ENV, accelerate_launch
+from launch_helpers import CPU_ENV, accelerate_launch, run_cli_in_process
 from safetensors.torch import load_file
 
 from share_diffusers.continual import accuracy_table, matrix_summary
@@ -193,7 +193,7 @@ def test_vision_backbone_with_share_on_1x1_convolutions(tmp_path):
     ],
     ids=["no-folder", "no-test-split", "no-label", "unseen-label", "not-json"],
 )
-def test_bad_task_data_fails_before_any_model_work(text, tmp_path, break_it, message):
+def test_bad_task_data_fails_before_any_model_work(text, tmp_path, break_it, message, capsys):
     shutil.copytree(Path(text["animals"]).parent, tmp_path / "tasks")
     break_it(tmp_path / "tasks")
     tasks = [
@@ -202,8 +202,20 @@ def test_bad_task_data_fails_before_any_model_work(text, tmp_path, break_it, mes
         "--task",
         f"animals={tmp_path / 'tasks' / 'animals'}/",
     ]
+    arguments = ["--model_name_or_path", text["bert"], *tasks, "--output_dir", tmp_path / "out", *SMALL, *FAST]
+    returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+    assert returncode == 1 and message in stderr.strip().splitlines()[-1], stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not (tmp_path / "out" / "after-task-1").exists()
+
+
+def test_a_refusal_on_the_command_line_is_one_error_line(text, tmp_path):
+    """The one run of the script in its own interpreter for a refusal: the ``error:`` line, status 1, no
+    traceback (the other refusals run its ``cli`` in process)."""
+    tasks = ["--task", f"colors={text['colors']}", "--task", f"animals={tmp_path / 'missing'}"]
     result = run(text["bert"], tasks, tmp_path / "out", launch=False, check=False)
-    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "is not a folder" in result.stderr
     assert not (tmp_path / "out" / "after-task-1").exists()
 
 

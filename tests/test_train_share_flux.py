@@ -3,8 +3,6 @@ mixed precision, cached latents and gradient checkpointing (in process, CUDA whe
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import logging
 import math
 import subprocess
@@ -17,7 +15,7 @@ import torch
 from accelerate.state import AcceleratorState
 from diffusers import FluxPipeline
 from flux_helpers import run_transformer, transformer_inputs, write_diffusers_lora
-from launch_helpers import CPU_ENV, accelerate_launch
+from launch_helpers import CPU_ENV, accelerate_launch, run_cli_in_process, script_module
 from PIL import Image
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
@@ -83,13 +81,14 @@ def _style_cores(path, style="red-square"):
     return {name: layer.cores()[index] for name, layer in factors.layers.items()}
 
 
-@functools.cache
 def _script():
     """training/train_share_flux.py as a module, to call its ``main`` in this process (no interpreter start)."""
-    spec = importlib.util.spec_from_file_location("train_share_flux", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(SCRIPT)
+
+
+def refused(setup, out, *extra, capsys, new_subspace: bool = False) -> tuple[int, str]:
+    """The script's command line in this process (its exit status and stderr), for refusals of bad input."""
+    return run_cli_in_process(SCRIPT, _arguments(setup, out, *extra, new_subspace=new_subspace), capsys)
 
 
 @pytest.fixture
@@ -205,27 +204,32 @@ def test_resume_from_latest_checkpoint_ends_where_an_uninterrupted_run_ends(setu
     ],
     ids=["empty", "no-captions", "unreadable"],
 )
-def test_bad_data_fails_before_training(setup, tmp_path, prepare, message):
+def test_bad_data_fails_before_training(setup, tmp_path, prepare, message, capsys):
     data = tmp_path / "bad"
     data.mkdir()
     prepare(data)
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--pretrained_model_name_or_path",
-        str(setup / "tiny"),
-        "--instance_data_dir",
-        str(data),
-        "--style_name",
-        "x",
-        "--output_dir",
-        str(tmp_path / "o"),
+    arguments = [
+        *("--pretrained_model_name_or_path", setup / "tiny", "--instance_data_dir", data),
+        *("--style_name", "x", "--output_dir", tmp_path / "o"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+    line = stderr.strip().splitlines()[-1]
+    assert returncode == 1 and line.startswith("error: ") and message in line
 
 
-def test_factors_for_another_model_fail_before_training(setup, tmp_path):
+def test_a_refusal_on_the_command_line_is_one_error_line(setup, tmp_path):
+    """The one run of the script in its own interpreter for a refusal: the ``error:`` line, status 1, no
+    traceback (the other refusals run its ``cli`` in process)."""
+    command = [
+        *(sys.executable, SCRIPT, "--pretrained_model_name_or_path", setup / "tiny"),
+        *("--instance_data_dir", tmp_path, "--style_name", "x", "--output_dir", tmp_path / "o"),
+    ]
+    result = subprocess.run(list(map(str, command)), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "holds no images" in result.stderr
+
+
+def test_factors_for_another_model_fail_before_training(setup, tmp_path, capsys):
     wrong = build_tiny_flux_pipeline(0, ShareFluxPipeline)
     from share_diffusers.core import ShareFactors, save_factors
     from share_diffusers.core.subspace import empty_layer, to_storage
@@ -237,22 +241,12 @@ def test_factors_for_another_model_fail_before_training(setup, tmp_path):
     )
     save_factors(bad, tmp_path / "wrong")
     del wrong
-    command = [
-        sys.executable,
-        str(SCRIPT),
-        "--pretrained_model_name_or_path",
-        str(setup / "tiny"),
-        "--share_factors",
-        str(tmp_path / "wrong"),
-        "--instance_data_dir",
-        str(setup / "data"),
-        "--style_name",
-        "x",
-        "--output_dir",
-        str(tmp_path / "o"),
+    arguments = [
+        *("--pretrained_model_name_or_path", setup / "tiny", "--share_factors", tmp_path / "wrong"),
+        *("--instance_data_dir", setup / "data", "--style_name", "x", "--output_dir", tmp_path / "o"),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 1 and "size mismatch for transformer_blocks.0.attn.to_q" in result.stderr
+    returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+    assert returncode == 1 and "size mismatch for transformer_blocks.0.attn.to_q" in stderr
     assert not (tmp_path / "o" / "factors").exists()
 
 
@@ -268,10 +262,10 @@ def test_empty_prompt_share_is_close_to_the_proportion_and_fixed_per_sample():
     assert drop_captions(captions, indices, 0.0, seed=3, step=5) == captions
 
 
-def test_proportion_of_empty_prompts_outside_zero_one_is_refused(setup, tmp_path):
-    result = run(setup, tmp_path / "o", "--proportion_empty_prompts", "1.5", check=False)
-    assert result.returncode == 1
-    assert "--proportion_empty_prompts must be in [0, 1], got 1.5" in result.stderr
+def test_proportion_of_empty_prompts_outside_zero_one_is_refused(setup, tmp_path, capsys):
+    returncode, stderr = refused(setup, tmp_path / "o", "--proportion_empty_prompts", "1.5", capsys=capsys)
+    assert returncode == 1
+    assert "--proportion_empty_prompts must be in [0, 1], got 1.5" in stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -323,9 +317,11 @@ def test_blocks_targets_put_a_new_subspace_on_every_linear_of_the_blocks(setup, 
     ],
     ids=["no-match", "bad-regex", "with-share-factors"],
 )
-def test_bad_target_modules_are_refused_before_training(setup, tmp_path, value, new_subspace, message):
-    result = run(setup, tmp_path / "o", "--target_modules", value, check=False, new_subspace=new_subspace, launch=False)
-    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+def test_bad_target_modules_are_refused_before_training(setup, tmp_path, value, new_subspace, message, capsys):
+    returncode, stderr = refused(
+        setup, tmp_path / "o", "--target_modules", value, capsys=capsys, new_subspace=new_subspace
+    )
+    assert returncode == 1 and message in stderr
     assert not (tmp_path / "o" / "factors").exists()
 
 
@@ -361,9 +357,9 @@ def test_fine_tune_style_trains_a_held_style_in_place(setup, tmp_path):
     ],
     ids=["no-factors", "unknown-style", "existing-style", "coefficients-only"],
 )
-def test_fine_tune_style_refusals(setup, tmp_path, extra, new_subspace, message):
-    result = run(setup, tmp_path / "o", *extra, check=False, new_subspace=new_subspace, launch=False)
-    assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+def test_fine_tune_style_refusals(setup, tmp_path, extra, new_subspace, message, capsys):
+    returncode, stderr = refused(setup, tmp_path / "o", *extra, capsys=capsys, new_subspace=new_subspace)
+    assert returncode == 1 and message in stderr
     assert not (tmp_path / "o" / "factors").exists()
 
 

@@ -459,9 +459,14 @@ def evaluate_saved(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """``main`` as the command line runs it: a refusal of bad input is one ``error:`` line and exit status 1."""
     try:
-        sys.exit(main())
+        return main(argv)
     except (TaskDataError, ShareError) as error:  # bad data or checkpoint: one line, before any training step
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -485,9 +485,14 @@ def _validate(pipe, args, accelerator, step: int, idle: list) -> None:
             tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """``main`` as the command line runs it: a refusal of bad input is one ``error:`` line and exit status 1."""
     try:
-        sys.exit(main())
+        return main(argv)
     except (DataError, ShareError) as error:  # bad data or factors: one line, before any training step
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -327,9 +327,14 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli(argv=None) -> int:
+    """``main`` as the command line runs it: a refusal of bad input is one ``error:`` line and exit status 1."""
     try:
-        sys.exit(main())
+        return main(argv)
     except FashionDataError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
