@@ -76,6 +76,7 @@ from common import (
     MODEL_SEED,
     Stats,
     Style,
+    fill_random_,
     flux_inputs,
     forward,
     interleave,
@@ -398,22 +399,6 @@ def build_transformer(settings: Settings, device: torch.device) -> FluxTransform
     transformer = transformer.to(settings.dtype).to_empty(device=device)
     fill_random_(transformer, device, MODEL_SEED)
     return transformer.eval().requires_grad_(False)
-
-
-@torch.no_grad()
-def fill_random_(model: torch.nn.Module, device: torch.device, seed: int) -> None:
-    """Weights ~ N(0, 0.5 / sqrt(fan_in)), norm weights 1, biases 0, drawn on ``device``."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    for name, parameter in model.named_parameters():
-        if parameter.ndim >= 2:
-            parameter.normal_(0.0, 0.5 / parameter[0].numel() ** 0.5, generator=generator)
-        elif name.endswith("bias"):
-            parameter.zero_()
-        else:
-            parameter.fill_(1.0)
-    for name, buffer in model.named_buffers():  # FluxTransformer2DModel has none; to_empty left them unset
-        log(f"warning: buffer {name} set to zero")
-        buffer.zero_()
 
 
 @dataclass

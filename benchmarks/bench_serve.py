@@ -101,6 +101,7 @@ def _flux1_random(pipeline_class, device: str, dtype, blocks: tuple[int, int]):
     """FLUX.1-dev's transformer (random, built on the meta device and filled on ``device``), FLUX.1's VAE
     configuration (random), one-layer CLIP-L / T5-XXL-width encoders (random) and the tiny tokenizers."""
     import torch
+    from common import fill_random_
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
@@ -109,15 +110,7 @@ def _flux1_random(pipeline_class, device: str, dtype, blocks: tuple[int, int]):
     with torch.device("meta"):
         transformer = _flux1_meta_transformer(blocks)
     transformer = transformer.to(dtype).to_empty(device=device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in transformer.named_parameters():
-            if parameter.ndim >= 2:
-                parameter.normal_(0.0, 0.5 / parameter[0].numel() ** 0.5, generator=generator)
-            elif name.endswith("bias"):
-                parameter.zero_()
-            else:
-                parameter.fill_(1.0)
+    fill_random_(transformer, torch.device(device), seed=0)
     torch.manual_seed(1)
     vae = AutoencoderKL(
         in_channels=3,

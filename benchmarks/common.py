@@ -278,3 +278,19 @@ def share_buffer_bytes(share: ShareModel) -> int:
         for buffer in layer.buffers(recurse=False):
             seen[buffer.data_ptr()] = buffer.numel() * buffer.element_size()
     return sum(seen.values())
+
+
+@torch.no_grad()
+def fill_random_(model: torch.nn.Module, device: torch.device, seed: int) -> None:
+    """Weights ~ N(0, 0.5 / sqrt(fan_in)), norm weights 1, biases 0, drawn on ``device``."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for name, parameter in model.named_parameters():
+        if parameter.ndim >= 2:
+            parameter.normal_(0.0, 0.5 / parameter[0].numel() ** 0.5, generator=generator)
+        elif name.endswith("bias"):
+            parameter.zero_()
+        else:
+            parameter.fill_(1.0)
+    for name, buffer in model.named_buffers():  # FluxTransformer2DModel has none; to_empty left them unset
+        log(f"warning: buffer {name} set to zero")
+        buffer.zero_()
