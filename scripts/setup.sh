@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # The CPU wheel first; the project bounds torch below 2.14 so pip keeps it instead of a CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
-.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,app,serve]"
+.venv/bin/pip install -q --disable-pip-version-check -e ".[dev,app,serve,quant]"
 # The browser test drives Debian's Chromium (Playwright's own browser download cannot work offline);
 # the demo model's trainers, judges and tests read Debian's Fashion-MNIST.
 missing=()

@@ -352,7 +352,8 @@ def _check_lora_fits(denoiser: nn.Module, layers: dict, origin: str) -> None:
         weight = getattr(module, "weight", None)
         if weight is None or weight.ndim < 2:
             raise ShapeMismatchError(f"{origin}: the LoRA targets {layer_name!r}, which this transformer does not have")
-        shape = (weight.shape[0], weight.shape[1])
+        # in/out features, not the weight's shape: a quantized weight is stored packed (GGUF: bytes per row)
+        shape = (getattr(module, "out_features", weight.shape[0]), getattr(module, "in_features", weight.shape[1]))
         if shape != lora.shape:
             raise ShapeMismatchError(
                 f"{origin}: size mismatch for {layer_name}: the LoRA's update is {lora.shape} but the "

@@ -45,5 +45,9 @@ class ShareStateError(ShareError, RuntimeError):
     """The call is not possible in the current state: a style is fused, PEFT adapters are loaded, factors are held."""
 
 
+class QuantizedBaseError(ShareStateError):
+    """The operation would write into a quantized base weight (fusing a style): refused, the weight is unchanged."""
+
+
 class ShareIOError(ShareError, OSError):
     """A checkpoint or LoRA file could not be written or read at the operating-system level (permissions, disk full)."""

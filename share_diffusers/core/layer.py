@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ShapeMismatchError, ShareValueError
+from .errors import QuantizedBaseError, ShapeMismatchError, ShareValueError
+from .quantized import compute_dtype, is_quantized, quantization_name
 from .subspace import LayerShare
 
 
@@ -182,13 +183,14 @@ class ShareLinear(nn.Module):
 
     Args:
         base_layer: the module it wraps, ``nn.Linear`` or a 1x1 ``nn.Conv2d`` (``groups=1``, no
-            padding), of any dtype and device; its parameters are left untouched (frozen).
+            padding), of any dtype and device, quantized or not (GGUF, torchao, bitsandbytes,
+            quanto: ``core.quantized``); its parameters are left untouched (frozen).
         selection: the model-wide :class:`StyleSelection` this layer reads (it registers itself).
 
     The Share tensors are non-persistent buffers on the base layer's device, so the model's own
-    ``state_dict`` stays that of the base model. The bases are in the base weight's dtype (they
-    are what the forward multiplies with); the cores stay float32 (tiny, and blends and fusing
-    are computed from them).
+    ``state_dict`` stays that of the base model. The bases are in the base layer's compute dtype
+    (its weight's dtype, or a quantized layer's ``compute_dtype``: what the forward multiplies
+    with); the cores stay float32 (tiny, and blends and fusing are computed from them).
     """
 
     def __init__(self, base_layer: nn.Linear | nn.Conv2d, selection: StyleSelection):
@@ -212,7 +214,7 @@ class ShareLinear(nn.Module):
         self.selection = selection
         self._is_conv = isinstance(base_layer, nn.Conv2d)
         weight = base_layer.weight
-        compute = dict(dtype=weight.dtype, device=weight.device)
+        compute = dict(dtype=compute_dtype(base_layer), device=weight.device)
         exact = dict(dtype=torch.float32, device=weight.device)
         self.register_buffer("basis_out", torch.zeros(self.out_features, 0, **compute), persistent=False)
         self.register_buffer("basis_in", torch.zeros(self.in_features, 0, **compute), persistent=False)
@@ -240,13 +242,13 @@ class ShareLinear(nn.Module):
         """
         if self.fused_weights is not None:
             raise RuntimeError("cannot change the Share factors of a layer with a fused style; unfuse_style() first")
-        weight = self.base_layer.weight
+        device, dtype = self.base_layer.weight.device, compute_dtype(self.base_layer)
         self.selection.invalidate()
         self.blended_cores = None
-        exact = dict(dtype=torch.float32, device=weight.device)
+        exact = dict(dtype=torch.float32, device=device)
         if layer is None:
-            self.basis_out = weight.new_zeros(self.out_features, 0)
-            self.basis_in = weight.new_zeros(self.in_features, 0)
+            self.basis_out = torch.zeros(self.out_features, 0, dtype=dtype, device=device)
+            self.basis_in = torch.zeros(self.in_features, 0, dtype=dtype, device=device)
             self.cores_out = self.cores_in = self.anchor = torch.zeros(0, 0, **exact)
             self.present = torch.zeros(0, **exact)
             return
@@ -255,8 +257,8 @@ class ShareLinear(nn.Module):
                 f"size mismatch: the Share factors are for a ({layer.shape[0]}, {layer.shape[1]}) weight but "
                 f"the layer is ({self.out_features}, {self.in_features})"
             )
-        self.basis_out = layer.basis_out.to(device=weight.device, dtype=weight.dtype)
-        self.basis_in = layer.basis_in.to(device=weight.device, dtype=weight.dtype)
+        self.basis_out = layer.basis_out.to(device=device, dtype=dtype)
+        self.basis_in = layer.basis_in.to(device=device, dtype=dtype)
         t, k, p = layer.core_out.shape
         self.pseudo_rank = p
         self.cores_out = layer.core_out.permute(1, 0, 2).reshape(k, t * p).to(**exact)  # [core_out[0], ...]
@@ -284,7 +286,8 @@ class ShareLinear(nn.Module):
             return result
         if styled and self.fused_weights is not None:
             raise RuntimeError("a style is fused into this layer; unfuse_style() before selecting styles per batch")
-        if styled and self.trainable is None and not self._is_conv and result.dtype == self.basis_out.dtype:
+        same_dtype = result.dtype == x.dtype == self.basis_out.dtype
+        if styled and self.trainable is None and not self._is_conv and same_dtype:
             return self._add_styles(x, result)
         features = self._channels_last(x)  # (batch, ..., d_in)
         delta = None
@@ -357,6 +360,11 @@ class ShareLinear(nn.Module):
     def fuse(self, weights: torch.Tensor, exact: bool = True) -> None:
         """Add a blend's ``dW`` to the base weight, on its device: zero overhead until :meth:`unfuse`.
 
+        Refused on a quantized base (:class:`QuantizedBaseError`): requantizing ``W + dW`` keeps only
+        the part of ``dW`` larger than the grid's step (a delta of 1% of ``|W|`` at FLUX.1 width
+        loses 53% through Q8_0 and all of it through Q4_0; tests/test_quantized.py), so the fused
+        style would not be the one asked for, while the unfused one is exact.
+
         Args:
             weights: ``(t,)`` blend over the bank.
             exact: keep a copy of the original weight (on its device: one more copy of every fused
@@ -367,11 +375,22 @@ class ShareLinear(nn.Module):
         """
         if self.fused_weights is not None:
             raise RuntimeError("a style is already fused into this layer; unfuse_style() first")
+        self.check_fusable()
         if self.basis_out.shape[1] > 0:
             if exact:
                 self._unfused_weight = self.base_layer.weight.detach().clone()
             self._add_delta(weights, sign=1.0)
         self.fused_weights = weights.detach().clone()
+
+    def check_fusable(self) -> None:
+        """Raise :class:`QuantizedBaseError` if the base weight is quantized (see :meth:`fuse`'s policy)."""
+        if is_quantized(self.base_layer):
+            raise QuantizedBaseError(
+                f"its weight is quantized ({quantization_name(self.base_layer)}): requantizing W + dW rounds a "
+                "LoRA-sized delta away (one of 1% of |W| loses about half of itself through Q8_0, all of it "
+                "through Q4_0) and re-rounds the base on every fuse/unfuse. Apply the style unfused instead "
+                "(style=...: exact, three small products a layer), or load the base unquantized to fuse"
+            )
 
     def unfuse(self) -> None:
         """Restore the base weight: bit for bit after an exact fuse, within the dtype's rounding otherwise."""

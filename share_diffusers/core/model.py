@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .adapters import LoraAdapter
-from .errors import ShapeMismatchError, ShareStateError, ShareValueError, StyleError
+from .errors import QuantizedBaseError, ShapeMismatchError, ShareStateError, ShareValueError, StyleError
 from .factors import MAX_STYLE_WEIGHT, ShareConfig, ShareFactors, check_style_weight
 from .inject import find_targets, layer_shapes, remove_share, wrap_modules
 from .layer import ShareLinear, StyleSelection
@@ -282,12 +282,18 @@ class ShareModel:
         ``exact`` keeps a copy of every fused weight so that :meth:`unfuse_style` restores it bit for
         bit (one more copy of the target weights: 4.7 GiB for FLUX.1's 266 attention linears in
         bf16); ``exact=False`` keeps nothing and subtracts the delta again on unfuse, as PEFT does
-        (within the weights' rounding).
+        (within the weights' rounding). Refused on a quantized base (:class:`QuantizedBaseError`,
+        nothing changed): see :meth:`ShareLinear.fuse`.
         """
         if style is None or isinstance(style, list | tuple):
             raise StyleError("fuse_style takes one style name or one {name: weight} blend")
         self._check_unfused("fuse another style")
         weights = style_weights(self.factors, style, scale)[0]
+        for name, layer in self.layers.items():
+            try:
+                layer.check_fusable()
+            except QuantizedBaseError as error:
+                raise QuantizedBaseError(f"cannot fuse a style into {name}: {error}") from None
         self.selection.clear()
         for layer in self.layers.values():
             layer.fuse(weights, exact=exact)
