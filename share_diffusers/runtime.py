@@ -27,6 +27,7 @@ from .core.errors import ShareError
 from .core.model import StyleSpec
 from .fashion.data import CLASS_NAMES, prompt_for
 from .fashion.model import DEMO_CALL, DEMO_GUIDANCE, DEMO_PIPELINE_DIR, DEMO_STYLES_DIR, RESOLUTION
+from .quantization import check_quantize, load_quantized_transformer, quantize_in_place
 
 __all__ = [
     "DEFAULT_PROMPTS",
@@ -256,7 +257,11 @@ def _quiet_loading(progress: bool) -> Iterator[None]:
 
 
 def load_pipeline(
-    model: str | None = None, device: str | None = None, dtype: str | torch.dtype | None = None, progress: bool = True
+    model: str | None = None,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    progress: bool = True,
+    quantize: str | None = None,
 ):
     """A ``ShareFluxPipeline`` with no styles yet, on ``device`` in ``dtype``.
 
@@ -267,12 +272,16 @@ def load_pipeline(
         device: torch device (default: ``cuda`` if available, else ``cpu``).
         dtype: ``float32``, ``bfloat16`` or ``float16`` (default: bfloat16 on CUDA, float32 elsewhere).
         progress: show the loading bars of diffusers and transformers.
+        quantize: the transformer quantized: ``int8`` / ``float8`` (torchao), ``nf4`` (bitsandbytes,
+            CUDA) or a ``.gguf`` file of the model's transformer (:mod:`share_diffusers.quantization`);
+            ``dtype`` is then its compute dtype.
 
     Raises:
         ValueError: an unknown device or dtype; OSError: a model that cannot be found or read.
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
+    check_quantize(quantize)
     import_diffusers_quietly()
     with _quiet_loading(progress):
         from .pipeline_flux import ShareFluxPipeline
@@ -283,7 +292,7 @@ def load_pipeline(
                     f"the embedded demo model is missing from the installed package ({DEMO_PIPELINE_DIR}); "
                     "reinstall share-diffusers"
                 )
-            pipe = ShareFluxPipeline.from_pretrained(str(DEMO_PIPELINE_DIR), torch_dtype=torch_dtype)
+            pipe = _from_pretrained(ShareFluxPipeline, str(DEMO_PIPELINE_DIR), torch_dtype, quantize)
         elif model == TINY_RANDOM:
             from .tiny_flux import build_tiny_flux_pipeline
 
@@ -291,10 +300,19 @@ def load_pipeline(
             for component in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
                 # nn.Module.to: diffusers' ModelMixin.to warns about "modules to keep in float32: []".
                 torch.nn.Module.to(component, dtype=torch_dtype)
+            if quantize is not None:
+                quantize_in_place(pipe.transformer, quantize)
         else:
             _check_model_source(model)
-            pipe = ShareFluxPipeline.from_pretrained(model, torch_dtype=torch_dtype)
+            pipe = _from_pretrained(ShareFluxPipeline, model, torch_dtype, quantize)
     return pipe.to(device)
+
+
+def _from_pretrained(pipeline_class, model: str, torch_dtype: torch.dtype, quantize: str | None):
+    if quantize is None:
+        return pipeline_class.from_pretrained(model, torch_dtype=torch_dtype)
+    transformer = load_quantized_transformer(model, quantize, torch_dtype)
+    return pipeline_class.from_pretrained(model, transformer=transformer, torch_dtype=torch_dtype)
 
 
 def _check_model_source(model: str) -> None:

@@ -9,6 +9,8 @@ stay within the quantization's own error.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -23,7 +25,8 @@ from quant_helpers import dequantized_copy, quantized_bits, relative, with_facto
 
 from share_diffusers import ShareFluxPipeline
 from share_diffusers.core import QuantizedBaseError
-from share_diffusers.core.quantized import compute_dtype, is_quantized
+from share_diffusers.core.quantized import compute_dtype, is_quantized, quantization_name
+from share_diffusers.quantization import weight_bytes
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("torchao")
@@ -194,3 +197,66 @@ def test_requantizing_a_fused_style_loses_it(kind, lost_at_least):
     base = gguf.quants.dequantize(gguf.quants.quantize(weight, quant), quant)
     fused = gguf.quants.dequantize(gguf.quants.quantize(base + delta, quant), quant)
     assert relative(delta, fused - base) > lost_at_least
+
+
+def share_bytes(share) -> int:
+    """Bytes of the Share tensors a model holds (bases, cores, anchors) once styles are loaded."""
+    return sum(
+        tensor.numel() * tensor.element_size()
+        for layer in share.layers.values()
+        for tensor in (layer.basis_out, layer.basis_in, layer.cores_out, layer.cores_in, layer.anchor)
+    )
+
+
+def test_styles_take_the_same_memory_on_a_quantized_base(tiny_dir, share_pipe, tmp_path):
+    quantized = load_quantized("Q4_0", tiny_dir, tmp_path)
+    float_model = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    assert weight_bytes(quantized) < 0.5 * weight_bytes(float_model)
+    factors = share_pipe.share_factors
+    on_quantized, on_float = with_factors(quantized, factors), with_factors(float_model, factors)
+    assert share_bytes(on_quantized) == share_bytes(on_float) > 0
+
+
+def test_load_pipeline_quantized_demo_model_keeps_its_styles():
+    """The runtime path the CLI, studio and server use: the embedded demo model, int8, its shipped styles."""
+    from share_diffusers.runtime import load_pipeline, load_styles
+
+    float_pipe = load_pipeline(None, "cpu", "float32", progress=False)
+    pipe = load_pipeline(None, "cpu", "float32", progress=False, quantize="int8")
+    assert weight_bytes(pipe.transformer) < 0.4 * weight_bytes(float_pipe.transformer)
+    for each in (float_pipe, pipe):
+        load_styles(each, None)
+    style = pipe.list_styles()[0]
+    kwargs = dict(height=32, width=32, num_inference_steps=2, output_type="np")
+    images = {}
+    for name, each in (("float", float_pipe), ("int8", pipe)):
+        images[name, style] = each(prompt="a bag", style=style, generator=torch.Generator().manual_seed(0), **kwargs)
+        images[name, None] = each(prompt="a bag", generator=torch.Generator().manual_seed(0), **kwargs)
+    quantization_error = relative(images["float", None].images, images["int8", None].images)
+    style_error = relative(images["float", style].images, images["int8", style].images)
+    assert style_error < 2 * quantization_error + 1e-3
+    assert relative(images["float", style].images, images["float", None].images) > 5 * style_error
+
+
+def test_load_pipeline_from_a_gguf_transformer_file(tiny_dir, tmp_path):
+    from share_diffusers.runtime import load_pipeline
+
+    path = tmp_path / "transformer-Q8_0.gguf"
+    write_gguf(FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer"), path, GGUF_TYPES["Q8_0"])
+    pipe = load_pipeline(str(tiny_dir), "cpu", "float32", progress=False, quantize=str(path))
+    layer = pipe.transformer.transformer_blocks[0].attn.to_q
+    assert is_quantized(layer) and "Q8_0" in quantization_name(layer)
+
+
+@pytest.mark.parametrize(
+    ("quantize", "error", "message"),
+    [
+        ("int4", ValueError, "unknown quantization 'int4': choose int8, float8, nf4 or a .gguf file"),
+        ("/nowhere/flux1-dev-Q4_0.gguf", FileNotFoundError, "no GGUF file at /nowhere/flux1-dev-Q4_0.gguf"),
+    ],
+)
+def test_load_pipeline_rejects_a_bad_quantization(quantize, error, message):
+    from share_diffusers.runtime import load_pipeline
+
+    with pytest.raises(error, match=re.escape(message)):
+        load_pipeline(None, "cpu", "float32", progress=False, quantize=quantize)

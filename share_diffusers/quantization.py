@@ -1,0 +1,103 @@
+"""Loading Flux with a quantized transformer, the way people run FLUX.1 on one consumer GPU.
+
+``quantize`` names one of:
+
+- ``"int8"`` / ``"float8"``: torchao weight-only (diffusers' ``TorchAoConfig``); int8 runs on the CPU
+  too, float8 wants a GPU of compute capability 8.9 or newer for speed;
+- ``"nf4"``: bitsandbytes 4-bit NormalFloat (``BitsAndBytesConfig``), CUDA only;
+- a path to a ``.gguf`` file (city96's FLUX.1 GGUF files, Q8_0 to Q2_K): diffusers'
+  ``GGUFQuantizationConfig``, the transformer's config read from the model's own ``transformer``
+  folder.
+
+Share applies its styles beside the quantized layers (``core.quantized``): every style works, per
+prompt, with no patching of the base; only fusing a style into it is refused.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TORCHAO_KINDS = ("int8", "float8")
+QUANTIZATIONS = (*TORCHAO_KINDS, "nf4")
+
+
+def check_quantize(quantize: str | None) -> None:
+    """Raise ``ValueError`` (naming the choices) unless ``quantize`` is None, a known kind or a ``.gguf`` file."""
+    if quantize is None or quantize in QUANTIZATIONS:
+        return
+    if not quantize.endswith(".gguf"):
+        raise ValueError(f"unknown quantization {quantize!r}: choose {', '.join(QUANTIZATIONS)} or a .gguf file")
+    if not Path(quantize).expanduser().is_file():
+        raise FileNotFoundError(f"no GGUF file at {quantize}")
+
+
+def _torchao_config(kind: str):
+    try:
+        from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig
+    except ImportError as error:
+        raise ImportError(f"quantize={kind!r} needs torchao: pip install 'share-diffusers[quant]'") from error
+    return Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
+
+
+def quantization_config(kind: str, dtype: torch.dtype):
+    """diffusers' quantization config of a transformer for ``kind`` in :data:`QUANTIZATIONS`."""
+    if kind in TORCHAO_KINDS:
+        from diffusers import TorchAoConfig
+
+        return TorchAoConfig(_torchao_config(kind))
+    from diffusers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_quantized_transformer(model: str, quantize: str, dtype: torch.dtype):
+    """Flux's transformer of ``model`` (a pipeline folder or Hub id), quantized as ``quantize`` says.
+
+    Args:
+        model: where the transformer's config (and, unless ``quantize`` is a GGUF file, its weights) live.
+        quantize: see the module docstring.
+        dtype: the compute dtype (activations, Share's bases and cores).
+    """
+    from diffusers import FluxTransformer2DModel
+
+    check_quantize(quantize)
+    if quantize.endswith(".gguf"):
+        try:
+            import gguf  # noqa: F401  (diffusers' GGUF loader needs it)
+        except ImportError as error:
+            raise ImportError("a .gguf transformer needs gguf: pip install 'share-diffusers[quant]'") from error
+        from diffusers import GGUFQuantizationConfig
+
+        return FluxTransformer2DModel.from_single_file(
+            str(Path(quantize).expanduser()),
+            config=model,
+            subfolder="transformer",
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
+            torch_dtype=dtype,
+        )
+    return FluxTransformer2DModel.from_pretrained(
+        model, subfolder="transformer", quantization_config=quantization_config(quantize, dtype), torch_dtype=dtype
+    )
+
+
+def quantize_in_place(transformer: torch.nn.Module, kind: str) -> None:
+    """torchao weight-only quantization of every linear of an already built transformer (``int8``/``float8``)."""
+    if kind not in TORCHAO_KINDS:
+        raise ValueError(f"only {' and '.join(TORCHAO_KINDS)} quantize a model built in memory, not {kind!r}")
+    from torchao.quantization import quantize_
+
+    quantize_(transformer, _torchao_config(kind))
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes the parameters and buffers of ``model`` occupy as stored (packed and quantized ones included)."""
+
+    def stored(tensor: torch.Tensor) -> int:
+        names = getattr(tensor, "tensor_data_names", None)  # torchao's tensor subclasses
+        if names:
+            return sum(stored(getattr(tensor, name)) for name in names)
+        return tensor.numel() * tensor.element_size()
+
+    return sum(stored(tensor) for tensor in [*model.parameters(), *model.buffers()])
