@@ -218,6 +218,30 @@ def test_single_requests_in_float32_match_batched(engine):
             np.testing.assert_allclose(array(single, index), array(batched, index), rtol=0, atol=1e-5)
 
 
+def test_quantized_server_batches_styles_like_single_requests():
+    """``serve --quantize int8``: a mixed-style batch on a torchao int8 base equals the requests one by one."""
+    pytest.importorskip("torchao")
+    from share_diffusers.core.quantized import is_quantized
+
+    quantized = ServingEngine.from_model(TINY_RANDOM, quantize="int8", max_images=8)
+    assert is_quantized(quantized.pipe.transformer.transformer_blocks[0].attn.to_q.base_layer)
+    app = create_app(quantized, max_batch=8, max_wait_ms=1)
+    subset = MIXED[:3]
+
+    async def scenario():
+        async with serving(app) as client:
+            alone = [(await client.post(ENDPOINT, json=request)).json() for request in subset]
+            app.state.backend.max_wait_s = 2.0
+            together = await asyncio.gather(*(client.post(ENDPOINT, json=request) for request in subset))
+            return alone, [reply.json() for reply in together]
+
+    alone, together = asyncio.run(scenario())
+    assert {reply["share"]["batch_size"] for reply in together} == {4}
+    for request, single, batched in zip(subset, alone, together, strict=True):
+        for index in range(request.get("n", 1)):
+            np.testing.assert_allclose(array(single, index), array(batched, index), rtol=0, atol=1e-5)
+
+
 def test_requests_with_other_settings_go_in_their_own_call(engine):
     app = create_app(engine, max_batch=8, max_wait_ms=1500)
     requests = [body(seed=1), body(seed=2, size="16x32"), body(seed=3), body(seed=4, num_inference_steps=1)]
@@ -554,6 +578,10 @@ def test_command_line_defaults_and_errors(capsys):
     assert (args.host, args.port, args.max_batch, args.admin_token) == ("127.0.0.1", 8000, 8, None)
     assert main(["--model", TINY_RANDOM, "--max-batch", "8", "--max-queue", "4"]) == 1  # before loading anything
     assert capsys.readouterr().err.strip() == "error: need 1 <= --max-batch <= --max-queue, got 8 and 4"
+    assert main(["--model", TINY_RANDOM, "--quantize", "int4"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "error: unknown quantization 'int4': choose int8, float8, nf4 or a .gguf file"
+    )
     help_text = subprocess.run(
         [sys.executable, "-m", "share_diffusers.serving", "--help"], capture_output=True, text=True, cwd=ROOT
     )
@@ -563,6 +591,7 @@ def test_command_line_defaults_and_errors(capsys):
         "--factors",
         "--device",
         "--dtype",
+        "--quantize",
         "--host",
         "--max-batch",
         "--max-wait-ms",

@@ -179,11 +179,12 @@ class ServingEngine:
         dtype: str | None = None,
         demo_styles: bool | None = None,
         progress: bool = False,
+        quantize: str | None = None,
         **limits,
     ) -> ServingEngine:
         """Load a pipeline and its styles as the command line and the studio do
         (:func:`share_diffusers.runtime.load_pipeline` / ``load_styles``), with the model's defaults."""
-        pipe = load_pipeline(model, device, dtype, progress=progress)
+        pipe = load_pipeline(model, device, dtype, progress=progress, quantize=quantize)
         pipe.set_progress_bar_config(disable=True)
         load_styles(pipe, model, factors, demo_styles)
         return cls(pipe, defaults_for(pipe, model), **limits)

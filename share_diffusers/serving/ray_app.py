@@ -69,7 +69,8 @@ class ShareFluxDeployment:
     """One replica: the pipeline, its Share checkpoint, a ``@serve.batch`` queue, and the HTTP app.
 
     Args:
-        model, device, dtype, demo_styles: as ``share-diffusers serve`` (:func:`share_diffusers.runtime.load_pipeline`).
+        model, device, dtype, demo_styles, quantize: as ``share-diffusers serve``
+            (:func:`share_diffusers.runtime.load_pipeline`).
         max_batch: most images in one pipeline call.
         max_wait_ms: longest the first request of a batch waits for others.
 
@@ -84,10 +85,13 @@ class ShareFluxDeployment:
         demo_styles: bool | None = None,
         max_batch: int = 8,
         max_wait_ms: float = 20.0,
+        quantize: str | None = None,
     ):
         self.model = model
         self.demo_styles = demo_styles
-        self.engine = ServingEngine.from_model(model, None, device, dtype, demo_styles=False, max_images=max_batch)
+        self.engine = ServingEngine.from_model(
+            model, None, device, dtype, demo_styles=False, quantize=quantize, max_images=max_batch
+        )
         self.metrics = ServeMetrics()
         self.checkpoint: tuple[str | None, str | None] | None = None  # (factors, revision) loaded
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="share-pipeline")
@@ -192,6 +196,7 @@ def build_app(
     device: str | None = None,
     dtype: str | None = None,
     demo_styles: bool | None = None,
+    quantize: str | None = None,
     num_replicas: int = 1,
     ray_actor_options: dict | None = None,
     max_batch: int = 8,
@@ -210,6 +215,8 @@ def build_app(
             again); a config file (:func:`serve_config`) changes it in place instead.
         device, dtype: per replica (``cuda`` takes the GPU Ray assigned to it).
         demo_styles: start with the demo styles when no ``factors`` (default: yes).
+        quantize: each replica's transformer quantized (``int8``, ``float8``, ``nf4`` or a ``.gguf`` file
+            every node can read; :mod:`share_diffusers.quantization`).
         num_replicas: replicas; each needs the whole model (one per GPU on a multi-GPU or multi-node cluster).
         ray_actor_options: each replica's resources: ``{"num_gpus": 1}`` for one GPU each (default
             ``{"num_cpus": 1}``).
@@ -219,7 +226,13 @@ def build_app(
         max_queued_requests: requests waiting at the router beyond that; more get HTTP 503.
     """
     replica_args = dict(
-        model=model, device=device, dtype=dtype, demo_styles=demo_styles, max_batch=max_batch, max_wait_ms=max_wait_ms
+        model=model,
+        device=device,
+        dtype=dtype,
+        demo_styles=demo_styles,
+        quantize=quantize,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
     )
     deployment = ShareFluxDeployment.options(
         name=name,

@@ -37,6 +37,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     model.add_argument("--factors", help="Share checkpoint folder or Hub repo id (default: the model's demo styles)")
     model.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES, help="default: bfloat16 on CUDA, float32 elsewhere")
+    model.add_argument(
+        "--quantize",
+        metavar="KIND_OR_GGUF",
+        help="quantize the transformer: int8 or float8 (torchao), nf4 (bitsandbytes, CUDA), or a .gguf file of it",
+    )
     model.add_argument("--no-demo-styles", action="store_true", help="start without the demo styles")
     server = parser.add_argument_group("server")
     server.add_argument(
@@ -87,6 +92,7 @@ def build_server_app(args: argparse.Namespace):
         args.device,
         args.dtype,
         demo_styles=False if args.no_demo_styles else None,
+        quantize=args.quantize,
         max_images=args.max_batch,
     )
     token = args.admin_token if args.admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None
