@@ -43,7 +43,17 @@ Sections, in the order run (most important first):
   styles rotated between rows) that shows whether the comparison can tell styles apart at all;
 - fuse: ``fuse_style`` / ``unfuse_style`` vs ``fuse_lora`` / ``unfuse_lora``, and whether unfusing
   restores the weights bit for bit;
-- profile: kernel launches and host-to-device copies of one forward (``torch.profiler``).
+- profile: kernel launches and host-to-device copies of one forward (``torch.profiler``);
+- quantized-int8, quantized-float8: the same transformer with every ``nn.Linear`` quantized in place by
+  torchao (int8 / float8 weight-only; float8 only on CUDA with compute capability >= 8.9), the same
+  styles on it (Share: the same factors, injected; PEFT: the same 20 LoRAs, loaded; a refusal is
+  recorded as the result): the memory of the quantized transformer and of what each side adds, the
+  step time at the large resolution (ratios to the quantized base), and the agreement of Share's mixed
+  batch with PEFT on the same quantized base. These sections free the bf16 transformers first, so they
+  run last; every model they build is built in bf16 and quantized layer by layer in place.
+
+``--sections`` runs only the named sections (the two transformers and the styles are always built):
+``--sections setup,quantized-int8,quantized-float8`` measures the quantized bases in about half the time.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ import sys
 import time
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -83,6 +94,7 @@ from common import (
     log,
     make_styles,
     mib,
+    module_bytes,
     ms,
     peak_rss_gib,
     peft_lora_bytes,
@@ -93,8 +105,10 @@ from common import (
     table,
 )
 from diffusers import FluxTransformer2DModel
+from torch import nn
 
 from share_diffusers.core import ShareConfig, ShareModel, export_rank, find_targets, style_as_lora
+from share_diffusers.core.quantized import is_quantized, quantization_name
 from share_diffusers.flux_lora import FLUX_ATTENTION_TARGETS
 
 STARTED = time.perf_counter()  # the --budget counts from here (after the imports)
@@ -213,6 +227,10 @@ STEP_CASES = (("large", 1, 1.05), ("large", 4, 1.05), ("small", 4, 1.10))  # res
 BATCH_TARGETS = {"large": 1.3, "small": 2.3}  # speed-up of one Share pass over 4 PEFT passes
 SWITCH_TARGET = 100.0  # set_adapters / Share's pipeline path
 FUSE_TARGET = 2.0  # Share fuse time / PEFT fuse time
+# Issue 20 on quantized bases: a styled step within 5% of the quantized base, and the styles adding no more memory
+# than on the bf16 base; the 1% is the CUDA allocator's block rounding between two sets of the same buffers.
+QUANTIZED_STEP_TARGET = 1.05
+QUANTIZED_MEMORY_SLACK = 1.01
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +246,7 @@ class Clock:
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
+        self._earlier_peak = 0  # the largest CUDA peak before the last reset_peak()
         self.name = "CUDA events (forwards), perf_counter + synchronize (host calls)" if self.cuda else "perf_counter"
 
     def sync(self) -> None:
@@ -257,6 +276,19 @@ class Clock:
     def allocated(self) -> int | None:
         """Bytes the CUDA caching allocator has handed out (None on the CPU)."""
         return torch.cuda.memory_allocated(self.device) if self.cuda else None
+
+    def reset_peak(self) -> None:
+        """Start a new window for :meth:`peak` (the run's peak is kept: :meth:`run_peak`)."""
+        if self.cuda:
+            self._earlier_peak = self.run_peak()
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def peak(self) -> int | None:
+        """The most bytes allocated since the last :meth:`reset_peak` (None on the CPU)."""
+        return torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+
+    def run_peak(self) -> int:
+        return max(self._earlier_peak, torch.cuda.max_memory_allocated(self.device)) if self.cuda else 0
 
 
 @contextlib.contextmanager
@@ -403,11 +435,12 @@ def build_transformer(settings: Settings, device: torch.device) -> FluxTransform
 
 @dataclass
 class Sides:
-    """Both transformers with the styles in, the style names, and what bringing them in cost."""
+    """Both transformers with the styles in, the styles (on the CPU) and their names, and what bringing them in cost."""
 
     peft: FluxTransformer2DModel
     share_model: FluxTransformer2DModel
     share: ShareModel
+    styles: list[Style]
     names: list[str]
     setup: dict
 
@@ -515,7 +548,7 @@ def build_sides(settings: Settings, device: torch.device, clock: Clock, merge_th
             "torch."
         ),
     )
-    return Sides(peft=peft_model, share_model=share_model, share=share, names=names, setup=figures)
+    return Sides(peft=peft_model, share_model=share_model, share=share, styles=styles, names=names, setup=figures)
 
 
 def chosen_threads(policy: str, trial: dict[int, float], default_threads: int) -> int | None:
@@ -537,8 +570,10 @@ class Bench:
     def __init__(self, settings: Settings, device: torch.device, clock: Clock, sides: Sides):
         self.settings, self.device, self.clock, self.sides = settings, device, clock, sides
         self.share, self.share_model, self.peft = sides.share, sides.share_model, sides.peft
-        self.names = sides.names
+        self.names, self.styles, self.setup = sides.names, sides.styles, sides.setup
+        self.factors = sides.share.factors  # on the CPU: the quantized sections inject them again
         self.four = self.names[: settings.batch_styles]
+        self.released = False
         self._inputs: dict[tuple[str, int], dict] = {}
 
     def inputs(self, resolution: str, batch: int) -> dict:
@@ -561,8 +596,24 @@ class Bench:
     def tokens(self, resolution: str) -> str:
         return f"{self.settings.latent_side(resolution) ** 2} image + {self.settings.text_tokens} text tokens"
 
+    def release(self) -> None:
+        """Drop both bf16 sides and free their device memory (the quantized sections build their own)."""
+        alive = []
+        if not self.released:
+            self.released = True
+            alive = [weakref.ref(self.share_model), weakref.ref(self.peft)]
+            self.sides = self.share = self.share_model = self.peft = None
+        gc.collect()  # a ShareModel and its model refer to each other
+        if any(ref() is not None for ref in alive):
+            log("warning: a bf16 transformer is still referenced after release(): its memory stays allocated")
+        if self.clock.cuda:
+            torch.cuda.empty_cache()
+
     def reset(self) -> None:
         """Both sides back to their resting state (after a failed section too)."""
+        if self.released:  # a quantized section ran: free what it built
+            self.release()
+            return
         if self.share.fused_style is not None:
             self.share.unfuse_style()
         self.share.set_style(None)
@@ -575,7 +626,7 @@ class Bench:
 
 
 def section_setup(bench: Bench) -> Section:
-    s, figures = bench.settings, bench.sides.setup
+    s, figures = bench.settings, bench.setup
     n, layers = s.num_styles, s.num_layers
     merge, load = figures["share_merge_s"], figures["peft_load_s"]
     last_merge, last_load = figures["share_last_merge_s"], figures["peft_last_load_s"]
@@ -657,47 +708,64 @@ def section_setup(bench: Bench) -> Section:
     return Section(f"Bringing in {n} styles, and their memory", markdown, data)
 
 
+def step_variants(
+    clock: Clock,
+    share: ShareModel,
+    peft_model: FluxTransformer2DModel | None,
+    inputs: dict,
+    batch: int,
+    styles: Sequence[str],
+) -> dict[str, Callable[[], float]]:
+    """The timed forwards of one step case: the base, Share with ``styles[0]`` and (at ``batch == len(styles)``)
+    one style per sample, PEFT with its active adapter (PEFT's two left out where ``peft_model`` is None)."""
+
+    def timed(model, before=None, after=None) -> Callable[[], float]:
+        def variant() -> float:
+            if before is not None:
+                before()
+            seconds = clock.events(lambda: forward(model, inputs))
+            if after is not None:
+                after()
+            return seconds
+
+        return variant
+
+    share_model = share.model
+    variants = {"base (Share model, no style)": timed(share_model, lambda: share.set_style(None))}
+    if peft_model is not None:
+        disabled = timed(peft_model, peft_model.disable_lora, peft_model.enable_lora)
+        variants["base (PEFT model, LoRA disabled)"] = disabled
+    variants["Share, one style"] = timed(
+        share_model, lambda: share.set_style(styles[0], batch_size=batch), lambda: share.set_style(None)
+    )
+    if batch == len(styles):
+        variants[f"Share, {batch} styles (one per sample)"] = timed(
+            share_model, lambda: share.set_style(list(styles), batch_size=batch), lambda: share.set_style(None)
+        )
+    if peft_model is not None:
+        variants["PEFT, one adapter"] = timed(peft_model)
+    return variants
+
+
+def time_variants(variants: dict[str, Callable[[], float]], rounds: int) -> dict[str, Stats]:
+    """A warm-up round, then ``rounds`` interleaved rounds without garbage collection."""
+    for run in variants.values():
+        run()
+    with no_gc():
+        return {name: Stats.of(values) for name, values in interleave(variants, rounds).items()}
+
+
 def section_step(bench: Bench) -> Section:
-    s, clock, share, peft_model = bench.settings, bench.clock, bench.share, bench.peft
+    s, share, peft_model = bench.settings, bench.share, bench.peft
     first = bench.names[0]
     cases, rows, targets, data = [], [], [], {}
     for size, batch, target in STEP_CASES:
         resolution = getattr(s, size)
         inputs = bench.inputs(resolution, batch)
         log(f"step: {resolution}, batch {batch}: {s.step_rounds} interleaved rounds")
-
-        def timed(model, before=None, after=None, inputs=inputs) -> Callable[[], float]:
-            def variant() -> float:
-                if before is not None:
-                    before()
-                seconds = clock.events(lambda: forward(model, inputs))
-                if after is not None:
-                    after()
-                return seconds
-
-            return variant
-
-        variants = {
-            "base (Share model, no style)": timed(bench.share_model, lambda: share.set_style(None)),
-            "base (PEFT model, LoRA disabled)": timed(peft_model, peft_model.disable_lora, peft_model.enable_lora),
-            "Share, one style": timed(
-                bench.share_model,
-                lambda b=batch: share.set_style(first, batch_size=b),
-                lambda: share.set_style(None),
-            ),
-        }
-        if batch == s.batch_styles:
-            variants[f"Share, {batch} styles (one per sample)"] = timed(
-                bench.share_model,
-                lambda b=batch: share.set_style(list(bench.four), batch_size=b),
-                lambda: share.set_style(None),
-            )
-        variants["PEFT, one adapter"] = timed(peft_model)
+        variants = step_variants(bench.clock, share, peft_model, inputs, batch, bench.four)
         peft_model.set_adapters(first)
-        for run in variants.values():  # warm-up
-            run()
-        with no_gc():
-            stats = {name: Stats.of(values) for name, values in interleave(variants, s.step_rounds).items()}
+        stats = time_variants(variants, s.step_rounds)
         base = stats["base (Share model, no style)"].median
         label = f"{resolution}, batch {batch}"
         for name, stat in stats.items():
@@ -853,30 +921,113 @@ def section_switch(bench: Bench) -> Section:
     return Section(f"Switching between {len(names)} styles", markdown, data, [target])
 
 
-def section_agreement(bench: Bench) -> Section:
-    s, share, peft_model, four = bench.settings, bench.share, bench.peft, bench.four
-    count = len(four)
-    log("agreement: loading Share's styles into PEFT (style_as_lora)")
-    exported = [f"export_{name}" for name in four]
-    for name, adapter_name in zip(four, exported, strict=True):
+def export_to_peft(peft_model: FluxTransformer2DModel, share: ShareModel, names: Sequence[str], dtype) -> list[str]:
+    """Load Share's own styles into PEFT as ``export_<name>`` (``style_as_lora``: the same ``dW`` exactly)."""
+    exported = [f"export_{name}" for name in names]
+    for name, adapter_name in zip(names, exported, strict=True):
         if adapter_name in getattr(peft_model, "peft_config", {}):
             continue
         lora = style_as_lora(share.factors, name)
         state_dict = {}
         for layer, factors in lora.layers.items():
-            state_dict[f"{layer}.lora_A.weight"] = (factors.down * factors.scale).to(s.dtype)
-            state_dict[f"{layer}.lora_B.weight"] = factors.up.to(s.dtype)
+            state_dict[f"{layer}.lora_A.weight"] = (factors.down * factors.scale).to(dtype)
+            state_dict[f"{layer}.lora_B.weight"] = factors.up.to(dtype)
         peft_model.load_lora_adapter(state_dict, adapter_name=adapter_name, prefix=None)
+    return exported
+
+
+def peft_rows(peft_model: FluxTransformer2DModel, inputs: dict, adapters: Sequence[str], scale: float) -> torch.Tensor:
+    """Row ``i`` of ``inputs`` through PEFT with ``adapters[i]`` alone (``set_adapters``, batch 1)."""
+    outputs = []
+    for index, adapter in enumerate(adapters):
+        peft_model.set_adapters(adapter, weights=scale)
+        outputs.append(forward(peft_model, row_of(inputs, index)))
+    return torch.cat(outputs)
+
+
+def agreement_figures(
+    share: ShareModel,
+    peft_model: FluxTransformer2DModel,
+    inputs: dict,
+    base: torch.Tensor,
+    styles: Sequence[str],
+    exported: Sequence[str],
+    scale: float,
+    min_floor: float,
+) -> dict:
+    """Share's mixed batch (row ``i`` in ``styles[i]``) against PEFT holding the same styles (``exported``), each
+    row alone; the floor (PEFT batch 4 vs 4 x batch 1), the bound and the rotated-styles control. At scale 1 also
+    Share's mixed batch against Share's rows one at a time and against the original LoRAs (PEFT's ``styles``)."""
+    count, share_model = len(styles), share.model
+    rotated = list(exported[1:]) + list(exported[:1])  # the control: every row given its neighbour's style
+    with share.styles(list(styles), scale=scale, batch_size=count):
+        mixed = forward(share_model, inputs)
+    peft_each = peft_rows(peft_model, inputs, exported, scale)
+    control = relative(peft_rows(peft_model, inputs, rotated, scale), mixed)
+    peft_model.set_adapters(exported[0], weights=scale)
+    floor = relative(peft_rows(peft_model, inputs, [exported[0]] * count, scale), forward(peft_model, inputs))
+    figures = {
+        "share_vs_peft": relative(peft_each, mixed),
+        "share_vs_peft_rows": [relative(peft_each[i], mixed[i]) for i in range(count)],
+        "floor": floor,
+        "bound": AGREEMENT_FACTOR * max(floor, min_floor),
+        "control_rotated_styles": control,
+        "styles_vs_base": relative(base, peft_each),
+        "finite": bool(torch.isfinite(mixed).all()) and bool(torch.isfinite(peft_each).all()),
+    }
+    if scale == 1.0:
+        singles = []
+        for index, name in enumerate(styles):
+            with share.styles(name, batch_size=1):
+                singles.append(forward(share_model, row_of(inputs, index)))
+        figures["share_mixed_vs_share_singles"] = relative(torch.cat(singles), mixed)
+        figures["share_vs_original_loras"] = relative(peft_rows(peft_model, inputs, styles, 1.0), mixed)
+    return figures
+
+
+AGREEMENT_HEADER = (
+    "resolution",
+    "style scale",
+    "styled vs base",
+    "Share, batch of {count} styles vs PEFT, each alone",
+    "floor: PEFT batch 4 vs 4 x batch 1",
+    "control: PEFT with the styles rotated",
+    "Share batch vs Share each alone",
+)
+
+
+def agreement_row(resolution: str, scale: float, figures: dict) -> list[str]:
+    return [
+        resolution,
+        f"{scale:g}",
+        f"{figures['styles_vs_base']:.2e}",
+        f"{figures['share_vs_peft']:.2e} (worst row {max(figures['share_vs_peft_rows']):.2e})",
+        f"{figures['floor']:.2e}",
+        f"{figures['control_rotated_styles']:.2e}",
+        f"{figures['share_mixed_vs_share_singles']:.2e}" if "share_mixed_vs_share_singles" in figures else "",
+    ]
+
+
+def agreement_target(what: str, figures: dict) -> Target:
+    """Within: the difference <= the bound; counted only where the control lands outside the bound."""
+    difference, bound, control = figures["share_vs_peft"], figures["bound"], figures["control_rotated_styles"]
+    within = figures["finite"] and difference <= bound
+    discriminates = control > bound  # a wrong style per row would show
+    return Target(
+        what,
+        f"{difference:.2e} <= {bound:.2e}: {within}; rotated-styles control {control:.2e}"
+        + ("" if discriminates else " (inconclusive: the styles move the output less than the floor)")
+        + ("" if figures["finite"] else " (not finite)"),
+        within if discriminates or not within else None,
+    )
+
+
+def section_agreement(bench: Bench) -> Section:
+    s, share, peft_model, four = bench.settings, bench.share, bench.peft, bench.four
+    count = len(four)
+    log("agreement: loading Share's styles into PEFT (style_as_lora)")
+    exported = export_to_peft(peft_model, share, four, s.dtype)
     rank = export_rank(share.factors, {four[0]: 1.0})
-    rotated = exported[1:] + exported[:1]  # the control: every row given its neighbour's style
-
-    def peft_rows(inputs: dict, adapters: Sequence[str], scale: float) -> torch.Tensor:
-        outputs = []
-        for index, adapter in enumerate(adapters):
-            peft_model.set_adapters(adapter, weights=scale)
-            outputs.append(forward(peft_model, row_of(inputs, index)))
-        return torch.cat(outputs)
-
     rows, targets, data = [], [], {}
     min_floor = MIN_FLOOR.get(s.dtype, 0.0)
     for resolution, _ in s.resolutions:
@@ -884,71 +1035,15 @@ def section_agreement(bench: Bench) -> Section:
         base = forward(bench.share_model, inputs)
         for scale in (1.0, AGREEMENT_SCALE):
             log(f"agreement: {resolution}, styles x {scale:g}")
-            with share.styles(list(four), scale=scale, batch_size=count):
-                mixed = forward(bench.share_model, inputs)
-            peft_each = peft_rows(inputs, exported, scale)
-            control = relative(peft_rows(inputs, rotated, scale), mixed)
-            peft_model.set_adapters(exported[0], weights=scale)
-            floor = relative(peft_rows(inputs, [exported[0]] * count, scale), forward(peft_model, inputs))
-            difference = relative(peft_each, mixed)
-            per_row = [relative(peft_each[i], mixed[i]) for i in range(count)]
-            finite = bool(torch.isfinite(mixed).all()) and bool(torch.isfinite(peft_each).all())
-            bound = AGREEMENT_FACTOR * max(floor, min_floor)
-            within = finite and difference <= bound
-            discriminates = control > bound  # a wrong style per row would show
-            figures = {
-                "share_vs_peft": difference,
-                "share_vs_peft_rows": per_row,
-                "floor": floor,
-                "bound": bound,
-                "control_rotated_styles": control,
-                "styles_vs_base": relative(base, peft_each),
-                "finite": finite,
-            }
-            if scale == 1.0:
-                singles = []
-                for index, name in enumerate(four):
-                    with share.styles(name, batch_size=1):
-                        singles.append(forward(bench.share_model, row_of(inputs, index)))
-                figures["share_mixed_vs_share_singles"] = relative(torch.cat(singles), mixed)
-                figures["share_vs_original_loras"] = relative(peft_rows(inputs, four, 1.0), mixed)
+            figures = agreement_figures(share, peft_model, inputs, base, four, exported, scale, min_floor)
             data[f"{resolution}, styles x {scale:g}"] = figures
-            rows.append(
-                [
-                    resolution,
-                    f"{scale:g}",
-                    f"{figures['styles_vs_base']:.2e}",
-                    f"{difference:.2e} (worst row {max(per_row):.2e})",
-                    f"{floor:.2e}",
-                    f"{control:.2e}",
-                    f"{figures['share_mixed_vs_share_singles']:.2e}" if scale == 1.0 else "",
-                ]
-            )
-            verdict = within if discriminates or not within else None
-            targets.append(
-                Target(
-                    f"agreement {resolution}, styles x {scale:g}: Share's mixed batch vs PEFT within the floor",
-                    f"{difference:.2e} <= {bound:.2e}: {within}; rotated-styles control {control:.2e}"
-                    + ("" if discriminates else " (inconclusive: the styles move the output less than the floor)")
-                    + ("" if finite else " (not finite)"),
-                    verdict,
-                )
-            )
+            rows.append(agreement_row(resolution, scale, figures))
+            what = f"agreement {resolution}, styles x {scale:g}: Share's mixed batch vs PEFT within the floor"
+            targets.append(agreement_target(what, figures))
     peft_model.set_adapters(bench.names[0])
     lossy = [f"{data[f'{res}, styles x 1']['share_vs_original_loras']:.2e} at {res}" for res, _ in s.resolutions]
     markdown = (
-        table(
-            [
-                "resolution",
-                "style scale",
-                "styled vs base",
-                f"Share, batch of {count} styles vs PEFT, each alone",
-                "floor: PEFT batch 4 vs 4 x batch 1",
-                "control: PEFT with the styles rotated",
-                "Share batch vs Share each alone",
-            ],
-            rows,
-        )
+        table([column.format(count=count) for column in AGREEMENT_HEADER], rows)
         + f"\n\nRelative differences `||a - b|| / ||b||` of the transformer outputs, {dtype_name(s.dtype)}. PEFT holds "
         f"Share's own styles here (`style_as_lora`, rank {rank}: the same `dW` exactly), each run alone at batch 1 "
         "(`set_adapters(name, weights=scale)`); Share runs them as one mixed batch (`share.styles(names, scale)`). "
@@ -1127,6 +1222,266 @@ def section_profile(bench: Bench) -> Section:
     return Section("Profiler counts of one forward", markdown, {"counts": counts}, targets)
 
 
+QUANTIZATIONS = {"int8": "Int8WeightOnlyConfig", "float8": "Float8WeightOnlyConfig"}  # torchao.quantization
+
+
+def quantization_unsupported(kind: str, device: torch.device) -> str | None:
+    """Why ``kind`` is not measured on ``device`` (None: it is)."""
+    try:
+        import torchao  # noqa: F401
+    except ImportError as error:
+        return f"torchao is not installed ({error}); `pip install torchao`"
+    if kind == "float8":
+        if device.type != "cuda":
+            return f"float8 weight-only is measured on CUDA (compute capability >= 8.9) only, not on {device.type}"
+        major, minor = torch.cuda.get_device_capability(device)
+        if (major, minor) < (8, 9):
+            name = torch.cuda.get_device_name(device)
+            return f"float8 needs CUDA compute capability >= 8.9; the {name} has {major}.{minor}"
+    return None
+
+
+def build_quantized(settings: Settings, device: torch.device, clock: Clock, kind: str) -> tuple[nn.Module, dict]:
+    """``build_transformer`` (the run's dtype), then every ``nn.Linear`` quantized in place by torchao's ``quantize_``:
+    one layer at a time, so the full-precision transformer never sits beside its quantized copy.
+
+    Returns the transformer and its figures: bytes before and after quantization, the CUDA allocator's delta
+    of the whole build (None on the CPU), the seconds it took.
+    """
+    import torchao.quantization
+
+    config = getattr(torchao.quantization, QUANTIZATIONS[kind])()
+    before = clock.allocated()
+    start = time.perf_counter()
+    model = build_transformer(settings, device)
+    full_bytes = module_bytes(model)
+    torchao.quantization.quantize_(model, config)  # default filter: every nn.Linear
+    clock.sync()
+    figures = {
+        "config": repr(config),
+        "full_bytes": full_bytes,
+        "bytes": module_bytes(model),
+        "allocated": allocated_delta(clock, before),
+        "build_s": time.perf_counter() - start,
+    }
+    return model, figures
+
+
+def allocated_delta(clock: Clock, before: int | None) -> int | None:
+    return None if before is None else clock.allocated() - before
+
+
+def section_quantized(bench: Bench, kind: str) -> Section:
+    s, clock, names, four = bench.settings, bench.clock, bench.names, bench.four
+    n, first = len(names), names[0]
+    title = f"Quantized base: torchao {kind} weight-only"
+    reason = quantization_unsupported(kind, bench.device)
+    if reason is not None:
+        log(f"quantized {kind}: not measured: {reason}")
+        return Section(title, f"Not measured: {reason}.\n", {"kind": kind, "skipped": reason})
+    bench.release()  # the bf16 sides: from here on only quantized transformers are on the device
+    baseline = clock.allocated()
+    clock.reset_peak()
+    log(f"quantized {kind}: building a transformer in {dtype_name(s.dtype)}, quantizing it in place")
+    share_model, base_figures = build_quantized(s, bench.device, clock, kind)
+    targets_layers = find_targets(share_model, FLUX_ATTENTION_TARGETS)
+    plain = [name for name in targets_layers if not is_quantized(share_model.get_submodule(name))]
+    assert not plain, f"{len(plain)} target layers not quantized, e.g. {plain[0]}"
+    layer_type = quantization_name(share_model.get_submodule(targets_layers[0]))
+
+    log(f"quantized {kind}: Share, the same factors injected ({n} styles)")
+    before = clock.allocated()
+    inject_s = clock.host(lambda: ShareModel.inject(share_model, bench.factors))
+    share = ShareModel.of(share_model)
+    assert share is not None and share.style_names == names, "the quantized Share model lacks the styles"
+    share_figures = {"inject_s": inject_s, "bytes": share_buffer_bytes(share)}
+    share_figures["allocated"] = allocated_delta(clock, before)
+    before = clock.allocated()
+    share.set_style(first)
+    share_figures["selection_bytes"] = share_buffer_bytes(share) - share_figures["bytes"]
+    share_figures["selection_allocated"] = allocated_delta(clock, before)
+    share.set_style(None)
+
+    log(f"quantized {kind}: PEFT, load_lora_adapter of the same {n} LoRAs on a second quantized copy")
+    peft_model, peft_base_figures = build_quantized(s, bench.device, clock, kind)
+    before = clock.allocated()
+    peft_figures: dict = {"refusal": None}
+    try:
+        peft_figures["load_s"] = [
+            clock.host(
+                lambda style=style: peft_model.load_lora_adapter(
+                    dict(style.state_dict), adapter_name=style.name, prefix=None
+                )
+            )
+            for style in bench.styles
+        ]
+        peft_figures["layer_type"] = type(peft_model.get_submodule(targets_layers[0])).__name__
+        peft_figures["bytes"] = peft_lora_bytes(peft_model, names)
+        peft_figures["allocated"] = allocated_delta(clock, before)
+        peft_model.set_adapters(first)
+    except Exception as error:  # PEFT refusing this quantization is a result, not a failure of the benchmark
+        peft_figures["refusal"] = f"{type(error).__name__}: {error}".strip()
+        log(f"quantized {kind}: PEFT refused: {peft_figures['refusal']}")
+        peft_model = None
+    memory = {
+        "baseline_allocated": baseline,
+        "peak_above_baseline": None if baseline is None else clock.peak() - baseline,
+    }
+
+    # step time at the large resolution
+    rows, targets, step_data = [], [], {}
+    resolution = s.large
+    for batch in (1, s.batch_styles):
+        inputs = bench.inputs(resolution, batch)
+        log(f"quantized {kind}: step {resolution}, batch {batch}: {s.step_rounds} interleaved rounds")
+        stats = time_variants(step_variants(clock, share, peft_model, inputs, batch, four), s.step_rounds)
+        base = stats["base (Share model, no style)"].median
+        label = f"{resolution}, batch {batch}"
+        for name, stat in stats.items():
+            rows.append(
+                [label, name, f"{stat.median * 1e3:,.1f}", f"{stat.low * 1e3:,.1f}-{stat.high * 1e3:,.1f}"]
+                + [f"{stat.median / base:.3f}"]
+            )
+            if name.startswith("Share,"):
+                value = stat.median / base
+                targets.append(
+                    Target(
+                        f"quantized {kind}: step {label}: {name} <= {QUANTIZED_STEP_TARGET:.2f}x the quantized base",
+                        f"{value:.3f}x",
+                        value <= QUANTIZED_STEP_TARGET,
+                    )
+                )
+        step_data[label] = {"stats": stats_data(stats), "ratios": {k: v.median / base for k, v in stats.items()}}
+
+    # agreement with PEFT on the same quantized base (Share's own styles exported to PEFT), at the small resolution
+    agreement, agreement_rows = {}, []
+    small, count = s.small, len(four)
+    if peft_model is not None:
+        log(f"quantized {kind}: agreement at {small}")
+        exported = export_to_peft(peft_model, share, four, s.dtype)
+        inputs = bench.inputs(small, count)
+        base_output = forward(share_model, inputs)
+        for scale in (1.0, AGREEMENT_SCALE):
+            figures = agreement_figures(
+                share, peft_model, inputs, base_output, four, exported, scale, MIN_FLOOR.get(s.dtype, 0.0)
+            )
+            agreement[f"{small}, styles x {scale:g}"] = figures
+            agreement_rows.append(agreement_row(small, scale, figures))
+            what = (
+                f"quantized {kind}: agreement {small}, styles x {scale:g}: Share's mixed batch vs PEFT "
+                "on the same quantized base within the floor"
+            )
+            targets.append(agreement_target(what, figures))
+
+    # memory
+    bf16 = bench.setup["allocated"]
+    bf16_share_allocated = None if bf16["models"] is None else bf16["share"] - bf16["peft"]
+    bf16_peft_allocated = None if bf16["models"] is None else bf16["peft"] - bf16["models"]
+
+    def cell(value: int | None) -> str:
+        return "n/a" if value is None else mib(value)
+
+    peft_row = (
+        [f"+ {n} PEFT adapters (`load_lora_adapter`, {peft_figures['layer_type']})", mib(peft_figures["bytes"])]
+        + [cell(peft_figures["allocated"]), mib(bench.setup["peft_bytes"]), cell(bf16_peft_allocated)]
+        if peft_model is not None
+        else [f"+ {n} PEFT adapters", f"PEFT refused: {peft_figures['refusal']}", "", "", ""]
+    )
+    memory_rows = [
+        [
+            f"the {kind} transformer alone ({layer_type} weights)",
+            mib(base_figures["bytes"]),
+            cell(base_figures["allocated"]),
+            mib(base_figures["full_bytes"]),
+            "",
+        ],
+        [
+            f"+ {n} Share styles (`ShareModel.inject` of the same factors)",
+            mib(share_figures["bytes"]),
+            cell(share_figures["allocated"]),
+            mib(bench.setup["share_bytes"]),
+            cell(bf16_share_allocated),
+        ],
+        [
+            "+ Share's selection state (first `set_style`)",
+            mib(share_figures["selection_bytes"]),
+            cell(share_figures["selection_allocated"]),
+            "",
+            "",
+        ],
+        peft_row,
+    ]
+    if clock.cuda:
+        measured, reference = share_figures["allocated"], bf16_share_allocated
+        how = "CUDA allocator deltas"
+    else:
+        measured, reference = share_figures["bytes"], bench.setup["share_bytes"]
+        how = "tensor bytes"
+    targets.insert(
+        0,
+        Target(
+            f"quantized {kind}: {n} Share styles add no more memory than on the {dtype_name(s.dtype)} base",
+            f"{mib(measured)} vs {mib(reference)} ({how})",
+            measured <= QUANTIZED_MEMORY_SLACK * reference,
+        ),
+    )
+
+    step_columns = ["case", "variant", "median ms", "min-max ms", "ratio to the quantized base"]
+    markdown = (
+        f"Every `nn.Linear` of a fresh transformer (same seed, same weights as the other sections) quantized in place "
+        f"by `torchao.quantization.quantize_({base_figures['config']})` in {base_figures['build_s']:.1f} s; the "
+        f"bases and cores live in the layers' compute dtype ({dtype_name(s.dtype)}). Share: `ShareModel.inject` of "
+        f"the factors merged in the setup section ({ms(inject_s)} ms). PEFT: the same {n} LoRAs loaded into a "
+        "second quantized copy"
+        + (
+            f" in {sum(peft_figures['load_s']):.1f} s (PEFT wraps the layers as `{peft_figures['layer_type']}`)."
+            if peft_model is not None
+            else f"; PEFT refused it: `{peft_figures['refusal']}`."
+        )
+        + "\n\n"
+        + table(
+            [
+                "memory",
+                "tensor bytes",
+                "CUDA allocator delta",
+                f"on the {dtype_name(s.dtype)} base: bytes",
+                "CUDA delta",
+            ],
+            memory_rows,
+        )
+        + "\n\n"
+        + (
+            f"Peak allocated while building, quantizing and loading: {mib(memory['peak_above_baseline'])} above the "
+            f"{mib(baseline)} held before (inputs).\n\n"
+            if baseline is not None
+            else ""
+        )
+        + table(step_columns, rows)
+        + f"\n\n{s.step_rounds} interleaved rounds after a warm-up; {clock.name}; {bench.tokens(resolution)}.\n"
+    )
+    if agreement_rows:
+        markdown += (
+            "\n"
+            + table([column.format(count=count) for column in AGREEMENT_HEADER], agreement_rows)
+            + "\n\nAs in the agreement section, on the quantized base: Share's mixed batch against PEFT holding "
+            "Share's own styles (`style_as_lora`), each row alone; the same rule and control.\n"
+        )
+    else:
+        markdown += f"\nAgreement not measured: PEFT refused this quantization (`{peft_figures['refusal']}`).\n"
+    data = {
+        "kind": kind,
+        "layer_type": layer_type,
+        "transformer": base_figures,
+        "peft_transformer": peft_base_figures,
+        "share": share_figures,
+        "peft": peft_figures,
+        "memory": memory,
+        "step": step_data,
+        "agreement": agreement,
+    }
+    return Section(title, markdown, data, targets)
+
+
 SECTIONS: tuple[tuple[str, str, Callable[[Bench], Section]], ...] = (
     ("setup", "Bringing in the styles, and their memory", section_setup),
     ("step", "Transformer step time", section_step),
@@ -1135,6 +1490,9 @@ SECTIONS: tuple[tuple[str, str, Callable[[Bench], Section]], ...] = (
     ("agreement", "Agreement: Share's mixed batch vs PEFT", section_agreement),
     ("fuse", "Fuse / unfuse one style", section_fuse),
     ("profile", "Profiler counts of one forward", section_profile),
+    # last: they free the bf16 transformers
+    ("quantized-int8", "Quantized base: torchao int8 weight-only", lambda bench: section_quantized(bench, "int8")),
+    ("quantized-float8", "Quantized base: torchao float8 weight-only", lambda b: section_quantized(b, "float8")),
 )
 
 
@@ -1189,9 +1547,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--merge-threads", default="auto", help="torch threads for Share merges: auto (try both), default, or a number"
     )
+    keys = [key for key, _, _ in SECTIONS]
+    parser.add_argument(
+        "--sections", default="all", help=f"comma-separated sections to run (default all): {','.join(keys)}"
+    )
     args = parser.parse_args(argv)
+    chosen = keys if args.sections == "all" else [key.strip() for key in args.sections.split(",") if key.strip()]
+    unknown = sorted(set(chosen) - set(keys))
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(keys)}")
     # PEFT warns on every adapter after the first that the model now holds several: that is the point here.
     warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+    # PEFT on a base quantized by torchao's quantize_ (no diffusers quantizer) cannot merge; nothing here merges it.
+    warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated without")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     settings = Settings.quick() if args.quick else Settings.full()
     if args.dtype:
@@ -1201,14 +1569,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = "share-diffusers GPU benchmark: Share vs diffusers + PEFT" + (" (--quick)" if args.quick else "")
     report = Report(Path(args.out) if args.out else None, title, meta, meta_markdown)
 
-    try:
-        sides = build_sides(settings, device, clock, args.merge_threads)
+    try:  # no local name for the sides: Bench.release() must be able to free them
+        bench = Bench(settings, device, clock, build_sides(settings, device, clock, args.merge_threads))
     except Exception:
         report.fail("setup", "Setup", traceback.format_exc())
         return 1
-    bench = Bench(settings, device, clock, sides)
     for key, title, run in SECTIONS:
         elapsed = time.perf_counter() - STARTED
+        if key not in chosen:
+            report.skip(key, title, f"not in --sections {args.sections}")
+            continue
         if elapsed > args.budget:
             report.skip(key, title, f"{elapsed:.0f} s elapsed, over the --budget of {args.budget:.0f} s")
             continue
@@ -1224,7 +1594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     footer = f"Peak RSS {peak_rss_gib():.1f} GiB"
     if clock.cuda:
-        footer += f", peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+        footer += f", peak CUDA memory {clock.run_peak() / 2**30:.1f} GiB"
     footer += f"; {time.perf_counter() - STARTED:.0f} s after the imports."
     report.meta["footer"] = report.footer = footer
     print("## Targets\n\n" + report.targets_markdown() + f"\n\n{footer}", flush=True)

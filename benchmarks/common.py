@@ -294,3 +294,22 @@ def fill_random_(model: torch.nn.Module, device: torch.device, seed: int) -> Non
     for name, buffer in model.named_buffers():  # FluxTransformer2DModel has none; to_empty left them unset
         log(f"warning: buffer {name} set to zero")
         buffer.zero_()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes a tensor stores; a quantized tensor subclass (torchao's ``Int8Tensor``, ``Float8Tensor``) counts its
+    components (``qdata``, ``scale``, ...), whatever dtype it reports."""
+    names = getattr(tensor, "tensor_data_names", None)
+    if names:
+        names = [*names, *(getattr(tensor, "optional_tensor_data_names", None) or ())]
+        parts = (getattr(tensor, name, None) for name in names)
+        return sum(tensor_bytes(part) for part in parts if isinstance(part, torch.Tensor))
+    return tensor.numel() * tensor.element_size()
+
+
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of a module's parameters and buffers (quantized ones by their stored components), each counted once."""
+    seen: dict[int, int] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        seen[id(tensor)] = tensor_bytes(tensor)
+    return sum(seen.values())

@@ -9,6 +9,7 @@ them ten times slower.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +22,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
-SECTIONS = ("setup", "step", "batch", "switch", "agreement", "fuse", "profile")
+SECTIONS = ("setup", "step", "batch", "switch", "agreement", "fuse", "profile", "quantized-int8", "quantized-float8")
 STEP_VARIANTS = (
     "base (Share model, no style)",
     "base (PEFT model, LoRA disabled)",
@@ -131,6 +132,72 @@ def check_gpu_report(report: dict, markdown: str, stdout: str) -> None:
     assert targets["unfuse_style restores the weight bit for bit"]["result"] == "PASS"
     assert "## Targets" in markdown and "## Targets" in stdout
     assert len([t for t in report["targets"] if t["target"].startswith("step")]) == 5
+    check_quantized_sections(report, markdown)
+
+
+def check_quantized_sections(report: dict, markdown: str) -> None:
+    """int8 measured wherever torchao is installed; float8 on CUDA of compute capability >= 8.9 only, else a reason."""
+    int8, float8 = report["sections"]["quantized-int8"], report["sections"]["quantized-float8"]
+    if importlib.util.find_spec("torchao") is None:
+        assert "torchao is not installed" in int8["skipped"] and "torchao is not installed" in float8["skipped"]
+        return
+    check_quantized_section(report, markdown, "int8", "Int8Tensor")
+    cuda = report["meta"]["device"].startswith("cuda")
+    if cuda and torch.cuda.get_device_capability() >= (8, 9):
+        check_quantized_section(report, markdown, "float8", "Float8Tensor")
+    else:
+        assert "compute capability >= 8.9" in float8["skipped"], float8
+        assert "## Quantized base: torchao float8 weight-only\n\nNot measured: float8" in markdown
+
+
+def check_quantized_section(report: dict, markdown: str, kind: str, layer_type: str) -> None:
+    """Memory rows, step rows and ratios, and Share agreeing with PEFT on the same quantized base."""
+    section, setup = report["sections"][f"quantized-{kind}"], report["sections"]["setup"]
+    settings = report["meta"]["settings"]
+    styles, batch = settings["num_styles"], settings["batch_styles"]
+    large, small = settings["resolutions"][0][0], settings["resolutions"][-1][0]
+    assert f"## Quantized base: torchao {kind} weight-only" in markdown
+    assert section["kind"] == kind and section["layer_type"] == layer_type
+
+    # memory: the quantized transformer is a fraction of the float32 one; each side adds what it adds on that base
+    transformer = section["transformer"]
+    assert 0 < transformer["bytes"] < transformer["full_bytes"] / 2, transformer
+    assert section["share"]["bytes"] == setup["share_bytes"] and section["share"]["selection_bytes"] > 0
+    assert section["peft"]["refusal"] is None and section["peft"]["layer_type"] == "TorchaoLoraLinear"
+    assert section["peft"]["bytes"] == setup["peft_bytes"] and len(section["peft"]["load_s"]) == styles
+    for row in (
+        f"| the {kind} transformer alone ({layer_type} weights) |",
+        f"| + {styles} Share styles (`ShareModel.inject` of the same factors) |",
+        "| + Share's selection state (first `set_style`) |",
+        f"| + {styles} PEFT adapters (`load_lora_adapter`, TorchaoLoraLinear) |",
+    ):
+        assert row in markdown, row
+
+    # step time at the large resolution, batch 1 and batch 4, ratios against the quantized base
+    assert set(section["step"]) == {f"{large}, batch 1", f"{large}, batch {batch}"}
+    for case, figures in section["step"].items():
+        four = {f"Share, {batch} styles (one per sample)"} if case.endswith(f" {batch}") else set()
+        expected = set(STEP_VARIANTS) | four
+        assert set(figures["ratios"]) == expected, figures["ratios"]
+        assert figures["ratios"]["base (Share model, no style)"] == 1.0
+        assert all(0 < value < math.inf for value in figures["ratios"].values()), figures["ratios"]
+        assert all(len(s["samples_s"]) == settings["step_rounds"] for s in figures["stats"].values())
+        for name in figures["stats"]:
+            assert f"| {case} | {name} |" in markdown, (case, name)
+
+    # float32 on the CPU: Share's mixed batch equals PEFT's rows on the same quantized base to rounding
+    for scale in (1, 30):
+        figures = section["agreement"][f"{small}, styles x {scale}"]
+        assert figures["finite"] and figures["share_vs_peft"] < 1e-5 and figures["floor"] < 1e-5, figures
+        assert figures["control_rotated_styles"] > 100 * figures["share_vs_peft"], figures
+    assert section["agreement"][f"{small}, styles x 1"]["share_mixed_vs_share_singles"] < 1e-5
+
+    targets = {t["target"]: t["result"] for t in report["targets"] if t["target"].startswith(f"quantized {kind}:")}
+    assert len(targets) == 1 + 3 + 2, targets  # memory, 3 Share step variants, 2 agreement scales
+    assert all(result == "PASS" for name, result in targets.items() if "agreement" in name), targets
+    if report["meta"]["device"] == "cpu":  # tensor bytes: exact (on CUDA the allocator's deltas are compared)
+        memory = next(result for name, result in targets.items() if "no more memory" in name)
+        assert memory == "PASS", targets
 
 
 def test_bench_gpu_quick_runs_every_section_on_the_cpu(tmp_path):
