@@ -2,7 +2,7 @@
 
     share-diffusers compress LORA... -o OUT [-k K | --variance F] [-p P] [--names N...]
     share-diffusers merge OUT LORA [--name N]
-    share-diffusers inspect OUT [--json]
+    share-diffusers inspect OUT [--json] [--similarity] [--png HEAT_MAP.png]
     share-diffusers export OUT STYLE -o FILE.safetensors
     share-diffusers generate [--model M] --factors OUT --style STYLE --prompt TEXT -o out.png
     share-diffusers app [studio options]
@@ -30,6 +30,15 @@ from tqdm.auto import tqdm
 from .core import LoraAdapter, ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
 from .core.checkpoint import CONFIG_NAME, checkpoint_files
 from .core.errors import LoraFormatError
+from .core.similarity import (
+    NEAR_DUPLICATE_THRESHOLD,
+    StyleSimilarity,
+    kept_energy,
+    near_duplicate_message,
+    near_duplicates,
+    style_map,
+    style_similarity,
+)
 from .lora_files import load_lora, read_safetensors, save_lora
 from .runtime import (
     DEFAULT_PROMPTS,
@@ -131,6 +140,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
     factors.merge(adapter, name, progress=not args.quiet)
     save_factors(factors, args.checkpoint)
     print(f"merged {name!r} (error {factors.style_error(name):.4f}); {len(factors.styles)} styles in {args.checkpoint}")
+    # The merge stands (as merge_lora's NearDuplicateStyleWarning): the line says what to look at.
+    for other, similarity in near_duplicates(factors, name).items():
+        message = near_duplicate_message(name, other, similarity, NEAR_DUPLICATE_THRESHOLD)
+        print(
+            f"warning: {message}; 'share-diffusers inspect {args.checkpoint} --similarity' compares all pairs",
+            file=sys.stderr,
+        )
 
 
 def summary(factors: ShareFactors, directory: Path | None = None) -> dict:
@@ -200,12 +216,115 @@ def _print_summary(factors: ShareFactors, directory: Path) -> None:
         )
 
 
+def similarity_summary(factors: ShareFactors, similarity: StyleSimilarity | None = None) -> dict:
+    """The map of the bank as a JSON-able dict: pairwise similarities, 2-D map, near-duplicates, kept energy.
+
+    ``matrix[i][j]`` is the cosine similarity of styles ``i`` and ``j``'s weight updates over all layers
+    (:func:`~share_diffusers.core.similarity.style_similarity`); ``map`` their coordinates on a 2-D map
+    (:func:`~share_diffusers.core.similarity.style_map`); ``kept_energy`` per style and layer group the
+    share of the LoRA's energy the bank reproduces (:func:`~share_diffusers.core.similarity.kept_energy`).
+    ``similarity``: ``style_similarity(factors)`` if already computed.
+    """
+    similarity = similarity if similarity is not None else style_similarity(factors)
+    layout = style_map(similarity)
+    names, matrix = similarity.names, similarity.matrix.tolist()
+    pairs = [
+        {"styles": [names[i], names[j]], "similarity": matrix[i][j]}
+        for i in range(len(names))
+        for j in range(i + 1, len(names))
+        if matrix[i][j] >= NEAR_DUPLICATE_THRESHOLD
+    ]
+    return {
+        "styles": names,
+        "matrix": matrix,
+        "map": {"coordinates": layout.coordinates.tolist(), "explained": layout.explained.tolist()},
+        "near_duplicate_threshold": NEAR_DUPLICATE_THRESHOLD,
+        "near_duplicates": sorted(pairs, key=lambda pair: -pair["similarity"]),
+        "kept_energy": kept_energy(factors),
+    }
+
+
+def _print_similarity(info: dict, layers: int) -> None:
+    names, matrix = info["styles"], info["matrix"]
+    print(f"\ncosine similarity of the styles' weight updates over all {layers} layers (1: the same up to strength)")
+    if not names:
+        print("  no styles held")
+        return
+    label = max(len(name) for name in names) + len(str(len(names))) + 1
+    cell = max(6, len(str(len(names))))
+    print(f"  {'':<{label}}" + "".join(f" {number:>{cell}}" for number in range(1, len(names) + 1)))
+    for number, (name, row) in enumerate(zip(names, matrix, strict=True), start=1):
+        print(f"  {f'{number} {name}':<{label}}" + "".join(f" {value:>{cell}.3f}" for value in row))
+    pairs = info["near_duplicates"]
+    found = ", ".join(f"{a!r} ~ {b!r} ({pair['similarity']:.3f})" for pair in pairs for a, b in [pair["styles"]])
+    print(f"near-duplicates (similarity >= {info['near_duplicate_threshold']:g}): {found or 'none'}")
+    kept = info["kept_energy"]
+    groups = sorted({group for per_style in kept.values() for group in per_style})
+    print("kept energy per layer group (share of each LoRA's energy the bank reproduces, 1 - rel. error^2)")
+    width = max(len(name) for name in names)
+    print(f"  {'style':<{width}}" + "".join(f"  {group:>{max(len(group), 6)}}" for group in groups))
+    for name in names:
+        cells = (
+            f"  {f'{kept[name][group]:.1%}' if group in kept[name] else '-':>{max(len(group), 6)}}" for group in groups
+        )
+        print(f"  {name:<{width}}" + "".join(cells))
+
+
 def cmd_inspect(args: argparse.Namespace) -> None:
     factors = load_factors(args.checkpoint)
+    show_similarity = args.similarity or args.png is not None
+    info = summary(factors, Path(args.checkpoint))
+    if show_similarity:
+        similarity = style_similarity(factors)
+        info["similarity"] = similarity_summary(factors, similarity)
+    if args.png is not None:
+        info["png"] = str(save_heat_map(similarity, args.png))
     if args.json:
-        print(json.dumps(summary(factors, Path(args.checkpoint)), indent=2))
-    else:
-        _print_summary(factors, Path(args.checkpoint))
+        print(json.dumps(info, indent=2))
+        return
+    _print_summary(factors, Path(args.checkpoint))
+    if show_similarity:
+        _print_similarity(info["similarity"], len(factors.layers))
+    if args.png is not None:
+        print(f"wrote {info['png']} (heat map of the similarities)")
+
+
+HEAT_MAP_VALUES_UP_TO = 16  # cells carry their value up to this many styles (beyond, the text is unreadable)
+
+
+def save_heat_map(similarity: StyleSimilarity, path: str | os.PathLike) -> Path:
+    """Write the pairwise similarities as a PNG heat map, style names on both axes; returns the path.
+
+    Drawn on a ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no display); folders are created.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as error:
+        raise ValueError(f"--png needs matplotlib: pip install matplotlib ({error})") from None
+    names = similarity.names
+    if not names:
+        raise ValueError("the checkpoint holds no styles: there is no heat map to draw")
+    side = max(4.0, 0.45 * len(names) + 2.5)
+    figure = Figure(figsize=(side + 1.0, side), layout="constrained")
+    FigureCanvasAgg(figure)
+    axis = figure.add_subplot()
+    matrix = similarity.matrix.numpy()
+    image = axis.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+    axis.set_xticks(range(len(names)), names, rotation=45, ha="right", rotation_mode="anchor")
+    axis.set_yticks(range(len(names)), names)
+    axis.set_title("Cosine similarity of the styles' weight updates")
+    if len(names) <= HEAT_MAP_VALUES_UP_TO:
+        for row in range(len(names)):
+            for column in range(len(names)):
+                value = float(matrix[row, column])
+                color = "white" if abs(value) > 0.6 else "black"
+                axis.text(column, row, f"{value:.2f}", ha="center", va="center", fontsize=8, color=color)
+    figure.colorbar(image, ax=axis, shrink=0.8, label="cosine similarity")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", dpi=110)
+    return path
 
 
 def is_flux_transformer_checkpoint(factors: ShareFactors) -> bool:
@@ -314,6 +433,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="styles, k, p, errors and storage of a checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
+    inspect.add_argument(
+        "--similarity",
+        action="store_true",
+        help="also the cosine similarity of every pair of styles, near-duplicates, and the energy each style keeps "
+        "per layer group",
+    )
+    inspect.add_argument(
+        "--png",
+        metavar="PATH",
+        help="write a heat map of the pairwise similarities, style names on both axes (implies --similarity; "
+        "needs matplotlib)",
+    )
     inspect.set_defaults(func=cmd_inspect)
 
     export = commands.add_parser("export", help="write a style (or blend a=0.5,b=0.5) as a plain LoRA")

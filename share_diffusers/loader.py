@@ -21,6 +21,7 @@ from .core.factors import validate_style_name
 from .core.inject import find_targets, remove_share
 from .core.layer import ShareLinear
 from .core.model import StyleSpec, check_factors_fit
+from .core.similarity import warn_near_duplicates
 from .flux_lora import ALL_LORA_LAYERS, FLUX_ATTENTION_TARGETS, convert_flux_lora, split_by_targets
 from .hub import push_share_factors, resolve_lora_file, resolve_share_factors
 from .lora_files import read_safetensors, save_lora
@@ -40,6 +41,9 @@ class MergeReport:
             transformer layers outside the targets and parts outside the transformer (text encoder).
         outside: energy fraction per layer or component left out, largest first.
         source: provenance recorded in the checkpoint.
+        near_duplicates: held styles whose cosine similarity to the new one is at least
+            ``NEAR_DUPLICATE_THRESHOLD`` (0.95), most similar first (each also raised as a
+            :class:`~share_diffusers.core.similarity.NearDuplicateStyleWarning`).
     """
 
     style_name: str
@@ -48,12 +52,16 @@ class MergeReport:
     outside_energy_fraction: float
     outside: dict[str, float] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    near_duplicates: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         text = f"merged {self.style_name!r}: {self.layers_merged} layers, relative error {self.error:.2e}"
         if self.outside:
             top = ", ".join(f"{name} {fraction:.1%}" for name, fraction in list(self.outside.items())[:3])
             text += f"; {self.outside_energy_fraction:.1%} of the LoRA's energy is outside the Share targets ({top})"
+        if self.near_duplicates:
+            similar = ", ".join(f"{name!r} ({value:.3f})" for name, value in self.near_duplicates.items())
+            text += f"; near-duplicate of {similar} (cosine similarity)"
         return text
 
 
@@ -179,7 +187,10 @@ class ShareLoaderMixin:
             config: ``k``, ``p`` and options of a new subspace (default ``ShareConfig()``: k=32, p=8).
 
         The LoRA's parts outside the targets are reported (energy fraction), not merged. A failed
-        merge leaves the pipeline and its styles exactly as they were.
+        merge leaves the pipeline and its styles exactly as they were. A new style whose update has cosine
+        similarity at least ``NEAR_DUPLICATE_THRESHOLD`` (0.95) with a held style's (a rescaled copy has 1)
+        is merged all the same, with a :class:`~share_diffusers.core.similarity.NearDuplicateStyleWarning`
+        naming both styles, and listed in the report's ``near_duplicates``.
         """
         path, source = resolve_lora_file(
             repo_id_or_path,
@@ -239,6 +250,7 @@ class ShareLoaderMixin:
                 remove_share(denoiser)
             raise
         self._share = share
+        duplicates = warn_near_duplicates(share.factors, name, stacklevel=2)
         total = sum(energies.values()) + sum(converted.other_energy.values())
         outside_energy = {name: energies[name] for name in outside}
         outside_energy.update(converted.other_energy)
@@ -250,6 +262,7 @@ class ShareLoaderMixin:
             outside_energy_fraction=sum(fractions.values()),
             outside=fractions,
             source=source,
+            near_duplicates=duplicates,
         )
         logger.info("%s", report)
         return report
@@ -270,14 +283,12 @@ class ShareLoaderMixin:
     def set_style(self, style: StyleSpec | list[StyleSpec] = None, style_scale: float = 1.0) -> None:
         """The style used by calls that pass no ``style``: a name, a ``{name: weight}`` blend, or None."""
         if style is not None:
-            from .core.model import style_weights
-
             share = self._require_share()
             if share.fused_style is not None:
                 raise ShareStateError(
                     f"style {share.fused_style!r} is fused; unfuse_style() before choosing a default style"
                 )
-            style_weights(share.factors, style, style_scale)  # validate now, not at call time
+            share.weights_for(style, style_scale)  # validate now, not at call time
         self._default_style, self._default_style_scale = style, style_scale
 
     def delete_style(self, name: str) -> None:
@@ -307,7 +318,8 @@ class ShareLoaderMixin:
         """Write a style or blend as a diffusers-format LoRA file that stock ``load_lora_weights`` loads."""
         if style is None:
             raise StyleError("export_style_as_lora needs a style name or a {name: weight} blend")
-        adapter = style_as_lora(self._require_share().factors, style)
+        share = self._require_share()
+        adapter = style_as_lora(share.factors, style, layout=share.block_layout)
         return save_lora(adapter, path, key_prefix="transformer.")
 
     def remove_share(self) -> None:

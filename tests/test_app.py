@@ -198,6 +198,49 @@ def test_demo_lora_is_an_ordinary_diffusers_lora(tmp_path):
     assert np.abs(generate(share, ["a photo of a cat"]) - expected).max() > 1e-2  # the style matters
 
 
+# -- the map of the styles ----------------------------------------------------------------------
+
+
+def test_style_overview_follows_merges_and_deletes(tmp_path):
+    """The studio's map and table of kept energy: the demo styles, a rescaled copy flagged, a delete."""
+    from share_diffusers.core.similarity import NearDuplicateStyleWarning, style_similarity
+    from share_diffusers.runtime import TINY_RANDOM, defaults_for
+    from share_diffusers.studio.engine import StyleStudio
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    make_demo_styles(pipe)
+    studio = StyleStudio(pipe, defaults_for(pipe, TINY_RANDOM))
+    overview = studio.overview()
+    assert overview.similarity.names == ["ink", "neon", "sepia"] == overview.layout.names
+    assert torch.equal(overview.similarity.matrix, style_similarity(pipe.share_factors).matrix)
+    assert overview.layout.coordinates.shape == (3, 2)
+    assert overview.kept == {name: pytest.approx(1.0, abs=1e-9) for name in ["ink", "neon", "sepia"]}  # k = 16: exact
+    assert set(overview.kept_by_group["ink"]) == {"single_transformer_blocks", "transformer_blocks"}
+    lines = overview.markdown().splitlines()
+    assert lines[0] == "| style | kept | double-stream blocks | single-stream blocks | most similar |"
+    assert re.fullmatch(r"\| ink \| 100\.0% \| 100\.0% \| 100\.0% \| (neon|sepia) \(-?0\.\d\d\) \|", lines[2]), lines
+
+    copy = write_demo_lora(build_tiny_flux_pipeline(0).transformer, tmp_path / "ink-copy", seed=0, rank=4, alpha=16.0)
+    with pytest.warns(NearDuplicateStyleWarning, match="style 'ink x2' is a near-duplicate of 'ink'"):
+        report = studio.merge(str(copy), "ink x2")  # ink's LoRA at twice its alpha
+    assert "near-duplicate of 'ink' (1.000)" in str(report)
+    overview = studio.overview()
+    assert overview.nearest("ink x2") == ("ink", pytest.approx(1.0, abs=1e-5))
+    assert "| ink x2 | " in overview.markdown() and "ink (1.00) **near-duplicate** |" in overview.markdown()
+    studio.delete("neon")
+    assert studio.overview().similarity.names == ["ink", "sepia", "ink x2"]
+
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from matplotlib.figure import Figure
+
+    from share_diffusers.studio.ui import Handlers
+
+    figure, table = Handlers(studio).style_overview()
+    assert isinstance(figure, Figure) and table == studio.overview().markdown()
+    labels = [text.get_text() for text in figure.axes[0].texts]
+    assert sorted(labels) == ["ink, ink x2", "sepia"]  # a style and its rescaled copy share one spot
+
+
 # -- errors in the page --------------------------------------------------------------------------
 
 
@@ -386,3 +429,31 @@ def test_save_factors_zip_loads(client, tmp_path):
         opened.extractall(tmp_path)
     held = [caption.split(" · ")[0] for _, caption in gallery_images(client.predict(api_name="/styles"))]
     assert load_factors(tmp_path / "share-factors").style_names == held
+
+
+def test_style_map_endpoint_flags_a_near_duplicate(client, tmp_path):
+    """``/style_map``: the map (a PNG plot) and the table, which a merged rescaled copy of a style updates."""
+    import base64
+    import io
+
+    from gradio_client import handle_file
+    from PIL import Image
+
+    plot, table = client.predict(api_name="/style_map")
+    header, data = plot["plot"].split(",", 1)
+    assert plot["type"] == "matplotlib" and header == "data:image/png;base64"
+    assert Image.open(io.BytesIO(base64.b64decode(data))).format == "PNG"
+    held = [caption.split(" · ")[0] for _, caption in gallery_images(client.predict(api_name="/styles"))]
+    rows = [line for line in table.splitlines()[2:] if line.startswith("| ")]
+    assert [line.split(" | ")[0].removeprefix("| ") for line in rows] == held
+
+    copy = write_demo_lora(build_tiny_flux_pipeline(0).transformer, tmp_path / "ink-copy", seed=0, rank=4, alpha=16.0)
+    report = client.predict("", "", handle_file(str(copy)), "ink x2", api_name="/merge_lora")
+    # Earlier tests merged more styles than k = 16 holds: the copy is then a near-, not an exact, duplicate.
+    assert re.search(r"; near-duplicate of 'ink' \((0\.9[5-9]\d|1\.000)\) \(cosine similarity\)$", report), report
+    _, table = client.predict(api_name="/style_map")
+    pattern = r"^\| ink x2 \| .* \| ink \((0\.9[5-9]|1\.00)\) \*\*near-duplicate\*\* \|$"
+    assert re.search(pattern, table, re.MULTILINE), table
+    assert client.predict("ink x2", api_name="/delete_style").startswith("deleted 'ink x2'")
+    _, table = client.predict(api_name="/style_map")
+    assert "ink x2" not in table

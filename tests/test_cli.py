@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import TinyNet, relative_error, write_peft_adapter
@@ -238,3 +239,48 @@ def test_merge_with_taken_name_and_pickle_folder(tmp_path, peft_adapters, capsys
     assert run_cli("-q", "compress", peft_adapters[0], "-o", out) == 1
     assert "already holds a Share checkpoint" in capsys.readouterr().err
     assert load_factors(out).style_names == ["ink"]
+
+
+def test_inspect_similarity_table_json_and_png(tmp_path, peft_adapters, capsys):
+    """``inspect --similarity --png``: the pairwise table, near-duplicates, kept energy, and a heat-map PNG."""
+    from PIL import Image
+
+    from share_diffusers.core.similarity import kept_energy, style_similarity
+
+    out = tmp_path / "ckpt"
+    names = ["ink", "neon", "sepia"]
+    assert run_cli("-q", "compress", *peft_adapters, "-o", out, "-k", 10, "-p", 4, "--names", *names) == 0
+    copy = write_peft_adapter(tmp_path / "copy", seed=0, rank=4, alpha=2)  # ink's factors at a quarter of its alpha
+    capsys.readouterr()
+    assert run_cli("-q", "merge", out, copy, "--name", "ink again") == 0
+    assert capsys.readouterr().err == (
+        "warning: style 'ink again' is a near-duplicate of 'ink': the cosine similarity of their weight updates is "
+        "1.000 (threshold 0.95), so 'ink again' is close to 'ink' at another strength; "
+        f"'share-diffusers inspect {out} --similarity' compares all pairs\n"
+    )
+    factors = load_factors(out)
+    similarity = style_similarity(factors)
+
+    png = tmp_path / "maps" / "bank.png"
+    assert run_cli("inspect", out, "--similarity", "--png", png) == 0
+    text = capsys.readouterr().out
+    for number, (name, row) in enumerate(zip(similarity.names, similarity.matrix.tolist(), strict=True), start=1):
+        cells = r"\s+".join(re.escape(f"{value:.3f}") for value in row)
+        assert re.search(rf"^  {number} {re.escape(name)}\s+{cells}$", text, re.MULTILINE), text
+    assert "near-duplicates (similarity >= 0.95): 'ink' ~ 'ink again' (1.000)\n" in text
+    assert re.search(r"^  style\s+mix\s+to_q\s+to_v$", text, re.MULTILINE), text
+    assert re.search(r"^  ink again\s+100\.0%\s+100\.0%\s+100\.0%$", text, re.MULTILINE), text  # k = 10 holds all
+    assert text.endswith(f"wrote {png} (heat map of the similarities)\n")
+    with Image.open(png) as image:
+        assert image.format == "PNG" and image.width > 400 and image.height > 300
+        r, g, b = np.asarray(image.convert("RGB"), dtype=np.int16).transpose(2, 0, 1)
+        assert int(((r > 90) & (g < 30) & (b < 50)).sum()) > 1000  # the dark red cells of similarity 1
+
+    assert run_cli("inspect", out, "--json", "--similarity") == 0
+    info = json.loads(capsys.readouterr().out)["similarity"]
+    assert info["styles"] == names + ["ink again"]
+    assert info["matrix"] == similarity.matrix.tolist()  # JSON floats round-trip exactly
+    assert info["near_duplicates"] == [{"styles": ["ink", "ink again"], "similarity": pytest.approx(1.0, abs=1e-6)}]
+    assert info["kept_energy"] == kept_energy(factors) and len(info["map"]["coordinates"]) == 4
+    assert run_cli("inspect", out, "--json") == 0
+    assert "similarity" not in json.loads(capsys.readouterr().out)  # only when asked for

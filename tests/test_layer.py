@@ -137,7 +137,8 @@ def test_selection_batch_mismatch_is_a_clear_error():
 @pytest.mark.parametrize(
     "weights, message",
     [
-        (torch.ones(1, 1, 3), r"must be \(batch, num_styles\) or \(num_styles,\), got \(1, 1, 3\)"),
+        (torch.ones(1, 1, 1, 3), r"or \(layers, batch, num_styles\), got \(1, 1, 1, 3\)"),
+        (torch.ones(2, 1, 3), r"must have one set per layer \(1\), got 2"),
         (torch.tensor([1.0, float("nan"), 0.0]), "must be finite numbers"),
         (torch.tensor([[0.5, float("inf"), 0.0]]), "must be finite numbers"),
         (torch.ones(2, 2), "covers 2 styles but the layers hold 3"),

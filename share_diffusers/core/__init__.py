@@ -5,6 +5,7 @@ transformers classifiers.
 """
 
 from .adapters import CanonicalLora, LoraAdapter, LoraLayer, lora_scale
+from .block_weights import BlockLayout
 from .checkpoint import FORMAT_VERSION, load_factors, save_factors
 from .errors import (
     CheckpointError,
@@ -24,6 +25,7 @@ from .factors import ShareConfig, ShareFactors, StyleInfo
 from .inject import find_targets, remove_share
 from .layer import ShareLinear, StyleSelection
 from .model import ShareModel, style_weights
+from .similarity import NearDuplicateStyleWarning, kept_energy, near_duplicates, style_map, style_similarity
 from .subspace import LayerShare, RankRule
 
 __all__ = [
@@ -55,6 +57,12 @@ __all__ = [
     "ShareLinear",
     "StyleSelection",
     "ShareModel",
+    "BlockLayout",
+    "NearDuplicateStyleWarning",
+    "kept_energy",
+    "near_duplicates",
+    "style_map",
+    "style_similarity",
     "style_weights",
     "LayerShare",
     "RankRule",

@@ -11,9 +11,15 @@ from __future__ import annotations
 import torch
 
 from .adapters import LoraAdapter, LoraLayer
+from .block_weights import BlockLayout
 from .errors import FactorValueError, StyleError
 from .factors import ShareFactors
+from .model import style_weights
 from .subspace import to_fit
+
+
+def _label(name: str, weight) -> str:
+    return f"{weight:g}*{name}" if isinstance(weight, int | float) else f"{name}[per block]"
 
 
 def export_rank(factors: ShareFactors, blend: dict[str, float]) -> int:
@@ -26,25 +32,32 @@ def export_rank(factors: ShareFactors, blend: dict[str, float]) -> int:
 
 
 def style_as_lora(
-    factors: ShareFactors, style: str | dict[str, float], dtype: torch.dtype = torch.float32
+    factors: ShareFactors,
+    style: str | dict,
+    dtype: torch.dtype = torch.float32,
+    layout: BlockLayout | None = None,
 ) -> LoraAdapter:
     """The LoRA (``scale = 1``) whose ``up @ down`` equals the style's Share ``dW`` on every layer it touches.
 
-    Layers that no style of the blend touches are left out. Every layer gets the same rank (see
-    :func:`export_rank`), zero-padded where a layer needs less, so PEFT and diffusers load it with one ``r``.
+    Layers that no style of the blend touches (or whose per-block weights are all zero) are left out.
+    Every layer gets the same rank (see :func:`export_rank`), zero-padded where a layer needs less, so
+    PEFT and diffusers load it with one ``r``. ``layout``: the model's blocks, for per-block weights.
     """
     if not isinstance(style, str | dict):
         raise StyleError(f"export takes a style name or a {{name: weight}} blend, not {type(style).__name__}")
     blend = {style: 1.0} if isinstance(style, str) else dict(style)
-    weights = factors.style_vector(blend)  # validates the names and weights
-    label = style if isinstance(style, str) else "+".join(f"{w:g}*{n}" for n, w in blend.items())
+    names = list(factors.layers)
+    # (t,) for every layer, or (layers, t) with per-block weights; validates the names and weights
+    weights = style_weights(factors, blend, layers=names, layout=layout, dtype=torch.float64)[..., 0, :]
+    label = style if isinstance(style, str) else "+".join(_label(n, w) for n, w in blend.items())
     rank = export_rank(factors, blend)
     layers = {}
-    for name, stored in factors.layers.items():
+    for position, (name, stored) in enumerate(factors.layers.items()):
         layer = to_fit(stored)
-        if not bool(((weights != 0) & layer.present).any()) or layer.k == 0:
+        layer_weights = weights[position] if weights.ndim == 2 else weights
+        if not bool(((layer_weights != 0) & layer.present).any()) or layer.k == 0:
             continue
-        core = layer.cores(weights)  # (k, k)
+        core = layer.cores(layer_weights)  # (k, k)
         u, s, vh = torch.linalg.svd(core)
         keep = min(rank, s.numel())
         root = s[:keep].sqrt()

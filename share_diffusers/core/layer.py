@@ -22,8 +22,9 @@ from .subspace import LayerShare
 class StyleSelection:
     """The per-call style state of one model, shared by every ``ShareLinear`` in it.
 
-    ``weights`` is ``(rows, t)`` over the whole style bank (one row broadcasts to any batch), or None
-    for the base model. Setting it does all the per-request work at once, so that a forward does
+    ``weights`` is ``(rows, t)`` over the whole style bank (one row broadcasts to any batch), or
+    ``(layers, rows, t)`` with one set per layer (per-block style weights, in :attr:`layers` order),
+    or None for the base model. Setting it does all the per-request work at once, so that a forward does
     none: the weights go to the layers' device (one small copy), and the blended cores
     ``C_b = sum_i w[b, i] C_i`` of every layer are computed in one product per group of
     layers that share ``(k, t p, device, dtype)`` (all 266 attention linears of FLUX.1 are one
@@ -41,7 +42,7 @@ class StyleSelection:
     """
 
     def __init__(self) -> None:
-        self.weights: torch.Tensor | None = None  # (rows, t) float32 on the CPU, as requested
+        self.weights: torch.Tensor | None = None  # (rows, t) or (layers, rows, t) float32 on the CPU
         self.version = 0  # bumped on every change, so callers can tell cheaply whether anything moved
         self.layers: list[ShareLinear] = []
         self._groups: list[_LayerGroup] | None = None  # None: rebuilt from the layers before the next blend
@@ -72,13 +73,19 @@ class StyleSelection:
     # -- selecting ------------------------------------------------------------------------------
 
     def set(self, weights: torch.Tensor | None) -> None:
-        """Select styles: ``weights (rows, t)`` or ``(t,)`` for the whole batch, or None for the base model."""
+        """Select styles: ``weights (rows, t)``, ``(t,)`` for the whole batch, ``(layers, rows, t)`` per
+        layer, or None for the base model."""
         if weights is not None:
             if weights.ndim == 1:
                 weights = weights[None]
-            if weights.ndim != 2:
+            if weights.ndim == 3 and weights.shape[0] != len(self.layers):
                 raise ShareValueError(
-                    f"style weights must be (batch, num_styles) or (num_styles,), got {tuple(weights.shape)}"
+                    f"per-layer style weights must have one set per layer ({len(self.layers)}), got {weights.shape[0]}"
+                )
+            if weights.ndim not in (2, 3):
+                raise ShareValueError(
+                    "style weights must be (batch, num_styles), (num_styles,) or (layers, batch, num_styles), "
+                    f"got {tuple(weights.shape)}"
                 )
             weights = weights.detach().to("cpu", torch.float32)
             if not bool(torch.isfinite(weights).all()):
@@ -88,7 +95,8 @@ class StyleSelection:
         self.set_checked(weights)
 
     def set_checked(self, weights: torch.Tensor | None) -> None:
-        """:meth:`set` for weights already known to be ``(rows, t)`` float32 on the CPU with a non-zero entry."""
+        """:meth:`set` for weights known to be ``(rows, t)`` or ``(layers, rows, t)`` float32 on the CPU,
+        not all zero."""
         self.version += 1
         if weights is not None:
             self._blend(weights)
@@ -104,12 +112,13 @@ class StyleSelection:
     # -- the per-request computation ------------------------------------------------------------
 
     def _blend(self, weights: torch.Tensor) -> None:
-        """Blended cores of every layer for ``weights (rows, t)``, written where the layers read them."""
+        """Blended cores of every layer for ``weights (rows, t)`` or ``(layers, rows, t)``, written where the
+        layers read them."""
         groups = self._current_groups()
         for group in groups:
-            if weights.shape[1] != group.num_styles:
+            if weights.shape[-1] != group.num_styles:
                 raise ShareValueError(
-                    f"the style selection covers {weights.shape[1]} styles but the layers hold {group.num_styles}"
+                    f"the style selection covers {weights.shape[-1]} styles but the layers hold {group.num_styles}"
                 )
         on_device: dict[torch.device, torch.Tensor] = {}
         for group in groups:
@@ -128,16 +137,19 @@ class StyleSelection:
                 continue
             key = (layer.basis_out.shape[1], layer.cores_out.shape[1], layer.basis_out.device, layer.basis_out.dtype)
             by_key.setdefault(key, []).append(layer)
-        self._groups = [_LayerGroup(layers) for layers in by_key.values()]
+        position = {id(layer): index for index, layer in enumerate(self.layers)}
+        self._groups = [_LayerGroup(layers, [position[id(layer)] for layer in layers]) for layers in by_key.values()]
         return self._groups
 
 
 class _LayerGroup:
     """Layers with the same ``(k, t p, device, dtype)``: their style cores stacked for one batched blend."""
 
-    def __init__(self, layers: list[ShareLinear]):
+    def __init__(self, layers: list[ShareLinear], positions: list[int]):
         first = layers[0]
         self.layers = layers
+        # where these layers' rows sit in per-layer weights (layers, rows, t)
+        self.positions = torch.tensor(positions, dtype=torch.long, device=first.basis_out.device)
         self.device, self.dtype = first.basis_out.device, first.basis_out.dtype
         self.num_styles = first.num_styles
         k, t, p = first.basis_out.shape[1], first.num_styles, first.pseudo_rank
@@ -167,7 +179,9 @@ class _LayerGroup:
         )
 
     def blend(self, weights: torch.Tensor) -> None:
-        """``weights (rows, t)`` float32 on this group's device."""
+        """``weights (rows, t)`` or per layer ``(all layers, rows, t)``, float32 on this group's device."""
+        if weights.ndim == 3:  # per-block weights: each layer its own rows, still one batched product
+            weights = weights.index_select(0, self.positions)  # (L, rows, t)
         blended = (weights @ self.dense_cores).unflatten(-1, self.shape)  # (L, rows, k, k): sum_i w_bi C_i
         if self.blended is not None and self.blended.shape == blended.shape:
             self.blended.copy_(blended)  # the views the layers hold see it; no per-layer work

@@ -21,12 +21,16 @@ import torch
 from torch import nn
 
 from .adapters import LoraAdapter
+from .block_weights import BlockLayout, is_block_weight
 from .errors import QuantizedBaseError, ShapeMismatchError, ShareStateError, ShareValueError, StyleError
 from .factors import MAX_STYLE_WEIGHT, ShareConfig, ShareFactors, check_style_weight
 from .inject import find_targets, layer_shapes, remove_share, wrap_modules
 from .layer import ShareLinear, StyleSelection
 
-StyleSpec = str | dict[str, float] | None
+BlockWeight = float | dict[str, float] | list[float]
+"""A style's weight: a number, or per block a ``{blocks: weight}`` mapping or a vector (``core.block_weights``)."""
+
+StyleSpec = str | dict[str, BlockWeight] | None
 """One sample's style: None (base model), a style name, or a blend ``{name: weight}``."""
 
 
@@ -36,17 +40,26 @@ def style_weights(
     scale: float = 1.0,
     batch_size: int | None = None,
     repeat: int = 1,
+    layers: Sequence[str] | None = None,
+    layout: BlockLayout | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor | None:
-    """Turn a style request into ``(rows, t)`` weights over the bank, or None if no sample is styled.
+    """Turn a style request into weights over the bank, or None if no sample is styled.
 
     Args:
-        style: one spec for every sample, or a list with one spec per sample.
+        style: one spec for every sample, or a list with one spec per sample. A blend's weight may be
+            per block (``{"ink": {"double": 1.0, "single": 0.3}}``, see :mod:`.block_weights`).
         scale: overall strength multiplying every weight.
         batch_size: if given, a list must have exactly this many entries, and a single spec is
             repeated to this many rows (a fixed ``(batch, t)`` shape whatever the request, so a
             compiled model does not recompile when a request switches between one style and several).
         repeat: each spec's row repeated this many times in place (``s0 s0 s1 s1 ...``), as diffusers
             repeats a prompt for ``num_images_per_prompt``; a single spec without ``batch_size`` stays one row.
+        layers, layout: the layer names per-block weights are expanded over, and the model's blocks.
+        dtype: of the result (float64 for fitting and export).
+
+    Returns:
+        ``(rows, t)``; ``(len(layers), rows, t)`` (one row set per layer) when a weight is per block.
     """
     if not _is_number(scale) or not math.isfinite(scale):
         raise StyleError(f"style scale must be a finite number, got {scale!r}")
@@ -66,43 +79,69 @@ def style_weights(
     if all(spec is None for spec in specs):
         return None
     # Plain Python lists and one tensor at the end: a switch costs microseconds (no small-tensor ops).
-    rows = []
+    rows = []  # (weights over the bank, {style index: per-layer weights} for per-block ones)
     for spec in specs:
-        row = [0.0] * len(factors.styles)
+        row, per_layer = [0.0] * len(factors.styles), {}
         if isinstance(spec, str):
             row[factors.style_index(spec)] = float(scale)
         elif isinstance(spec, dict):
             for name, weight in spec.items():
-                if not _is_number(weight) or not math.isfinite(weight):
-                    raise StyleError(f"blend weight for style {name!r} must be a finite number, got {weight!r}")
-                row[factors.style_index(name)] += check_style_weight(name, weight, scale)
+                index = factors.style_index(name)
+                if is_block_weight(weight):
+                    if index in per_layer:
+                        raise StyleError(f"style {name!r} appears twice in a blend with per-block weights")
+                    per_layer[index] = _per_layer(name, weight, scale, layers, layout)
+                elif not _is_number(weight) or not math.isfinite(weight):
+                    raise StyleError(
+                        f"blend weight for style {name!r} must be a finite number, got {weight!r} "
+                        "(or per block: a {blocks: weight} mapping or a vector)"
+                    )
+                else:
+                    row[index] += check_style_weight(name, weight, scale)
         elif spec is not None:
             raise StyleError(f"a style is None, a style name or a {{name: weight}} blend, not {type(spec).__name__}")
-        rows.append(row)
+        rows.append((row, per_layer))
     if batch_size is not None and len(rows) == 1:
         rows = rows * batch_size
     if len(rows) > 1 or batch_size is not None:
         rows = [row for row in rows for _ in range(repeat)]
-    return torch.tensor(rows, dtype=torch.float32)
+    weights = torch.tensor([row for row, _ in rows], dtype=dtype)  # (rows, t)
+    if not any(per_layer for _, per_layer in rows):
+        return weights
+    weights = weights.expand(len(layers), *weights.shape).clone()  # (L, rows, t)
+    for position, (_, per_layer) in enumerate(rows):
+        for index, values in per_layer.items():
+            weights[:, position, index] = torch.tensor(values, dtype=dtype)
+    return weights
+
+
+def _per_layer(
+    name: str, weight: object, scale: float, layers: Sequence[str] | None, layout: BlockLayout | None
+) -> list[float]:
+    if layers is None or layout is None:
+        raise StyleError(f"style {name!r} has per-block weights, which need a model (its layers and blocks)")
+    values = layout.multipliers(name, weight, layers)
+    for value in set(values):
+        check_style_weight(name, value, scale)
+    return [value * float(scale) for value in values]
 
 
 def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _hashable(value):
+    if isinstance(value, dict):
+        return ("dict", tuple((key, _hashable(item)) for key, item in value.items()))
+    if isinstance(value, list | tuple):
+        return ("seq", tuple(_hashable(item) for item in value))
+    return value
+
+
 def _cache_key(style, scale: float, batch_size: int | None, repeat: int):
     """A hashable form of a style request, or None if it has none (then it is not cached)."""
-
-    def one(spec):
-        if isinstance(spec, dict):
-            return ("blend", tuple(spec.items()))
-        return spec
-
     try:
-        if isinstance(style, list | tuple):
-            key = ("list", tuple(one(spec) for spec in style), scale, batch_size, repeat)
-        else:
-            key = ("one", one(style), scale, batch_size, repeat)
+        key = (_hashable(style), scale, batch_size, repeat)
         hash(key)
         return key
     except TypeError:
@@ -116,7 +155,8 @@ class ShareModel:
         model: the wrapped ``nn.Module`` (modified in place).
         factors: the :class:`ShareFactors` (bases and style bank) the layers reflect.
         selection: the :class:`StyleSelection` every layer reads.
-        layers: ``name -> ShareLinear``.
+        layers: ``name -> ShareLinear``, in the order the selection holds them.
+        block_layout: the model's blocks, for per-block style weights (:mod:`.block_weights`).
     """
 
     def __init__(
@@ -127,6 +167,7 @@ class ShareModel:
         self.layers = layers
         self.selection = selection
         self.fused_style: StyleSpec = None
+        self.block_layout = BlockLayout.of(model)
         self._weights_cache: dict = {}  # request -> (batch, t) weights; valid while the bank is unchanged
         model._share_model = self  # ShareModel.of(model) finds it; removed by remove()
 
@@ -212,7 +253,7 @@ class ShareModel:
         if key is not None and key in self._weights_cache:
             weights = self._weights_cache[key]
         else:
-            weights = style_weights(self.factors, style, scale, batch_size, repeat)
+            weights = self.weights_for(style, scale, batch_size, repeat)
             if weights is not None and not bool(weights.any()):
                 weights = None  # e.g. {"ink": 0.0}: the base path, bit for bit
             if key is not None:
@@ -222,6 +263,16 @@ class ShareModel:
         if weights is not None and self.fused_style is not None:
             raise ShareStateError(f"style {self.fused_style!r} is fused; unfuse_style() before selecting styles")
         self.selection.set_checked(weights)
+
+    def weights_for(
+        self,
+        style: StyleSpec | Sequence[StyleSpec],
+        scale: float = 1.0,
+        batch_size: int | None = None,
+        repeat: int = 1,
+    ) -> torch.Tensor | None:
+        """:func:`style_weights` over this model's layers: ``(rows, t)``, or ``(layers, rows, t)`` per block."""
+        return style_weights(self.factors, style, scale, batch_size, repeat, list(self.layers), self.block_layout)
 
     @contextmanager
     def styles(
@@ -288,15 +339,15 @@ class ShareModel:
         if style is None or isinstance(style, list | tuple):
             raise StyleError("fuse_style takes one style name or one {name: weight} blend")
         self._check_unfused("fuse another style")
-        weights = style_weights(self.factors, style, scale)[0]
+        weights = self.weights_for(style, scale)
         for name, layer in self.layers.items():
             try:
                 layer.check_fusable()
             except QuantizedBaseError as error:
                 raise QuantizedBaseError(f"cannot fuse a style into {name}: {error}") from None
         self.selection.clear()
-        for layer in self.layers.values():
-            layer.fuse(weights, exact=exact)
+        for position, layer in enumerate(self.layers.values()):
+            layer.fuse(weights[position, 0] if weights.ndim == 3 else weights[0], exact=exact)
         self.fused_style = style
 
     def unfuse_style(self) -> None:

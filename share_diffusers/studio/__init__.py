@@ -3,7 +3,8 @@
     share-diffusers app --help          # or: python -m share_diffusers.studio --help
 
 Needs the ``app`` extra (``pip install "share-diffusers[app]"``). Only :mod:`.ui` imports Gradio:
-:mod:`.text` (the text boxes) and :mod:`.engine` (the pipeline work) do not, and :mod:`.testing`
+:mod:`.text` (the text boxes), :mod:`.engine` (the pipeline work, the style bank's overview) and
+:mod:`.plots` (the style map, matplotlib) do not, and :mod:`.testing`
 starts the studio in a subprocess for tests. Loading, defaults and the style syntax come from
 :mod:`share_diffusers.runtime`.
 """

@@ -1,4 +1,5 @@
-"""The studio's work on the pipeline, without Gradio: generate, compare, previews, merge, delete, save.
+"""The studio's work on the pipeline, without Gradio: generate, compare, previews, merge, delete, save,
+and the map of the style bank (similarities, kept energy).
 
 ``StyleStudio`` wraps one ``ShareFluxPipeline``. Gradio runs events in worker threads, and a style
 request is state on the transformer for the length of a call, so every pipeline use holds one lock.
@@ -13,11 +14,20 @@ import tempfile
 import threading
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from ..core.similarity import (
+    NEAR_DUPLICATE_THRESHOLD,
+    StyleMap,
+    StyleSimilarity,
+    kept_energy,
+    style_map,
+    style_similarity,
+)
 from ..loader import MergeReport
 from ..lora_files import refuse_pickle
 from ..runtime import DEFAULT_PROMPTS, GenerationDefaults, StyleSpec, call_arguments, format_style
@@ -72,6 +82,73 @@ def zip_folder(folder: str | Path, zip_path: str | Path) -> Path:
             if file.is_file():
                 archive.write(file, Path(folder.name) / file.relative_to(folder))
     return zip_path
+
+
+# Column titles of the layer groups of FLUX.1's transformer (share_diffusers.core.similarity.layer_group).
+GROUP_LABELS = {"transformer_blocks": "double-stream blocks", "single_transformer_blocks": "single-stream blocks"}
+
+
+@dataclass
+class StyleOverview:
+    """The bank at one moment: pairwise similarities, the 2-D map, and what each style keeps of its LoRA.
+
+    Attributes:
+        similarity: cosine similarity of every pair of styles' weight updates.
+        layout: the styles' coordinates on a 2-D map (close = similar).
+        kept: per style, the share of its LoRA's energy held over all layers (``1 - error^2``).
+        kept_by_group: per style and layer group (e.g. FLUX.1's ``transformer_blocks`` and
+            ``single_transformer_blocks``), the same share.
+    """
+
+    similarity: StyleSimilarity
+    layout: StyleMap
+    kept: dict[str, float]
+    kept_by_group: dict[str, dict[str, float]]
+
+    def nearest(self, name: str) -> tuple[str, float] | None:
+        """The other style most similar to ``name`` and their similarity (None when it is alone)."""
+        names, matrix = self.similarity.names, self.similarity.matrix
+        index = names.index(name)
+        others = [j for j in range(len(names)) if j != index]
+        if not others:
+            return None
+        best = max(others, key=lambda j: float(matrix[index, j]))
+        return names[best], float(matrix[index, best])
+
+    def markdown(self) -> str:
+        """A table of the styles: kept energy overall and per layer group, and the most similar other style."""
+        names = self.similarity.names
+        if not names:
+            return "No styles held yet: merge a LoRA."
+        groups = {group for per_style in self.kept_by_group.values() for group in per_style}
+        groups = sorted(groups, key=lambda group: GROUP_LABELS.get(group, group))
+        labels = [_escape(GROUP_LABELS.get(group, group)) for group in groups]
+        lines = [
+            "| style | kept | " + " | ".join(labels) + " | most similar |",
+            "|---|---:|" + "---:|" * len(groups) + "---|",
+        ]
+        for name in names:
+            cells = [f"{self.kept_by_group[name][g]:.1%}" if g in self.kept_by_group[name] else "-" for g in groups]
+            nearest = self.nearest(name)
+            similar = "-"
+            if nearest is not None:
+                other, value = nearest
+                similar = f"{_escape(other)} ({value:.2f})"
+                if value >= NEAR_DUPLICATE_THRESHOLD:
+                    similar += " **near-duplicate**"
+            lines.append(f"| {_escape(name)} | {self.kept[name]:.1%} | " + " | ".join(cells) + f" | {similar} |")
+        lines += [
+            "",
+            "*kept*: the share of each style's LoRA energy the bank reproduces (1 - relative error²), over all "
+            "layers and per group of layers; *most similar*: the cosine similarity of the two styles' weight "
+            "updates (1: the same up to strength).",
+        ]
+        return "\n".join(lines)
+
+
+def _escape(text: str) -> str:
+    """Text shown literally in Markdown (a style named ``a|b`` or ``*x*`` must not break the table)."""
+    return "".join("\\" + char if char in "\\`*_[]<>|#" else char for char in text)
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -149,6 +226,17 @@ class StyleStudio:
                 self._previews.update(zip(chunk, images, strict=True))
             factors = self.pipe.share_factors
             return [(self._previews[name], f"{name} · error {factors.style_error(name):.1e}") for name in names]
+
+    def overview(self) -> StyleOverview:
+        """Similarities, map and kept energy of the styles held now (``k x k`` numbers only: milliseconds)."""
+        with self._lock:
+            factors = self.pipe.share_factors
+            if factors is None:
+                empty = StyleSimilarity([], torch.zeros(0, 0, dtype=torch.float64))
+                return StyleOverview(empty, style_map(empty), {}, {})
+            similarity = style_similarity(factors)
+            kept = {name: max(0.0, 1.0 - factors.style_error(name) ** 2) for name in similarity.names}
+            return StyleOverview(similarity, style_map(similarity), kept, kept_energy(factors))
 
     def merge(self, source: str, style_name: str | None = None, weight_name: str | None = None) -> MergeReport:
         """Merge a LoRA (Hub id or local file) as a new style; a failed merge changes nothing."""

@@ -6,8 +6,10 @@ With no ``--model`` it runs the embedded demo model (a small Flux trained on Fas
 the package: no download) and, with no ``--factors``, its four demo styles learned continually into one
 Share checkpoint (inverted, tint, stripes, outlines). ``--model tiny-random`` runs the random-weight
 tiny pipeline with three random demo LoRAs instead (fast, for tests). Every error shows in the page as one
-line (``gr.Error``), never as a stack trace. API endpoints for ``gradio_client``: ``/generate``,
-``/compare``, ``/merge_lora``, ``/delete_style``, ``/save_factors``, ``/styles``.
+line (``gr.Error``), never as a stack trace. Beside the style previews, a map of the bank (styles close
+on it have similar weight updates) and a table of what each style keeps of its LoRA, updated after every
+merge and delete. API endpoints for ``gradio_client``: ``/generate``, ``/compare``, ``/merge_lora``,
+``/delete_style``, ``/save_factors``, ``/styles``, ``/style_map``.
 """
 
 from __future__ import annotations
@@ -38,10 +40,11 @@ from ..runtime import (
     resolve_dtype,
 )
 from .engine import MAX_SEED, StyleStudio, merge_source, pick_seed
+from .plots import style_map_figure
 from .text import blend_text, parse_prompts, parse_style_lines, style_choices
 
 BLEND_SLOTS = 3
-CSS = ".pixel-art img { image-rendering: pixelated; }"
+CSS = ".pixel-art img { image-rendering: pixelated; } #style-table td { white-space: nowrap; }"
 # Gradio hands each call its own tracker configured like this default (pipeline and download bars).
 TRACK_TQDM = gr.Progress(track_tqdm=True)
 _REMEMBERED_ERRORS = 256  # sessions whose last merge error is kept for the report box
@@ -152,6 +155,13 @@ class Handlers:
     @user_errors
     def style_gallery(self, progress=TRACK_TQDM):
         return self.studio.previews()
+
+    @user_errors
+    def style_overview(self):
+        """The map of the styles (a matplotlib figure, None with no styles) and the table of kept energy."""
+        overview = self.studio.overview()
+        figure = style_map_figure(overview.layout) if overview.similarity.names else None
+        return figure, overview.markdown()
 
     def style_menus(self, compare_selection):
         """New choices for every style menu; the compare selection keeps the styles still held."""
@@ -314,6 +324,9 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
                 gallery = _image_gallery(
                     "Styles: preview and reconstruction error", "styles", defaults, columns=3, height=340
                 )
+                with gr.Accordion("Style map: close points are styles with similar weight updates", open=True):
+                    style_plot = gr.Plot(show_label=False, elem_id="style-map", format="png")
+                    style_table = gr.Markdown(elem_id="style-table")
                 settings = _settings(defaults)
 
         common = [
@@ -330,6 +343,7 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
         def refresh(event):
             event.success(handlers.style_gallery, None, gallery, api_visibility="private")
             event.success(handlers.style_menus, compare.styles, menus, api_visibility="private")
+            event.success(handlers.style_overview, None, [style_plot, style_table], api_visibility="private")
 
         for slot in generate.slots[0::2]:
             slot.input(handlers.blend, generate.slots, generate.styles, queue=False, api_visibility="private")
@@ -359,6 +373,7 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
         manage.save.click(handlers.save_factors, None, manage.factors_file, api_name="save_factors")
         demo.load(handlers.style_gallery, None, gallery, api_name="styles")
         demo.load(handlers.style_menus, compare.styles, menus, api_visibility="private")
+        demo.load(handlers.style_overview, None, [style_plot, style_table], api_name="style_map")
     return demo
 
 
