@@ -355,7 +355,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     style = parse_style(args.style)  # before the minutes a real model may take to load
-    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet)
+    pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet, quantize=args.quantize)
     pipe.set_progress_bar_config(disable=args.quiet)
     load_styles(pipe, args.model, args.factors)
     defaults = defaults_for(pipe, args.model)
@@ -480,6 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     generate.add_argument(
         "--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on cuda, float32 otherwise)"
+    )
+    generate.add_argument(
+        "--quantize",
+        metavar="KIND_OR_GGUF",
+        help="quantize the transformer: int8 or float8 (torchao), nf4 (bitsandbytes, CUDA) or a .gguf file of it; "
+        "styles apply unfused on top",
     )
     generate.set_defaults(func=cmd_generate)
     commands.add_parser("app", help="open the Gradio style studio (share-diffusers app --help)", add_help=False)

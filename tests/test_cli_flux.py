@@ -93,6 +93,32 @@ def test_generate_command_writes_the_styled_image(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+def test_generate_on_a_quantized_transformer(tmp_path, capsys):
+    """``generate --quantize int8``: the image of the int8 transformer with the style, bit for bit."""
+    pytest.importorskip("torchao")
+    from PIL import Image
+
+    from share_diffusers.core.quantized import is_quantized
+    from share_diffusers.quantization import quantize_in_place
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.merge_lora(write_diffusers_lora(tmp_path / "ink", seed=1, rank=4, alpha=8), style_name="ink")
+    pipe.save_share_factors(tmp_path / "factors")
+    args = ["-q", "generate", "--model", "tiny-random", "--factors", str(tmp_path / "factors"), "--quantize", "int8"]
+    args += ["--prompt", "a red cat", "--steps", "2", "--seed", "0", "--style", "ink", "-o", str(tmp_path / "q.png")]
+    assert main(args) == 0
+    quantized = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    quantize_in_place(quantized.transformer, "int8")
+    quantized.load_share_factors(tmp_path / "factors")
+    assert is_quantized(quantized.transformer.transformer_blocks[0].attn.to_q.base_layer)
+    call = dict(prompt="a red cat", height=32, width=32, num_inference_steps=2, guidance_scale=3.5)
+    expected = quantized(**call, style="ink", generator=torch.Generator().manual_seed(0)).images[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "q.png")), np.asarray(expected))
+    float_image = pipe(**call, style="ink", generator=torch.Generator().manual_seed(0)).images[0]
+    assert not np.array_equal(np.asarray(float_image), np.asarray(expected))  # it really ran quantized
+
+
 @pytest.fixture(scope="module")
 def flux_factors(tmp_path_factory):
     """A Share checkpoint of two diffusers Flux LoRAs on the tiny pipeline, and the pipeline holding it."""
@@ -172,8 +198,9 @@ def test_generate_defaults_have_one_source(capsys):
         (["--model", "/no/such/folder"], "'/no/such/folder' is neither a local diffusers pipeline folder nor a Hub"),
         (["--model", "{tmp}"], "{tmp} holds no diffusers pipeline (model_index.json missing)"),
         (["--device", "nowhere:0"], "unknown torch device 'nowhere:0'; use e.g. cpu, cuda or cuda:1"),
+        (["--quantize", "int4"], "unknown quantization 'int4': choose int8, float8, nf4 or a .gguf file"),
     ],
-    ids=["style", "missing-folder", "not-a-pipeline", "device"],
+    ids=["style", "missing-folder", "not-a-pipeline", "device", "quantize"],
 )
 def test_generate_refuses_bad_input_before_loading_in_one_line(tmp_path, capsys, extra, message):
     extra = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]

@@ -392,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dtype", choices=DTYPES, default=None, help="weights dtype (default: bfloat16 on cuda, float32 otherwise)"
     )
+    parser.add_argument(
+        "--quantize",
+        metavar="KIND_OR_GGUF",
+        help="quantize the transformer: int8 or float8 (torchao), nf4 (bitsandbytes, CUDA) or a .gguf file of it; "
+        "styles apply unfused on top",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest LoRA upload (default 200)")
@@ -410,7 +416,7 @@ def load_studio(args: argparse.Namespace) -> tuple[StyleStudio, str]:
     """The pipeline with its styles (factors, demo styles), warmed previews, and the page's description."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    pipe = load_pipeline(args.model, device, dtype)
+    pipe = load_pipeline(args.model, device, dtype, quantize=args.quantize)
     pipe.set_progress_bar_config(leave=False)
     for report in load_styles(pipe, args.model, args.factors, args.demo_styles):
         print(report, flush=True)
