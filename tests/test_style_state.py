@@ -209,3 +209,26 @@ def test_single_layer_without_a_model_reads_a_fresh_blend():
     layer.selection.set(factors.style_vector({"sepia": 1.0}))
     dense = factors.delta_weight("layer", "sepia").float()
     assert relative_error(layer.base_layer(x) + x @ dense.T, layer(x)) < 1e-5
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"], ids=["float", "torchao-int8"])
+def test_per_block_and_quantized_styled_steps_add_three_kernels_a_layer(quantize):
+    """Per-block weights and a quantized base keep the styled step's cost: 3 kernels a layer, no copies."""
+    pipe, share = _flux_with_styles()
+    if quantize is not None:
+        pytest.importorskip("torchao")
+        from share_diffusers.core.quantized import is_quantized
+        from share_diffusers.quantization import quantize_in_place
+
+        share.remove()  # quantize the plain transformer, then put the same factors back
+        quantize_in_place(pipe.transformer, quantize)
+        share = ShareModel.inject(pipe.transformer, share.factors)
+        assert all(is_quantized(layer.base_layer) for layer in share.layers.values())
+    transformer = pipe.transformer
+    inputs = transformer_inputs(batch=2)
+    base = _count(lambda: run_transformer(transformer, inputs))
+    share.set_style([{"ink": {"double": 1.0, "single": 0.3}}, {"neon": [1.0, 0.0, 0.5, 0.5], "sepia": 0.2}])
+    assert share.selection.weights.ndim == 3  # per layer
+    styled = _count(lambda: run_transformer(transformer, inputs))
+    assert len(styled.kernels) - len(base.kernels) == 3 * len(share.layers)
+    assert styled.copies == base.copies
