@@ -81,6 +81,15 @@ def load_quantized(kind: str, tiny_dir, tmp_path) -> FluxTransformer2DModel:
             quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
             torch_dtype=torch.float32,
         )
+    if kind == "quanto-int8":
+        pytest.importorskip("optimum.quanto")
+        from diffusers import QuantoConfig
+
+        with pytest.warns(FutureWarning, match="QuantoConfig` is deprecated"):  # diffusers 0.42 still loads it
+            config = QuantoConfig(weights_dtype="int8")
+        return FluxTransformer2DModel.from_pretrained(
+            tiny_dir, subfolder="transformer", quantization_config=config, torch_dtype=torch.float32
+        )
     config = {"int8": Int8WeightOnlyConfig(), "float8": Float8WeightOnlyConfig()}[kind]
     return FluxTransformer2DModel.from_pretrained(
         tiny_dir, subfolder="transformer", quantization_config=TorchAoConfig(config), torch_dtype=torch.float32
@@ -96,7 +105,7 @@ def share_pipe(tiny_dir, loras):
     return pipe
 
 
-@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "int8", "float8"])
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_0", "int8", "float8", "quanto-int8"])
 def test_styled_quantized_transformer_equals_dequantized_base_plus_style(kind, tiny_dir, share_pipe, tmp_path):
     quantized = load_quantized(kind, tiny_dir, tmp_path)
     target = quantized.transformer_blocks[0].attn.to_q
