@@ -40,6 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="output_dir of each run (holding results.json)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="writes OUTPUT.md and OUTPUT.png")
+    parser.add_argument("--note", default=None, help="a paragraph under the first one (setup, test-set sizes)")
     args = parser.parse_args()
     results = [json.loads((run / "results.json").read_text()) for run in args.runs]
     tasks = results[0]["tasks"]
@@ -48,6 +49,7 @@ def main() -> None:
     parts = [
         "Accuracy (%) on each task (columns) after learning each task (rows); ↓ forgetting and ↑ backward "
         "transfer in points against the accuracy when the task was learned.",
+        *(["", args.note] if args.note else []),
         "",
         comparison(results),
     ]
