@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,16 @@ FIT_DTYPE = torch.float64
 # ... and on the CPU: the factors live there (a checkpoint, a pipeline's state kept across offloading), the
 # work per layer is a few skinny QRs that a GPU does not speed up, and LoRAs on any device then merge.
 FIT_DEVICE = torch.device("cpu")
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(tensor).all())``, in one pass when it holds.
+
+    A finite sum means every entry is finite (a NaN or an infinity makes the sum NaN or infinite), so the
+    sum decides the common case; only a sum that is not finite (a bad entry, or the sum itself overflowing)
+    pays for the entrywise test. At FLUX.1 width the sum took 0.06 ms where ``isfinite(...).all()`` took 1.1.
+    """
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def lora_scale(alpha: float | None, rank: int, use_rslora: bool = False) -> float:
@@ -84,6 +95,17 @@ class LoraLayer:
         """Dense ``scale * up @ down``: ``(n_out, d_in)``. For tests and small layers only."""
         return self.scale * self.up.to(dtype) @ self.down.to(dtype)
 
+    def _canonical_key(self) -> tuple:
+        return (self.up, self.down, self.up._version, self.down._version, self.scale)
+
+    def _cached_canonical(self) -> CanonicalLora | None:
+        """The cached canonical form, if ``up``, ``down`` and ``scale`` are still what it was computed from."""
+        if self._canonical is None:
+            return None
+        (up, down, *numbers), cached = self._canonical
+        key = self._canonical_key()
+        return cached if up is self.up and down is self.down and tuple(numbers) == key[2:] else None
+
     def canonical(self) -> CanonicalLora:
         """Thin SVD ``dW = U diag(S) V.T`` from the factors in ``O((n + d) r^2)``, never forming ``dW``.
 
@@ -96,26 +118,54 @@ class LoraLayer:
         result is cached on the layer until ``up``, ``down`` or ``scale`` change (replaced or modified
         in place); it holds ``(n_out + d_in) r`` float64 numbers.
         """
-        key = (self.up, self.down, self.up._version, self.down._version, self.scale)
-        if self._canonical is not None:
-            (up, down, *numbers), cached = self._canonical
-            if up is self.up and down is self.down and tuple(numbers) == key[2:]:
-                return cached
+        cached = self._cached_canonical()
+        if cached is not None:
+            return cached
+        key = self._canonical_key()
         up = self.up.detach().to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (n, r)
         down = self.down.detach().to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (r, d)
         for which, factor in (("up (lora_B)", up), ("down (lora_A)", down)):
-            if not bool(torch.isfinite(factor).all()):
+            if not all_finite(factor):
                 raise FactorValueError(f"the LoRA's {which} factor contains NaN or Inf")
         q_up, r_up = torch.linalg.qr(up)  # (n, r), (r, r)
         q_down, r_down = torch.linalg.qr(down.T)  # (d, r), (r, r)
         small = self.scale * (r_up @ r_down.T)  # (r, r)
-        if not bool(torch.isfinite(small).all()):
+        if not all_finite(small):
             raise FactorValueError(f"the LoRA's update overflows float64: its scale {self.scale:g} is out of range")
         u_small, s, vh_small = torch.linalg.svd(small)
         # Formed column-major, like the QR factors, as the merge's QR wants them (see subspace.principal_decomposition).
         result = CanonicalLora(U=(u_small.T @ q_up.T).T, S=s, V=(vh_small @ q_down.T).T)
         self._canonical = (key, result)
         return result
+
+
+def canonical_forms(layers: Sequence[LoraLayer]) -> list[CanonicalLora]:
+    """:meth:`LoraLayer.canonical` of several layers of one shape and rank, with batched QRs and SVDs.
+
+    Step for step the maths of :meth:`LoraLayer.canonical` on ``(L, ...)`` stacks: one conversion to CPU
+    float64, one QR per side and one SVD for all layers. Forms already cached are reused; the new ones are
+    cached on their layers as :meth:`LoraLayer.canonical` caches them. Layers of different shapes, ranks,
+    dtypes or devices, and any layer whose factors are not finite or whose update overflows, are left to
+    :meth:`LoraLayer.canonical` itself, which raises the error of the first bad one.
+    """
+    todo = [layer for layer in layers if layer._cached_canonical() is None]
+    kinds = {(layer.up.shape, layer.down.shape, layer.up.dtype, layer.down.dtype, layer.up.device) for layer in todo}
+    if len(todo) > 1 and len(kinds) == 1:
+        keys = [layer._canonical_key() for layer in todo]
+        up = torch.stack([layer.up.detach() for layer in todo]).to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (L, n, r)
+        down = torch.stack([layer.down.detach() for layer in todo]).to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (L, r, d)
+        if all_finite(up) and all_finite(down):
+            q_up, r_up = torch.linalg.qr(up)  # (L, n, r), (L, r, r)
+            q_down, r_down = torch.linalg.qr(down.mT)  # (L, d, r), (L, r, r)
+            scale = torch.tensor([layer.scale for layer in todo], dtype=FIT_DTYPE, device=FIT_DEVICE)
+            small = scale[:, None, None] * (r_up @ r_down.mT)  # (L, r, r)
+            if all_finite(small):
+                u_small, s, vh_small = torch.linalg.svd(small)
+                u = (u_small.mT @ q_up.mT).mT  # (L, n, r), column-major per layer as canonical() forms it
+                v = (vh_small @ q_down.mT).mT  # (L, d, r)
+                for i, (layer, key) in enumerate(zip(todo, keys, strict=True)):
+                    layer._canonical = (key, CanonicalLora(U=u[i], S=s[i], V=v[i]))
+    return [layer.canonical() for layer in layers]
 
 
 @dataclass

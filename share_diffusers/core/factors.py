@@ -26,15 +26,19 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import LoraAdapter
+from .adapters import LoraAdapter, all_finite, canonical_forms
 from .errors import FactorValueError, ShapeMismatchError, ShareValueError, StyleError
 from .subspace import (
+    STORE_DTYPE,
     LayerShare,
     RankRule,
+    append_absent_style,
     delete_from_layer,
     empty_layer,
     fit_layer,
+    merge_class_key,
     merge_layer,
+    merge_layers,
     replace_in_layer,
     to_fit,
     to_storage,
@@ -44,8 +48,15 @@ from .subspace import (
 # that several cores barely speed up, so the layers themselves are the parallelism. The cap is because
 # part of each layer's time holds the GIL (Python and op dispatch, an estimated ~1 ms of ~7.5 ms single-
 # threaded at 3072 x 3072), which bounds what more threads can give; 8 is a guess for 16-core hosts, not
-# a measurement there.
+# a measurement there. Merges batch the layers of one class (MERGE_CHUNK_BYTES), which cuts the torch calls
+# made under the GIL about 4x at FLUX.1 width.
 MAX_WORKERS = 8
+# A merge computes the layers of one class (shape, k, the LoRA's rank...) in chunks with batched linear
+# algebra, each chunk's QR input at most this big: at FLUX.1 width (3072 x 48 float64, 1.2 MB a layer) that
+# is 6 layers. On a 2-core EPYC (benchmarks/bench_merge.py, 266 layers) 4 and 8 MB timed the same within
+# noise, 1-2 MB gave back part of the gain, and 16-32 MB were slower: a batched QR streams the whole stack
+# at each step, which then no longer stays in cache (3.2 ms a layer in batches of 32 against 2.0 alone).
+MERGE_CHUNK_BYTES = 8 * 2**20
 
 # The largest |weight| a style may take in a blend, after the overall scale. LoRA strengths that mean
 # anything are near 1 (diffusers users set 0 to 2; "negative" styles and extrapolation go to a few
@@ -248,7 +259,7 @@ def _check_storable(
         "anchor",
     ):
         tensor = getattr(layer, tensor_name)
-        if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        if tensor is not None and not all_finite(tensor):
             raise FactorValueError(f"{layer_name}: {what} gives {tensor_name} values beyond float32's range; {hint}")
     return layer
 
@@ -355,7 +366,14 @@ class ShareFactors:
         known = ", ".join(repr(n) for n in self.style_names) or "none"
         raise StyleError(f"unknown style {name!r}; styles held: {known}")
 
-    def merge(self, adapter: LoraAdapter, name: str, progress: bool = False, workers: int | None = None) -> None:
+    def merge(
+        self,
+        adapter: LoraAdapter,
+        name: str,
+        progress: bool = False,
+        workers: int | None = None,
+        batch_layers: bool = True,
+    ) -> None:
         """Add one adapter as a new style, continually (DESIGN 3), without the adapters merged before.
 
         Cost per layer is one QR of ``n x (k + r)`` plus ``O(t k^2 p)`` re-projection: it does not grow
@@ -363,6 +381,11 @@ class ShareFactors:
         ``workers`` threads, default :func:`default_workers`) and swapped in at the end, so an error
         leaves the factors exactly as they were. Layers the adapter adds are created with zero cores
         for the earlier styles. The adapter's factors may be on any device and in any dtype.
+
+        ``batch_layers`` (default) merges the layers of one shape class together with batched linear
+        algebra (:func:`~.subspace.merge_layers`, the same maths as one layer at a time to float64
+        rounding) in chunks spread over the threads; False merges every layer on its own
+        (:func:`~.subspace.merge_layer`, the reference the batched path is tested against).
         """
         validate_style_name(name, self.style_names)
         if not adapter.layers:
@@ -390,7 +413,41 @@ class ShareFactors:
             return _check_storable(merged, layer_name, f"merging style {name!r}")
 
         names = sorted(set(self.layers) | set(adapter.layers))
-        merged = map_layers(merge_one, names, workers, desc=f"merging {name}", progress=progress)
+        if batch_layers:
+
+            def merge_chunk(chunk: list[str]) -> list[LayerShare]:
+                if all(layer_name not in adapter.layers for layer_name in chunk):
+                    # Untouched stored layers: a zero core appended in float32 gives the same bits as merge_layer's
+                    # round trip through float64 (and their stored values were finite already).
+                    return [
+                        append_absent_style(self.layers[layer_name])
+                        if _held_in(self.layers[layer_name], STORE_DTYPE)
+                        else merge_one(layer_name)
+                        for layer_name in chunk
+                    ]
+                if len(chunk) == 1:
+                    return [merge_one(chunk[0])]
+                try:
+                    entries = canonical_forms([adapter.layers[layer_name] for layer_name in chunk])
+                    energies = torch.stack([entry.S for entry in entries]).square().sum(-1).tolist()
+                    if min(energies) == 0.0:  # a zero update on some layer: handled as absent there, one by one
+                        return [merge_one(layer_name) for layer_name in chunk]
+                    layers = [self._layer_or_empty(layer_name, adapter, t) for layer_name in chunk]
+                    return merge_layers(layers, entries, rule, dtype=STORE_DTYPE)
+                except (FactorValueError, torch.linalg.LinAlgError):
+                    # One layer at a time, so that the error names the first layer it comes from.
+                    return [merge_one(layer_name) for layer_name in chunk]
+
+            chunks = self._merge_chunks(names, adapter, workers)
+            done = map_layers(merge_chunk, chunks, workers, desc=f"merging {name}", progress=progress)
+            by_name = {
+                layer_name: layer
+                for chunk, layers in zip(chunks, done, strict=True)
+                for layer_name, layer in zip(chunk, layers, strict=True)
+            }
+            merged = [by_name[layer_name] for layer_name in names]
+        else:
+            merged = map_layers(merge_one, names, workers, desc=f"merging {name}", progress=progress)
         if not any(bool(layer.norm[-1] > 0) for layer in merged):
             raise FactorValueError(
                 f"the LoRA for style {name!r} is zero on every layer it touches: the LoRA's update is zero, "
@@ -399,6 +456,43 @@ class ShareFactors:
         self.layers = dict(zip(names, merged, strict=True))
         self.styles = [*self.styles, _style_info(adapter, name)]
         self.conv_layers |= {key for key, lora in adapter.layers.items() if lora.conv}
+
+    def _layer_or_empty(self, layer_name: str, adapter: LoraAdapter, num_styles: int) -> LayerShare:
+        """The stored layer, or a new one with no basis yet for a layer the adapter adds (float64, ``k = 0``)."""
+        layer = self.layers.get(layer_name)
+        if layer is not None:
+            return layer
+        n_out, d_in = adapter.layers[layer_name].shape
+        return empty_layer(n_out, d_in, num_styles, self.config.pseudo_rank, self.config.center, self.config.normalize)
+
+    def _merge_chunks(self, names: list[str], adapter: LoraAdapter, workers: int | None) -> list[list[str]]:
+        """``names`` cut into the chunks :meth:`merge` computes together: layers of one merge class (shape, ``k``,
+        dtypes, the LoRA's rank there...), at most ``MERGE_CHUNK_BYTES`` of QR input each and about as many chunks
+        as ``workers`` per class (at least two layers each); chunks in the order of their first layer, so errors come
+        in layer order."""
+        t = len(self.styles)
+        classes: dict[tuple, list[str]] = {}
+        for layer_name in names:
+            lora = adapter.layers.get(layer_name)
+            if lora is None:  # a stored layer the style does not touch
+                key: tuple = ("absent",)
+            else:
+                layer = self._layer_or_empty(layer_name, adapter, t)
+                key = (*merge_class_key(layer, lora.rank), lora.up.dtype, lora.down.dtype, lora.up.device)
+            classes.setdefault(key, []).append(layer_name)
+        threads = max(1, default_workers() if workers is None else workers)
+        chunks = []
+        for key, members in classes.items():
+            if key[0] == "absent":
+                size = len(members)
+            else:
+                lora = adapter.layers[members[0]]
+                n_out, d_in = lora.shape
+                stack_bytes = 8 * max(n_out, d_in) * (key[1] + lora.rank)  # key[1]: the layers' k
+                # Enough chunks to keep the threads busy, but never single layers when the budget allows two.
+                size = max(1, min(MERGE_CHUNK_BYTES // stack_bytes, max(2, math.ceil(len(members) / threads))))
+            chunks += [members[start : start + size] for start in range(0, len(members), size)]
+        return sorted(chunks, key=lambda chunk: chunk[0])
 
     def replace_style(
         self, name: str, cores: dict[str, tuple[torch.Tensor, torch.Tensor]], source: dict | None = None
@@ -504,6 +598,13 @@ class ShareFactors:
     def source_bytes(self) -> int:
         """Bytes of the LoRA factors the styles came from, as given (their dtypes)."""
         return sum(style.source_bytes for style in self.styles)
+
+
+def _held_in(layer: LayerShare, dtype: torch.dtype) -> bool:
+    """Whether every tensor of the layer has ``dtype``."""
+    tensors = (layer.basis_out, layer.basis_in, layer.core_out, layer.core_in, layer.gram_out, layer.gram_in)
+    tensors += (layer.norm, layer.error) + ((layer.anchor,) if layer.anchor is not None else ())
+    return all(tensor.dtype == dtype for tensor in tensors)
 
 
 def _style_info(adapter: LoraAdapter, name: str) -> StyleInfo:
