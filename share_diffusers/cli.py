@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .core import LoraAdapter, ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
+from .core.block_weights import KNOWN_ALIASES, BlockLayout
 from .core.checkpoint import CONFIG_NAME, checkpoint_files
 from .core.errors import LoraFormatError
 from .core.similarity import (
@@ -65,6 +66,10 @@ _FLUX_TRANSFORMER_LAYER = re.compile(
     r"|x_embedder|context_embedder|proj_out|norm_out\.linear|time_text_embed\..+"
 )
 FLUX_LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
+_STYLE_BLOCKS_HELP = (
+    "per-block weights like 'ink[double=1,single=0.3],neon=0.5' (keys: double, single, ranges like double.0-9, "
+    "* for the rest; or one value per block, 'ink[1,1,0.5,...]': FLUX.1's 19 double then 38 single blocks)"
+)
 
 
 def _style_name_for(source: str) -> str:
@@ -332,12 +337,30 @@ def is_flux_transformer_checkpoint(factors: ShareFactors) -> bool:
     return bool(factors.layers) and all(_FLUX_TRANSFORMER_LAYER.fullmatch(name) for name in factors.layers)
 
 
+def checkpoint_block_layout(factors: ShareFactors) -> BlockLayout | None:
+    """The blocks per-block weights name when ``export`` writes a Flux checkpoint's style (no model is loaded).
+
+    Read off the layer names: double blocks 0 to the last one named, then single blocks, which is what
+    :meth:`BlockLayout.of` finds in ``FluxTransformer2DModel`` when the checkpoint reaches its last block of
+    each kind (every FLUX.1 LoRA does: 19 + 38 blocks, a vector's 57 values). None for other checkpoints.
+    """
+    if not is_flux_transformer_checkpoint(factors):
+        return None
+    last = {"transformer_blocks": -1, "single_transformer_blocks": -1}  # model order: a vector's order
+    for name in factors.layers:
+        base, _, rest = name.partition(".")
+        if base in last:
+            last[base] = max(last[base], int(rest.partition(".")[0]))
+    blocks = tuple(f"{base}.{index}" for base, top in last.items() for index in range(top + 1))
+    return BlockLayout(blocks, dict(KNOWN_ALIASES["FluxTransformer2DModel"]))
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     factors = load_factors(args.checkpoint)
     style = parse_style(args.style)
     if style is None:
         raise ValueError("give a style name or a blend like ink=0.5,neon=0.5 to export, not none")
-    adapter = style_as_lora(factors, style)
+    adapter = style_as_lora(factors, style, layout=checkpoint_block_layout(factors))
     output = Path(args.output)
     if is_flux_transformer_checkpoint(factors):
         # What stock FluxPipeline.load_lora_weights loads: diffusers keys under "transformer.", a file,
@@ -447,9 +470,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.set_defaults(func=cmd_inspect)
 
-    export = commands.add_parser("export", help="write a style (or blend a=0.5,b=0.5) as a plain LoRA")
+    export = commands.add_parser(
+        "export", help="write a style (or a blend a=0.5,b=0.5, per-block weights too) as a plain LoRA"
+    )
     export.add_argument("checkpoint")
-    export.add_argument("style", help="style name, or a blend like 'ink=0.5,neon=0.5'")
+    export.add_argument("style", help=f"style name, a blend like 'ink=0.5,neon=0.5', or {_STYLE_BLOCKS_HELP}")
     export.add_argument(
         "-o", "--output", required=True, help="FILE.safetensors (diffusers keys) or a folder (PEFT adapter)"
     )
@@ -462,7 +487,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"inverted, tint, stripes, outlines; {TINY_RANDOM}: the random-weight tiny pipeline)",
     )
     generate.add_argument("--factors", help="Share checkpoint folder or Hub repo id (default: the demo styles)")
-    generate.add_argument("--style", help="style name, a blend like 'ink=0.5,neon=0.5', or none (the default)")
+    generate.add_argument(
+        "--style", help=f"style name, a blend like 'ink=0.5,neon=0.5', {_STYLE_BLOCKS_HELP}, or none (the default)"
+    )
     generate.add_argument("--style-scale", type=float, default=1.0, help="overall style strength (default 1)")
     generate.add_argument("--prompt", required=True, help=f"e.g. '{DEFAULT_PROMPTS[0]}' on the demo model")
     generate.add_argument("-o", "--output", required=True, help="image file to write (.png)")

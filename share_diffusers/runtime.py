@@ -16,15 +16,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from .core.errors import ShareError
-from .core.model import StyleSpec
+from .core.model import BlockWeight, StyleSpec
 from .fashion.data import CLASS_NAMES, prompt_for
 from .fashion.model import DEMO_CALL, DEMO_GUIDANCE, DEMO_PIPELINE_DIR, DEMO_STYLES_DIR, RESOLUTION
 from .quantization import check_quantize, load_quantized_transformer, quantize_in_place
@@ -39,6 +40,7 @@ __all__ = [
     "TINY_RANDOM",
     "TINY_RANDOM_DEFAULTS",
     "USER_ERRORS",
+    "BlockWeight",
     "GenerationDefaults",
     "StyleSpec",
     "call_arguments",
@@ -48,6 +50,7 @@ __all__ = [
     "import_diffusers_quietly",
     "load_pipeline",
     "load_styles",
+    "parse_block_weights",
     "parse_style",
     "resolve_device",
     "resolve_dtype",
@@ -74,48 +77,167 @@ def error_line(error: BaseException) -> str:
 # -- style syntax -------------------------------------------------------------------------------
 
 NONE = "none"
+_BLOCK_SYNTAX = "ink[double=1,single=0.3]"
 
 
 def parse_style(text: str | None) -> StyleSpec:
-    """The text form of a style: ``none`` or empty -> None; ``name`` -> name; ``a=0.5,b=0.5`` -> a blend.
+    """The text form of a style, as the command line, the studio and captions write it.
+
+    - ``none`` or empty -> None; ``ink`` -> ``"ink"``; ``ink=0.5,neon=0.5`` -> ``{"ink": 0.5, "neon": 0.5}``;
+    - per-block weights in brackets (:mod:`share_diffusers.core.block_weights`): ``ink[double=1,single=0.3]``
+      -> ``{"ink": {"double": 1.0, "single": 0.3}}``, with ranges and ``*`` (``ink[double.0-9=1,*=0.2]``),
+      or a vector with one value per block (``ink[1,1,0.5,...]``, FLUX.1: 19 double then 38 single);
+    - both in one blend: ``ink[double=1,single=0.3],neon=0.5``.
+
+    Entries are split on the commas outside brackets. Which block keys exist, and how long a vector must
+    be, only the model knows: the pipeline checks that when the style is used.
 
     Raises:
-        ValueError: a blend entry without ``=``, a weight that is not a finite number, a style twice,
-            or names separated by commas without weights.
+        ValueError: naming the entry at fault: no ``=`` or brackets, a weight that is not a finite
+            number, unbalanced or nested brackets, a weight and brackets together, empty brackets,
+            key=value items mixed with bare values, a block key or a style twice.
     """
     text = (text or "").strip()
     if not text or text.lower() == NONE:
         return None
-    if "=" not in text:
-        if "," in text:
+    entries = _split_entries(text)
+    if not any(mark in text for mark in "=[]"):
+        if len(entries) > 1:
             raise ValueError(f"{text!r}: give a blend with weights, e.g. ink=0.5,neon=0.5")
         return text
-    blend: dict[str, float] = {}
-    for part in text.split(","):
-        name, equals, weight = (piece.strip() for piece in part.partition("="))
-        if not equals or not name:
-            raise ValueError(f"blend entry {part.strip()!r} must be name=weight, e.g. ink=0.5")
-        try:
-            value = float(weight)
-        except ValueError:
-            raise ValueError(f"blend weight of {name!r} must be a number, got {weight!r}") from None
-        if not math.isfinite(value):
-            raise ValueError(f"blend weight of {name!r} must be finite, got {weight!r}")
+    blend: dict[str, BlockWeight] = {}
+    for entry in entries:
+        name, weight = _parse_entry(entry)
         if name in blend:
             raise ValueError(f"style {name!r} appears twice in the blend {text!r}")
-        blend[name] = value
+        blend[name] = weight
     return blend
 
 
 def format_style(spec: StyleSpec) -> str:
-    """The text form of a style, for captions and text boxes; :func:`parse_style` reads it back."""
+    """The text form of a style, for captions and text boxes; :func:`parse_style` reads it back.
+
+    Weights are written as short as reads back exactly (``0.5``, ``1``, ``0.30000000000000004``), so
+    ``parse_style(format_style(spec)) == spec`` for any blend but ``{name: 1.0}``, which is written ``name``.
+    """
     if spec is None:
         return NONE
     if isinstance(spec, str):
         return spec
-    if len(spec) == 1 and next(iter(spec.values())) == 1.0:
+    if len(spec) == 1 and _is_plain(weight := next(iter(spec.values()))) and weight == 1.0:
         return next(iter(spec))
-    return ",".join(f"{name}={weight:g}" for name, weight in spec.items())
+    return ",".join(_format_entry(name, weight) for name, weight in spec.items())
+
+
+def _split_entries(text: str) -> list[str]:
+    """``text`` split on the commas outside brackets, each entry stripped."""
+    entries, start, depth = [], 0, 0
+    for position, char in enumerate(text):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0:
+            entries.append(text[start:position].strip())
+            start = position + 1
+    entries.append(text[start:].strip())
+    return entries
+
+
+def _parse_entry(entry: str) -> tuple[str, BlockWeight]:
+    """``(name, weight)`` of one blend entry: ``name=weight`` or ``name[blocks]``."""
+    head, bracket, rest = entry.partition("[")
+    if not bracket:
+        if "]" in entry:
+            raise ValueError(f"blend entry {entry!r} has a ']' without '['")
+        name, equals, weight = (piece.strip() for piece in entry.partition("="))
+        if not equals or not name:
+            raise ValueError(f"blend entry {entry!r} must be name=weight, e.g. ink=0.5")
+        return name, _number(weight, f"blend weight of {name!r}")
+    if "]" not in rest:
+        raise ValueError(f"blend entry {entry!r} has no closing ']'")
+    inside, _, after = rest.partition("]")
+    if "[" in inside or "]" in after:
+        raise ValueError(f"blend entry {entry!r}: brackets do not nest; one pair per style, e.g. {_BLOCK_SYNTAX}")
+    if after.strip():
+        raise ValueError(f"blend entry {entry!r}: nothing may follow the ']' but a comma and the next entry")
+    name, equals, _ = (piece.strip() for piece in head.partition("="))
+    if not name:
+        raise ValueError(f"blend entry {entry!r} has no style name before '['")
+    if equals:
+        raise ValueError(
+            f"blend entry {entry!r}: give {name!r} a weight ({name}=0.5) or per-block weights "
+            f"({name}[double=1,single=0.3]), not both"
+        )
+    return name, parse_block_weights(name, inside)
+
+
+def parse_block_weights(name: str, inside: str) -> dict[str, float] | list[float]:
+    """Style ``name``'s per-block weights as written inside its brackets: ``double=1,single=0.3`` -> a
+    mapping, ``1,1,0.5`` -> a vector (the studio's blend builder has a box for each style's).
+
+    Raises:
+        ValueError: empty, an empty item, key=value items mixed with bare values, a key twice, a value
+            that is not a finite number.
+    """
+    items = [item.strip() for item in inside.split(",")]
+    if not inside.strip():
+        raise ValueError(
+            f"the per-block weights of {name!r} are empty: give e.g. {name}[double=1,single=0.3], "
+            "or one value per block"
+        )
+    if "" in items:
+        raise ValueError(f"the per-block weights of {name!r} have an empty item: {inside.strip()!r}")
+    keyed = ["=" in item for item in items]
+    if any(keyed) and not all(keyed):
+        bare = items[keyed.index(False)]
+        raise ValueError(
+            f"the per-block weights of {name!r} mix key=value items with a bare value ({bare!r}): give "
+            f"{name}[double=1,single=0.3] or a vector with one value per block, {name}[1,1,0.5,...]"
+        )
+    if not all(keyed):
+        what = "value {} of the block-weight vector of {!r}"
+        return [_number(item, what.format(position, name)) for position, item in enumerate(items, start=1)]
+    blocks: dict[str, float] = {}
+    for item in items:
+        key, _, value = (piece.strip() for piece in item.partition("="))
+        if not key:
+            raise ValueError(f"per-block weight {item!r} of {name!r} has no block key before '='")
+        if key in blocks:
+            raise ValueError(f"block key {key!r} appears twice in the per-block weights of {name!r}")
+        blocks[key] = _number(value, f"block weight {key!r} of {name!r}")
+    return blocks
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{what} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"{what} must be finite, got {text!r}")
+    return value
+
+
+def _is_plain(weight: object) -> bool:
+    return isinstance(weight, numbers.Real) and not isinstance(weight, bool)
+
+
+def _format_entry(name: str, weight: BlockWeight) -> str:
+    if isinstance(weight, Mapping):
+        return f"{name}[{','.join(f'{key}={_format_number(value)}' for key, value in weight.items())}]"
+    if isinstance(weight, Sequence) and not isinstance(weight, str):
+        return f"{name}[{','.join(_format_number(value) for value in weight)}]"
+    return f"{name}={_format_number(weight)}"
+
+
+def _format_number(value: object) -> str:
+    """``value`` as short as reads back exactly: ``0.5``, ``1``, ``1e-07``, ``0.30000000000000004``."""
+    if not _is_plain(value):
+        return str(value)
+    value = float(value)
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
 # -- generation defaults ------------------------------------------------------------------------

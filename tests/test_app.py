@@ -103,6 +103,86 @@ def test_blend_builder_writes_a_style_line(slots, expected):
     assert format_style(parse_style(text)) == text  # the style box reads it back unchanged
 
 
+@pytest.mark.parametrize(
+    "slots, expected",
+    [
+        ([("ink", 1.0, "double=1,single=0.3"), (None, 0.5, "")], "ink[double=1,single=0.3]"),
+        ([("ink", 0.5, "double=1, single=0.3"), ("neon", 0.5, "")], "ink[double=0.5,single=0.15],neon=0.5"),
+        ([("ink", 0.8, "[double.0-9=1,*=0.3]")], "ink[double.0-9=0.8,*=0.24]"),  # no float noise (0.24000000000000002)
+        ([("ink", 1.0, "1,0,0.5,2"), ("neon", 0.0, "double=1")], "ink[1,0,0.5,2]"),
+        ([("ink", 0.5, " "), ("ink", 0.5, None)], "ink"),
+    ],
+)
+def test_blend_builder_with_per_block_weights(slots, expected):
+    text = blend_text(slots)
+    assert text == expected
+    assert format_style(parse_style(text)) == text
+
+
+@pytest.mark.parametrize(
+    "slots, message",
+    [
+        ([("ink", 1.0, "double=x")], "block weight 'double' of 'ink' must be a number, got 'x'"),
+        ([("ink", 1.0, "double=1,0.5")], "the per-block weights of 'ink' mix key=value items with a bare value"),
+        (
+            [("ink", 1.0, "double=1"), ("ink", 0.5, "")],
+            "style 'ink' is in two blend slots, one with per-block weights; keep one slot",
+        ),
+        ([("ink", 1.0, ""), ("ink", 0.5, "single=1")], "style 'ink' is in two blend slots"),
+    ],
+)
+def test_blend_builder_rejects_bad_per_block_weights(slots, message):
+    with pytest.raises(ValueError) as error:
+        blend_text(slots)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_blend_builder_per_block_line_generates_the_python_spec():
+    """The page's blend builder (its handler, in process): a per-block slot writes the style line, and the
+    images of that line are the pipeline's images for the same Python spec; errors reach the page as one line."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    import gradio as gr
+
+    from share_diffusers.runtime import TINY_RANDOM, call_arguments, defaults_for
+    from share_diffusers.studio.engine import StyleStudio
+    from share_diffusers.studio.ui import BLEND_SLOTS, Handlers
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    make_demo_styles(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    studio = StyleStudio(pipe, defaults_for(pipe, TINY_RANDOM))
+    assert studio.blocks() == "double.0-1, single.0-1"
+    handlers = Handlers(studio)
+    slots = ["ink", 0.5, "double=1,single=0.3", "neon", 0.5, "", None, 0.5, ""]
+    assert len(slots) == 3 * BLEND_SLOTS
+    line = handlers.blend(*slots)
+    assert line == "ink[double=0.5,single=0.15],neon=0.5"
+
+    prompts = f"{SNEAKER}\n{SNEAKER}"
+    settings = dict(style_scale=1.0, seed=3, randomize=False, steps=2, width=32, height=32, guidance=3.5)
+    gallery, seed = handlers.generate(prompts, f"{line}\nsepia[1,0,0.5,2]", *settings.values())
+    assert seed == 3
+    assert [caption for _, caption in gallery] == [f"{SNEAKER} · {line}", f"{SNEAKER} · sepia[1,0,0.5,2]"]
+    specs = [{"ink": {"double": 0.5, "single": 0.15}, "neon": 0.5}, {"sepia": [1.0, 0.0, 0.5, 2.0]}]
+    arguments = call_arguments(pipe, studio.defaults, 2, steps=2, width=32, height=32, guidance=3.5)
+    generators = [torch.Generator().manual_seed(3) for _ in range(2)]
+    expected = pipe(prompt=[SNEAKER] * 2, style=specs, generator=generators, **arguments).images
+    for (image, _), reference in zip(gallery, expected, strict=True):
+        assert np.array_equal(np.asarray(image), np.asarray(reference))
+    plain, _ = handlers.generate(SNEAKER, "ink=0.5,neon=0.5", *settings.values())
+    assert not np.array_equal(np.asarray(plain[0][0]), np.asarray(gallery[0][0]))  # the block weights matter
+
+    with pytest.raises(gr.Error) as error:
+        handlers.blend("ink", 1.0, "double=x", *slots[3:])
+    assert error.value.message == "block weight 'double' of 'ink' must be a number, got 'x'"
+    with pytest.raises(gr.Error) as error:
+        handlers.generate(SNEAKER, "ink[double.7=1]", *settings.values())
+    assert error.value.message == (
+        "block weight key 'double.7' of style 'ink' selects no Share layer of this model "
+        "(its blocks: double.0-1, single.0-1)"
+    )
+
+
 # -- engine helpers -----------------------------------------------------------------------------
 
 
@@ -346,6 +426,15 @@ def test_generate_blend_in_one_batch(client):
     assert np.abs(styled[1][0] - base[1][0]).max() <= 1  # the un-styled prompt of the batch does not change
 
 
+def test_generate_per_block_style_line(client):
+    """A per-block line through the API: its caption is the line, and it differs from the plain blend."""
+    per_block, _ = client.predict(SNEAKER, "ink[double=2,single=0.3],neon=0.5", **SETTINGS, api_name="/generate")
+    plain, _ = client.predict(SNEAKER, "ink=1,neon=0.5", **SETTINGS, api_name="/generate")
+    (image, caption), (plain_image, _) = gallery_images(per_block)[0], gallery_images(plain)[0]
+    assert caption == f"{SNEAKER} · ink[double=2,single=0.3],neon=0.5"
+    assert np.abs(image - plain_image).mean() > 2  # about 15 (the tiny model's double blocks weigh most)
+
+
 def test_style_strength_zero_is_the_base_model(client):
     settings = {**SETTINGS, "style_scale": 0.0}
     styled, _ = client.predict(SNEAKER, "ink", **settings, api_name="/generate")
@@ -372,6 +461,8 @@ def test_compare_one_image_per_style(client):
     [
         (SNEAKER, "nope", "unknown style 'nope'; styles held: 'ink', 'neon'"),
         (SNEAKER, "ink=x", "style line 1: blend weight of 'ink' must be a number, got 'x'"),
+        (SNEAKER, "ink[double=1", "style line 1: blend entry 'ink[double=1' has no closing ']'"),
+        (SNEAKER, "ink[double.7=1]", "block weight key 'double.7' of style 'ink' selects no Share layer"),
         ("a\nb\nc", "ink\nneon", "got 2 style lines for 3 prompts; give one line per prompt, or a single line for all"),
         ("  ", "ink", "enter at least one prompt (one per line)"),
     ],

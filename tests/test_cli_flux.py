@@ -93,6 +93,36 @@ def test_generate_command_writes_the_styled_image(tmp_path, capsys):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "style_scale", "spec"),
+    [
+        ("ink[double=1,single=0.3]", "1", {"ink": {"double": 1.0, "single": 0.3}}),
+        ("ink[1,-0.5,0,2],neon=0.5", "0.5", {"ink": [1.0, -0.5, 0.0, 2.0], "neon": 0.5}),
+    ],
+    ids=["mapping", "vector-blend-scaled"],
+)
+def test_generate_with_per_block_weights_is_the_python_spec(tmp_path, capsys, text, style_scale, spec):
+    """``generate --style 'ink[double=1,single=0.3]'`` writes the image of ``pipe(style={"ink": {...}})``."""
+    from PIL import Image
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.merge_lora(write_diffusers_lora(tmp_path / "ink", seed=1, rank=4, alpha=8), style_name="ink")
+    pipe.merge_lora(write_diffusers_lora(tmp_path / "neon", seed=2, rank=2, alpha=2), style_name="neon")
+    pipe.save_share_factors(tmp_path / "factors")
+    output = tmp_path / "styled.png"
+    args = ["-q", "generate", "--model", "tiny-random", "--factors", str(tmp_path / "factors"), "--style", text]
+    args += ["--style-scale", style_scale, "--prompt", "a red cat", "--steps", "2", "--seed", "0", "-o", str(output)]
+    assert main(args) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {output} (32x32, style {text})"
+    call = dict(prompt="a red cat", height=32, width=32, num_inference_steps=2, guidance_scale=3.5)
+    expected = pipe(**call, style=spec, style_scale=float(style_scale), generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(np.asarray(Image.open(output)), np.asarray(expected.images[0]))
+    plain = {name: 1.0 if isinstance(weight, dict | list) else weight for name, weight in spec.items()}
+    other = pipe(**call, style=plain, style_scale=float(style_scale), generator=torch.Generator().manual_seed(0))
+    assert not np.array_equal(np.asarray(other.images[0]), np.asarray(expected.images[0]))  # the blocks matter
+
+
 def test_generate_on_a_quantized_transformer(tmp_path, capsys):
     """``generate --quantize int8``: the image of the int8 transformer with the style, bit for bit."""
     pytest.importorskip("torchao")
@@ -159,12 +189,57 @@ def test_exported_flux_style_loads_in_stock_diffusers(tmp_path, flux_factors, ca
 
 
 @pytest.mark.parametrize(
+    ("text", "spec"),
+    [
+        ("ink[double=1,single=0.3]", {"ink": {"double": 1.0, "single": 0.3}}),
+        ("ink[1,0,0.5,2],sepia=0.5", {"ink": [1.0, 0.0, 0.5, 2.0], "sepia": 0.5}),
+        ("sepia[double.1=1,*=-0.5]", {"sepia": {"double.1": 1.0, "*": -0.5}}),
+    ],
+    ids=["mapping", "vector-blend", "range-rest"],
+)
+def test_export_with_per_block_weights(tmp_path, flux_factors, capsys, text, spec):
+    """``export`` of per-block text, with no model loaded (the blocks read off the layer names), writes the
+    file ``pipe.export_style_as_lora`` writes for the Python spec; stock diffusers draws the style's images."""
+    pipe, factors = flux_factors
+    output = tmp_path / "blocks.safetensors"
+    assert main(["-q", "export", str(factors), text, "-o", str(output)]) == 0
+    assert f"({text}, rank " in capsys.readouterr().out
+    reference = load_file(pipe.export_style_as_lora(spec, tmp_path / "reference.safetensors"))
+    exported = load_file(output)
+    assert exported.keys() == reference.keys()
+    assert all(torch.equal(exported[key], reference[key]) for key in reference)
+    stock = stock_pipeline()
+    stock.set_progress_bar_config(disable=True)
+    stock.load_lora_weights(str(output))
+    prompts = ["a photo of a sneaker", "a photo of a bag"]
+    np.testing.assert_allclose(generate(stock, prompts), generate(pipe, prompts, style=spec), rtol=0, atol=1e-4)
+
+
+def test_checkpoint_block_layout_is_the_models(flux_factors):
+    """The blocks ``export`` reads off a Flux checkpoint are the ones the model's layout finds (a vector's order)."""
+    from share_diffusers.cli import checkpoint_block_layout
+    from share_diffusers.core import load_factors
+
+    pipe, factors = flux_factors
+    layout = checkpoint_block_layout(load_factors(factors))
+    assert layout.blocks == pipe.share.block_layout.blocks
+    assert layout.describe() == pipe.share.block_layout.describe() == "double.0-1, single.0-1"
+
+
+@pytest.mark.parametrize(
     ("style", "message"),
     [
         ("ink=0.5,sepia", "blend entry 'sepia' must be name=weight, e.g. ink=0.5"),
         ("ink=nan", "blend weight of 'ink' must be finite, got 'nan'"),
         ("none", "give a style name or a blend like ink=0.5,neon=0.5 to export, not none"),
         ("nope", "unknown style 'nope'"),
+        ("ink[double=1", "blend entry 'ink[double=1' has no closing ']'"),
+        (
+            "ink[double.7=1]",
+            "block weight key 'double.7' of style 'ink' selects no Share layer of this model "
+            "(its blocks: double.0-1, single.0-1)",
+        ),
+        ("ink[1,1]", "the block-weight vector of style 'ink' has 2 values; this model has 4 blocks"),
     ],
 )
 def test_export_refuses_bad_styles_in_one_line(tmp_path, flux_factors, capsys, style, message):
@@ -199,8 +274,12 @@ def test_generate_defaults_have_one_source(capsys):
         (["--model", "{tmp}"], "{tmp} holds no diffusers pipeline (model_index.json missing)"),
         (["--device", "nowhere:0"], "unknown torch device 'nowhere:0'; use e.g. cpu, cuda or cuda:1"),
         (["--quantize", "int4"], "unknown quantization 'int4': choose int8, float8, nf4 or a .gguf file"),
+        (
+            ["--style", "ink=0.5[double=1]"],
+            "blend entry 'ink=0.5[double=1]': give 'ink' a weight (ink=0.5) or per-block weights",
+        ),
     ],
-    ids=["style", "missing-folder", "not-a-pipeline", "device", "quantize"],
+    ids=["style", "missing-folder", "not-a-pipeline", "device", "quantize", "per-block-style"],
 )
 def test_generate_refuses_bad_input_before_loading_in_one_line(tmp_path, capsys, extra, message):
     extra = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]

@@ -199,6 +199,40 @@ def test_mixed_style_batch_equals_single_requests(engine):
             assert np.abs(a - b).max() <= 1  # float32 agreement within 1e-5 can flip a rounding
 
 
+PER_BLOCK = [
+    body(style={"ink": {"double": 1.0, "single": 0.3}}, seed=1),
+    body("a photo of a dog", style={"ink": [1.0, -0.5, 0.0, 2.0], "neon": 0.5}, style_scale=0.5, seed=2, n=2),
+    body(style={"neon": {"double.1": 1.0, "*": 0.25}, "sepia": {"single": 1.0}}, style_scale=2.0, seed=3),
+    body(style="ink", seed=4),
+    body(style=None, seed=5),
+]
+
+
+def test_per_block_requests_in_a_mixed_batch_equal_single_requests(engine):
+    """Per-block weights (a mapping, a vector at another scale, a blend of both kinds) batched with plain
+    styles: each image is its request alone and the pipeline called with the same Python spec."""
+    app = create_app(engine, max_batch=8, max_wait_ms=2000)
+
+    async def scenario():
+        async with serving(app) as client:
+            together = await asyncio.gather(*(client.post(ENDPOINT, json=request) for request in PER_BLOCK))
+            app.state.backend.max_wait_s = 0.0
+            alone = [await client.post(ENDPOINT, json=request) for request in PER_BLOCK]
+            return [reply.json() for reply in together], [reply.json() for reply in alone]
+
+    together, alone = asyncio.run(scenario())
+    images = sum(request.get("n", 1) for request in PER_BLOCK)
+    assert [reply["share"]["batch_size"] for reply in together] == [images] * len(PER_BLOCK), together
+    for request, batched, single in zip(PER_BLOCK, together, alone, strict=True):
+        assert single["share"]["batch_size"] == request.get("n", 1)
+        reference = direct_call(engine.pipe, request)
+        for index in range(request.get("n", 1)):
+            np.testing.assert_allclose(array(batched, index), reference[index], rtol=0, atol=1e-5)
+            np.testing.assert_allclose(array(single, index), array(batched, index), rtol=0, atol=1e-5)
+    plain_ink = direct_call(engine.pipe, {**PER_BLOCK[0], "style": "ink"})[0]
+    assert np.abs(array(together[0]) - plain_ink).max() > 1e-3  # the block weights matter
+
+
 def test_single_requests_in_float32_match_batched(engine):
     """``b64_npy`` single requests vs the same requests batched: within 1e-5 (float32)."""
     app = create_app(engine, max_batch=8, max_wait_ms=1)
@@ -274,6 +308,23 @@ INVALID = [
     (body(guidance_scale=-1.0), "guidance_scale", "from 0 to 30"),
     (body(style_scale=float("inf")), "style_scale", "finite"),
     (body(stlye="ink"), "stlye", "Extra inputs are not permitted"),
+    (
+        body(style={"ink": {"double.7": 1.0}}),
+        "style",
+        "block weight key 'double.7' of style 'ink' selects no Share layer of this model "
+        "(its blocks: double.0-1, single.0-1)",
+    ),
+    (body(style={"ink": {"dubble": 1.0}, "neon": 0.5}), "style", "block weight key 'dubble' of style 'ink'"),
+    (body(style={"ink": {"single.1-0": 1.0}}), "style", "block range 'single_transformer_blocks.1-0' of style"),
+    (body(style={"ink": [1.0, 1.0]}), "style", "the block-weight vector of style 'ink' has 2 values; this model has 4"),
+    (body(style={"ink": {"double": 5000.0}}), "style", "style 'ink' would get weight 5000"),
+    (body(style={"ink": 5000.0}), "style", "style 'ink' would get weight 5000"),  # refused here, not in the batch
+    (body(style={"ink": {"double": "x"}}), "style", "block weight 'double' of style 'ink' must be a number, got 'x'"),
+    (body(style={"ink": [1.0, None]}), "style", "value 2 of the block-weight list of style 'ink' must be a number"),
+    (body(style={"ink": {}}), "style", "the per-block weights of style 'ink' are empty"),
+    (body(style={"ink": "0.5"}), "style", "the weight of style 'ink' must be a number, a {selector: number} object"),
+    (body(style=3), "style", "style must be a style name, a {name: weight} blend"),
+    (body(style={"ink": {"double": float("nan")}}), "style", "block weight 'double' of style 'ink' must be a finite"),
 ]
 
 

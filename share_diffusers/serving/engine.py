@@ -24,6 +24,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..core.block_weights import BlockLayout, is_block_weight
+from ..core.errors import StyleError
+from ..core.factors import check_style_weight
 from ..core.model import StyleSpec
 from ..runtime import GenerationDefaults, call_arguments, defaults_for, load_pipeline, load_styles
 from .schema import ImageRequest
@@ -32,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
 DEFAULT_MAX_UPLOAD_MB = 512  # largest LoRA upload that POST /v1/styles takes (--max-upload-mb)
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class RequestError(ValueError):
@@ -63,8 +65,9 @@ class BatchKey:
 class ImageJob:
     """A validated request: ``n`` images of one prompt and one style, image ``i`` from seed ``seeds[i]``.
 
-    ``style`` has the request's ``style_scale`` folded in (``"ink"`` at 0.5 is ``{"ink": 0.5}``), so that jobs
-    with different scales share a call: the weights the layers see are the same numbers either way.
+    ``style`` has the request's ``style_scale`` folded in (``"ink"`` at 0.5 is ``{"ink": 0.5}``, per-block
+    weights scaled block by block: :func:`fold_scale`), so that jobs with different scales share a call: the
+    weights the layers see are the same numbers either way.
     """
 
     prompt: str
@@ -98,13 +101,29 @@ class JobResult:
     compute_s: float
 
 
-def fold_scale(style: StyleSpec, scale: float) -> StyleSpec:
-    """``style`` at ``scale`` as one spec at scale 1 (the same weight numbers as the pipeline's ``style_scale``)."""
+def fold_scale(style: StyleSpec, scale: float, blocks: Sequence[str] = ()) -> StyleSpec:
+    """``style`` at ``scale`` as one spec at scale 1 (the same weight numbers as the pipeline's ``style_scale``).
+
+    A per-block mapping has each value scaled; a block vector (``blocks``: the model's blocks, in the
+    vector's order) becomes the mapping it stands for, ``{block: value * scale, "*": scale}``, since the
+    layers outside every block keep weight 1 before the scale.
+    """
     if style is None or scale == 1.0:
         return style
     if isinstance(style, str):
         return {style: float(scale)}
-    return {name: float(weight) * float(scale) for name, weight in style.items()}
+    folded: dict = {}
+    for name, weight in style.items():
+        if isinstance(weight, dict):
+            folded[name] = {key: float(value) * float(scale) for key, value in weight.items()}
+        elif isinstance(weight, list | tuple):
+            if len(weight) != len(blocks):
+                raise ValueError(f"the block vector of {name!r} has {len(weight)} values for {len(blocks)} blocks")
+            folded[name] = {block: float(value) * float(scale) for block, value in zip(blocks, weight, strict=True)}
+            folded[name]["*"] = float(scale)
+        else:
+            folded[name] = float(weight) * float(scale)
+    return folded
 
 
 def parse_size(size: str | None, defaults: GenerationDefaults) -> tuple[int, int]:
@@ -168,6 +187,8 @@ class ServingEngine:
         self.lock = threading.RLock()
         self._catalog: list[dict] = []
         self._names: frozenset[str] = frozenset()
+        self._layers: list[str] = []
+        self._layout: BlockLayout | None = None
         self.refresh_catalog()
 
     @classmethod
@@ -202,6 +223,10 @@ class ServingEngine:
                 )
         self._catalog = catalog
         self._names = frozenset(entry["name"] for entry in catalog)
+        # What per-block weights are checked against, off the pipeline (validation never waits for a batch).
+        share = self.pipe.share
+        self._layers = list(share.layers) if share is not None else []
+        self._layout = share.block_layout if share is not None else None
 
     @property
     def style_names(self) -> list[str]:
@@ -301,6 +326,8 @@ class ServingEngine:
         )
 
     def _check_style(self, style, scale: float) -> StyleSpec:
+        """The request's style with its scale folded in, checked as the pipeline would check it (names,
+        block keys against the model's blocks, weight limits), so that a bad one never reaches a batch."""
         if not math.isfinite(scale):
             raise RequestError(f"style_scale must be a finite number, got {scale}", "style_scale")
         if style is None:
@@ -315,9 +342,17 @@ class ServingEngine:
         for name, weight in names.items():
             if name not in self._names:
                 raise RequestError(f"unknown style {name!r}; styles held: {known}", "style")
-            if not math.isfinite(weight) or abs(weight * scale) > _FLOAT32_MAX:
-                raise RequestError(f"blend weight for style {name!r} must be a finite number, got {weight}", "style")
-        return fold_scale(style, scale)
+            try:
+                if is_block_weight(weight):
+                    if self._layout is None:
+                        raise StyleError(f"style {name!r} has per-block weights, but no Share layers are loaded")
+                    for value in set(self._layout.multipliers(name, weight, self._layers)):
+                        check_style_weight(name, value, scale)
+                else:
+                    check_style_weight(name, weight, scale)
+            except StyleError as error:
+                raise RequestError(str(error), "style") from None
+        return fold_scale(style, scale, self._layout.blocks if self._layout is not None else ())
 
     def run(self, jobs: Sequence[ImageJob]) -> list[JobResult | Exception]:
         """Denoise every job's images in one pipeline call; one result (or exception) per job.

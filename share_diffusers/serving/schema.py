@@ -2,8 +2,11 @@
 
 A request is OpenAI's (``prompt``, ``n``, ``size`` as ``"WxH"``, ``response_format``) with ``style`` (a
 style name, a ``{name: weight}`` blend, or null), ``style_scale``, ``seed``, ``num_inference_steps`` and
-``guidance_scale``. The response is OpenAI's (``created``, ``data[i].b64_json``) plus a ``share`` object
-that says how the images were made (the batch they were denoised in, the time queued and computing).
+``guidance_scale``. A blend's weight is a number, or per block (:mod:`share_diffusers.core.block_weights`)
+a ``{selector: number}`` object (``{"ink": {"double": 1, "single": 0.3}}``, ranges ``"double.0-9"``, ``"*"``)
+or a list with one number per block (FLUX.1: 19 double then 38 single blocks). The response is OpenAI's
+(``created``, ``data[i].b64_json``) plus a ``share`` object that says how the images were made (the batch
+they were denoised in, the time queued and computing).
 
 The ``openai`` Python client reaches it unchanged::
 
@@ -14,11 +17,20 @@ The ``openai`` Python client reaches it unchanged::
 
 from __future__ import annotations
 
+import numbers
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-StyleField = str | dict[str, float] | None
+BlockWeightField = float | dict[str, float] | list[float]
+"""A style's weight in a blend: a number, a ``{selector: number}`` object, or one number per block."""
+StyleField = str | dict[str, BlockWeightField] | None
+
+_STYLE_SHAPES = (
+    'a style name, a {name: weight} blend (a weight is a number, {"double": 1, "single": 0.3} per block, '
+    "or a list with one number per block), or null"
+)
 
 RESPONSE_FORMATS = ("b64_json", "b64_npy")
 """``b64_json``: a base64 PNG (OpenAI's). ``b64_npy``: a base64 ``.npy`` float32 array ``(H, W, 3)`` in [0, 1],
@@ -37,7 +49,12 @@ class ImageRequest(BaseModel):
     response_format: Literal["b64_json", "b64_npy", "url"] = Field(
         default="b64_json", description="b64_json (base64 PNG) or b64_npy (base64 float32 .npy); url is refused"
     )
-    style: StyleField = Field(default=None, description="a style name, a {name: weight} blend, or null (base model)")
+    style: StyleField = Field(
+        default=None,
+        description="a style name, a {name: weight} blend, or null (base model); a weight is a number, or per block "
+        '{"double": 1, "single": 0.3} (keys: layer-name prefixes, aliases double/single, ranges "double.0-9", '
+        '"*" for the rest) or a list with one number per block',
+    )
     style_scale: float = Field(default=1.0, description="overall strength multiplying every style weight")
     seed: int | None = Field(default=None, description="noise seed of the first image (random if null)")
     num_inference_steps: int | None = Field(default=None, description="denoising steps (model default if null)")
@@ -46,6 +63,44 @@ class ImageRequest(BaseModel):
     model: str | None = None
     user: str | None = None
     quality: str | None = None
+
+    @field_validator("style", mode="before")
+    @classmethod
+    def _style_shape(cls, style):
+        """The shape of ``style`` with a message naming the entry at fault (pydantic's union errors name
+        none); which styles and block keys exist the engine checks against the model."""
+        if style is None or isinstance(style, str):
+            return style
+        if not isinstance(style, dict):
+            raise _style_error(f"style must be {_STYLE_SHAPES}; got {_shown(style)}")
+        for name, weight in style.items():
+            if _is_number(weight):
+                continue
+            if isinstance(weight, dict):
+                if not weight:
+                    raise _style_error(
+                        f'the per-block weights of style {name!r} are empty; give e.g. {{"double": 1, "single": 0.3}}'
+                    )
+                for key, value in weight.items():
+                    if not _is_number(value):
+                        raise _style_error(
+                            f"block weight {key!r} of style {name!r} must be a number, got {_shown(value)}"
+                        )
+            elif isinstance(weight, list):
+                if not weight:
+                    raise _style_error(f"the block-weight list of style {name!r} is empty; give one number per block")
+                for position, value in enumerate(weight, start=1):
+                    if not _is_number(value):
+                        raise _style_error(
+                            f"value {position} of the block-weight list of style {name!r} must be a number, "
+                            f"got {_shown(value)}"
+                        )
+            else:
+                raise _style_error(
+                    f"the weight of style {name!r} must be a number, a {{selector: number}} object such as "
+                    f'{{"double": 1, "single": 0.3}}, or a list with one number per block; got {_shown(weight)}'
+                )
+        return style
 
 
 class ImageData(BaseModel):
@@ -97,3 +152,19 @@ class MergeRequest(BaseModel):
 def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None):
     """OpenAI's error object: ``{"error": {"message", "type", "param", "code"}}``."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shown(value) -> str:
+    """A JSON value for a message: short values as they are, long ones by their type."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def _style_error(message: str) -> PydanticCustomError:
+    # A custom error keeps the message as it is (a ValueError's reads "Value error, ..."); without a
+    # context its braces are not formatted.
+    return PydanticCustomError("style", message)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ..core.block_weights import BlockLayout
 from ..core.similarity import (
     NEAR_DUPLICATE_THRESHOLD,
     StyleMap,
@@ -177,6 +178,11 @@ class StyleStudio:
 
     def styles(self) -> list[str]:
         return self.pipe.list_styles()
+
+    def blocks(self) -> str:
+        """The model's blocks that per-block weights name, e.g. ``"double.0-18, single.0-37"`` (FLUX.1)."""
+        share = self.pipe.share
+        return (share.block_layout if share is not None else BlockLayout.of(self.pipe.transformer)).describe()
 
     def generate(
         self,

@@ -172,10 +172,11 @@ class Handlers:
         return *slots, gr.update(choices=choices, value=kept), gr.update(choices=styles, value=None)
 
     @staticmethod
+    @user_errors
     def blend(*slot_values):
-        """The style line of the blend builder: ``(style, weight)`` per slot."""
-        pairs = list(zip(slot_values[0::2], slot_values[1::2], strict=True))
-        return blend_text(pairs)
+        """The style line of the blend builder: ``(style, weight, per-block weights)`` per slot."""
+        slots = list(zip(slot_values[0::3], slot_values[1::3], slot_values[2::3], strict=True))
+        return blend_text(slots)
 
 
 # -- layout -------------------------------------------------------------------------------------
@@ -222,7 +223,7 @@ def _image_gallery(
     )
 
 
-def _generate_tab(choices: list[str], defaults: GenerationDefaults) -> SimpleNamespace:
+def _generate_tab(choices: list[str], defaults: GenerationDefaults, blocks: str) -> SimpleNamespace:
     with gr.Tab("Generate"):
         prompts = gr.Textbox(
             label="Prompts",
@@ -236,7 +237,8 @@ def _generate_tab(choices: list[str], defaults: GenerationDefaults) -> SimpleNam
             elem_id="style-lines",
             lines=2,
             value="none",
-            info="one line per prompt, or one line for all: a style, none, or a blend like ink=0.5,neon=0.5",
+            info="one line per prompt, or one line for all: a style, none, a blend like ink=0.5,neon=0.5, "
+            "per-block weights like ink[double=1,single=0.3],neon=0.5",
         )
         slots = []
         with gr.Accordion("Blend builder: choosing here writes one line for all prompts into Styles", open=True):
@@ -244,7 +246,13 @@ def _generate_tab(choices: list[str], defaults: GenerationDefaults) -> SimpleNam
                 with gr.Row():
                     name = gr.Dropdown(choices, value=None, label=f"Style {number}", allow_custom_value=True)
                     weight = gr.Slider(0, 2, value=1.0 if number == 1 else 0.5, step=0.05, label=f"Weight {number}")
-                slots += [name, weight]
+                    per_block = gr.Textbox(
+                        label=f"Per block {number} (optional; Enter applies)",
+                        placeholder="double=1,single=0.3",
+                        info=f"times the weight: double=1,single=0.3 · double.0-9=1,*=0 · one value per block "
+                        f"({blocks})",
+                    )
+                slots += [name, weight, per_block]
         button = gr.Button("Generate", variant="primary")
         images = _image_gallery("Images", "generated", defaults, columns=4)
     return SimpleNamespace(prompts=prompts, styles=styles, slots=slots, button=button, images=images)
@@ -259,7 +267,7 @@ def _compare_tab(choices: list[str], defaults: GenerationDefaults) -> SimpleName
             multiselect=True,
             allow_custom_value=True,
             label="Styles to compare",
-            info="also a blend like ink=0.5,neon=0.5 (type it and press Enter)",
+            info="also a blend like ink=0.5,neon=0.5 or ink[double=1,single=0.3] (type it and press Enter)",
         )
         button = gr.Button("Compare", variant="primary")
         images = _image_gallery("Same prompt and seed, one image per style", "compared", defaults, columns=4)
@@ -317,7 +325,7 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Tabs():
-                    generate = _generate_tab(choices, defaults)
+                    generate = _generate_tab(choices, defaults, studio.blocks())
                     compare = _compare_tab(choices, defaults)
                     manage = _manage_tab(styles)
             with gr.Column(scale=2):
@@ -338,17 +346,21 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
             settings.height,
             settings.guidance,
         ]
-        menus = [*generate.slots[0::2], compare.styles, manage.to_delete]
+        menus = [*generate.slots[0::3], compare.styles, manage.to_delete]
 
         def refresh(event):
             event.success(handlers.style_gallery, None, gallery, api_visibility="private")
             event.success(handlers.style_menus, compare.styles, menus, api_visibility="private")
             event.success(handlers.style_overview, None, [style_plot, style_table], api_visibility="private")
 
-        for slot in generate.slots[0::2]:
-            slot.input(handlers.blend, generate.slots, generate.styles, queue=False, api_visibility="private")
-        for slot in generate.slots[1::2]:
-            slot.release(handlers.blend, generate.slots, generate.styles, queue=False, api_visibility="private")
+        builder = dict(fn=handlers.blend, inputs=generate.slots, outputs=generate.styles, queue=False)
+        for slot in generate.slots[0::3]:
+            slot.input(**builder, api_visibility="private")
+        for slot in generate.slots[1::3]:
+            slot.release(**builder, api_visibility="private")
+        for slot in generate.slots[2::3]:  # on Enter or leaving the box, not at every key (half-typed text)
+            slot.submit(**builder, api_visibility="private")
+            slot.blur(**builder, api_visibility="private")
         generate.button.click(
             handlers.generate,
             [generate.prompts, generate.styles, *common],
