@@ -68,7 +68,8 @@ _FLUX_TRANSFORMER_LAYER = re.compile(
 FLUX_LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
 _STYLE_BLOCKS_HELP = (
     "per-block weights like 'ink[double=1,single=0.3],neon=0.5' (keys: double, single, ranges like double.0-9, "
-    "* for the rest; or one value per block, 'ink[1,1,0.5,...]': FLUX.1's 19 double then 38 single blocks)"
+    "* for the rest; or one value per block, 'ink[1,1,0.5,...]': FLUX.1's 19 double then 38 single blocks, "
+    "optionally after a BASE value)"
 )
 
 

@@ -319,7 +319,7 @@ class ShareLoaderMixin:
         if style is None:
             raise StyleError("export_style_as_lora needs a style name or a {name: weight} blend")
         share = self._require_share()
-        adapter = style_as_lora(share.factors, style, layout=share.block_layout)
+        adapter = style_as_lora(share.factors, style, layout=share.block_layout, layer_names=list(share.layers))
         return save_lora(adapter, path, key_prefix="transformer.")
 
     def remove_share(self) -> None:

@@ -86,7 +86,8 @@ def parse_style(text: str | None) -> StyleSpec:
     - ``none`` or empty -> None; ``ink`` -> ``"ink"``; ``ink=0.5,neon=0.5`` -> ``{"ink": 0.5, "neon": 0.5}``;
     - per-block weights in brackets (:mod:`share_diffusers.core.block_weights`): ``ink[double=1,single=0.3]``
       -> ``{"ink": {"double": 1.0, "single": 0.3}}``, with ranges and ``*`` (``ink[double.0-9=1,*=0.2]``),
-      or a vector with one value per block (``ink[1,1,0.5,...]``, FLUX.1: 19 double then 38 single);
+      or a vector with one value per block (``ink[1,1,0.5,...]``, FLUX.1: 19 double then 38 single,
+      or a leading BASE value first);
     - both in one blend: ``ink[double=1,single=0.3],neon=0.5``.
 
     Entries are split on the commas outside brackets. Which block keys exist, and how long a vector must

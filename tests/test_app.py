@@ -12,7 +12,7 @@ import torch
 from flux_helpers import generate, write_diffusers_lora
 
 from share_diffusers import ShareFluxPipeline, load_factors
-from share_diffusers.core import LoraFormatError
+from share_diffusers.core import BlockLayout, LoraFormatError, StyleError
 from share_diffusers.demo_styles import make_demo_styles, write_demo_lora
 from share_diffusers.fashion.data import CLASS_NAMES, prompt_for
 from share_diffusers.runtime import DEFAULT_PROMPTS, format_style, parse_style
@@ -119,6 +119,21 @@ def test_blend_builder_with_per_block_weights(slots, expected):
     assert format_style(parse_style(text)) == text
 
 
+def test_blend_builder_scales_a_vector_as_the_mapping_it_stands_for():
+    """A vector leaves layers outside the blocks at 1; scaled by a slot weight they must get the weight too."""
+    layout = BlockLayout.of(build_tiny_flux_pipeline(0).transformer)
+    text = blend_text([("ink", 0.5, "1,1,0.5,0.25")], layout)
+    assert text == "ink[double.0-1=0.5,single.0=0.25,single.1=0.125,*=0.5]"
+    names = [f"{block}.attn.to_q" for block in layout.blocks] + ["proj_out"]
+    spec = parse_style(text)["ink"]
+    assert layout.multipliers("ink", spec, names) == pytest.approx([0.5, 0.5, 0.25, 0.125, 0.5])
+    assert blend_text([("ink", 1.0, "1,1,0.5,0.25")], layout) == "ink[1,1,0.5,0.25]"  # weight 1: as typed
+    with pytest.raises(ValueError, match="the block vector of 'ink' needs slot weight 1: scale its values instead"):
+        blend_text([("ink", 0.5, "1,1,0.5,0.25")])
+    with pytest.raises(StyleError, match=r"block-weight vector of style 'ink' has 2 values; this model has 4 blocks"):
+        blend_text([("ink", 0.5, "1,1")], layout)
+
+
 @pytest.mark.parametrize(
     "slots, message",
     [
@@ -157,6 +172,8 @@ def test_blend_builder_per_block_line_generates_the_python_spec():
     assert len(slots) == 3 * BLEND_SLOTS
     line = handlers.blend(*slots)
     assert line == "ink[double=0.5,single=0.15],neon=0.5"
+    scaled_vector = handlers.blend("sepia", 0.5, "1,1,0.5,0.25", *slots[3:])  # named with the pipeline's blocks
+    assert scaled_vector == "sepia[double.0-1=0.5,single.0=0.25,single.1=0.125,*=0.5],neon=0.5"
 
     prompts = f"{SNEAKER}\n{SNEAKER}"
     settings = dict(style_scale=1.0, seed=3, randomize=False, steps=2, width=32, height=32, guidance=3.5)

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from share_diffusers import ShareConfig, ShareFluxPipeline
 from share_diffusers.core import StyleError
 from share_diffusers.core.block_weights import BlockLayout
+from share_diffusers.serving.engine import fold_scale
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
 
 EXACT = ShareConfig(rank=32, pseudo_rank=8)
@@ -94,11 +95,43 @@ NAMES = [f"{block}.attn.to_q" for block in TINY_BLOCKS] + ["proj_out"]
         ({"double": 1.0, "double.0-0": -1.0}, [-1.0, 1.0, 0.0, 0.0, 0.0]),  # the more specific key wins
         ({"transformer_blocks": 1.0}, [1.0, 1.0, 0.0, 0.0, 0.0]),  # a prefix stops at a dot
         ([0.1, 0.2, 0.3, 0.4], [0.1, 0.2, 0.3, 0.4, 1.0]),  # a vector; layers outside the blocks keep 1
+        # One block beats a range over it in either order of the keys; equal keys: the later one.
+        ({"double.0-1": 1.0, "double.1": 0.0}, [1.0, 0.0, 0.0, 0.0, 0.0]),
+        ({"double.1": 0.0, "double.0-1": 1.0}, [1.0, 0.0, 0.0, 0.0, 0.0]),
+        ({"double.1": 0.5, "transformer_blocks.1": 2.0}, [0.0, 2.0, 0.0, 0.0, 0.0]),
     ],
 )
 def test_multipliers_follow_the_rules(weight, expected):
     layout = BlockLayout.of(build_tiny_flux_pipeline(0).transformer)
     assert layout.multipliers("ink", weight, NAMES) == pytest.approx(expected)
+
+
+def test_blocks_share_does_not_cover_are_no_error():
+    """A vector names every block, and a block key names a real block, even where Share has no layer."""
+    layout = BlockLayout.of(build_tiny_flux_pipeline(0).transformer)
+    without_double_1 = [name for name in NAMES if not name.startswith("transformer_blocks.1.")]
+    assert layout.multipliers("ink", [0.1, 0.2, 0.3, 0.4], without_double_1) == pytest.approx([0.1, 0.3, 0.4, 1.0])
+    assert layout.multipliers("ink", {"double.1": 5.0, "single": 1.0}, without_double_1) == [0.0, 1.0, 1.0, 0.0]
+    with pytest.raises(StyleError, match="key 'double' of style 'ink' selects no Share layer"):
+        layout.multipliers("ink", {"double": 1.0}, NAMES[2:])
+    # The server folds style_scale into a vector by rewriting it as the mapping it stands for.
+    folded = fold_scale({"ink": [0.1, 0.2, 0.3, 0.4]}, 2.0, layout)["ink"]
+    assert layout.multipliers("ink", folded, without_double_1) == pytest.approx([0.2, 0.6, 0.8, 2.0])
+    with_base = fold_scale({"ink": [0.5, 0.1, 0.2, 0.3, 0.4]}, 2.0, layout)["ink"]  # a leading BASE value
+    assert layout.multipliers("ink", with_base, without_double_1) == pytest.approx([0.2, 0.6, 0.8, 1.0])
+
+
+def test_vectors_with_a_leading_base_value_as_comfyui_writes_them():
+    """ComfyUI Inspire Pack's FLUX vectors: BASE (the layers outside the blocks), 19 double, 38 single."""
+    full = BlockLayout.of(flux1_meta_transformer())
+    names = [f"{block}.attn.to_q" for block in full.blocks] + ["proj_out"]
+    inspire = [0.0] + [1.0] * 19 + [0.5] * 38
+    assert full.multipliers("ink", inspire, names) == [1.0] * 19 + [0.5] * 38 + [0.0]
+    assert full.multipliers("ink", inspire[1:], names) == [1.0] * 19 + [0.5] * 38 + [1.0]
+    assert full.vector_as_mapping("ink", inspire) == {"double.0-18": 1.0, "single.0-37": 0.5, "*": 0.0}
+    assert full.vector_as_mapping("ink", inspire[1:], scale=0.5) == {"double.0-18": 0.5, "single.0-37": 0.25, "*": 0.5}
+    with pytest.raises(StyleError, match=r"has 56 values; this model has 57 blocks .* \(or 58 with a leading BASE"):
+        full.multipliers("ink", inspire[2:], names)
 
 
 @pytest.mark.parametrize(
@@ -110,12 +143,17 @@ def test_multipliers_follow_the_rules(weight, expected):
             "(its blocks: double.0-1, single.0-1)",
         ),
         ({"single.1-0": 1.0}, "block range 'single_transformer_blocks.1-0' of style 'ink' runs backwards"),
+        (
+            {"single.0-5": 1.0},
+            "block range 'single_transformer_blocks.0-5' of style 'ink' runs past the model's last block "
+            "'single_transformer_blocks.1' (its blocks: double.0-1, single.0-1)",
+        ),
         ({"double": "1"}, "block weight 'double' of style 'ink' must be a finite number, got '1'"),
         ({"double": float("nan")}, "block weight 'double' of style 'ink' must be a finite number, got nan"),
         (
             [1.0, 1.0],
             "the block-weight vector of style 'ink' has 2 values; this model has 4 blocks "
-            "(double.0-1, single.0-1), one value each in that order",
+            "(double.0-1, single.0-1), one value each in that order (or 5 with a leading BASE value",
         ),
     ],
 )
@@ -209,3 +247,19 @@ def test_switching_per_block_weights_is_one_batched_product(share_pipe):
         expected_core = layer.blend(weights[position, 0])
         torch.testing.assert_close(layer.blended_cores[0].float(), expected_core, rtol=1e-5, atol=1e-6)
     share.set_style(None)
+
+
+def test_export_expands_per_block_weights_over_the_layers_it_is_given(share_pipe):
+    """Per-layer weights are looked up by name, whatever order the model lists its layers in."""
+    from share_diffusers.core.export import style_as_lora
+
+    share = share_pipe.share
+    weight = {"ink": [1.0, 0.0, 0.5, 0.25]}
+    plain = style_as_lora(share.factors, weight, layout=share.block_layout)
+    reordered = style_as_lora(share.factors, weight, layout=share.block_layout, layer_names=list(share.layers)[::-1])
+    assert list(plain.layers) == list(reordered.layers)
+    for name, layer in plain.layers.items():
+        torch.testing.assert_close(layer.up @ layer.down, reordered.layers[name].up @ reordered.layers[name].down)
+    assert not any(name.startswith("transformer_blocks.1.") for name in plain.layers)  # weight 0: left out
+    with pytest.raises(ValueError, match="layer_names must include every layer of the factors; missing"):
+        style_as_lora(share.factors, weight, layout=share.block_layout, layer_names=list(share.layers)[1:])

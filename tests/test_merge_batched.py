@@ -330,3 +330,19 @@ def test_bench_merge_quick_runs_and_reports_every_variant():
     for variant in ("Share, per layer (28 layers)", "Share, batched (28 layers)", "PEFT load_lora_adapter (28 layers)"):
         assert f"| {variant} |" in result.stdout
     assert "the per-layer wall time" in result.stdout
+
+
+@pytest.mark.parametrize("workers", [1, 4])
+def test_the_error_names_the_first_bad_layer_in_layer_order(workers):
+    """Chunks interleave classes (a0+a2 at rank 5, a1+a3 at rank 3): a1 fails before a2, as per layer."""
+    factors = _bank(CONFIGS["truncating"])
+    adapter = random_adapter(HELD, 3, None, seed=16)
+    wide = random_adapter(HELD, 5, None, seed=17)
+    for name in ("a0", "a2"):
+        adapter.layers[name] = wide.layers[name]
+    for name in ("a1", "a2"):
+        lora = adapter.layers[name]
+        adapter.layers[name] = LoraLayer(lora.up * 1e30, lora.down, lora.scale)
+    for batch_layers in (False, True):
+        with pytest.raises(FactorValueError, match=r"^a1: merging style 'new' gives"):
+            factors.merge(adapter, "new", workers=workers, batch_layers=batch_layers)

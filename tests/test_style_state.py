@@ -168,6 +168,12 @@ def test_refused_style_values_name_the_problem():
 
     share.set_style({"ink": np.float32(0.5)})  # numpy scalars are numbers too
     assert share.selection.weights[0, share.factors.style_index("ink")] == 0.5
+    # True == 1 and hashes alike: a cached {"ink": 1} must not let {"ink": True} through
+    share.set_style({"ink": 1}, scale=1)
+    with pytest.raises(StyleError, match="blend weight for style 'ink' must be a finite number, got True"):
+        share.set_style({"ink": True})
+    with pytest.raises(StyleError, match="style scale must be a finite number, got True"):
+        share.set_style({"ink": 1}, scale=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -15,9 +15,13 @@ ComfyUI's Flux block-weight vectors. A mapping's keys select layers by name:
 - aliases of known models: Flux's ``double`` / ``double_blocks`` and ``single`` / ``single_blocks``.
 
 A layer takes the weight of the most specific key that selects it (the longest prefix: so
-``{"double": 1.0, "double.0-3": 0.0}`` switches off the first four blocks), and weight 0 if none
-does. A vector has one weight per block in the order above; layers outside every block (only
-present when Share covers more than the blocks) keep weight 1.
+``{"double": 1.0, "double.0-3": 0.0}`` switches off the first four blocks; one block beats a range
+over it, in any order of the keys), and weight 0 if none does. A key that selects no Share layer is
+an error (a typo), unless it names blocks of the model that Share does not cover.
+
+A vector has one weight per block in the order above; layers outside every block (only present when
+Share covers more than the blocks) keep weight 1, or take the vector's leading BASE value when it has
+one more value than blocks (ComfyUI Inspire Pack's FLUX vectors: BASE, 19 double, 38 single).
 """
 
 from __future__ import annotations
@@ -86,6 +90,44 @@ class BlockLayout:
             groups.setdefault(base, []).append(int(index))
         return ", ".join(f"{short.get(base, base)}.{min(ids)}-{max(ids)}" for base, ids in groups.items()) or "none"
 
+    def vector_as_mapping(self, style: str, values: Sequence[float], scale: float = 1.0) -> dict[str, float]:
+        """The mapping a block vector (times ``scale``) stands for, in short keys: runs of equal values become ranges.
+
+        FLUX.1's ``[1]*19 + [0.5]*38`` -> ``{"double.0-18": 1.0, "single.0-37": 0.5, "*": 1.0}``; the vector's
+        layers outside every block (``"*"``) get its leading BASE value, or 1, times ``scale``.
+
+        Raises:
+            StyleError: a vector of the wrong length.
+        """
+        outside, values = self._split_vector(style, values)
+        short = {prefix: alias for alias, prefix in reversed(list(self.aliases.items()))}
+        runs: list[tuple[str, int, int, float]] = []  # (list name, first, last, value)
+        for block, value in zip(self.blocks, values, strict=True):
+            base, _, index = block.rpartition(".")
+            value = float(value) * scale
+            if runs and base and runs[-1][0] == base and runs[-1][3] == value and runs[-1][2] == int(index) - 1:
+                runs[-1] = (base, runs[-1][1], int(index), value)
+            else:
+                runs.append((base, int(index), int(index), value))
+        mapping = {}
+        for base, first, last, value in runs:
+            name = f"{short.get(base, base)}." if base else ""
+            mapping[f"{name}{first}" if first == last else f"{name}{first}-{last}"] = value
+        mapping["*"] = float(outside) * scale
+        return mapping
+
+    def _split_vector(self, style: str, values: Sequence[float]) -> tuple[float, Sequence[float]]:
+        """``(weight outside the blocks, one weight per block)`` of a vector with or without a leading BASE value."""
+        if len(values) == len(self.blocks):
+            return 1.0, values
+        if len(values) == len(self.blocks) + 1:
+            return values[0], values[1:]
+        raise StyleError(
+            f"the block-weight vector of style {style!r} has {len(values)} values; this model has "
+            f"{len(self.blocks)} blocks ({self.describe()}), one value each in that order (or "
+            f"{len(self.blocks) + 1} with a leading BASE value for the layers outside them)"
+        )
+
     def multipliers(self, style: str, weight: object, layer_names: Sequence[str]) -> list[float]:
         """One weight per layer of ``layer_names`` for ``style``'s per-block ``weight`` (mapping or vector).
 
@@ -95,50 +137,62 @@ class BlockLayout:
         """
         if isinstance(weight, Mapping):
             return self._from_mapping(style, weight, layer_names)
-        if len(weight) != len(self.blocks):
-            raise StyleError(
-                f"the block-weight vector of style {style!r} has {len(weight)} values; this model has "
-                f"{len(self.blocks)} blocks ({self.describe()}), one value each in that order"
-            )
-        mapping = dict(zip(self.blocks, weight, strict=True))
-        mapping["*"] = 1.0
+        outside, values = self._split_vector(style, weight)
+        mapping = dict(zip(self.blocks, values, strict=True))
+        mapping["*"] = outside
         return self._from_mapping(style, mapping, layer_names)
 
     def _from_mapping(self, style: str, weight: Mapping, layer_names: Sequence[str]) -> list[float]:
         chosen = [0.0] * len(layer_names)
-        specificity = [-2] * len(layer_names)  # of the key that set each layer; "*" is -1
+        # Rank of the key that set each layer: (prefix length, 1 for one block / 0 for a range); a later
+        # key wins a tie, so a one-block key beats a range over it whatever the order of the keys.
+        rank = [(-1, -1)] * len(layer_names)
         default = None
         for key, value in weight.items():
             value = _finite(style, key, value)
             if key == "*":
                 default = value
                 continue
-            matched = False
-            for prefix in self._prefixes(style, key):
+            prefixes, is_range = self._prefixes(style, key)
+            selects = False
+            for prefix in prefixes:
+                key_rank = (len(prefix), 0 if is_range else 1)
                 for index, name in enumerate(layer_names):
-                    if (name == prefix or name.startswith(prefix + ".")) and len(prefix) > specificity[index]:
-                        chosen[index], specificity[index], matched = value, len(prefix), True
-            if not matched:
+                    if name == prefix or name.startswith(prefix + "."):
+                        selects = True
+                        if key_rank >= rank[index]:
+                            chosen[index], rank[index] = value, key_rank
+            # A key naming a block of the model is no typo even when Share covers none of its layers
+            # (a block vector names every block).
+            if not selects and not all(prefix in self.blocks for prefix in prefixes):
                 raise StyleError(
                     f"block weight key {key!r} of style {style!r} selects no Share layer of this model "
                     f"(its blocks: {self.describe()})"
                 )
         if default is not None:
-            chosen = [default if level == -2 else value for value, level in zip(chosen, specificity, strict=True)]
+            chosen = [default if level == (-1, -1) else value for value, level in zip(chosen, rank, strict=True)]
         return chosen
 
-    def _prefixes(self, style: str, key: object) -> list[str]:
+    def _prefixes(self, style: str, key: object) -> tuple[list[str], bool]:
+        """The layer-name prefixes ``key`` stands for, and whether it is a block range."""
         if not isinstance(key, str) or not key:
             raise StyleError(f"block weight keys of style {style!r} are layer-name prefixes, got {key!r}")
         head, dot, rest = key.partition(".")
         key = self.aliases.get(head, head) + dot + rest
         found = _RANGE.match(key)
         if found is None:
-            return [key]
+            return [key], False
         first, last = int(found["first"]), int(found["last"])
         if first > last:
             raise StyleError(f"block range {key!r} of style {style!r} runs backwards")
-        return [f"{found['base']}.{index}" for index in range(first, last + 1)]
+        prefixes = [f"{found['base']}.{index}" for index in range(first, last + 1)]
+        known = [block for block in self.blocks if block.rpartition(".")[0] == found["base"]]
+        if known and prefixes[-1] not in known:
+            raise StyleError(
+                f"block range {key!r} of style {style!r} runs past the model's last block {known[-1]!r} "
+                f"(its blocks: {self.describe()})"
+            )
+        return prefixes, True
 
 
 def _finite(style: str, key: object, value: object) -> float:

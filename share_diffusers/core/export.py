@@ -22,7 +22,7 @@ def _label(name: str, weight) -> str:
     return f"{weight:g}*{name}" if isinstance(weight, int | float) else f"{name}[per block]"
 
 
-def export_rank(factors: ShareFactors, blend: dict[str, float]) -> int:
+def export_rank(factors: ShareFactors, blend: dict[str, object]) -> int:
     """The rank the exported LoRA needs to be exact for ``blend``."""
     used = sum(1 for weight in blend.values() if weight != 0)
     widest = max((layer.k for layer in factors.layers.values()), default=0)
@@ -36,25 +36,32 @@ def style_as_lora(
     style: str | dict,
     dtype: torch.dtype = torch.float32,
     layout: BlockLayout | None = None,
+    layer_names: list[str] | None = None,
 ) -> LoraAdapter:
     """The LoRA (``scale = 1``) whose ``up @ down`` equals the style's Share ``dW`` on every layer it touches.
 
     Layers that no style of the blend touches (or whose per-block weights are all zero) are left out.
     Every layer gets the same rank (see :func:`export_rank`), zero-padded where a layer needs less, so
-    PEFT and diffusers load it with one ``r``. ``layout``: the model's blocks, for per-block weights.
+    PEFT and diffusers load it with one ``r``. ``layout``: the model's blocks, for per-block weights;
+    ``layer_names``: the layers they are expanded over, as ``set_style`` expands them (a model's Share
+    layers may include layers the factors do not reach yet); default the factors' layers.
     """
     if not isinstance(style, str | dict):
         raise StyleError(f"export takes a style name or a {{name: weight}} blend, not {type(style).__name__}")
     blend = {style: 1.0} if isinstance(style, str) else dict(style)
-    names = list(factors.layers)
+    names = list(factors.layers) if layer_names is None else list(layer_names)
+    position_of = {name: position for position, name in enumerate(names)}
+    missing = [name for name in factors.layers if name not in position_of]
+    if missing:
+        raise ValueError(f"layer_names must include every layer of the factors; missing {missing[:3]}")
     # (t,) for every layer, or (layers, t) with per-block weights; validates the names and weights
     weights = style_weights(factors, blend, layers=names, layout=layout, dtype=torch.float64)[..., 0, :]
     label = style if isinstance(style, str) else "+".join(_label(n, w) for n, w in blend.items())
     rank = export_rank(factors, blend)
     layers = {}
-    for position, (name, stored) in enumerate(factors.layers.items()):
+    for name, stored in factors.layers.items():
         layer = to_fit(stored)
-        layer_weights = weights[position] if weights.ndim == 2 else weights
+        layer_weights = weights[position_of[name]] if weights.ndim == 2 else weights
         if not bool(((layer_weights != 0) & layer.present).any()) or layer.k == 0:
             continue
         core = layer.cores(layer_weights)  # (k, k)

@@ -75,6 +75,14 @@ def default_workers() -> int:
     return max(1, min(MAX_WORKERS, cpus or 1))
 
 
+@dataclass(frozen=True)
+class _FailedLayer:
+    """The first layer of a merge chunk that failed, and its error (the merge raises the earliest in layer order)."""
+
+    layer_name: str
+    error: Exception
+
+
 def map_layers(
     function: Callable[[_Item], _Result],
     items: Sequence[_Item],
@@ -415,31 +423,39 @@ class ShareFactors:
         names = sorted(set(self.layers) | set(adapter.layers))
         if batch_layers:
 
-            def merge_chunk(chunk: list[str]) -> list[LayerShare]:
-                if all(layer_name not in adapter.layers for layer_name in chunk):
-                    # Untouched stored layers: a zero core appended in float32 gives the same bits as merge_layer's
-                    # round trip through float64 (and their stored values were finite already).
-                    return [
-                        append_absent_style(self.layers[layer_name])
-                        if _held_in(self.layers[layer_name], STORE_DTYPE)
-                        else merge_one(layer_name)
-                        for layer_name in chunk
-                    ]
-                if len(chunk) == 1:
-                    return [merge_one(chunk[0])]
+            def one_by_one(chunk: list[str]) -> list[LayerShare] | _FailedLayer:
+                merged = []
+                for layer_name in chunk:
+                    try:
+                        absent = layer_name not in adapter.layers and _held_in(self.layers[layer_name], STORE_DTYPE)
+                        # Untouched stored layers: a zero core appended in float32 gives the same bits as
+                        # merge_layer's round trip through float64 (and their stored values were finite already).
+                        merged.append(append_absent_style(self.layers[layer_name]) if absent else merge_one(layer_name))
+                    except Exception as error:  # re-raised by merge() if no earlier layer fails
+                        return _FailedLayer(layer_name, error)
+                return merged
+
+            def merge_chunk(chunk: list[str]) -> list[LayerShare] | _FailedLayer:
+                if len(chunk) == 1 or all(layer_name not in adapter.layers for layer_name in chunk):
+                    return one_by_one(chunk)
                 try:
                     entries = canonical_forms([adapter.layers[layer_name] for layer_name in chunk])
                     energies = torch.stack([entry.S for entry in entries]).square().sum(-1).tolist()
                     if min(energies) == 0.0:  # a zero update on some layer: handled as absent there, one by one
-                        return [merge_one(layer_name) for layer_name in chunk]
+                        return one_by_one(chunk)
                     layers = [self._layer_or_empty(layer_name, adapter, t) for layer_name in chunk]
                     return merge_layers(layers, entries, rule, dtype=STORE_DTYPE)
                 except (FactorValueError, torch.linalg.LinAlgError):
                     # One layer at a time, so that the error names the first layer it comes from.
-                    return [merge_one(layer_name) for layer_name in chunk]
+                    return one_by_one(chunk)
 
             chunks = self._merge_chunks(names, adapter, workers)
             done = map_layers(merge_chunk, chunks, workers, desc=f"merging {name}", progress=progress)
+            failures = [result for result in done if isinstance(result, _FailedLayer)]
+            if failures:
+                # Chunks interleave layers of different classes: the error of the first layer in layer order, as
+                # the per-layer path raises it.
+                raise min(failures, key=lambda failure: failure.layer_name).error
             by_name = {
                 layer_name: layer
                 for chunk, layers in zip(chunks, done, strict=True)
@@ -468,8 +484,7 @@ class ShareFactors:
     def _merge_chunks(self, names: list[str], adapter: LoraAdapter, workers: int | None) -> list[list[str]]:
         """``names`` cut into the chunks :meth:`merge` computes together: layers of one merge class (shape, ``k``,
         dtypes, the LoRA's rank there...), at most ``MERGE_CHUNK_BYTES`` of QR input each and about as many chunks
-        as ``workers`` per class (at least two layers each); chunks in the order of their first layer, so errors come
-        in layer order."""
+        as ``workers`` per class (at least two layers each); chunks in the order of their first layer."""
         t = len(self.styles)
         classes: dict[tuple, list[str]] = {}
         for layer_name in names:

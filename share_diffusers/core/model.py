@@ -131,6 +131,8 @@ def _is_number(value: object) -> bool:
 
 
 def _hashable(value):
+    if isinstance(value, bool):  # True == 1 and hashes alike, but a bool weight is refused, not a cache hit
+        return ("bool", value)
     if isinstance(value, dict):
         return ("dict", tuple((key, _hashable(item)) for key, item in value.items()))
     if isinstance(value, list | tuple):
@@ -141,7 +143,7 @@ def _hashable(value):
 def _cache_key(style, scale: float, batch_size: int | None, repeat: int):
     """A hashable form of a style request, or None if it has none (then it is not cached)."""
     try:
-        key = (_hashable(style), scale, batch_size, repeat)
+        key = (_hashable(style), _hashable(scale), _hashable(batch_size), _hashable(repeat))
         hash(key)
         return key
     except TypeError:
@@ -168,7 +170,8 @@ class ShareModel:
         self.selection = selection
         self.fused_style: StyleSpec = None
         self.block_layout = BlockLayout.of(model)
-        self._weights_cache: dict = {}  # request -> (batch, t) weights; valid while the bank is unchanged
+        # request -> (rows, t) or (layers, rows, t) weights, or None; valid until the bank changes
+        self._weights_cache: dict = {}
         model._share_model = self  # ShareModel.of(model) finds it; removed by remove()
 
     @staticmethod

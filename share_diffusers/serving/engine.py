@@ -101,12 +101,11 @@ class JobResult:
     compute_s: float
 
 
-def fold_scale(style: StyleSpec, scale: float, blocks: Sequence[str] = ()) -> StyleSpec:
+def fold_scale(style: StyleSpec, scale: float, layout: BlockLayout | None = None) -> StyleSpec:
     """``style`` at ``scale`` as one spec at scale 1 (the same weight numbers as the pipeline's ``style_scale``).
 
-    A per-block mapping has each value scaled; a block vector (``blocks``: the model's blocks, in the
-    vector's order) becomes the mapping it stands for, ``{block: value * scale, "*": scale}``, since the
-    layers outside every block keep weight 1 before the scale.
+    A per-block mapping has each value scaled; a block vector (``layout``: the model's blocks) becomes the
+    mapping it stands for with every value scaled, the weight of the layers outside the blocks too.
     """
     if style is None or scale == 1.0:
         return style
@@ -117,10 +116,9 @@ def fold_scale(style: StyleSpec, scale: float, blocks: Sequence[str] = ()) -> St
         if isinstance(weight, dict):
             folded[name] = {key: float(value) * float(scale) for key, value in weight.items()}
         elif isinstance(weight, list | tuple):
-            if len(weight) != len(blocks):
-                raise ValueError(f"the block vector of {name!r} has {len(weight)} values for {len(blocks)} blocks")
-            folded[name] = {block: float(value) * float(scale) for block, value in zip(blocks, weight, strict=True)}
-            folded[name]["*"] = float(scale)
+            if layout is None:
+                raise StyleError(f"style {name!r} has a block vector, but the model has no Share blocks")
+            folded[name] = layout.vector_as_mapping(name, weight, scale=float(scale))
         else:
             folded[name] = float(weight) * float(scale)
     return folded
@@ -352,7 +350,7 @@ class ServingEngine:
                     check_style_weight(name, weight, scale)
             except StyleError as error:
                 raise RequestError(str(error), "style") from None
-        return fold_scale(style, scale, self._layout.blocks if self._layout is not None else ())
+        return fold_scale(style, scale, self._layout)
 
     def run(self, jobs: Sequence[ImageJob]) -> list[JobResult | Exception]:
         """Denoise every job's images in one pipeline call; one result (or exception) per job.

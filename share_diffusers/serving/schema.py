@@ -4,9 +4,9 @@ A request is OpenAI's (``prompt``, ``n``, ``size`` as ``"WxH"``, ``response_form
 style name, a ``{name: weight}`` blend, or null), ``style_scale``, ``seed``, ``num_inference_steps`` and
 ``guidance_scale``. A blend's weight is a number, or per block (:mod:`share_diffusers.core.block_weights`)
 a ``{selector: number}`` object (``{"ink": {"double": 1, "single": 0.3}}``, ranges ``"double.0-9"``, ``"*"``)
-or a list with one number per block (FLUX.1: 19 double then 38 single blocks). The response is OpenAI's
-(``created``, ``data[i].b64_json``) plus a ``share`` object that says how the images were made (the batch
-they were denoised in, the time queued and computing).
+or a list with one number per block (FLUX.1: 19 double then 38 single blocks, optionally after a BASE
+value). The response is OpenAI's (``created``, ``data[i].b64_json``) plus a ``share`` object that says
+how the images were made (the batch they were denoised in, the time queued and computing).
 
 The ``openai`` Python client reaches it unchanged::
 

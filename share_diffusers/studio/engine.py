@@ -179,10 +179,14 @@ class StyleStudio:
     def styles(self) -> list[str]:
         return self.pipe.list_styles()
 
+    def block_layout(self) -> BlockLayout:
+        """The model's blocks that per-block weights name."""
+        share = self.pipe.share
+        return share.block_layout if share is not None else BlockLayout.of(self.pipe.transformer)
+
     def blocks(self) -> str:
         """The model's blocks that per-block weights name, e.g. ``"double.0-18, single.0-37"`` (FLUX.1)."""
-        share = self.pipe.share
-        return (share.block_layout if share is not None else BlockLayout.of(self.pipe.transformer)).describe()
+        return self.block_layout().describe()
 
     def generate(
         self,

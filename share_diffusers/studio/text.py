@@ -8,8 +8,12 @@ blend ``ink=0.5,neon=0.5``, per-block weights ``ink[double=1,single=0.3]``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ..runtime import NONE, BlockWeight, StyleSpec, format_style, parse_block_weights, parse_style
+
+if TYPE_CHECKING:
+    from ..core.block_weights import BlockLayout
 
 
 def parse_prompts(text: str | None) -> list[str]:
@@ -38,18 +42,25 @@ def parse_style_lines(text: str | None, n_prompts: int) -> list[StyleSpec]:
     return specs * n_prompts if len(specs) == 1 else specs
 
 
-def blend_text(slots: Sequence[tuple[str | None, float] | tuple[str | None, float, str | None]]) -> str:
+def blend_text(
+    slots: Sequence[tuple[str | None, float] | tuple[str | None, float, str | None]],
+    layout: BlockLayout | None = None,
+) -> str:
     """The style line for the blend builder's ``(style, weight)`` or ``(style, weight, blocks)`` slots.
 
     ``blocks``, optional, is what goes inside the style's brackets (``double=1,single=0.3``,
     ``double.0-9=1,*=0``, or one value per block), each value multiplied by the weight. Empty or zero
-    slots are left out; a style in two plain slots adds up its weights.
+    slots are left out; a style in two plain slots adds up its weights. A vector keeps the layers
+    outside every block at weight 1, so at a slot weight other than 1 it is written as the mapping it
+    stands for (``layout``, the model's blocks, names them: ``ink[double.0-18=0.5,single.0-37=0.4,*=0.5]``).
 
     ``[("ink", 1.0)]`` -> ``"ink"``; ``[("ink", 0.5), ("neon", 0.5)]`` -> ``"ink=0.5,neon=0.5"``;
     ``[("ink", 0.5, "double=1,single=0.3")]`` -> ``"ink[double=0.5,single=0.15]"``; nothing chosen -> ``"none"``.
 
     Raises:
-        ValueError: blocks that do not parse, or a style with per-block weights in two slots.
+        ValueError: blocks that do not parse, a style with per-block weights in two slots, or a vector at
+            a slot weight other than 1 without ``layout``.
+        StyleError: a vector of the wrong length for ``layout``.
     """
     blend: dict[str, BlockWeight] = {}
     for name, weight, *rest in slots:
@@ -60,7 +71,7 @@ def blend_text(slots: Sequence[tuple[str | None, float] | tuple[str | None, floa
         if blocks:
             if name in blend:
                 raise ValueError(f"style {name!r} is in two blend slots, one with per-block weights; keep one slot")
-            blend[name] = _times(parse_block_weights(name, blocks), float(weight))
+            blend[name] = _times(name, parse_block_weights(name, blocks), float(weight), layout)
         elif isinstance(blend.get(name, 0.0), dict | list):
             raise ValueError(f"style {name!r} is in two blend slots, one with per-block weights; keep one slot")
         else:
@@ -68,17 +79,17 @@ def blend_text(slots: Sequence[tuple[str | None, float] | tuple[str | None, floa
     return format_style(blend or None)
 
 
-def _times(blocks: dict[str, float] | list[float], weight: float) -> dict[str, float] | list[float]:
+def _times(
+    name: str, blocks: dict[str, float] | list[float], weight: float, layout: BlockLayout | None
+) -> dict[str, float] | list[float]:
     """Per-block weights times the slot's weight, without float noise in the text (0.8 x 0.3 -> 0.24)."""
     if weight == 1.0:
         return blocks
-
-    def scaled(value: float) -> float:
-        return float(f"{value * weight:.12g}")
-
-    if isinstance(blocks, dict):
-        return {key: scaled(value) for key, value in blocks.items()}
-    return [scaled(value) for value in blocks]
+    if isinstance(blocks, list):
+        if layout is None:
+            raise ValueError(f"the block vector of {name!r} needs slot weight 1: scale its values instead")
+        blocks = layout.vector_as_mapping(name, blocks)
+    return {key: float(f"{value * weight:.12g}") for key, value in blocks.items()}
 
 
 def style_choices(styles: Sequence[str]) -> list[str]:

@@ -171,12 +171,11 @@ class Handlers:
         slots = [gr.update(choices=choices) for _ in range(BLEND_SLOTS)]
         return *slots, gr.update(choices=choices, value=kept), gr.update(choices=styles, value=None)
 
-    @staticmethod
     @user_errors
-    def blend(*slot_values):
+    def blend(self, *slot_values):
         """The style line of the blend builder: ``(style, weight, per-block weights)`` per slot."""
         slots = list(zip(slot_values[0::3], slot_values[1::3], slot_values[2::3], strict=True))
-        return blend_text(slots)
+        return blend_text(slots, self.studio.block_layout())
 
 
 # -- layout -------------------------------------------------------------------------------------
