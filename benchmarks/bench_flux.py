@@ -54,6 +54,7 @@ from common import (
     MODEL_SEED,
     Stats,
     Style,
+    flux1_transformer,
     flux_inputs,
     forward,
     interleave,
@@ -168,17 +169,8 @@ def timed(function: Callable[[], object]) -> float:
 def build_transformer(settings: Settings) -> FluxTransformer2DModel:
     """A FLUX.1-wide transformer with fewer blocks, random float32 weights from ``MODEL_SEED``, frozen, eval."""
     torch.manual_seed(MODEL_SEED)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=settings.double_blocks,
-        num_single_layers=settings.single_blocks,
-        attention_head_dim=128,
-        num_attention_heads=settings.heads,
-        joint_attention_dim=settings.joint_dim,
-        pooled_projection_dim=settings.pooled_dim,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
+    transformer = flux1_transformer(
+        settings.double_blocks, settings.single_blocks, settings.heads, settings.joint_dim, settings.pooled_dim
     )
     return transformer.eval().requires_grad_(False)
 

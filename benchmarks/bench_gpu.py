@@ -88,6 +88,7 @@ from common import (
     Stats,
     Style,
     fill_random_,
+    flux1_transformer,
     flux_inputs,
     forward,
     interleave,
@@ -416,17 +417,8 @@ def build_transformer(settings: Settings, device: torch.device) -> FluxTransform
     """A FLUX.1-configured transformer (fewer blocks with ``--quick``): built on the meta device, cast,
     materialised on ``device`` and filled there from ``MODEL_SEED``; frozen, eval."""
     with torch.device("meta"):
-        transformer = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=settings.double_blocks,
-            num_single_layers=settings.single_blocks,
-            attention_head_dim=128,
-            num_attention_heads=settings.heads,
-            joint_attention_dim=settings.joint_dim,
-            pooled_projection_dim=settings.pooled_dim,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
+        transformer = flux1_transformer(
+            settings.double_blocks, settings.single_blocks, settings.heads, settings.joint_dim, settings.pooled_dim
         )
     transformer = transformer.to(settings.dtype).to_empty(device=device)
     fill_random_(transformer, device, MODEL_SEED)

@@ -54,6 +54,7 @@ from common import (  # noqa: E402
     MODEL_SEED,
     Stats,
     fill_random_,
+    flux1_transformer,
     log,
     ratio,
     table,
@@ -89,21 +90,8 @@ class Settings:
 
 def flux_transformer(settings: Settings, double_blocks: int, single_blocks: int, device: str | torch.device):
     """A FLUX.1-configured ``FluxTransformer2DModel``; on ``"meta"`` only its structure (no memory)."""
-    from diffusers import FluxTransformer2DModel
-
     with torch.device("meta"):
-        model = FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=64,
-            num_layers=double_blocks,
-            num_single_layers=single_blocks,
-            attention_head_dim=128,
-            num_attention_heads=settings.heads,
-            joint_attention_dim=settings.joint_dim,
-            pooled_projection_dim=settings.pooled_dim,
-            guidance_embeds=True,
-            axes_dims_rope=(16, 56, 56),
-        )
+        model = flux1_transformer(double_blocks, single_blocks, settings.heads, settings.joint_dim, settings.pooled_dim)
     model = model.to(torch.bfloat16)
     if str(device) != "meta":
         model = model.to_empty(device=device)

@@ -201,20 +201,9 @@ def write_loras(
 
 def _flux1_meta_transformer(blocks: tuple[int, int]):
     """FLUX.1-dev's transformer configuration (build it under ``torch.device("meta")``)."""
-    from diffusers import FluxTransformer2DModel
+    from common import flux1_transformer  # torch-heavy: only the server and the writer of LoRAs need it
 
-    return FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=blocks[0],
-        num_single_layers=blocks[1],
-        attention_head_dim=128,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        pooled_projection_dim=768,
-        guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56),
-    )
+    return flux1_transformer(blocks[0], blocks[1], heads=24, joint_dim=4096, pooled_dim=768)
 
 
 def merge_styles(pipe, loras: dict[str, Path]) -> None:

@@ -280,6 +280,26 @@ def share_buffer_bytes(share: ShareModel) -> int:
     return sum(seen.values())
 
 
+def flux1_transformer(double_blocks: int, single_blocks: int, heads: int, joint_dim: int, pooled_dim: int):
+    """A ``FluxTransformer2DModel`` with FLUX.1's configuration but these block counts and widths (hidden
+    = ``heads`` x 128), built where torch's default device says (``with torch.device("meta"):`` costs no
+    memory), in the default dtype, with diffusers' own initialisation."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=double_blocks,
+        num_single_layers=single_blocks,
+        attention_head_dim=128,
+        num_attention_heads=heads,
+        joint_attention_dim=joint_dim,
+        pooled_projection_dim=pooled_dim,
+        guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    )
+
+
 @torch.no_grad()
 def fill_random_(model: torch.nn.Module, device: torch.device, seed: int) -> None:
     """Weights ~ N(0, 0.5 / sqrt(fan_in)), norm weights 1, biases 0, drawn on ``device``."""

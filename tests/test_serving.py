@@ -233,8 +233,8 @@ def test_per_block_requests_in_a_mixed_batch_equal_single_requests(engine):
     assert np.abs(array(together[0]) - plain_ink).max() > 1e-3  # the block weights matter
 
 
-def test_single_requests_in_float32_match_batched(engine):
-    """``b64_npy`` single requests vs the same requests batched: within 1e-5 (float32)."""
+def assert_batched_equals_single_requests(engine) -> None:
+    """Three mixed-style requests (4 images) one by one, then together in one call: equal within 1e-5."""
     app = create_app(engine, max_batch=8, max_wait_ms=1)
     subset = MIXED[:3]
 
@@ -252,6 +252,11 @@ def test_single_requests_in_float32_match_batched(engine):
             np.testing.assert_allclose(array(single, index), array(batched, index), rtol=0, atol=1e-5)
 
 
+def test_single_requests_in_float32_match_batched(engine):
+    """``b64_npy`` single requests vs the same requests batched: within 1e-5 (float32)."""
+    assert_batched_equals_single_requests(engine)
+
+
 def test_quantized_server_batches_styles_like_single_requests():
     """``serve --quantize int8``: a mixed-style batch on a torchao int8 base equals the requests one by one."""
     pytest.importorskip("torchao")
@@ -259,21 +264,7 @@ def test_quantized_server_batches_styles_like_single_requests():
 
     quantized = ServingEngine.from_model(TINY_RANDOM, quantize="int8", max_images=8)
     assert is_quantized(quantized.pipe.transformer.transformer_blocks[0].attn.to_q.base_layer)
-    app = create_app(quantized, max_batch=8, max_wait_ms=1)
-    subset = MIXED[:3]
-
-    async def scenario():
-        async with serving(app) as client:
-            alone = [(await client.post(ENDPOINT, json=request)).json() for request in subset]
-            app.state.backend.max_wait_s = 2.0
-            together = await asyncio.gather(*(client.post(ENDPOINT, json=request) for request in subset))
-            return alone, [reply.json() for reply in together]
-
-    alone, together = asyncio.run(scenario())
-    assert {reply["share"]["batch_size"] for reply in together} == {4}
-    for request, single, batched in zip(subset, alone, together, strict=True):
-        for index in range(request.get("n", 1)):
-            np.testing.assert_allclose(array(single, index), array(batched, index), rtol=0, atol=1e-5)
+    assert_batched_equals_single_requests(quantized)
 
 
 def test_requests_with_other_settings_go_in_their_own_call(engine):
