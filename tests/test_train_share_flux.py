@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,7 @@ def train(setup, monkeypatch, caplog):
         finally:
             AcceleratorState._reset_state(reset_partial_state=True)
         records = [r.getMessage() for r in caplog.records if r.name == "train_share_flux"]
-        losses = [float(m.split("loss ")[1]) for m in records if m.startswith("step ")]
+        losses = [float(m.split("loss ")[1].split(",")[0]) for m in records if m.startswith("step ")]
         return losses, "\n".join(records)
 
     return train
@@ -193,6 +194,20 @@ def test_resume_from_latest_checkpoint_ends_where_an_uninterrupted_run_ends(setu
     assert any(not torch.equal(full[name], partial[name]) for name in full)  # steps 4-6 did train
     for name in full:
         assert torch.equal(full[name], resumed[name]), name
+
+
+def test_a_non_finite_gradient_stops_training_before_it_reaches_the_factors(setup, tmp_path, capsys):
+    """A diverging run (a learning rate of 1e30) stops at the first NaN/Inf gradient, naming the layer and factor."""
+    returncode, stderr = refused(
+        setup, tmp_path / "o", "--max_train_steps", 6, "--learning_rate", "1e30", "--max_grad_norm", 0, capsys=capsys
+    )
+    assert returncode == 1
+    found = re.search(
+        r"error: step (\d+): the gradient is not finite \(([\w.]+)\.(basis_out|basis_in|core_out|core_in)\)", stderr
+    )
+    assert found is not None, stderr
+    assert 1 < int(found[1]) <= 6 and found[2].startswith(("transformer_blocks.", "single_transformer_blocks."))
+    assert "no factors saved" in stderr and not (tmp_path / "o" / "factors").exists()
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,10 @@ class DataError(ValueError):
     """The training data cannot be used; raised before any training step."""
 
 
+class NonFiniteGradientError(ShareError):
+    """A training step's gradient is NaN or infinite; raised before the step changes the factors."""
+
+
 class EncodedData(NamedTuple):
     """``--cache_latents``: the data set through the frozen encoders once, kept on the CPU."""
 
@@ -90,6 +94,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--learning_rate", type=float, default=1e-3)
     add("--lr_scheduler", default="constant", help="constant, linear, cosine, ... (diffusers.optimization)")
     add("--lr_warmup_steps", type=int, default=0)
+    add(
+        "--max_grad_norm",
+        type=float,
+        default=1.0,
+        help="clip the gradient of the trained factors to this norm (diffusers' default; 0: no clipping)",
+    )
     add("--max_train_steps", type=int, default=500)
     add(
         "--mixed_precision",
@@ -336,6 +346,8 @@ def main(argv=None) -> int:
             with accelerator.accumulate(transformer):
                 loss = _batch_loss(pipe, transformer, pixels, captions, indices, args, step, cache)
                 accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    grad_norm = _clip_gradients(accelerator, trainables, args.max_grad_norm, step + 1)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
@@ -344,7 +356,7 @@ def main(argv=None) -> int:
                 progress.update(1)
                 logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": scheduler.get_last_lr()[0]}
                 progress.set_postfix(**logs)
-                logger.debug("step %d: loss %.9g", step, logs["loss"])
+                logger.debug("step %d: loss %.9g, gradient norm %.4g", step, logs["loss"], grad_norm)
                 accelerator.log(logs, step=step)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
@@ -375,6 +387,39 @@ def main(argv=None) -> int:
             pipe.push_share_factors_to_hub(args.hub_model_id or output_dir.name)
     accelerator.end_training()
     return 0
+
+
+def _clip_gradients(accelerator, trainables: dict[str, torch.nn.Module], max_norm: float, step: int) -> float:
+    """The gradient norm of the trained factors before clipping (clipped to ``max_norm`` when it is > 0).
+
+    Raises:
+        NonFiniteGradientError: a NaN or infinite gradient, naming the first layer and factor that has one,
+            before the optimizer step could write it into the factors.
+    """
+    parameters = [p for module in trainables.values() for p in module.parameters() if p.requires_grad]
+    if max_norm > 0:
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)
+    else:
+        norm = None
+    if norm is None:  # no clipping, or a plugin that does not report the norm
+        grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
+        norm = torch.stack(grads).norm() if grads else torch.zeros(())
+    norm = float(norm)
+    if not math.isfinite(norm):
+        where = next(
+            (
+                f"{layer}.{name}"
+                for layer, module in trainables.items()
+                for name, parameter in module.named_parameters()
+                if parameter.grad is not None and not bool(parameter.grad.isfinite().all())
+            ),
+            "the gradient norm only",
+        )
+        raise NonFiniteGradientError(
+            f"step {step}: the gradient is not finite ({where}); stopped before the step, no factors saved. "
+            "Try a lower --learning_rate, or --mixed_precision no"
+        )
+    return norm
 
 
 def _batch_loss(
