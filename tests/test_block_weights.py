@@ -144,6 +144,15 @@ def test_vectors_with_a_leading_base_value_as_comfyui_writes_them():
         ),
         ({"single.1-0": 1.0}, "block range 'single_transformer_blocks.1-0' of style 'ink' runs backwards"),
         (
+            {"single.0-999999999999": 1.0},  # refused before any prefix is listed
+            "block range 'single_transformer_blocks.0-999999999999' of style 'ink' runs past the model's last block",
+        ),
+        (
+            {"transformer_blocks.0.attn.0-3": 1.0},
+            "block range 'transformer_blocks.0.attn.0-3' of style 'ink': 'transformer_blocks.0.attn' is not a "
+            "block list of this model (its blocks: double.0-1, single.0-1)",
+        ),
+        (
             {"single.0-5": 1.0},
             "block range 'single_transformer_blocks.0-5' of style 'ink' runs past the model's last block "
             "'single_transformer_blocks.1' (its blocks: double.0-1, single.0-1)",
@@ -263,3 +272,12 @@ def test_export_expands_per_block_weights_over_the_layers_it_is_given(share_pipe
     assert not any(name.startswith("transformer_blocks.1.") for name in plain.layers)  # weight 0: left out
     with pytest.raises(ValueError, match="layer_names must include every layer of the factors; missing"):
         style_as_lora(share.factors, weight, layout=share.block_layout, layer_names=list(share.layers)[1:])
+
+
+def test_ranges_over_a_block_list_with_gaps_and_top_level_lists():
+    """A ModuleList child without linears is no block: a range may still run over its index."""
+    layout = BlockLayout(("blocks.0", "blocks.1", "blocks.3"))
+    names = ["blocks.0.fc", "blocks.1.fc", "blocks.3.fc"]
+    assert layout.describe() == "blocks.0-3"
+    assert layout.multipliers("ink", {"blocks.0-2": 1.0}, names) == [1.0, 1.0, 0.0]
+    assert BlockLayout(("0", "1")).describe() == "0-1"  # a model that is itself a ModuleList

@@ -174,6 +174,8 @@ def test_refused_style_values_name_the_problem():
         share.set_style({"ink": True})
     with pytest.raises(StyleError, match="style scale must be a finite number, got True"):
         share.set_style({"ink": 1}, scale=True)
+    with pytest.raises(StyleError, match="blend weight for style 'ink' must be a finite number, got np.True_"):
+        share.set_style({"ink": np.True_})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

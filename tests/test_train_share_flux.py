@@ -196,11 +196,22 @@ def test_resume_from_latest_checkpoint_ends_where_an_uninterrupted_run_ends(setu
         assert torch.equal(full[name], resumed[name]), name
 
 
-def test_a_non_finite_gradient_stops_training_before_it_reaches_the_factors(setup, tmp_path, capsys):
+def test_max_grad_norm_clips_the_gradient(train, tmp_path):
+    """Clipping every step's gradient to 1e-6 (below its norm, ~1e-2) changes what Adam learns; 0 turns it off."""
+    runs = {}
+    for max_grad_norm in (0, 1e-6):
+        losses, log = train(tmp_path / str(max_grad_norm), "--max_train_steps", 3, "--max_grad_norm", max_grad_norm)
+        norms = [float(line.rsplit("gradient norm ", 1)[1]) for line in log.splitlines() if "gradient norm" in line]
+        assert len(norms) == 3 and all(norm > 1e-4 for norm in norms)  # the norms before clipping
+        runs[max_grad_norm] = _style_cores(tmp_path / str(max_grad_norm) / "factors")
+    assert any(not torch.allclose(runs[0][name], runs[1e-6][name], rtol=1e-3) for name in runs[0])
+
+
+@pytest.mark.parametrize("max_grad_norm", [0, 1.0], ids=["unclipped", "clipped"])
+def test_a_non_finite_gradient_stops_training_before_it_reaches_the_factors(setup, tmp_path, capsys, max_grad_norm):
     """A diverging run (a learning rate of 1e30) stops at the first NaN/Inf gradient, naming the layer and factor."""
-    returncode, stderr = refused(
-        setup, tmp_path / "o", "--max_train_steps", 6, "--learning_rate", "1e30", "--max_grad_norm", 0, capsys=capsys
-    )
+    extra = ("--max_train_steps", 6, "--learning_rate", "1e30", "--max_grad_norm", max_grad_norm)
+    returncode, stderr = refused(setup, tmp_path / "o", *extra, capsys=capsys)
     assert returncode == 1
     found = re.search(
         r"error: step (\d+): the gradient is not finite \(([\w.]+)\.(basis_out|basis_in|core_out|core_in)\)", stderr

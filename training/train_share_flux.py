@@ -357,7 +357,7 @@ def main(argv=None) -> int:
                 logs = {"loss": accelerator.gather(loss.detach()[None]).mean().item(), "lr": scheduler.get_last_lr()[0]}
                 progress.set_postfix(**logs)
                 logger.debug("step %d: loss %.9g, gradient norm %.4g", step, logs["loss"], grad_norm)
-                accelerator.log(logs, step=step)
+                accelerator.log({**logs, "grad_norm": grad_norm}, step=step)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
                 if args.validation_steps and step % args.validation_steps == 0:
@@ -394,18 +394,21 @@ def _clip_gradients(accelerator, trainables: dict[str, torch.nn.Module], max_nor
 
     Raises:
         NonFiniteGradientError: a NaN or infinite gradient, naming the first layer and factor that has one,
-            before the optimizer step could write it into the factors.
+            before the optimizer step could write it into the factors. Not under fp16, whose loss scaler
+            overflows on purpose now and then: it skips that step and lowers the scale.
     """
     parameters = [p for module in trainables.values() for p in module.parameters() if p.requires_grad]
+    scaled = getattr(accelerator, "scaler", None) is not None
+    norm = None
     if max_norm > 0:
-        norm = accelerator.clip_grad_norm_(parameters, max_norm)
-    else:
-        norm = None
+        norm = accelerator.clip_grad_norm_(parameters, max_norm)  # unscales fp16 gradients first
+    elif scaled:
+        accelerator.unscale_gradients()
     if norm is None:  # no clipping, or a plugin that does not report the norm
         grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
         norm = torch.stack(grads).norm() if grads else torch.zeros(())
     norm = float(norm)
-    if not math.isfinite(norm):
+    if not math.isfinite(norm) and not scaled:
         where = next(
             (
                 f"{layer}.{name}"

@@ -88,7 +88,8 @@ class BlockLayout:
         for block in self.blocks:
             base, _, index = block.rpartition(".")
             groups.setdefault(base, []).append(int(index))
-        return ", ".join(f"{short.get(base, base)}.{min(ids)}-{max(ids)}" for base, ids in groups.items()) or "none"
+        described = [f"{short.get(base, base)}.{min(ids)}-{max(ids)}".lstrip(".") for base, ids in groups.items()]
+        return ", ".join(described) or "none"
 
     def vector_as_mapping(self, style: str, values: Sequence[float], scale: float = 1.0) -> dict[str, float]:
         """The mapping a block vector (times ``scale``) stands for, in short keys: runs of equal values become ranges.
@@ -185,14 +186,19 @@ class BlockLayout:
         first, last = int(found["first"]), int(found["last"])
         if first > last:
             raise StyleError(f"block range {key!r} of style {style!r} runs backwards")
-        prefixes = [f"{found['base']}.{index}" for index in range(first, last + 1)]
-        known = [block for block in self.blocks if block.rpartition(".")[0] == found["base"]]
-        if known and prefixes[-1] not in known:
+        # Checked before the prefixes are listed: a range's size is the request's, not the model's.
+        known = [int(block.rpartition(".")[2]) for block in self.blocks if block.rpartition(".")[0] == found["base"]]
+        if not known:
             raise StyleError(
-                f"block range {key!r} of style {style!r} runs past the model's last block {known[-1]!r} "
+                f"block range {key!r} of style {style!r}: {found['base']!r} is not a block list of this model "
                 f"(its blocks: {self.describe()})"
             )
-        return prefixes, True
+        if last > max(known):
+            raise StyleError(
+                f"block range {key!r} of style {style!r} runs past the model's last block "
+                f"'{found['base']}.{max(known)}' (its blocks: {self.describe()})"
+            )
+        return [f"{found['base']}.{index}" for index in range(first, last + 1)], True
 
 
 def _finite(style: str, key: object, value: object) -> float:

@@ -131,13 +131,12 @@ def _is_number(value: object) -> bool:
 
 
 def _hashable(value):
-    if isinstance(value, bool):  # True == 1 and hashes alike, but a bool weight is refused, not a cache hit
-        return ("bool", value)
     if isinstance(value, dict):
         return ("dict", tuple((key, _hashable(item)) for key, item in value.items()))
     if isinstance(value, list | tuple):
         return ("seq", tuple(_hashable(item) for item in value))
-    return value
+    # Typed: True == 1 == np.True_ and they hash alike, but a bool weight is refused, never a cache hit of 1.
+    return (type(value), value)
 
 
 def _cache_key(style, scale: float, batch_size: int | None, repeat: int):

@@ -201,9 +201,9 @@ class PrincipalDecomposition(NamedTuple):
             onto the directions in ``O(m k R)``, with no ``n``-sized product:
             ``directions.T @ Y = coordinates.T @ r``.
         """
-        coordinates = self.eigenvectors[..., :count]  # (m, count)
+        coordinates = self.eigenvectors[..., :count]  # (m, count), fewer columns if count > m
         n, m = self.reflectors.shape[-2:]
-        padded = coordinates.new_zeros(*coordinates.shape[:-2], n, count)
+        padded = coordinates.new_zeros(*coordinates.shape[:-2], n, coordinates.shape[-1])
         padded[..., :m, :] = coordinates
         directions, signs = _fix_signs(torch.ormqr(self.reflectors, self.tau, padded))  # q @ coordinates: (n, count)
         return directions, coordinates * signs.unsqueeze(-2)
