@@ -108,7 +108,7 @@ from common import (
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
-from share_diffusers.core import ShareConfig, ShareModel, export_rank, find_targets, style_as_lora
+from share_diffusers.core import ShareConfig, ShareFactors, ShareModel, export_rank, find_targets, style_as_lora
 from share_diffusers.core.quantized import is_quantized, quantization_name
 from share_diffusers.flux_lora import FLUX_ATTENTION_TARGETS
 
@@ -512,6 +512,30 @@ def build_sides(settings: Settings, device: torch.device, clock: Clock, merge_th
         if round_index:
             share.delete_style(last.name)
         last_merge.append(merge_with_threads(clock, share, last, threads))
+    # The last merge again at the factors' level (no model refresh), from the same bank each time, its float64
+    # maths on the CPU (as above) and on the GPU (ShareFactors.merge(device=...)), interleaved; and how far the
+    # GPU's result is from the CPU's on two layers (relative Frobenius difference of the style's dW).
+    factors_merge: dict[str, list[float]] = {"cpu": [], "device": []}
+    device_merge_difference = None
+    if device.type != "cpu":
+        share.delete_style(last.name)
+        bank = share.factors
+        merged = {}
+        for _ in range(settings.load_rounds):
+            for where, target in (("cpu", None), ("device", device)):
+                merged[where] = copy = ShareFactors(bank.config, dict(bank.layers), list(bank.styles))
+                seconds = clock.host(lambda c=copy, t=target: c.merge(last.fresh_adapter(), last.name, device=t))
+                factors_merge[where].append(seconds)
+        probes = [next(iter(bank.layers)), next(reversed(bank.layers))]
+        device_merge_difference = max(
+            relative(merged["cpu"].delta_weight(layer, last.name), merged["device"].delta_weight(layer, last.name))
+            for layer in probes
+        )
+        share.merge(last.fresh_adapter(), last.name)  # the bank as it was
+        log(
+            f"Share, factors' merge: CPU {statistics.median(factors_merge['cpu']):.2f} s, GPU "
+            f"{statistics.median(factors_merge['device']):.2f} s (results within {device_merge_difference:.1e})"
+        )
     clock.sync()
     log(f"Share: {sum(merge) + last_merge[-1]:.1f} s")
     memory["share"] = clock.allocated()
@@ -530,6 +554,8 @@ def build_sides(settings: Settings, device: torch.device, clock: Clock, merge_th
         peft_last_load_s=last_load,
         share_merge_s=merge,
         share_last_merge_s=last_merge,
+        share_factors_merge_s=factors_merge,
+        share_device_merge_difference=device_merge_difference,
         merge_threads={"trial_s": {str(k): v for k, v in trial.items()}, "used": threads or default_threads},
         style_errors=errors,
         peft_bytes=peft_lora_bytes(peft_model, names),
@@ -636,7 +662,29 @@ def section_setup(bench: Bench) -> Section:
             f"{statistics.median(last_load):.2f} ({', '.join(f'{x:.2f}' for x in last_load)})",
         ],
     ]
+    factors_merge = figures.get("share_factors_merge_s") or {}
+    if factors_merge.get("device"):
+        for where, label in (("cpu", "CPU"), ("device", "GPU (`device=`)")):
+            times = factors_merge[where]
+            rows.insert(
+                len(rows) - 1,
+                [
+                    f"`ShareFactors.merge`, float64 maths on the {label}: style {n} again, same bank",
+                    "",
+                    "",
+                    f"{statistics.median(times):.2f} ({', '.join(f'{x:.2f}' for x in times)})",
+                ],
+            )
     merge_ratio = statistics.median(last_merge) / statistics.median(last_load)
+    device_ratio = None
+    device_note = ""
+    if factors_merge.get("device"):
+        device_ratio = statistics.median(factors_merge["device"]) / statistics.median(last_load)
+        cpu_ratio = statistics.median(factors_merge["cpu"]) / statistics.median(last_load)
+        device_note = (
+            f" The factors' merge alone: {cpu_ratio:.2f}x with its maths on the CPU, {device_ratio:.2f}x on the GPU, "
+            f"whose result is within {figures['share_device_merge_difference']:.1e} of the CPU's."
+        )
     trial = figures["merge_threads"]["trial_s"]
     threads_note = (
         "Merge threads: " + ", ".join(f"{k} thread(s) {v:.2f} s" for k, v in trial.items()) + " on styles 2-3; "
@@ -687,7 +735,7 @@ def section_setup(bench: Bench) -> Section:
             rows,
         )
         + f"\n\nMerge one LoRA into {layers} layers with {n - 1} held: {merge_ratio:.2f}x the time of "
-        f"`load_lora_adapter`. {threads_note}\n\n"
+        f"`load_lora_adapter`. {threads_note}{device_note}\n\n"
         + table(["memory of the styles", "bytes", "KiB per layer per style", "ratio"], memory_rows)
         + f"\n\nShare's relative error per style after all merges: {min(errors):.2f}-{max(errors):.2f} "
         f"(random LoRAs share no subspace, so k={s.k} keeps part of each; speed does not depend on it).\n"
@@ -695,6 +743,7 @@ def section_setup(bench: Bench) -> Section:
     data = {
         **figures,
         "merge_over_load": merge_ratio,
+        "device_merge_over_load": device_ratio,
         "memory_ratio": peft_bytes / share_bytes,
     }
     return Section(f"Bringing in {n} styles, and their memory", markdown, data)

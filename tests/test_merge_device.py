@@ -167,7 +167,9 @@ def test_subspace_maths_runs_on_the_device_of_consistent_float64_inputs():
         ]
         layer = subspace_module.fit_layer(entries[:2], rule, CONFIG.pseudo_rank, center=True)
         layer = subspace_module.merge_layer(layer, entries[2], rule)
-        layer = subspace_module.merge_layer(subspace_module.to_storage(layer), None, rule)
+        stored = subspace_module.to_storage(layer)
+        assert stored.basis_out.device.type == "cpu" and stored.basis_out.dtype == torch.float32
+        layer = subspace_module.merge_layer(subspace_module.on_device(stored, device), None, rule)
         layer = subspace_module.delete_from_layer(layer, 1)
         empty = subspace_module.empty_layer(*SHAPES["a"], 0, CONFIG.pseudo_rank, True, False, device=device)
         grown = subspace_module.merge_layer(empty, entries[0], rule)
@@ -176,3 +178,46 @@ def test_subspace_maths_runs_on_the_device_of_consistent_float64_inputs():
         assert on_cuda.basis_out.is_cuda
         weights = torch.ones(on_cpu.num_styles, dtype=torch.float64)
         assert relative_error(on_cpu.delta_weight(weights), on_cuda.delta_weight(weights).cpu()) < 1e-10
+
+
+@pytest.mark.parametrize("batch_layers", [True, False])
+def test_merge_device_argument_runs_the_same_maths_and_stores_on_the_cpu(monkeypatch, batch_layers):
+    """``merge(device=...)``: with the CPU passed as if it were another device (``FIT_DEVICE`` patched away),
+    the accelerator branch (copies of the stored layers, one thread, results brought back to CPU float32)
+    gives exactly the default merge's factors."""
+    adapters = _adapters()
+    reference = ShareFactors.fit(adapters[:2], NAMES[:2], CONFIG)
+    other = ShareFactors(reference.config, dict(reference.layers), list(reference.styles))
+    reference.merge(adapters[2], NAMES[2], batch_layers=batch_layers)
+    used = []
+    original = factors_module.map_layers
+
+    def recording(function, items, workers=None, **kwargs):
+        used.append(workers)
+        return original(function, items, workers, **kwargs)
+
+    monkeypatch.setattr(factors_module, "FIT_DEVICE", torch.device("meta"))
+    monkeypatch.setattr(factors_module, "map_layers", recording)
+    fresh = LoraAdapter({name: LoraLayer(lora.up, lora.down, lora.scale) for name, lora in adapters[2].layers.items()})
+    other.merge(fresh, NAMES[2], batch_layers=batch_layers, device="cpu")
+    assert used == [1]
+    for name, expected in reference.layers.items():
+        got = other.layers[name]
+        assert got.basis_out.device.type == "cpu" and got.basis_out.dtype == torch.float32
+        for field in ("basis_out", "basis_in", "core_out", "core_in", "norm", "error"):
+            torch.testing.assert_close(getattr(got, field), getattr(expected, field), rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("batch_layers", [True, False])
+def test_merge_with_its_maths_on_cuda_equals_the_cpu_merge(batch_layers):
+    """The stored results equal the CPU merge of the float64 copy of the LoRA's bf16 values, on the CPU in float32."""
+    adapters = _adapters()
+    on_cuda = ShareFactors.fit(adapters[:2], NAMES[:2], CONFIG)
+    lora = _cast(adapters[2], torch.bfloat16, "cuda")
+    reference_bf16 = ShareFactors(on_cuda.config, dict(on_cuda.layers), list(on_cuda.styles))
+    reference_bf16.merge(_cast(lora, torch.float64), NAMES[2], batch_layers=batch_layers)
+    on_cuda.merge(lora, NAMES[2], batch_layers=batch_layers, device="cuda")
+    _assert_same_reconstructions(reference_bf16, on_cuda, 1e-6)
+    assert all(layer.up.is_cuda and layer.up.dtype == torch.bfloat16 for layer in lora.layers.values())

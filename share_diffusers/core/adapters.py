@@ -33,6 +33,16 @@ FIT_DTYPE = torch.float64
 FIT_DEVICE = torch.device("cpu")
 
 
+def resolve_fit_device(device: torch.device | str | None) -> torch.device:
+    """Where fitting runs: ``device``, or ``FIT_DEVICE`` (the CPU); ``"cuda"`` means the current CUDA device."""
+    if device is None:
+        return FIT_DEVICE
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
 def all_finite(tensor: torch.Tensor) -> bool:
     """``bool(torch.isfinite(tensor).all())``, in one pass when it holds.
 
@@ -98,32 +108,37 @@ class LoraLayer:
     def _canonical_key(self) -> tuple:
         return (self.up, self.down, self.up._version, self.down._version, self.scale)
 
-    def _cached_canonical(self) -> CanonicalLora | None:
-        """The cached canonical form, if ``up``, ``down`` and ``scale`` are still what it was computed from."""
+    def _cached_canonical(self, device: torch.device | str | None = None) -> CanonicalLora | None:
+        """The cached canonical form, if ``up``, ``down`` and ``scale`` are still what it was computed from and it
+        is on ``device`` (default ``FIT_DEVICE``)."""
         if self._canonical is None:
             return None
         (up, down, *numbers), cached = self._canonical
         key = self._canonical_key()
+        if cached.U.device != resolve_fit_device(device):
+            return None
         return cached if up is self.up and down is self.down and tuple(numbers) == key[2:] else None
 
-    def canonical(self) -> CanonicalLora:
+    def canonical(self, device: torch.device | str | None = None) -> CanonicalLora:
         """Thin SVD ``dW = U diag(S) V.T`` from the factors in ``O((n + d) r^2)``, never forming ``dW``.
 
         QR of ``up`` and of ``down.T``, then the SVD of the small ``r x r`` product (DESIGN 2.1).
         The result does not depend on the gauge: ``(up G, G^-1 down)`` gives the same ``U, S, V``
         (up to the signs of singular vectors).
 
-        The factors are detached and copied to the CPU in float64 here, once: ``U: (n_out, r)``,
-        ``S: (r,)`` and ``V: (d_in, r)`` are CPU float64 whatever the factors' device and dtype. The
-        result is cached on the layer until ``up``, ``down`` or ``scale`` change (replaced or modified
-        in place); it holds ``(n_out + d_in) r`` float64 numbers.
+        The factors are detached and copied to ``device`` (default the CPU, ``FIT_DEVICE``) in float64 here,
+        once: ``U: (n_out, r)``, ``S: (r,)`` and ``V: (d_in, r)`` are float64 on ``device`` whatever the
+        factors' device and dtype. The result is cached on the layer until ``up``, ``down`` or ``scale``
+        change (replaced or modified in place) or another device is asked for; it holds ``(n_out + d_in) r``
+        float64 numbers.
         """
-        cached = self._cached_canonical()
+        device = resolve_fit_device(device)
+        cached = self._cached_canonical(device)
         if cached is not None:
             return cached
         key = self._canonical_key()
-        up = self.up.detach().to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (n, r)
-        down = self.down.detach().to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (r, d)
+        up = self.up.detach().to(device=device, dtype=FIT_DTYPE)  # (n, r)
+        down = self.down.detach().to(device=device, dtype=FIT_DTYPE)  # (r, d)
         for which, factor in (("up (lora_B)", up), ("down (lora_A)", down)):
             if not all_finite(factor):
                 raise FactorValueError(f"the LoRA's {which} factor contains NaN or Inf")
@@ -139,25 +154,26 @@ class LoraLayer:
         return result
 
 
-def canonical_forms(layers: Sequence[LoraLayer]) -> list[CanonicalLora]:
+def canonical_forms(layers: Sequence[LoraLayer], device: torch.device | str | None = None) -> list[CanonicalLora]:
     """:meth:`LoraLayer.canonical` of several layers of one shape and rank, with batched QRs and SVDs.
 
-    Step for step the maths of :meth:`LoraLayer.canonical` on ``(L, ...)`` stacks: one conversion to CPU
-    float64, one QR per side and one SVD for all layers. Forms already cached are reused; the new ones are
-    cached on their layers as :meth:`LoraLayer.canonical` caches them. Layers of different shapes, ranks,
-    dtypes or devices, and any layer whose factors are not finite or whose update overflows, are left to
-    :meth:`LoraLayer.canonical` itself, which raises the error of the first bad one.
+    Step for step the maths of :meth:`LoraLayer.canonical` on ``(L, ...)`` stacks: one conversion to float64
+    on ``device`` (default the CPU), one QR per side and one SVD for all layers. Forms already cached are
+    reused; the new ones are cached on their layers as :meth:`LoraLayer.canonical` caches them. Layers of
+    different shapes, ranks, dtypes or devices, and any layer whose factors are not finite or whose update
+    overflows, are left to :meth:`LoraLayer.canonical` itself, which raises the error of the first bad one.
     """
-    todo = [layer for layer in layers if layer._cached_canonical() is None]
+    device = resolve_fit_device(device)
+    todo = [layer for layer in layers if layer._cached_canonical(device) is None]
     kinds = {(layer.up.shape, layer.down.shape, layer.up.dtype, layer.down.dtype, layer.up.device) for layer in todo}
     if len(todo) > 1 and len(kinds) == 1:
         keys = [layer._canonical_key() for layer in todo]
-        up = torch.stack([layer.up.detach() for layer in todo]).to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (L, n, r)
-        down = torch.stack([layer.down.detach() for layer in todo]).to(device=FIT_DEVICE, dtype=FIT_DTYPE)  # (L, r, d)
+        up = torch.stack([layer.up.detach() for layer in todo]).to(device=device, dtype=FIT_DTYPE)  # (L, n, r)
+        down = torch.stack([layer.down.detach() for layer in todo]).to(device=device, dtype=FIT_DTYPE)  # (L, r, d)
         if all_finite(up) and all_finite(down):
             q_up, r_up = torch.linalg.qr(up)  # (L, n, r), (L, r, r)
             q_down, r_down = torch.linalg.qr(down.mT)  # (L, d, r), (L, r, r)
-            scale = torch.tensor([layer.scale for layer in todo], dtype=FIT_DTYPE, device=FIT_DEVICE)
+            scale = torch.tensor([layer.scale for layer in todo], dtype=FIT_DTYPE, device=device)
             small = scale[:, None, None] * (r_up @ r_down.mT)  # (L, r, r)
             if all_finite(small):
                 u_small, s, vh_small = torch.linalg.svd(small)
@@ -165,7 +181,7 @@ def canonical_forms(layers: Sequence[LoraLayer]) -> list[CanonicalLora]:
                 v = (vh_small @ q_down.mT).mT  # (L, d, r)
                 for i, (layer, key) in enumerate(zip(todo, keys, strict=True)):
                     layer._canonical = (key, CanonicalLora(U=u[i], S=s[i], V=v[i]))
-    return [layer.canonical() for layer in layers]
+    return [layer.canonical(device) for layer in layers]
 
 
 @dataclass

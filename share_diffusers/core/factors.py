@@ -26,7 +26,7 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import LoraAdapter, all_finite, canonical_forms
+from .adapters import FIT_DEVICE, LoraAdapter, all_finite, canonical_forms, resolve_fit_device
 from .errors import FactorValueError, ShapeMismatchError, ShareValueError, StyleError
 from .subspace import (
     STORE_DTYPE,
@@ -39,6 +39,7 @@ from .subspace import (
     merge_class_key,
     merge_layer,
     merge_layers,
+    on_device,
     replace_in_layer,
     to_fit,
     to_storage,
@@ -381,6 +382,7 @@ class ShareFactors:
         progress: bool = False,
         workers: int | None = None,
         batch_layers: bool = True,
+        device: torch.device | str | None = None,
     ) -> None:
         """Add one adapter as a new style, continually (DESIGN 3), without the adapters merged before.
 
@@ -394,7 +396,14 @@ class ShareFactors:
         algebra (:func:`~.subspace.merge_layers`, the same maths as one layer at a time to float64
         rounding) in chunks spread over the threads; False merges every layer on its own
         (:func:`~.subspace.merge_layer`, the reference the batched path is tested against).
+
+        ``device``: where the maths runs, in float64: the CPU by default (``FIT_DEVICE``); on an accelerator
+        (``"cuda"``) the same steps run there on copies of the stored layers and the LoRA's factors, in one
+        thread, and the results come back to the CPU in float32 as the factors hold them.
         """
+        fit_device = resolve_fit_device(device)
+        if fit_device != FIT_DEVICE:
+            workers = 1  # one stream of kernels; threads would only contend for the GIL
         validate_style_name(name, self.style_names)
         if not adapter.layers:
             raise ShareValueError(f"adapter for style {name!r} has no layers")
@@ -409,14 +418,9 @@ class ShareFactors:
 
         def merge_one(layer_name: str) -> LayerShare:
             with _naming_layer(layer_name):
-                layer = self.layers.get(layer_name)
-                if layer is None:
-                    n_out, d_in = adapter.layers[layer_name].shape
-                    layer = empty_layer(
-                        n_out, d_in, t, self.config.pseudo_rank, self.config.center, self.config.normalize
-                    )
+                layer = self._layer_or_empty(layer_name, adapter, t, fit_device)
                 lora = adapter.layers.get(layer_name)
-                merged = to_storage(merge_layer(layer, lora.canonical() if lora else None, rule))
+                merged = to_storage(merge_layer(layer, lora.canonical(fit_device) if lora else None, rule))
             # The stored (float32) state must be finite, or the checkpoint could never be loaded or merged into.
             return _check_storable(merged, layer_name, f"merging style {name!r}")
 
@@ -439,12 +443,13 @@ class ShareFactors:
                 if len(chunk) == 1 or all(layer_name not in adapter.layers for layer_name in chunk):
                     return one_by_one(chunk)
                 try:
-                    entries = canonical_forms([adapter.layers[layer_name] for layer_name in chunk])
+                    entries = canonical_forms([adapter.layers[layer_name] for layer_name in chunk], fit_device)
                     energies = torch.stack([entry.S for entry in entries]).square().sum(-1).tolist()
                     if min(energies) == 0.0:  # a zero update on some layer: handled as absent there, one by one
                         return one_by_one(chunk)
-                    layers = [self._layer_or_empty(layer_name, adapter, t) for layer_name in chunk]
-                    return merge_layers(layers, entries, rule, dtype=STORE_DTYPE)
+                    layers = [self._layer_or_empty(layer_name, adapter, t, fit_device) for layer_name in chunk]
+                    merged = merge_layers(layers, entries, rule, dtype=STORE_DTYPE)
+                    return merged if fit_device == FIT_DEVICE else [to_storage(layer) for layer in merged]
                 except (FactorValueError, torch.linalg.LinAlgError):
                     # One layer at a time, so that the error names the first layer it comes from.
                     return one_by_one(chunk)
@@ -473,13 +478,17 @@ class ShareFactors:
         self.styles = [*self.styles, _style_info(adapter, name)]
         self.conv_layers |= {key for key, lora in adapter.layers.items() if lora.conv}
 
-    def _layer_or_empty(self, layer_name: str, adapter: LoraAdapter, num_styles: int) -> LayerShare:
-        """The stored layer, or a new one with no basis yet for a layer the adapter adds (float64, ``k = 0``)."""
+    def _layer_or_empty(
+        self, layer_name: str, adapter: LoraAdapter, num_styles: int, device: torch.device = FIT_DEVICE
+    ) -> LayerShare:
+        """The stored layer, or a new one with no basis yet for a layer the adapter adds (float64, ``k = 0``), on
+        ``device``."""
         layer = self.layers.get(layer_name)
         if layer is not None:
-            return layer
+            return on_device(layer, device)
         n_out, d_in = adapter.layers[layer_name].shape
-        return empty_layer(n_out, d_in, num_styles, self.config.pseudo_rank, self.config.center, self.config.normalize)
+        config = self.config
+        return empty_layer(n_out, d_in, num_styles, config.pseudo_rank, config.center, config.normalize, device)
 
     def _merge_chunks(self, names: list[str], adapter: LoraAdapter, workers: int | None) -> list[list[str]]:
         """``names`` cut into the chunks :meth:`merge` computes together: layers of one merge class (shape, ``k``,

@@ -298,8 +298,13 @@ class ShareModel:
         finally:
             self.selection.set_checked(previous)
 
-    def merge(self, adapter: LoraAdapter, name: str, progress: bool = False) -> None:
-        """Merge one more LoRA as a style (continual, DESIGN 3); on error nothing changes."""
+    def merge(
+        self, adapter: LoraAdapter, name: str, progress: bool = False, device: torch.device | str | None = None
+    ) -> None:
+        """Merge one more LoRA as a style (continual, DESIGN 3); on error nothing changes.
+
+        ``device``: where the merge's float64 maths runs (:meth:`ShareFactors.merge`), the CPU by default.
+        """
         self._check_unfused("merge")
         unknown = [layer for layer in adapter.layers if layer not in self.layers]
         if unknown:
@@ -307,7 +312,7 @@ class ShareModel:
                 f"the LoRA for {name!r} touches {len(unknown)} layer(s) that are not Share targets, e.g. "
                 f"{unknown[0]!r}; widen target_modules when creating the subspace"
             )
-        self.factors.merge(adapter, name, progress=progress)
+        self.factors.merge(adapter, name, progress=progress, device=device)
         self.selection.clear()
         self.refresh()
 
