@@ -144,6 +144,10 @@ def test_vectors_with_a_leading_base_value_as_comfyui_writes_them():
         ),
         ({"single.1-0": 1.0}, "block range 'single_transformer_blocks.1-0' of style 'ink' runs backwards"),
         (
+            {f"double.0.attn.k{index}": 1.0 for index in range(1025)},  # bounded work per request
+            "the per-block weights of style 'ink' have 1025 keys; at most 1024",
+        ),
+        (
             {"single.0-999999999999": 1.0},  # refused before any prefix is listed
             "block range 'single_transformer_blocks.0-999999999999' of style 'ink' runs past the model's last block",
         ),

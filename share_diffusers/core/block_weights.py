@@ -48,6 +48,9 @@ KNOWN_ALIASES: dict[str, dict[str, str]] = {
 }
 
 _RANGE = re.compile(r"^(?P<base>.+)\.(?P<first>\d+)-(?P<last>\d+)$")
+# Keys one per-block mapping may have: far more than any model's blocks and layer groups, and a bound on the
+# work a request (a server's, say) can ask for: each key is matched against every Share layer.
+MAX_BLOCK_KEYS = 1024
 
 
 def is_block_weight(weight: object) -> bool:
@@ -137,6 +140,10 @@ class BlockLayout:
                 value that is not a finite number (each message names the style and the key).
         """
         if isinstance(weight, Mapping):
+            if len(weight) > MAX_BLOCK_KEYS:
+                raise StyleError(
+                    f"the per-block weights of style {style!r} have {len(weight)} keys; at most {MAX_BLOCK_KEYS}"
+                )
             return self._from_mapping(style, weight, layer_names)
         outside, values = self._split_vector(style, weight)
         mapping = dict(zip(self.blocks, values, strict=True))
