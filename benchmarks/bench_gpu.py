@@ -1190,6 +1190,61 @@ def count_events(profiler) -> dict[str, int]:
     return counts
 
 
+def kernel_times(profiler) -> dict[str, tuple[int, float]]:
+    """``kernel name -> (calls, device ms)`` of a trace's CUDA kernels (CPU ops' self time where there is no GPU)."""
+    times: dict[str, tuple[int, float]] = {}
+    for entry in profiler.key_averages():
+        device_us = getattr(entry, "self_device_time_total", None)
+        if device_us is None:
+            device_us = getattr(entry, "self_cuda_time_total", 0.0)
+        if not device_us and entry.key.startswith("aten::"):
+            device_us = entry.self_cpu_time_total  # no GPU: the CPU ops stand in
+        if device_us:
+            times[entry.key] = (entry.count, device_us / 1000.0)
+    return times
+
+
+def per_sample_breakdown(bench: Bench, activities: list) -> tuple[str, dict]:
+    """Where a forward with one style per sample spends more than one with one style for all, at the large
+    resolution and batch 4 (the step target it missed on an H200): the kernels whose device time differs most."""
+    from torch.profiler import profile
+
+    s, clock, share = bench.settings, bench.clock, bench.share
+    batch = s.batch_styles
+    inputs = bench.inputs(s.large, batch)
+    selections = {
+        "one style": lambda: share.set_style(bench.names[0], batch_size=batch),
+        "per sample": lambda: share.set_style(list(bench.four)),
+    }
+    times = {}
+    for name, select in selections.items():
+        select()
+        forward(bench.share_model, inputs)  # warm-up
+        clock.sync()
+        with profile(activities=activities) as profiler:
+            forward(bench.share_model, inputs)
+            clock.sync()
+        times[name] = kernel_times(profiler)
+    share.set_style(None)
+    one, mixed = times["one style"], times["per sample"]
+    names = sorted(set(one) | set(mixed), key=lambda k: -abs(mixed.get(k, (0, 0.0))[1] - one.get(k, (0, 0.0))[1]))
+    rows = []
+    for kernel in names[:8]:
+        calls_one, ms_one = one.get(kernel, (0, 0.0))
+        calls_mixed, ms_mixed = mixed.get(kernel, (0, 0.0))
+        label = kernel if len(kernel) <= 90 else kernel[:87] + "..."
+        difference = f"{ms_mixed - ms_one:+.3f}"
+        rows.append([f"`{label}`", calls_one, f"{ms_one:.3f}", calls_mixed, f"{ms_mixed:.3f}", difference])
+    total_one, total_mixed = sum(v[1] for v in one.values()), sum(v[1] for v in mixed.values())
+    unit = "device" if clock.cuda else "CPU self"
+    markdown = (
+        f"\n\nWhere {batch} styles (one per sample) cost more than one style for all, {s.large}, batch {batch}: "
+        f"{unit} time {total_mixed:.1f} ms vs {total_one:.1f} ms; the {len(rows)} kernels that differ most:\n\n"
+        + table(["kernel", "calls, one style", "ms", f"calls, {batch} styles", "ms", "difference ms"], rows)
+    )
+    return markdown, {"one_style_ms": total_one, "per_sample_ms": total_mixed, "kernels": rows}
+
+
 def section_profile(bench: Bench) -> Section:
     from torch.profiler import ProfilerActivity, profile
 
@@ -1246,8 +1301,9 @@ def section_profile(bench: Bench) -> Section:
         + f"\n\nOne forward each at {s.small}, batch {batch}, after a warm-up, the styles selected before the "
         "profiled region (`torch.profiler`, CPU"
         + (" and CUDA activity)." if clock.cuda else " activity only: no GPU here, so no kernel or copy counts).")
-        + "\n"
     )
+    breakdown_markdown, breakdown = per_sample_breakdown(bench, activities)
+    markdown += breakdown_markdown + "\n"
     targets = []
     if clock.cuda:
         worst = max(counts[name]["memcpy_htod"] for name in styled)
@@ -1260,7 +1316,7 @@ def section_profile(bench: Bench) -> Section:
         )
     else:
         targets.append(Target("profile: no host-to-device copy in a styled forward", "not measured on the CPU", None))
-    return Section("Profiler counts of one forward", markdown, {"counts": counts}, targets)
+    return Section("Profiler counts of one forward", markdown, {"counts": counts, "per_sample": breakdown}, targets)
 
 
 QUANTIZATIONS = {"int8": "Int8WeightOnlyConfig", "float8": "Float8WeightOnlyConfig"}  # torchao.quantization
