@@ -437,13 +437,20 @@ class Sides:
     setup: dict
 
 
-def merge_with_threads(clock: Clock, share: ShareModel, style: Style, threads: int | None) -> float:
-    """Seconds of one continual merge, with ``torch.set_num_threads(threads)`` around it (None: as is)."""
+def merge_with_threads(
+    clock: Clock,
+    share: ShareModel | ShareFactors,
+    style: Style,
+    threads: int | None,
+    device: torch.device | None = None,
+) -> float:
+    """Seconds of one continual merge (its maths on ``device``, default the CPU), with
+    ``torch.set_num_threads(threads)`` around it (None: as is)."""
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return clock.host(lambda: share.merge(style.fresh_adapter(), style.name))
+        return clock.host(lambda: share.merge(style.fresh_adapter(), style.name, device=device))
     finally:
         torch.set_num_threads(before)
 
@@ -513,19 +520,22 @@ def build_sides(settings: Settings, device: torch.device, clock: Clock, merge_th
             share.delete_style(last.name)
         last_merge.append(merge_with_threads(clock, share, last, threads))
     # The last merge again at the factors' level (no model refresh), from the same bank each time, its float64
-    # maths on the CPU (as above) and on the GPU (ShareFactors.merge(device=...)), interleaved; and how far the
-    # GPU's result is from the CPU's on two layers (relative Frobenius difference of the style's dW).
+    # maths on the CPU (threads as above) and on the GPU (ShareFactors.merge(device=...)), interleaved, after
+    # an untimed warm-up of the GPU's solvers; and how far the GPU's result is from the CPU's on two layers
+    # (relative Frobenius difference of the style's dW).
     factors_merge: dict[str, list[float]] = {"cpu": [], "device": []}
     device_merge_difference = None
     if device.type != "cpu":
         share.delete_style(last.name)
         bank = share.factors
+        ShareFactors(bank.config, dict(bank.layers), list(bank.styles)).merge(
+            last.fresh_adapter(), last.name, device=device
+        )
         merged = {}
         for _ in range(settings.load_rounds):
             for where, target in (("cpu", None), ("device", device)):
                 merged[where] = copy = ShareFactors(bank.config, dict(bank.layers), list(bank.styles))
-                seconds = clock.host(lambda c=copy, t=target: c.merge(last.fresh_adapter(), last.name, device=t))
-                factors_merge[where].append(seconds)
+                factors_merge[where].append(merge_with_threads(clock, copy, last, threads, target))
         probes = [next(iter(bank.layers)), next(reversed(bank.layers))]
         device_merge_difference = max(
             relative(merged["cpu"].delta_weight(layer, last.name), merged["device"].delta_weight(layer, last.name))
@@ -1190,23 +1200,31 @@ def count_events(profiler) -> dict[str, int]:
     return counts
 
 
-def kernel_times(profiler) -> dict[str, tuple[int, float]]:
-    """``kernel name -> (calls, device ms)`` of a trace's CUDA kernels (CPU ops' self time where there is no GPU)."""
+def kernel_times(profiler, cuda: bool) -> dict[str, tuple[int, float]]:
+    """``kernel name -> (calls, ms)`` of a trace: the CUDA kernels' device time, or without a GPU the aten ops'
+    own CPU time. (With CUDA activity torch also credits each kernel's time to the op that launched it, so only
+    the kernel events are summed.)"""
+    from torch.autograd import DeviceType
+
     times: dict[str, tuple[int, float]] = {}
     for entry in profiler.key_averages():
-        device_us = getattr(entry, "self_device_time_total", None)
-        if device_us is None:
-            device_us = getattr(entry, "self_cuda_time_total", 0.0)
-        if not device_us and entry.key.startswith("aten::"):
-            device_us = entry.self_cpu_time_total  # no GPU: the CPU ops stand in
-        if device_us:
-            times[entry.key] = (entry.count, device_us / 1000.0)
+        if cuda:
+            if entry.device_type != DeviceType.CUDA or not entry.self_device_time_total:
+                continue
+            microseconds = entry.self_device_time_total
+        elif entry.key.startswith("aten::"):
+            microseconds = entry.self_cpu_time_total
+        else:
+            continue
+        times[entry.key] = (entry.count, microseconds / 1000.0)
     return times
 
 
 def per_sample_breakdown(bench: Bench, activities: list) -> tuple[str, dict]:
     """Where a forward with one style per sample spends more than one with one style for all, at the large
-    resolution and batch 4 (the step target it missed on an H200): the kernels whose device time differs most."""
+    resolution and batch 4 (the step target it missed on an H200): the kernels whose device time differs most.
+    Both select as the step section does (one style repeated to the batch's rows), so both run the same
+    kernels on the same shapes: a difference is in the kernels' times, not in what runs."""
     from torch.profiler import profile
 
     s, clock, share = bench.settings, bench.clock, bench.share
@@ -1224,7 +1242,7 @@ def per_sample_breakdown(bench: Bench, activities: list) -> tuple[str, dict]:
         with profile(activities=activities) as profiler:
             forward(bench.share_model, inputs)
             clock.sync()
-        times[name] = kernel_times(profiler)
+        times[name] = kernel_times(profiler, clock.cuda)
     share.set_style(None)
     one, mixed = times["one style"], times["per sample"]
     names = sorted(set(one) | set(mixed), key=lambda k: -abs(mixed.get(k, (0, 0.0))[1] - one.get(k, (0, 0.0))[1]))
@@ -1238,7 +1256,8 @@ def per_sample_breakdown(bench: Bench, activities: list) -> tuple[str, dict]:
     total_one, total_mixed = sum(v[1] for v in one.values()), sum(v[1] for v in mixed.values())
     unit = "device" if clock.cuda else "CPU self"
     markdown = (
-        f"\n\nWhere {batch} styles (one per sample) cost more than one style for all, {s.large}, batch {batch}: "
+        f"\n\nWhere {batch} styles (one per sample) cost more than one style for all, {s.large}, batch {batch} "
+        f"(one style repeated to {batch} rows, as in the step section: the same kernels on the same shapes): "
         f"{unit} time {total_mixed:.1f} ms vs {total_one:.1f} ms; the {len(rows)} kernels that differ most:\n\n"
         + table(["kernel", "calls, one style", "ms", f"calls, {batch} styles", "ms", "difference ms"], rows)
     )

@@ -5,7 +5,7 @@
 #
 # That machine (see ../shared/notes/gpu-device.md) has Python 3.12 with torch, transformers, peft and
 # accelerate, but no diffusers and no network: the wheels come along in .whl/ (gitignored; `carry` it):
-# diffusers 0.42.1, importlib_metadata, gguf, torchao 0.18, bitsandbytes 0.50.2 (CUDA 13 libraries only)
+# diffusers 0.42.1, gguf, torchao 0.18, bitsandbytes 0.50.2 (CUDA 13 libraries only)
 # and, in .whl/serve/, what the server needs beyond that image (fastapi, starlette, uvicorn, pydantic...):
 # `bash scripts/gpu_wheels.sh` makes them here. The device tool's call: carry [".whl"], timeout_s 600.
 # Each step starts only if enough of SECONDS (default 540) is left, runs under a timeout that ends

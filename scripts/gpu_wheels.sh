@@ -18,7 +18,8 @@ download() {
         --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$into" "$@"
 }
-download "$folder" diffusers==0.42.1 importlib_metadata gguf==0.19.0 torchao==0.18.0 bitsandbytes==0.50.2
+# (No importlib_metadata: diffusers imports it only before Python 3.8, and 10.x would need lazy-importer.)
+download "$folder" diffusers==0.42.1 gguf==0.19.0 torchao==0.18.0 bitsandbytes==0.50.2
 # The server's packages the GPU image lacks (it has anyio, click, h11, httpx, prometheus-client).
 download "$folder/serve" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 \
     annotated-types typing-inspection python-multipart opentelemetry-api==1.45.2 "typing_extensions>=4.16"

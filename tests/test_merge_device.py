@@ -180,15 +180,45 @@ def test_subspace_maths_runs_on_the_device_of_consistent_float64_inputs():
         assert relative_error(on_cpu.delta_weight(weights), on_cuda.delta_weight(weights).cpu()) < 1e-10
 
 
+HELD_SHAPES = {"a1": (40, 32), "a2": (40, 32), "b": (24, 36), "untouched": (24, 36)}
+NEW_SHAPES = {"a1": (40, 32), "a2": (40, 32), "b": (24, 36), "added": (48, 20)}
+
+
+def _bank_and_new_style() -> tuple[ShareFactors, LoraAdapter]:
+    """Two styles held on four layers; a third style with a class of two layers (merged together), a layer
+    alone, a layer the bank does not have yet, and one held layer it leaves alone."""
+    held = [random_adapter(HELD_SHAPES, rank, seed=seed) for seed, rank in ((11, 4), (12, 5))]
+    return ShareFactors.fit(held, NAMES[:2], CONFIG), random_adapter(NEW_SHAPES, 3, alpha=6, seed=13)
+
+
+def _copy(factors: ShareFactors) -> ShareFactors:
+    return ShareFactors(factors.config, dict(factors.layers), list(factors.styles))
+
+
+def _record_merge_devices(monkeypatch) -> list[tuple[str, torch.device]]:
+    """Which of merge_layers / merge_layer ran, with the device of the update they got."""
+    seen = []
+    for name in ("merge_layers", "merge_layer"):
+        original = getattr(factors_module, name)
+
+        def recording(layers, entries, *args, _original=original, _name=name, **kwargs):
+            entry = entries[0] if _name == "merge_layers" else entries
+            if entry is not None:
+                seen.append((_name, entry.U.device))
+            return _original(layers, entries, *args, **kwargs)
+
+        monkeypatch.setattr(factors_module, name, recording)
+    return seen
+
+
 @pytest.mark.parametrize("batch_layers", [True, False])
 def test_merge_device_argument_runs_the_same_maths_and_stores_on_the_cpu(monkeypatch, batch_layers):
     """``merge(device=...)``: with the CPU passed as if it were another device (``FIT_DEVICE`` patched away),
     the accelerator branch (copies of the stored layers, one thread, results brought back to CPU float32)
-    gives exactly the default merge's factors."""
-    adapters = _adapters()
-    reference = ShareFactors.fit(adapters[:2], NAMES[:2], CONFIG)
-    other = ShareFactors(reference.config, dict(reference.layers), list(reference.styles))
-    reference.merge(adapters[2], NAMES[2], batch_layers=batch_layers)
+    gives exactly the default merge's factors, through the batched path, a new layer and an untouched one."""
+    bank, lora = _bank_and_new_style()
+    reference = _copy(bank)
+    reference.merge(lora, NAMES[2], batch_layers=batch_layers)
     used = []
     original = factors_module.map_layers
 
@@ -198,9 +228,13 @@ def test_merge_device_argument_runs_the_same_maths_and_stores_on_the_cpu(monkeyp
 
     monkeypatch.setattr(factors_module, "FIT_DEVICE", torch.device("meta"))
     monkeypatch.setattr(factors_module, "map_layers", recording)
-    fresh = LoraAdapter({name: LoraLayer(lora.up, lora.down, lora.scale) for name, lora in adapters[2].layers.items()})
+    seen = _record_merge_devices(monkeypatch)
+    other = _copy(bank)
+    fresh = LoraAdapter({name: LoraLayer(layer.up, layer.down, layer.scale) for name, layer in lora.layers.items()})
     other.merge(fresh, NAMES[2], batch_layers=batch_layers, device="cpu")
     assert used == [1]
+    assert ("merge_layers" in {name for name, _ in seen}) == batch_layers  # a1 + a2 together
+    assert list(other.layers) == list(reference.layers) == ["a1", "a2", "added", "b", "untouched"]
     for name, expected in reference.layers.items():
         got = other.layers[name]
         assert got.basis_out.device.type == "cpu" and got.basis_out.dtype == torch.float32
@@ -211,13 +245,25 @@ def test_merge_device_argument_runs_the_same_maths_and_stores_on_the_cpu(monkeyp
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("batch_layers", [True, False])
-def test_merge_with_its_maths_on_cuda_equals_the_cpu_merge(batch_layers):
-    """The stored results equal the CPU merge of the float64 copy of the LoRA's bf16 values, on the CPU in float32."""
-    adapters = _adapters()
-    on_cuda = ShareFactors.fit(adapters[:2], NAMES[:2], CONFIG)
-    lora = _cast(adapters[2], torch.bfloat16, "cuda")
-    reference_bf16 = ShareFactors(on_cuda.config, dict(on_cuda.layers), list(on_cuda.styles))
-    reference_bf16.merge(_cast(lora, torch.float64), NAMES[2], batch_layers=batch_layers)
+def test_merge_with_its_maths_on_cuda_equals_the_cpu_merge(monkeypatch, batch_layers):
+    """The stored results equal the CPU merge of the float64 copy of the LoRA's bf16 values, on the CPU in
+    float32; the maths ran on the GPU (batched, a new layer, an untouched one)."""
+    bank, lora = _bank_and_new_style()
+    lora = _cast(lora, torch.bfloat16, "cuda")
+    reference = _copy(bank)
+    reference.merge(_cast(lora, torch.float64), NAMES[2], batch_layers=batch_layers)
+    seen = _record_merge_devices(monkeypatch)
+    on_cuda = _copy(bank)
     on_cuda.merge(lora, NAMES[2], batch_layers=batch_layers, device="cuda")
-    _assert_same_reconstructions(reference_bf16, on_cuda, 1e-6)
+    assert seen and all(device.type == "cuda" for _, device in seen)
+    assert ("merge_layers" in {name for name, _ in seen}) == batch_layers
+    assert list(on_cuda.layers) == list(reference.layers)
+    for layer in reference.layers:
+        assert on_cuda.layers[layer].basis_out.device.type == "cpu"
+        for name in NAMES:
+            expected, got = reference.delta_weight(layer, name), on_cuda.delta_weight(layer, name)
+            if not bool(expected.any()):  # a style that does not touch the layer
+                assert not bool(got.any()), (layer, name)
+                continue
+            assert relative_error(expected, got) < 1e-6, (layer, name)
     assert all(layer.up.is_cuda and layer.up.dtype == torch.bfloat16 for layer in lora.layers.values())
