@@ -15,12 +15,13 @@ C_i                style core       ``core_out[i] @ core_in[i].T`` (``k x k``)
 ``dW_i ~= basis_out @ (anchor + core_out[i] @ core_in[i].T) @ basis_in.T`` where ``anchor`` is the
 mean core kept by ``center=True`` (zero otherwise).
 
-Device and dtype: layers are stored in float32 on the CPU (:func:`to_storage`, the checkpoint form) and
-computed in float64 (:func:`to_fit`); the canonical forms handed in are CPU float64, made so once per
-LoRA layer by :meth:`~.adapters.LoraLayer.canonical` from factors on any device and in any dtype. The
-functions here never choose a device themselves: every tensor they create takes the device (and dtype)
-of their inputs, so consistent float64 inputs on another device would be computed there. Nothing here
-depends on diffusers or a model.
+Device and dtype: layers are stored in float32 on the CPU (:func:`to_storage`, the checkpoint form, which
+brings results back from wherever they were computed) and computed in float64 (:func:`to_fit`); the
+canonical forms handed in are float64, made so once per LoRA layer by :meth:`~.adapters.LoraLayer.canonical`
+from factors on any device and in any dtype, on the CPU unless a merge asks for another device. Apart
+from :func:`to_storage`, the functions here never choose a device: every tensor they create takes the
+device (and dtype) of their inputs (:func:`on_device` copies a stored layer to where a merge runs).
+Nothing here depends on diffusers or a model.
 """
 
 from __future__ import annotations
