@@ -9,7 +9,8 @@
 # and, in .whl/serve/, what the server needs beyond that image (fastapi, starlette, uvicorn, pydantic...):
 # `bash scripts/gpu_wheels.sh` makes them here. The device tool's call: carry [".whl"], timeout_s 600.
 # Each step starts only if enough of SECONDS (default 540) is left, runs under a timeout that ends
-# before them, and writes its output under $OUT; summary.txt says what ran, how long, and its status.
+# before them, and writes its output under $OUT; summary.txt has the setup's output and says what ran, how
+# long, and its status. The device tool brings back at most 8 files: the .json results end up in json.tgz.
 # STEPs (default: pytest bench_gpu bench_serve, in that order):
 #   pytest       pytest -m gpu: bf16 pipeline calls, CUDA merges, fuse/unfuse, training on CUDA,
 #                bitsandbytes NF4/int8 and float8 bases (~2 min)
@@ -72,11 +73,11 @@ EOF
         # shellcheck disable=SC2086  # one path per word, on purpose
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $missing
     fi
-} >"$out/setup.txt" 2>&1
+} >"$out/summary.txt" 2>&1
 export PYTHONPATH=/tmp/site:$PWD
 if ! python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'diffusers', diffusers.__version__, \
-'peft', peft.__version__, torch.cuda.get_device_name())" >"$out/summary.txt" 2>&1; then
-    echo "setup failed: see setup.txt" >>"$out/summary.txt"
+'peft', peft.__version__, torch.cuda.get_device_name())" >>"$out/summary.txt" 2>&1; then
+    echo "setup failed" >>"$out/summary.txt"
     cat "$out/summary.txt"
     exit 1
 fi
@@ -109,4 +110,9 @@ for name in "${steps[@]}"; do
     *) echo "unknown step $name (pytest, bench_gpu, bench_serve, bench_merge)" | tee -a "$out/summary.txt" ;;
     esac
 done
+shopt -s nullglob
+results=("$out"/*.json)
+if ((${#results[@]})); then
+    tar czf "$out/json.tgz" -C "$out" "${results[@]##*/}" && rm -f "${results[@]}"
+fi
 echo "total $((SECONDS - start)) s" | tee -a "$out/summary.txt"
