@@ -1,4 +1,4 @@
-"""Running the training scripts under ``accelerate launch`` on CPU, one or several processes."""
+"""Running the training scripts under ``accelerate launch`` on CPU (one or several processes), and the benchmarks."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import functools
 import importlib.util
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # One thread a process: two processes on two cores, and the same float32 sums as in one process.
 CPU_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
@@ -61,3 +64,18 @@ def run_cli_in_process(path: Path, argv: list[str], capsys) -> tuple[int, str]:
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
     return (0 if code is None else code), capsys.readouterr().err
+
+
+def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> args`` in a subprocess from the repository root, output captured."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if "--quick" in args:  # toy widths gain nothing from threads, and spinning ones slow a busy machine down
+        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

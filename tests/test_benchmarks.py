@@ -13,12 +13,11 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch_helpers import run_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -30,20 +29,6 @@ STEP_VARIANTS = (
     "PEFT, one adapter",
 )
 slow = pytest.mark.skipif(not os.environ.get("SHARE_SLOW_TESTS"), reason="slow: set SHARE_SLOW_TESTS=1")
-
-
-def run_benchmark(script: str, *args: str, timeout: float) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    if "--quick" in args:  # toy widths gain nothing from threads, and spinning ones slow a busy machine down
-        env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def run_gpu_benchmark(out: Path, device: str) -> tuple[dict, str, str]:

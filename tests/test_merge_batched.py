@@ -8,14 +8,10 @@ normalised configurations and a variance rule that gives the layers of one class
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import random_adapter, relative_error
+from launch_helpers import run_benchmark
 
 from share_diffusers.core import LoraAdapter, LoraLayer, ShareConfig, ShareFactors
 from share_diffusers.core import adapters as adapters_module
@@ -315,17 +311,7 @@ def test_batched_merge_work_does_not_grow_with_styles_held(monkeypatch):
 
 def test_bench_merge_quick_runs_and_reports_every_variant():
     pytest.importorskip("diffusers")
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # toy widths: threads gain nothing
-    result = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "bench_merge.py"), "--quick", "--rounds", "2", "--threads", "1"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_benchmark("bench_merge.py", "--quick", "--rounds", "2", "--threads", "1", timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for variant in ("Share, per layer (28 layers)", "Share, batched (28 layers)", "PEFT load_lora_adapter (28 layers)"):
         assert f"| {variant} |" in result.stdout

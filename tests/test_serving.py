@@ -14,7 +14,6 @@ import base64
 import contextlib
 import io
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -31,6 +30,7 @@ pytest.importorskip("fastapi", reason="needs the serve extra")
 pytest.importorskip("prometheus_client", reason="needs the serve extra")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from launch_helpers import run_benchmark  # noqa: E402
 
 from share_diffusers.demo_styles import write_demo_lora  # noqa: E402
 from share_diffusers.runtime import TINY_RANDOM  # noqa: E402
@@ -648,15 +648,7 @@ def test_command_line_defaults_and_errors(capsys):
 def test_bench_serve_quick(tmp_path):
     """``bench_serve.py --quick``: three real servers on loopback, a short closed-loop load each."""
     out = tmp_path / "bench"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench_serve.py"), "--quick", "--out", str(out)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    result = run_benchmark("bench_serve.py", "--quick", "--out", str(out), timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.with_suffix(".json").read_text())
     assert set(report["servers"]) == {"share", "share_max_batch_1", "stock_peft"}
