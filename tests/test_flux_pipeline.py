@@ -331,7 +331,8 @@ def test_pipeline_folder_round_trip_and_switch_without_recompiling(tmp_path, lor
     torch._dynamo.config.error_on_recompile = True
     try:
         assert relative(eager, run_transformer(compiled, inputs)) < 1e-6
-        for style in ("sepia", {"ink": 0.5, "sepia": 0.5}, ["ink", "sepia"]):
+        # per-block weights too: their (layers, rows, t) selection must not be guarded on either
+        for style in ("sepia", {"ink": 0.5, "sepia": 0.5}, ["ink", "sepia"], {"ink": {"double": 1, "single": 0.5}}):
             pipe.share.set_style(style, batch_size=2)
             run_transformer(compiled, inputs)  # raises if switching styles forced a recompile
     finally:

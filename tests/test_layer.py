@@ -254,3 +254,47 @@ def test_merge_through_share_model_updates_layers(tiny_net, center):
         for name, module in (("to_q", dense.to_q), ("to_v", dense.to_v), ("mix", dense.mix)):
             module.weight += new.layers[name].delta_weight().float().reshape(module.weight.shape)
     assert relative_error(dense(x), tiny_net(x)) < 1e-4
+
+
+def test_casting_the_model_after_injection_keeps_the_style_bank_float32(tiny_net):
+    factors, _ = _factors()
+    share = ShareModel.inject(tiny_net, factors)
+    tiny_net.to(torch.bfloat16)
+    layer = share.layers["to_q"]
+    assert layer.basis_out.dtype == torch.bfloat16  # the bases follow the model's compute dtype
+    assert layer.cores_out.dtype == layer.cores_in.dtype == layer.present.dtype == torch.float32
+    blend = {"neon": 0.8, "ink": -0.4}
+    reference = layer.base_layer.weight.float() + factors.delta_weight("to_q", blend).float()
+    share.fuse_style(blend)  # was: "expected m1 and m2 to have the same dtype" from a bf16 core
+    assert relative_error(reference, layer.base_layer.weight.float()) < 1e-2
+    share.unfuse_style()
+
+
+def test_a_fuse_failing_half_way_leaves_the_model_as_it_was(tiny_net, monkeypatch):
+    factors, _ = _factors()
+    share = ShareModel.inject(tiny_net, factors)
+    share.set_style("neon")
+    x = torch.randn(2, 24)
+    styled = tiny_net(x)
+    weights = {name: layer.base_layer.weight.detach().clone() for name, layer in share.layers.items()}
+    last = list(share.layers.values())[-1]
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated: no room for the exact copy")
+
+    monkeypatch.setattr(last, "fuse", out_of_memory)
+    for exact in (True, False):
+        with pytest.raises(torch.OutOfMemoryError, match="simulated"):
+            share.fuse_style("ink", exact=exact)
+        assert share.fused_style is None
+        for name, layer in share.layers.items():
+            assert layer.fused_weights is None and layer._unfused_weight is None
+            if exact:
+                assert torch.equal(layer.base_layer.weight, weights[name]), name
+            else:  # subtracted again, as an inexact unfuse does
+                assert relative_error(weights[name], layer.base_layer.weight) < 1e-6, name
+        # the selection is back: the model still draws "neon"
+        assert torch.equal(tiny_net(x), styled) if exact else relative_error(styled, tiny_net(x)) < 1e-5
+    monkeypatch.undo()
+    share.merge(random_adapter(TINY_SHAPES, 2, seed=12), "after")  # the bank is still usable
+    assert share.style_names[-1] == "after"

@@ -341,3 +341,30 @@ def test_merge_leaves_the_layers_it_does_not_touch_bit_for_bit():
         assert torch.equal(factors.delta_weight("b", name), before[("b", name)])
     assert not factors.layers["b"].present[3]
     assert factors.layers["a"].present[3]
+
+
+@pytest.mark.parametrize("shape", [(4, 12), (12, 4)])
+def test_lora_rank_above_a_layer_dimension_fits_and_merges_exactly(shape):
+    """FLUX's x_embedder (d_in 64) and proj_out (n_out 64) meet "all layers" LoRAs of rank 128: the thin SVD."""
+    n, d = shape
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(min(n, d), d, dtype=torch.float64, generator=g)  # both updates live in these row/col spaces
+    cols = torch.randn(n, min(n, d), dtype=torch.float64, generator=g)
+
+    def wide(seed: int) -> LoraAdapter:  # rank 8 > min(n, d) = 4
+        g = torch.Generator().manual_seed(seed)
+        up = cols @ torch.randn(min(n, d), 8, dtype=torch.float64, generator=g)
+        down = torch.randn(8, min(n, d), dtype=torch.float64, generator=g) @ rows
+        # Two layers of one shape: the merge's batched canonical forms (adapters.canonical_forms) run too.
+        return LoraAdapter(
+            {name: LoraLayer(up.float(), down.float(), scale) for name, scale in (("narrow", 1.0), ("twin", 2.0))}
+        )
+
+    first, second = wide(1), wide(2)
+    canonical = first.layers["narrow"].canonical()
+    assert canonical.U.shape[1] == canonical.S.numel() == canonical.V.shape[1] == min(n, d)
+    factors = ShareFactors.fit([first], ["a"], ShareConfig(rank=min(n, d), pseudo_rank=min(n, d)))
+    factors.merge(second, "b")
+    for adapter, name in ((first, "a"), (second, "b")):
+        for layer in ("narrow", "twin"):
+            assert relative_error(_dense(adapter, layer), factors.delta_weight(layer, name)) < 1e-5

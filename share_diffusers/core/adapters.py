@@ -147,7 +147,7 @@ class LoraLayer:
         small = self.scale * (r_up @ r_down.T)  # (r, r)
         if not all_finite(small):
             raise FactorValueError(f"the LoRA's update overflows float64: its scale {self.scale:g} is out of range")
-        u_small, s, vh_small = torch.linalg.svd(small)
+        u_small, s, vh_small = torch.linalg.svd(small, full_matrices=False)  # thin: r may exceed n or d
         # Formed column-major, like the QR factors, as the merge's QR wants them (see subspace.principal_decomposition).
         result = CanonicalLora(U=(u_small.T @ q_up.T).T, S=s, V=(vh_small @ q_down.T).T)
         self._canonical = (key, result)
@@ -176,7 +176,7 @@ def canonical_forms(layers: Sequence[LoraLayer], device: torch.device | str | No
             scale = torch.tensor([layer.scale for layer in todo], dtype=FIT_DTYPE, device=device)
             small = scale[:, None, None] * (r_up @ r_down.mT)  # (L, r, r)
             if all_finite(small):
-                u_small, s, vh_small = torch.linalg.svd(small)
+                u_small, s, vh_small = torch.linalg.svd(small, full_matrices=False)
                 u = (u_small.mT @ q_up.mT).mT  # (L, n, r), column-major per layer as canonical() forms it
                 v = (vh_small @ q_down.mT).mT  # (L, d, r)
                 for i, (layer, key) in enumerate(zip(todo, keys, strict=True)):

@@ -43,6 +43,9 @@ class StyleSelection:
 
     def __init__(self) -> None:
         self.weights: torch.Tensor | None = None  # (rows, t) or (layers, rows, t) float32 on the CPU
+        # What a forward reads: a plain bool, so that torch.compile guards on it and not on the weights'
+        # shape (per-block weights are 3-D; a switch to them must not recompile).
+        self.active = False
         self.version = 0  # bumped on every change, so callers can tell cheaply whether anything moved
         self.layers: list[ShareLinear] = []
         self._groups: list[_LayerGroup] | None = None  # None: rebuilt from the layers before the next blend
@@ -59,6 +62,7 @@ class StyleSelection:
         self.layers = []
         self._groups = None
         self.weights = None
+        self.active = False
 
     def invalidate(self) -> None:
         """A layer's factors changed: regroup before the next blend (cheap; call :meth:`refresh` once after)."""
@@ -101,13 +105,14 @@ class StyleSelection:
         if weights is not None:
             self._blend(weights)
         self.weights = weights
+        self.active = weights is not None
 
     def clear(self) -> None:
         self.set_checked(None)
 
     @property
     def is_active(self) -> bool:
-        return self.weights is not None
+        return self.active
 
     # -- the per-request computation ------------------------------------------------------------
 
@@ -192,6 +197,9 @@ class _LayerGroup:
             layer.blended_cores = view
 
 
+_EXACT_BUFFERS = ("cores_out", "cores_in", "anchor", "present")  # ShareLinear's float32 style bank
+
+
 class ShareLinear(nn.Module):
     """A frozen linear map with a Share style bank on top.
 
@@ -249,6 +257,20 @@ class ShareLinear(nn.Module):
     def num_styles(self) -> int:
         return self.present.shape[0]
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(dtype)`` casts the bases with the base layer, but the style bank stays float32.
+
+        The cores are tiny and every blend, fuse and export is computed from them in float32 (the class
+        docstring): a ``model.to(torch.bfloat16)`` after injection must not round them, only move them.
+        """
+        exact = {name: getattr(self, name) for name in _EXACT_BUFFERS}
+        super()._apply(fn, recurse)
+        for name, before in exact.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
     def load_share(self, layer: LayerShare | None) -> None:
         """Take this layer's bases and cores (None: no factors, the layer acts as its base).
 
@@ -295,7 +317,7 @@ class ShareLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
-        styled = self.selection.weights is not None and self.blended_cores is not None
+        styled = self.selection.active and self.blended_cores is not None
         if not styled and self.trainable is None:
             return result
         if styled and self.fused_weights is not None:
@@ -391,9 +413,9 @@ class ShareLinear(nn.Module):
             raise RuntimeError("a style is already fused into this layer; unfuse_style() first")
         self.check_fusable()
         if self.basis_out.shape[1] > 0:
-            if exact:
-                self._unfused_weight = self.base_layer.weight.detach().clone()
+            original = self.base_layer.weight.detach().clone() if exact else None
             self._add_delta(weights, sign=1.0)
+            self._unfused_weight = original
         self.fused_weights = weights.detach().clone()
 
     def check_fusable(self) -> None:

@@ -352,9 +352,20 @@ class ShareModel:
                 layer.check_fusable()
             except QuantizedBaseError as error:
                 raise QuantizedBaseError(f"cannot fuse a style into {name}: {error}") from None
+        previous = self.selection.weights
         self.selection.clear()
-        for position, layer in enumerate(self.layers.values()):
-            layer.fuse(weights[position, 0] if weights.ndim == 3 else weights[0], exact=exact)
+        fused: list[ShareLinear] = []
+        try:
+            for position, layer in enumerate(self.layers.values()):
+                layer.fuse(weights[position, 0] if weights.ndim == 3 else weights[0], exact=exact)
+                fused.append(layer)
+        except BaseException:
+            # e.g. out of memory for an exact copy half-way through the model: undo the layers already fused
+            # (an inexact one subtracts its delta again), so the model is as it was, selection included.
+            for layer in fused:
+                layer.unfuse()
+            self.selection.set_checked(previous)
+            raise
         self.fused_style = style
 
     def unfuse_style(self) -> None:
