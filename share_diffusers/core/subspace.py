@@ -61,11 +61,16 @@ class RankRule:
         if self.variance is not None and not 0.0 < self.variance <= 1.0:
             raise ValueError(f"variance must be a fraction in (0, 1], got {self.variance}")
 
-    def choose(self, eigenvalues: torch.Tensor, cap: int) -> int:
-        """``k`` for a layer whose stacked energy spectrum (descending) is ``eigenvalues``."""
+    def choose(self, eigenvalues: torch.Tensor, cap: int, total: float | None = None) -> int:
+        """``k`` for a layer whose stacked energy spectrum (descending) is ``eigenvalues``.
+
+        ``total`` is the energy the fraction is taken of when the spectrum does not hold all of it: a merge's
+        spectrum holds only what earlier merges kept, so measuring against its own sum would let every merge
+        drop another ``1 - variance`` of the styles' energy and ``k`` shrink (see :func:`_merged_energy`).
+        """
         if self.rank is not None:
             return max(1, min(self.rank, cap))
-        total = float(eigenvalues.sum())
+        total = float(eigenvalues.sum()) if total is None else max(float(total), float(eigenvalues.sum()))
         if total <= 0.0:
             return 1
         cumulative = torch.cumsum(eigenvalues, 0) / total
@@ -348,6 +353,15 @@ def _style_weights(norm: torch.Tensor, normalize: bool) -> torch.Tensor:
     return torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(norm))
 
 
+def _merged_energy(
+    norm: torch.Tensor, normalize: bool, norm_new: torch.Tensor, weight_new: torch.Tensor | float
+) -> torch.Tensor:
+    """``sum_i w_i^2 ||dW_i||^2`` over the styles held (``norm: (..., t)``) and the new one: the energy a merged
+    layer's variance rule is measured against (leading batch dimensions allowed; ``(...,)``)."""
+    held = ((_style_weights(norm, normalize) * norm) ** 2).sum(-1)
+    return held + (weight_new * norm_new) ** 2
+
+
 def _finish(
     cores: torch.Tensor,
     norm: torch.Tensor,
@@ -506,7 +520,8 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
         inner = torch.block_diag(old_gram, torch.diag((weight * entry.S) ** 2))  # (k + r, k + r)
         decomposition = principal_decomposition([old_basis, span], inner, orthonormalize_first=orthonormalize)
         if k_new is None:
-            k_new = rule.choose(decomposition.eigenvalues, cap=cap)
+            total = _merged_energy(layer.norm, layer.normalize, torch.tensor(norm_new, **like), weight)
+            k_new = rule.choose(decomposition.eigenvalues, cap=cap, total=float(total))
         basis, coordinates = decomposition.basis(k_new)
         bases.append(basis)
         # new_basis.T @ [old_basis, span] from the QR's small factors, (k_new, k_old + r): no n-sized
@@ -665,7 +680,11 @@ def merge_layers(
     if rule.rank is not None:  # a fixed k does not look at the spectrum
         ranks = [rule.choose(decompositions[0].eigenvalues[0], cap=cap)] * len(layers)
     else:
-        ranks = [rule.choose(eigenvalues, cap=cap) for eigenvalues in decompositions[0].eigenvalues]
+        totals = _merged_energy(norm_old, normalize, norm_new, weight).tolist()
+        ranks = [
+            rule.choose(eigenvalues, cap=cap, total=total)
+            for eigenvalues, total in zip(decompositions[0].eigenvalues, totals, strict=True)
+        ]
     results: list[LayerShare | None] = [None] * len(layers)
     for k_new in sorted(set(ranks)):
         if len(set(ranks)) == 1:
@@ -793,11 +812,14 @@ def delete_from_layer(layer: LayerShare, index: int) -> LayerShare:
 
     The bases are kept as they are: the remaining styles' reconstructions do not change at all.
     """
+    stored = layer
     layer = to_fit(layer)
     keep = torch.tensor([i for i in range(layer.num_styles) if i != index], dtype=torch.long, device=layer.norm.device)
     core = layer.cores()[index]  # (k, k)
     weight = float(_style_weights(layer.norm, layer.normalize)[index])
     result = layer.select(keep)
+    # The stored bases, not to_fit's re-orthonormalised ones (as replace_in_layer): the others stay bit for bit.
+    result.basis_out, result.basis_in = stored.basis_out.to(FIT_DTYPE), stored.basis_in.to(FIT_DTYPE)
     result.gram_out = _clip_psd(layer.gram_out - weight**2 * core @ core.T)
     result.gram_in = _clip_psd(layer.gram_in - weight**2 * core.T @ core)
     return result
