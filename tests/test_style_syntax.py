@@ -9,6 +9,8 @@ import pytest
 from flux_helpers import generate
 
 from share_diffusers import ShareFluxPipeline
+from share_diffusers.core import StyleError
+from share_diffusers.core.factors import validate_style_name
 from share_diffusers.demo_styles import make_demo_styles
 from share_diffusers.runtime import format_style, parse_block_weights, parse_style
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
@@ -134,3 +136,15 @@ def test_a_bad_block_key_in_text_is_the_pipeline_error(pipe):
 
     with pytest.raises(StyleError, match=r"block weight key 'double\.7' of style 'ink' selects no Share layer"):
         generate(pipe, ["a cat"], num_inference_steps=1, style=parse_style("ink[double.7=1]"))
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("ink[v2]", r"contains '\['"), ("v2]", r"contains '\]'"), ("none", "reserved"), ("None", "reserved")],
+)
+def test_names_the_syntax_reads_otherwise_are_refused(name, message):
+    """``ink[v2]`` reads as per-block weights and ``none`` as no style: such a style could never be selected."""
+    assert parse_style("none") is None and isinstance(parse_style("ink[1]"), dict)
+    with pytest.raises(StyleError, match=message):
+        validate_style_name(name, [])
+    assert validate_style_name("nonesuch", []) == "nonesuch"

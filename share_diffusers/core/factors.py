@@ -214,17 +214,20 @@ class StyleInfo:
 def validate_style_name(name: object, taken: Sequence[str]) -> str:
     """Check a new style name: a non-empty string that the style syntax can address, not already in ``taken``.
 
-    The CLI and the app write blends as ``"name=weight,name2=weight2"``, so a name holds no ``=`` or
-    ``,``, no control character (newlines, tabs...), and no leading or trailing whitespace.
+    The CLI and the app write blends as ``"name=weight,name2=weight2"`` and per-block weights as
+    ``"name[double=1]"``, and read ``none`` as no style, so a name holds no ``=``, ``,``, ``[`` or ``]``, no
+    control character (newlines, tabs...), no leading or trailing whitespace, and is not ``none`` in any case.
     """
     if not isinstance(name, str) or not name.strip():
         raise StyleError(f"style name must be a non-empty string, got {name!r}")
-    bad = next((c for c in name if c in "=," or unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
+    bad = next((c for c in name if c in "=,[]" or unicodedata.category(c) in ("Cc", "Zl", "Zp")), None)
     if bad is not None:
         raise StyleError(
-            f"style name {name!r} contains {bad!r}; names cannot hold '=', ',' or control characters "
-            "(the style syntax is 'name=weight,name2=weight2')"
+            f"style name {name!r} contains {bad!r}; names cannot hold '=', ',', '[', ']' or control characters "
+            "(the style syntax is 'name=weight,name2=weight2', per-block weights 'name[double=1]')"
         )
+    if name.strip().lower() == "none":
+        raise StyleError(f"style name {name!r} is reserved: the style syntax reads it as no style")
     if name != name.strip():
         raise StyleError(f"style name {name!r} starts or ends with whitespace; use {name.strip()!r}")
     if name in taken:
