@@ -34,11 +34,11 @@ from launch_helpers import run_benchmark  # noqa: E402
 
 from share_diffusers.demo_styles import write_demo_lora  # noqa: E402
 from share_diffusers.runtime import TINY_RANDOM  # noqa: E402
-from share_diffusers.serving.api import create_app  # noqa: E402
+from share_diffusers.serving.api import bearer_matches, create_app  # noqa: E402
 from share_diffusers.serving.batcher import DynamicBatcher, QueueFullError  # noqa: E402
-from share_diffusers.serving.engine import ServingEngine  # noqa: E402
+from share_diffusers.serving.engine import JobResult, ServingEngine  # noqa: E402
 from share_diffusers.serving.schema import ImageRequest  # noqa: E402
-from share_diffusers.serving.server import build_parser, main  # noqa: E402
+from share_diffusers.serving.server import ADMIN_TOKEN_ENV, build_parser, build_server_app, main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2  # every request: two denoising steps of the tiny pipeline (about 0.1 s an image)
@@ -289,6 +289,9 @@ INVALID = [
     (body(size="33x32"), "size", "the width must be a multiple of 4 from 4 to 256, got 33"),
     (body(size="512x512"), "size", "from 4 to 256"),
     (body(size="big"), "size", "size must be 'WxH' in pixels"),
+    (body(size="\u00b2x32"), "size", "size must be 'WxH' in pixels, e.g. '32x32', got '\u00b2x32'"),  # not int()'s
+    (body(size="9" * 5000 + "x32"), "size", "size must be 'WxH' in pixels, e.g. '32x32', got '99999"),
+    (body(size="99999x32"), "size", "the width must be a multiple of 4 from 4 to 256, got 99999"),
     (body(n=9), "n", "n must be from 1 to 8, got 9"),
     (body(n=0), "n", "greater than or equal to 1"),
     (body(response_format="url"), "response_format", "no image store"),
@@ -316,6 +319,13 @@ INVALID = [
     (body(style={"ink": "0.5"}), "style", "the weight of style 'ink' must be a number, a {selector: number} object"),
     (body(style=3), "style", "style must be a style name, a {name: weight} blend"),
     (body(style={"ink": {"double": float("nan")}}), "style", "block weight 'double' of style 'ink' must be a finite"),
+    (body(style={f"s{i}": 1.0 for i in range(17)}), "style", "the blend has 17 styles; at most 16"),
+    (body(style={"ink": [1.0] * 129}), "style", "the block-weight list of style 'ink' has 129 values; at most 128"),
+    (
+        body(style={"ink": {f"double.{i}": 1.0 for i in range(65)}}),
+        "style",
+        "the per-block weights of style 'ink' have 65 keys; at most 64",
+    ),
 ]
 
 
@@ -342,9 +352,81 @@ def test_invalid_requests_get_their_own_400_and_never_reach_a_batch(engine):
         error = reply.json()["error"]
         assert error["type"] == "invalid_request_error" and error["param"] == param
         assert message in error["message"], (message, error["message"])
-    assert replies[-1].status_code == 400 and "JSON" in replies[-1].json()["error"]["message"]
+    assert replies[-1].status_code == 400 and "not valid JSON" in replies[-1].json()["error"]["message"]
+    assert replies[-1].json()["error"]["param"] is None  # not the character position of the syntax error
     assert f'share_errors_total{{reason="validation"}} {float(len(INVALID) + 1)}' in metrics
     assert "share_batch_size_count 1.0" in metrics
+
+
+def test_a_validation_crash_is_a_counted_400(engine, monkeypatch):
+    """Validation that raises something unforeseen answers this request 400 (counted), never a bare 500."""
+
+    def crash(request):
+        raise OverflowError("int too large to convert to float")
+
+    monkeypatch.setattr(engine, "validate", crash)
+
+    async def scenario():
+        async with serving(create_app(engine, max_wait_ms=1)) as client:
+            return await client.post(ENDPOINT, json=body()), (await client.get("/metrics")).text
+
+    reply, metrics = asyncio.run(scenario())
+    assert reply.status_code == 400 and reply.headers["content-type"] == "application/json"
+    assert reply.json()["error"]["message"] == "invalid request: int too large to convert to float"
+    assert 'share_errors_total{reason="validation"} 1.0' in metrics
+
+
+def test_openai_nullable_fields_take_their_defaults(engine):
+    """OpenAI declares ``n`` and ``response_format`` nullable: null means 1 image, a base64 PNG."""
+
+    async def scenario():
+        async with serving(create_app(engine, max_wait_ms=1)) as client:
+            return await client.post(
+                ENDPOINT, json={"prompt": "a cat", "num_inference_steps": 1, "n": None, "response_format": None}
+            )
+
+    reply = asyncio.run(scenario())
+    assert reply.status_code == 200, reply.text
+    (item,) = reply.json()["data"]
+    assert Image.open(io.BytesIO(base64.b64decode(item["b64_json"]))).format == "PNG"
+
+
+async def _chunks(data: bytes, size: int = 64 * 1024):
+    for start in range(0, len(data), size):
+        yield data[start : start + size]
+
+
+def test_oversized_bodies_get_413_before_parsing(engine):
+    """A body over the limit is refused before it is parsed: by its Content-Length, or while it is read
+    when it has none (chunked); the limit is create_app's ``max_body_kib``."""
+    big = json.dumps(body(style={"ink": [0.5] * 100_000})).encode()  # about 500 KiB
+    as_json = {"content-type": "application/json"}
+
+    async def scenario():
+        replies = {}
+        async with serving(create_app(engine, max_wait_ms=1)) as client:
+            replies["declared"] = await client.post(ENDPOINT, content=big, headers=as_json)
+            replies["chunked"] = await client.post(ENDPOINT, content=_chunks(big), headers=as_json)
+            replies["small chunked"] = await client.post(
+                ENDPOINT, content=_chunks(json.dumps(body()).encode(), 16), headers=as_json
+            )
+            replies["metrics"] = await client.get("/metrics")
+        async with serving(create_app(engine, max_wait_ms=1, max_body_kib=1)) as client:
+            replies["long prompt"] = await client.post(ENDPOINT, json=body("a cat " * 400))
+        return replies
+
+    replies = asyncio.run(scenario())
+    declared, chunked = replies["declared"].json()["error"], replies["chunked"].json()["error"]
+    assert replies["declared"].status_code == 413 and declared["code"] == "too_large"
+    assert declared["message"] == f"the request body is {len(big)} bytes; the limit is 262144 bytes (256 KiB)"
+    assert replies["chunked"].status_code == 413
+    assert chunked["message"] == "the request body is over the limit of 262144 bytes (256 KiB)"
+    assert replies["small chunked"].status_code == 200  # a chunked body under the limit goes through
+    metrics = replies["metrics"].text
+    assert 'share_requests_total{endpoint="/v1/images/generations",status="413"} 2.0' in metrics
+    assert 'share_errors_total{reason="too_large"} 2.0' in metrics
+    assert replies["long prompt"].status_code == 413
+    assert "the limit is 1024 bytes (1 KiB)" in replies["long prompt"].json()["error"]["message"]
 
 
 # -- the queue ------------------------------------------------------------------------------------
@@ -478,16 +560,52 @@ def test_admin_calls_need_the_token(engine):
             replies["missing"] = await client.delete("/v1/styles/ink")
             replies["wrong"] = await client.delete("/v1/styles/ink", headers={"Authorization": "Bearer nope"})
             replies["basic"] = await client.post("/v1/styles", headers={"Authorization": f"Basic {TOKEN}"})
+            replies["empty"] = await client.delete("/v1/styles/ink", headers={"Authorization": "Bearer"})
             replies["metrics"] = await client.get("/metrics")
         return replies
 
     replies = asyncio.run(scenario())
     for key in ("off-post", "off-delete"):
         assert replies[key].status_code == 403 and "--admin-token" in replies[key].json()["error"]["message"]
-    for key in ("missing", "wrong", "basic"):
+    for key in ("missing", "wrong", "basic", "empty"):
         assert replies[key].status_code == 401 and replies[key].headers["www-authenticate"] == "Bearer"
-    assert 'share_errors_total{reason="auth"} 3.0' in replies["metrics"].text
+    assert 'share_errors_total{reason="auth"} 4.0' in replies["metrics"].text
     assert engine.style_names == ["ink", "neon", "sepia"]  # nothing changed
+
+
+@pytest.mark.parametrize(
+    ("header", "token", "matches"),
+    [
+        ("Bearer", "", False),  # `--admin-token ""` and an empty bearer: never a match
+        ("Bearer ", "", False),
+        ("Bearer   ", " ", False),
+        ("Bearer s3cret", "s3cret", True),
+        ("bearer  s3cret ", "s3cret", True),
+        ("Basic s3cret", "s3cret", False),
+        ("Bearer s3cre", "s3cret", False),
+    ],
+)
+def test_bearer_matches_only_the_token(header, token, matches):
+    assert bearer_matches(header, token) is matches
+
+
+def test_a_blank_admin_token_is_refused(engine, monkeypatch, capsys):
+    """``--admin-token "$TOKEN"`` with TOKEN unset: the server refuses to start (status 1) rather than let
+    an empty bearer in, and so does a blank ``$SHARE_ADMIN_TOKEN``; ``create_app`` raises."""
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: pytest.fail("the server started"))
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    for blank in ("", "  "):
+        assert main(["--model", TINY_RANDOM, "--admin-token", blank]) == 1
+        assert capsys.readouterr().err.startswith("error: --admin-token is empty (an unset shell variable?)")
+        with pytest.raises(ValueError, match="admin_token is empty: give a secret token"):
+            create_app(engine, admin_token=blank)
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "")
+    with pytest.raises(ValueError, match=r"^\$SHARE_ADMIN_TOKEN is empty"):
+        build_server_app(build_parser().parse_args(["--model", TINY_RANDOM]))
+    with pytest.raises(ValueError, match="starts or ends with whitespace"):
+        create_app(engine, admin_token="s3cret\n")
 
 
 def test_merge_upload_and_hub_then_delete(admin_engine, tmp_path, fake_hub):
@@ -582,6 +700,73 @@ def test_a_bank_change_waits_for_the_running_batch(admin_engine, tmp_path):
     engine.delete_style("late")
     (gone,) = engine.run([stale])  # validated, then its style was deleted before the call
     assert gone.status == 409 and "deleted while the request waited" in str(gone)
+
+
+@pytest.fixture(scope="module")
+def single_only_bank(tmp_path_factory) -> Path:
+    """A Share checkpoint for the tiny model whose only style, "ink", covers the single blocks alone."""
+    from share_diffusers import ShareFluxPipeline
+    from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+
+    folder = tmp_path_factory.mktemp("single-only")
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    lora = write_demo_lora(pipe.transformer, folder / "ink2", 5, 4, 4.0)
+    pipe.merge_lora(lora, style_name="ink", target_modules=r"single_transformer_blocks\.\d+\.attn\.to_[qkv]")
+    pipe.save_share_factors(folder / "bank")
+    return folder / "bank"
+
+
+def test_a_bank_replaced_while_requests_wait_fails_only_the_stale_one(single_only_bank):
+    """A rollout (a whole new bank) lands between validation and the batch: the request whose per-block
+    weights name blocks the new bank does not cover gets its own 409; the plain "ink" batched with it runs."""
+    engine = ServingEngine.from_model(TINY_RANDOM, max_images=8)  # its bank is replaced below
+    app = create_app(engine, max_batch=8, max_wait_ms=200)
+    backend = app.state.backend
+
+    async def scenario():
+        async with serving(app) as client:
+            async with pipeline_held(backend):
+                rollout = asyncio.ensure_future(backend.run_exclusive(engine.load_share_factors, str(single_only_bank)))
+                stale = asyncio.ensure_future(client.post(ENDPOINT, json=body(style={"ink": {"double": 1.0}}, seed=1)))
+                plain = asyncio.ensure_future(client.post(ENDPOINT, json=body(style="ink", seed=2)))
+                await asyncio.sleep(0.5)  # both validated against the old bank, queued behind the rollout
+            await rollout
+            return await stale, await plain, (await client.get("/metrics")).text
+
+    stale, plain, metrics = asyncio.run(scenario())
+    assert stale.status_code == 409, stale.text
+    error = stale.json()["error"]
+    assert error["param"] == "style"
+    assert error["message"] == (
+        "the styles changed while the request waited: block weight key 'double' of style 'ink' selects no "
+        "Share layer of this model (its blocks: double.0-1, single.0-1)"
+    )
+    assert plain.status_code == 200, plain.text
+    assert plain.json()["share"]["batch_size"] == 1
+    reference = direct_call(engine.pipe, body(style="ink", seed=2))  # the new bank's "ink"
+    np.testing.assert_allclose(array(plain.json()), reference[0], rtol=0, atol=1e-5)
+    assert 'share_errors_total{reason="style_gone"} 1.0' in metrics
+
+
+def test_a_failed_batch_call_is_retried_job_by_job(engine):
+    """A pipeline call that raises for the batch is run again one job at a time: a job whose own call
+    succeeds gets its images, a job whose own call fails gets its own error."""
+    two = engine.validate(ImageRequest(**body(style="neon", seed=1, n=2)))
+    one = engine.validate(ImageRequest(**body(style="ink", seed=3)))
+    (alone,) = engine.run([one])
+
+    def refuse_batches(module, args, kwargs):
+        if kwargs["hidden_states"].shape[0] > 1:  # (B, tokens, channels): any call of more than one image
+            raise RuntimeError("out of memory (simulated)")
+
+    hook = engine.pipe.transformer.register_forward_pre_hook(refuse_batches, with_kwargs=True)
+    try:
+        failed, computed = engine.run([two, one])
+    finally:
+        hook.remove()
+    assert isinstance(failed, RuntimeError) and str(failed) == "out of memory (simulated)"
+    assert isinstance(computed, JobResult) and computed.batch_size == 1
+    np.testing.assert_allclose(computed.images, alone.images, rtol=0, atol=1e-6)
 
 
 # -- operations -----------------------------------------------------------------------------------

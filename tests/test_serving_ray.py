@@ -24,9 +24,10 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from share_diffusers.demo_styles import write_demo_lora  # noqa: E402
+from share_diffusers.hub import HubError  # noqa: E402
 from share_diffusers.runtime import TINY_RANDOM  # noqa: E402
 from share_diffusers.serving.engine import ServingEngine  # noqa: E402
-from share_diffusers.serving.ray_app import serve_config  # noqa: E402
+from share_diffusers.serving.ray_app import pinned_revision, serve_config  # noqa: E402
 from share_diffusers.serving.schema import ImageRequest  # noqa: E402
 
 STEPS = 2
@@ -130,3 +131,37 @@ def test_new_checkpoint_rolls_out_to_every_replica(ray_url, tmp_path):
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "style"
     admin = httpx.delete(f"{ray_url}/v1/styles/ocean", timeout=30)
     assert admin.status_code == 403 and "checkpoint revision" in admin.json()["error"]["message"]
+
+
+def test_config_file_listens_on_this_machine_unless_told():
+    """Ray's config schema binds 0.0.0.0 when a file names no host: :func:`serve_config` names 127.0.0.1."""
+    from ray.serve.schema import ServeDeploySchema
+
+    options = ServeDeploySchema.model_validate(serve_config(TINY_RANDOM)).http_options
+    assert (options.host, options.port) == ("127.0.0.1", 8000)
+    options = ServeDeploySchema.model_validate(serve_config(TINY_RANDOM, host="0.0.0.0", port=9000)).http_options
+    assert (options.host, options.port) == ("0.0.0.0", 9000)
+
+
+def test_hub_checkpoint_revision_is_pinned_to_its_commit(fake_hub, tmp_path):
+    """Every replica loads the commit the revision pointed at when the config was made, not the branch."""
+    (tmp_path / "share_config.json").write_text("{}")
+    for revision in ("main", "v2"):
+        fake_hub.add_folder("someone/styles", tmp_path, revision=revision)
+
+    def user_config(factors, revision=None) -> dict:
+        return serve_config(TINY_RANDOM, factors, revision)["applications"][0]["deployments"][0]["user_config"]
+
+    assert user_config("someone/styles", "v2") == {
+        "factors": "someone/styles",
+        "revision": fake_hub.commit("someone/styles", "v2"),
+    }
+    assert user_config("someone/styles")["revision"] == fake_hub.commit("someone/styles", "main")
+    asked = len(fake_hub.requests)
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert pinned_revision("someone/styles", commit) == commit  # a commit already: the Hub is not asked
+    assert user_config(str(tmp_path)) == {"factors": str(tmp_path), "revision": None}  # a local folder
+    assert pinned_revision(None, None) is None
+    assert len(fake_hub.requests) == asked
+    with pytest.raises(HubError, match=r"could not resolve revision 'v3' of the Hub checkpoint 'someone/styles'"):
+        pinned_revision("someone/styles", "v3")

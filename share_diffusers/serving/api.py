@@ -9,8 +9,8 @@
 
 Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
 (naming it in ``param``), 401/403 for admin calls without the token, 404 for an unknown style to delete,
-409 when a request's style was deleted while it waited, 413 for an upload over the limit, 503 when the
-queue is full (with ``Retry-After``).
+409 when a request's style left the bank while it waited, 413 for a body over ``max_body_kib`` (256 KiB)
+or an upload over ``max_upload_mb``, 503 when the queue is full (with ``Retry-After``).
 
 :func:`create_app` takes the engine and a backend that queues jobs: the :class:`DynamicBatcher` of one
 machine, or a Ray Serve replica (:mod:`share_diffusers.serving.ray_app`), which serve the same schema.
@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -43,6 +44,12 @@ from .engine import DEFAULT_MAX_UPLOAD_MB, ImageJob, RequestError, ServingEngine
 from .metrics import ServeMetrics
 from .schema import ImageRequest, MergeRequest, error_body
 
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_KIB = 256
+"""Largest JSON body (``POST /v1/images/generations``, ``POST /v1/styles`` from the Hub): the longest prompt and
+the largest style blend the schema takes are a few dozen KiB; a bigger body would only keep the event loop
+parsing JSON while health checks and other requests wait."""
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _GENERIC_FILE_NAMES = ("pytorch_lora_weights", "adapter_model")
 _ADMIN_OFF = "style management is off; start the server with --admin-token (or SHARE_ADMIN_TOKEN) to turn it on"
@@ -99,6 +106,96 @@ def _is_safetensors(head: bytes, size: int) -> bool:
     return head[8:9] == b"{" and 0 < header_length <= size - 8
 
 
+def bearer_matches(authorization: str, token: str) -> bool:
+    """Whether an ``Authorization`` header value is ``Bearer <token>``; an empty bearer value never matches."""
+    scheme, _, given = authorization.partition(" ")
+    given = given.strip()
+    return scheme.lower() == "bearer" and bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+
+def _check_admin_token(token: str | None) -> None:
+    """Refuse a token no client can send: ``--admin-token "$TOKEN"`` with TOKEN unset gives ``""``, which an
+    empty ``Authorization: Bearer`` header would match."""
+    if token is None:
+        return
+    if not token.strip():
+        raise ValueError(
+            "admin_token is empty: give a secret token to turn style management on, or None to leave it off"
+        )
+    if token != token.strip():
+        raise ValueError(
+            "admin_token starts or ends with whitespace, which no Authorization header can carry; strip it"
+        )
+
+
+def _route_path(scope) -> str:
+    """The request's path below the app's mount point (a Ray Serve ``route_prefix``, say)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root) :] if root and path.startswith(root) else path
+
+
+def _content_length(scope) -> int | None:
+    """The declared body size in bytes; None when the header is missing or no number."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit():
+            return int(value) if len(value) <= 20 else 2**64  # int() refuses thousands of digits
+    return None
+
+
+class _BodyLimit:
+    """ASGI middleware: a JSON body over ``limit`` bytes is refused (``refuse(endpoint, message)``, a 413)
+    before anything reads or parses it.
+
+    A declared ``Content-Length`` over the limit is refused unread; a body without one (chunked) is read
+    until it passes the limit. Only the endpoints that read a body are watched; a style upload (multipart
+    ``POST /v1/styles``) has its own limit (``max_upload_mb``).
+    """
+
+    watched = ("/v1/images/generations", "/v1/styles")
+
+    def __init__(self, app, limit: int, refuse: Callable[[str, str], Response]):
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    async def __call__(self, scope, receive, send) -> None:
+        endpoint = _route_path(scope) if scope["type"] == "http" else None
+        if endpoint not in self.watched or (endpoint == "/v1/styles" and _is_multipart(scope)):
+            await self.app(scope, receive, send)
+            return
+        limit = f"{self.limit} bytes ({self.limit / 1024:g} KiB)"
+        declared = _content_length(scope)
+        if declared is not None and declared > self.limit:
+            refusal = self.refuse(endpoint, f"the request body is {declared} bytes; the limit is {limit}")
+            await refusal(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            event = await receive()
+            if event["type"] != "http.request":  # the client left: nobody to answer
+                return
+            chunks.append(event.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                await self.refuse(endpoint, f"the request body is over the limit of {limit}")(scope, receive, send)
+                return
+            if not event.get("more_body", False):
+                break
+        await self.app(scope, _replay(b"".join(chunks), receive), send)
+
+
+def _is_multipart(scope) -> bool:
+    return any(name == b"content-type" and value.startswith(b"multipart/") for name, value in scope["headers"])
+
+
+def _replay(body: bytes, receive):
+    """An ASGI ``receive`` that gives ``body`` once, then what ``receive`` gives (a disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replayed():
+        return pending.pop() if pending else await receive()
+
+    return replayed
+
+
 def create_app(
     engine: ServingEngine,
     backend: Backend | None = None,
@@ -108,6 +205,7 @@ def create_app(
     max_queue: int = 64,
     admin_token: str | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,
+    max_body_kib: float = DEFAULT_MAX_BODY_KIB,
     metrics: ServeMetrics | None = None,
     admin_off_message: str = _ADMIN_OFF,
     health_extra: Callable[[], dict] | None = None,
@@ -119,12 +217,14 @@ def create_app(
         backend: queues jobs; default a :class:`DynamicBatcher` over ``engine`` with ``max_batch``,
             ``max_wait_ms`` and ``max_queue``, started and stopped with the app.
         admin_token: bearer token of ``POST /v1/styles`` and ``DELETE /v1/styles/{name}``; None turns
-            them off (403).
+            them off (403). An empty or blank one raises ValueError (an empty bearer would match it).
         max_upload_mb: largest LoRA upload.
+        max_body_kib: largest JSON body; a bigger one gets 413 before it is parsed.
         metrics: where counts go (a fresh registry by default); the backend should share it.
         admin_off_message: the 403 message while admin calls are off.
         health_extra: more fields for ``GET /healthz`` (a Ray replica's id and checkpoint).
     """
+    _check_admin_token(admin_token)
     metrics = metrics or getattr(backend, "metrics", None) or ServeMetrics()
     if backend is None:
         backend = DynamicBatcher(engine, max_batch, max_wait_ms, max_queue, metrics=metrics)
@@ -156,6 +256,12 @@ def create_app(
         kind = "invalid_request_error" if status < 500 else "server_error"
         return answer(endpoint, status, error_body(message, kind, param, reason), **kwargs)
 
+    app.add_middleware(
+        _BodyLimit,
+        limit=int(max_body_kib * 1024),
+        refuse=lambda endpoint, message: failure(endpoint, 413, message, "too_large"),
+    )
+
     def endpoint_of(request: Request) -> str:
         route = request.scope.get("route")
         return getattr(route, "path", request.url.path)
@@ -163,9 +269,14 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError):
         first = error.errors()[0] if error.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
+        # Integers in a location are list indices or, for a JSON syntax error, a character position: no field.
+        location = [str(part) for part in first.get("loc", ()) if part != "body" and not isinstance(part, int)]
         param = ".".join(location) or None
-        message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request body")
+        if first.get("type") == "json_invalid":
+            detail = (first.get("ctx") or {}).get("error", "")
+            message = f"the request body is not valid JSON: {detail}".rstrip(": ")
+        else:
+            message = f"{param}: {first.get('msg', 'invalid')}" if param else first.get("msg", "invalid request body")
         return failure(endpoint_of(request), 400, message, "validation", param)
 
     # -- images -------------------------------------------------------------------------------
@@ -175,9 +286,13 @@ def create_app(
         endpoint = "/v1/images/generations"
         arrived = time.time()
         try:
-            job = engine.validate(body)
+            # Off the event loop: checking per-block weights against every Share layer takes a while.
+            job = await asyncio.to_thread(engine.validate, body)
         except RequestError as error:
             return failure(endpoint, error.status, str(error), "validation", error.param)
+        except Exception as error:  # a check that crashed on odd input: still this request's fault alone
+            logger.exception("validating a request failed")
+            return failure(endpoint, 400, f"invalid request: {error_line(error)}", "validation")
         try:
             outcome = await _unless_disconnected(request, backend.submit(job))
         except _ClientGone:
@@ -223,8 +338,7 @@ def create_app(
     def check_admin(request: Request, endpoint: str) -> JSONResponse | None:
         if admin_token is None:
             return failure(endpoint, 403, admin_off_message, "auth")
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token.encode()):
+        if not bearer_matches(request.headers.get("authorization", ""), admin_token):
             return failure(
                 endpoint, 401, "give the admin token: Authorization: Bearer <token>", "auth",
                 headers={"WWW-Authenticate": "Bearer"},

@@ -14,6 +14,7 @@ import base64
 import io
 import logging
 import math
+import re
 import secrets
 import threading
 import time
@@ -35,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
 DEFAULT_MAX_UPLOAD_MB = 512  # largest LoRA upload that POST /v1/styles takes (--max-upload-mb)
+# ASCII digits only (str.isdigit takes "²", which int() refuses) and at most 5 of them (int() refuses
+# thousands); the bounds check below gives the real limits.
+_SIZE = re.compile(r"(\d{1,5})x(\d{1,5})", re.ASCII)
 
 
 class RequestError(ValueError):
@@ -128,19 +132,25 @@ def parse_size(size: str | None, defaults: GenerationDefaults) -> tuple[int, int
     """``(width, height)`` of ``"WxH"``; None or ``"auto"`` give the model's default size."""
     if size is None or size.strip().lower() == "auto":
         return defaults.width, defaults.height
-    width_text, separator, height_text = size.strip().lower().partition("x")
-    if not separator or not width_text.isdigit() or not height_text.isdigit():
+    found = _SIZE.fullmatch(size.strip().lower())
+    if found is None:
         raise RequestError(
-            f"size must be 'WxH' in pixels, e.g. '{defaults.width}x{defaults.height}', got {size!r}", "size"
+            f"size must be 'WxH' in pixels, e.g. '{defaults.width}x{defaults.height}', got {_shown(size)}", "size"
         )
-    width, height = int(width_text), int(height_text)
+    width, height = int(found[1]), int(found[2])
     step, largest = defaults.size_step, defaults.max_size
     for side, value in (("width", width), ("height", height)):
         if not step <= value <= largest or value % step:
             raise RequestError(
-                f"size {size!r}: the {side} must be a multiple of {step} from {step} to {largest}, got {value}", "size"
+                f"size {_shown(size)}: the {side} must be a multiple of {step} from {step} to {largest}, got {value}",
+                "size",
             )
     return width, height
+
+
+def _shown(text: str) -> str:
+    """``text`` quoted for a message, cut short when long (a request may send thousands of characters)."""
+    return repr(text) if len(text) <= 40 else f"{text[:20]!r}... ({len(text)} characters)"
 
 
 def encode_images(images: np.ndarray, response_format: str) -> list[str]:
@@ -355,8 +365,10 @@ class ServingEngine:
     def run(self, jobs: Sequence[ImageJob]) -> list[JobResult | Exception]:
         """Denoise every job's images in one pipeline call; one result (or exception) per job.
 
-        All jobs must have the same :attr:`ImageJob.key`. A job whose style left the bank since it was
-        validated gets a :class:`RequestError`; the others still run.
+        All jobs must have the same :attr:`ImageJob.key`. A job that the bank held now refuses (its style
+        was deleted, or the bank was replaced and its per-block weights name layers it no longer has) gets
+        a :class:`RequestError` (409); the others still run. If the call raises anyway, each job is run
+        again on its own, so that only the job at fault fails.
         """
         keys = {job.key for job in jobs}
         if len(keys) != 1:
@@ -366,21 +378,50 @@ class ServingEngine:
             outcomes: list[JobResult | Exception | None] = [None] * len(jobs)
             runnable = []
             for index, job in enumerate(jobs):
-                gone = sorted(job.style_names() - self._names)
-                if gone:
-                    outcomes[index] = RequestError(
-                        f"style {gone[0]!r} was deleted while the request waited", "style", 409
-                    )
-                else:
+                outcomes[index] = self._stale(job)
+                if outcomes[index] is None:
                     runnable.append(index)
             if runnable:
-                try:
-                    results = self._call([jobs[index] for index in runnable], key)
-                except Exception as error:  # the call failed for everyone in it
-                    logger.exception("pipeline call failed")
-                    results = [error] * len(runnable)
+                results = self._call_each_failure_alone([jobs[index] for index in runnable], key)
                 for index, result in zip(runnable, results, strict=True):
                     outcomes[index] = result
+        return outcomes
+
+    def _stale(self, job: ImageJob) -> RequestError | None:
+        """Why ``job`` cannot run with the bank held now (409), or None; call with the lock held.
+
+        ``job`` was validated against the bank of its arrival; a bank change since (a delete, a merge, a
+        whole checkpoint loaded by a Ray rollout) may have dropped its style or the layers its per-block
+        weights name, and the pipeline would then fail the whole call for it.
+        """
+        gone = sorted(job.style_names() - self._names)
+        if gone:
+            return RequestError(f"style {gone[0]!r} was deleted while the request waited", "style", 409)
+        try:
+            self._check_style(job.style, 1.0)  # the job's style has its scale folded in already
+        except RequestError as error:
+            return RequestError(f"the styles changed while the request waited: {error}", "style", 409)
+        return None
+
+    def _call_each_failure_alone(self, jobs: Sequence[ImageJob], key: BatchKey) -> list[JobResult | Exception]:
+        """:meth:`_call` for all ``jobs``; if it raises, each job in a call of its own, one outcome per job.
+
+        A failure nothing checked for must not fail every request of the batch (with another user's
+        style in its message).
+        """
+        try:
+            return self._call(jobs, key)
+        except Exception as error:
+            logger.exception("pipeline call of %d jobs failed", len(jobs))
+            if len(jobs) == 1:
+                return [error]
+        outcomes: list[JobResult | Exception] = []
+        for job in jobs:
+            try:
+                outcomes.extend(self._call([job], key))
+            except Exception as error:
+                logger.exception("pipeline call of one job (%d images) failed", job.n)
+                outcomes.append(error)
         return outcomes
 
     def _call(self, jobs: Sequence[ImageJob], key: BatchKey) -> list[JobResult]:

@@ -20,25 +20,34 @@ Rolling a new checkpoint revision out to every replica: the checkpoint is the de
 a new ``user_config`` reaches the running replicas in place: each loads the new bank between two batches
 (:meth:`ShareFluxDeployment.reconfigure`), requests keep queueing meanwhile, and the model is not loaded
 again. ``serve.run(build_app(..., revision="v2"))`` from Python rolls it out too, by replacing the replicas.
+A Hub checkpoint's revision (a branch, a tag, or none: ``main``) is resolved to its commit when the app or
+config is built, so every replica, including one started later, loads the same bank.
 
 Styles are managed by rolling checkpoints, not per replica: ``POST``/``DELETE /v1/styles`` answer 403 here
 (a merge on one replica would leave the others behind). ``/metrics`` and ``/healthz`` describe the replica
 that answered (``replica`` and ``checkpoint`` in the health body); Ray's own metrics cover the cluster.
-Requests beyond ``max_queued_requests`` waiting at the router get Ray's 503. Serve's HTTP proxy listens on
-127.0.0.1:8000 unless ``serve.start(http_options=...)`` says otherwise.
+Requests beyond ``max_queued_requests`` waiting at the router get Ray's 503.
+
+Serve's HTTP proxy listens on 127.0.0.1:8000, this machine only, from Python (``serve.run``) and with
+``serve run module:app``. A config file is different: Ray's config schema binds every interface (0.0.0.0)
+when the file says no host, so :func:`serve_config` writes ``http_options`` with ``host="127.0.0.1"``
+unless told otherwise (``host="0.0.0.0"`` to serve the network, behind a proxy that authenticates).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ray import serve
 
+from ..runtime import error_line
 from .api import create_app
 from .batcher import BatchedResult
 from .engine import ImageJob, JobResult, ServingEngine
@@ -50,6 +59,9 @@ _ADMIN_OFF = (
     "style management is off on Ray Serve; roll a new checkpoint revision out to every replica with "
     "build_app(factors=..., revision=...) or the deployment's user_config"
 )
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(eq=False)
@@ -188,6 +200,37 @@ class ShareFluxDeployment:
             return "unknown"
 
 
+def pinned_revision(factors: str | None, revision: str | None) -> str | None:
+    """The commit that ``revision`` of the Hub checkpoint ``factors`` points at now.
+
+    Each replica loads the checkpoint itself, maybe hours after another (a restart, a scale-up): a branch
+    resolved there could give replicas different banks. A local folder, no ``factors`` or a commit
+    already are returned as they are.
+
+    Raises:
+        HubError: the Hub does not know the repo or revision, or cannot be reached (give a commit then).
+    """
+    if not factors or (revision is not None and _COMMIT.fullmatch(revision)) or not _is_hub_id(factors):
+        return revision
+    from huggingface_hub import HfApi
+
+    from ..hub import HubError
+
+    try:
+        return HfApi().model_info(factors, revision=revision).sha
+    except Exception as error:
+        raise HubError(
+            f"could not resolve revision {revision or 'main'!r} of the Hub checkpoint {factors!r} to a commit "
+            f"({type(error).__name__}: {error_line(error)}); check the repo id and revision, or give "
+            "the commit sha as revision"
+        ) from None
+
+
+def _is_hub_id(factors: str) -> bool:
+    """``user/name`` and no local folder of that name (as :func:`share_diffusers.hub.resolve_share_factors` tells)."""
+    return not Path(factors).is_dir() and factors.count("/") == 1 and not factors.startswith(("/", "."))
+
+
 def build_app(
     model: str | None = None,
     factors: str | None = None,
@@ -209,8 +252,9 @@ def build_app(
 
     Args:
         model: Flux repo id or folder; None for the embedded demo model; ``"tiny-random"`` for tests.
-        factors, revision: the Share checkpoint (folder or Hub id, and its Hub revision) every replica
-            holds (the deployment's ``user_config``); None for the model's demo styles. ``serve.run`` again
+        factors, revision: the Share checkpoint (folder or Hub id, and its Hub revision, resolved to a
+            commit here: :func:`pinned_revision`) every replica holds (the deployment's ``user_config``);
+            None for the model's demo styles. ``serve.run`` again
             with another ``factors`` or ``revision`` replaces the replicas one by one (each loads the model
             again); a config file (:func:`serve_config`) changes it in place instead.
         device, dtype: per replica (``cuda`` takes the GPU Ray assigned to it).
@@ -240,7 +284,7 @@ def build_app(
         ray_actor_options=ray_actor_options or {"num_cpus": 1},
         max_ongoing_requests=max_ongoing_requests or 4 * max_batch,
         max_queued_requests=max_queued_requests,
-        user_config={"factors": factors, "revision": revision},
+        user_config={"factors": factors, "revision": pinned_revision(factors, revision)},
     )
     return deployment.bind(**replica_args)
 
@@ -274,14 +318,19 @@ def serve_config(
     app_name: str = "share",
     route_prefix: str = "/",
     name: str = "ShareFlux",
+    host: str = "127.0.0.1",
+    port: int = 8000,
     **replica_args,
 ) -> dict:
     """A Ray Serve config (``serve deploy`` / ``serve run`` file, JSON being YAML) for the app.
 
-    The checkpoint is the deployment's ``user_config``: deploy the same config with another ``factors``
-    or ``revision`` and every running replica loads it in place, between two batches, without loading the
-    model again (Ray's lightweight update). Anything under ``args`` (the model, ``max_batch``...) restarts
-    the replicas. Other arguments as :func:`build_app`::
+    The checkpoint is the deployment's ``user_config`` (a Hub revision resolved to its commit:
+    :func:`pinned_revision`): deploy the same config with another ``factors`` or ``revision`` and every
+    running replica loads it in place, between two batches, without loading the model again (Ray's
+    lightweight update). Anything under ``args`` (the model, ``max_batch``...) restarts the replicas.
+    ``host`` and ``port`` are where Serve's HTTP proxy listens (``http_options``, read when Serve starts):
+    this machine only by default, where a config without them would bind 0.0.0.0. Other arguments as
+    :func:`build_app`::
 
         python -c "import json; from share_diffusers.serving.ray_app import serve_config; print(json.dumps(
             serve_config('black-forest-labs/FLUX.1-schnell', 'me/my-styles', 'v2', num_replicas=4,
@@ -290,6 +339,7 @@ def serve_config(
     """
     args = {key: value for key, value in dict(model=model, **replica_args).items() if value is not None}
     return {
+        "http_options": {"host": host, "port": port},
         "applications": [
             {
                 "name": app_name,
@@ -301,11 +351,11 @@ def serve_config(
                         "name": name,
                         "num_replicas": num_replicas,
                         "ray_actor_options": ray_actor_options or {"num_cpus": 1},
-                        "user_config": {"factors": factors, "revision": revision},
+                        "user_config": {"factors": factors, "revision": pinned_revision(factors, revision)},
                     }
                 ],
             }
-        ]
+        ],
     }
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numbers
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 BlockWeightField = float | dict[str, float] | list[float]
@@ -31,6 +31,15 @@ _STYLE_SHAPES = (
     'a style name, a {name: weight} blend (a weight is a number, {"double": 1, "single": 0.3} per block, '
     "or a list with one number per block), or null"
 )
+
+# Bounds on one request's style, far above any real use (FLUX.1 has 57 blocks): each style and block key
+# is matched against every Share layer of the model, so their number is work a request asks for.
+MAX_BLEND_STYLES = 16
+"""Most styles in one ``{name: weight}`` blend."""
+MAX_BLOCK_SELECTORS = 64
+"""Most keys in one style's ``{selector: number}`` per-block weights."""
+MAX_BLOCK_VALUES = 128
+"""Most values in one style's block-weight list."""
 
 RESPONSE_FORMATS = ("b64_json", "b64_npy")
 """``b64_json``: a base64 PNG (OpenAI's). ``b64_npy``: a base64 ``.npy`` float32 array ``(H, W, 3)`` in [0, 1],
@@ -44,10 +53,11 @@ class ImageRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prompt: str = Field(min_length=1, max_length=4000, description="what to draw")
-    n: int = Field(default=1, ge=1, description="images to make; image i uses seed + i")
+    n: int | None = Field(default=1, ge=1, description="images to make (1 if null); image i uses seed + i")
     size: str | None = Field(default=None, description='"WxH" in pixels, or "auto"/null for the model\'s default')
-    response_format: Literal["b64_json", "b64_npy", "url"] = Field(
-        default="b64_json", description="b64_json (base64 PNG) or b64_npy (base64 float32 .npy); url is refused"
+    response_format: Literal["b64_json", "b64_npy", "url"] | None = Field(
+        default="b64_json",
+        description="b64_json (base64 PNG, also if null) or b64_npy (base64 float32 .npy); url is refused",
     )
     style: StyleField = Field(
         default=None,
@@ -64,6 +74,12 @@ class ImageRequest(BaseModel):
     user: str | None = None
     quality: str | None = None
 
+    @field_validator("n", "response_format")
+    @classmethod
+    def _null_is_default(cls, value, info: ValidationInfo):
+        """OpenAI declares these nullable: null means the default (the rest of the server never sees None)."""
+        return cls.model_fields[info.field_name].default if value is None else value
+
     @field_validator("style", mode="before")
     @classmethod
     def _style_shape(cls, style):
@@ -73,6 +89,8 @@ class ImageRequest(BaseModel):
             return style
         if not isinstance(style, dict):
             raise _style_error(f"style must be {_STYLE_SHAPES}; got {_shown(style)}")
+        if len(style) > MAX_BLEND_STYLES:
+            raise _style_error(f"the blend has {len(style)} styles; at most {MAX_BLEND_STYLES}")
         for name, weight in style.items():
             if _is_number(weight):
                 continue
@@ -80,6 +98,11 @@ class ImageRequest(BaseModel):
                 if not weight:
                     raise _style_error(
                         f'the per-block weights of style {name!r} are empty; give e.g. {{"double": 1, "single": 0.3}}'
+                    )
+                if len(weight) > MAX_BLOCK_SELECTORS:
+                    raise _style_error(
+                        f"the per-block weights of style {name!r} have {len(weight)} keys; at most "
+                        f'{MAX_BLOCK_SELECTORS} (a range such as "double.0-9" counts once)'
                     )
                 for key, value in weight.items():
                     if not _is_number(value):
@@ -89,6 +112,11 @@ class ImageRequest(BaseModel):
             elif isinstance(weight, list):
                 if not weight:
                     raise _style_error(f"the block-weight list of style {name!r} is empty; give one number per block")
+                if len(weight) > MAX_BLOCK_VALUES:
+                    raise _style_error(
+                        f"the block-weight list of style {name!r} has {len(weight)} values; at most {MAX_BLOCK_VALUES} "
+                        "(one per block of the model)"
+                    )
                 for position, value in enumerate(weight, start=1):
                     if not _is_number(value):
                         raise _style_error(

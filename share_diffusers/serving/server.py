@@ -61,7 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     server.add_argument(
         "--admin-token",
         default=None,
-        help=f"bearer token for POST/DELETE /v1/styles (default ${ADMIN_TOKEN_ENV}; unset: style management off)",
+        help=f"bearer token for POST/DELETE /v1/styles (default ${ADMIN_TOKEN_ENV}; unset: style management off; "
+        "an empty one is refused)",
     )
     server.add_argument(
         "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest LoRA upload (default 512)"
@@ -79,6 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
     return add_arguments(parser)
 
 
+def admin_token_of(args: argparse.Namespace) -> str | None:
+    """The admin token from ``--admin-token``, else ``$SHARE_ADMIN_TOKEN``; None when neither is given.
+
+    A blank one raises ValueError rather than turning admin calls on for an empty bearer or silently off:
+    ``--admin-token "$TOKEN"`` with TOKEN unset is a mistake to report.
+    """
+    if args.admin_token is not None:
+        token, source = args.admin_token, "--admin-token"
+    elif ADMIN_TOKEN_ENV in os.environ:
+        token, source = os.environ[ADMIN_TOKEN_ENV], f"${ADMIN_TOKEN_ENV}"
+    else:
+        return None
+    if not token.strip():
+        raise ValueError(
+            f"{source} is empty (an unset shell variable?); give a secret token, or leave it out to keep "
+            "style management off"
+        )
+    return token
+
+
 def build_server_app(args: argparse.Namespace):
     """The app for parsed ``serve`` arguments (loads the model)."""
     from .api import create_app
@@ -86,6 +107,7 @@ def build_server_app(args: argparse.Namespace):
 
     if args.max_batch < 1 or args.max_queue < args.max_batch:
         raise ValueError(f"need 1 <= --max-batch <= --max-queue, got {args.max_batch} and {args.max_queue}")
+    token = admin_token_of(args)  # before the model loads: a bad option fails at once
     engine = ServingEngine.from_model(
         args.model,
         args.factors,
@@ -95,7 +117,6 @@ def build_server_app(args: argparse.Namespace):
         quantize=args.quantize,
         max_images=args.max_batch,
     )
-    token = args.admin_token if args.admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV) or None
     return create_app(
         engine,
         max_batch=args.max_batch,
