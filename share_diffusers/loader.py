@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 from torch import nn
 
 from .core import LoraAdapter, ShareConfig, ShareFactors, ShareModel, load_factors, save_factors, style_as_lora
@@ -22,9 +25,24 @@ from .core.inject import find_targets, remove_share
 from .core.layer import ShareLinear
 from .core.model import StyleSpec, check_factors_fit
 from .core.similarity import warn_near_duplicates
-from .flux_lora import ALL_LORA_LAYERS, FLUX_ATTENTION_TARGETS, convert_flux_lora, split_by_targets
-from .hub import push_share_factors, resolve_lora_file, resolve_share_factors
-from .lora_files import read_safetensors, save_lora
+from .flux_lora import (
+    ALL_LORA_LAYERS,
+    FLUX_ATTENTION_TARGETS,
+    FluxLora,
+    convert_flux_lora,
+    is_peft_transformer_adapter,
+    split_by_layers,
+)
+from .hub import _hub_call, push_share_factors, resolve_lora_file, resolve_share_factors
+from .lora_files import (
+    ADAPTER_CONFIG_NAME,
+    ADAPTER_WEIGHTS_NAME,
+    DIFFUSERS_LORA_NAME,
+    adapter_config_beside,
+    read_adapter_config,
+    read_safetensors,
+    save_lora,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +62,8 @@ class MergeReport:
         near_duplicates: held styles whose cosine similarity to the new one is at least
             ``NEAR_DUPLICATE_THRESHOLD`` (0.95), most similar first (each also raised as a
             :class:`~share_diffusers.core.similarity.NearDuplicateStyleWarning`).
+        dropped_keys: keys of the file that went nowhere, neither merged nor measured (a bias of zeros, a
+            norm's ``.diff``, tensors that are no LoRA factor), as diffusers' converter names them.
     """
 
     style_name: str
@@ -53,6 +73,7 @@ class MergeReport:
     outside: dict[str, float] = field(default_factory=dict)
     source: dict = field(default_factory=dict)
     near_duplicates: dict[str, float] = field(default_factory=dict)
+    dropped_keys: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = f"merged {self.style_name!r}: {self.layers_merged} layers, relative error {self.error:.2e}"
@@ -62,6 +83,8 @@ class MergeReport:
         if self.near_duplicates:
             similar = ", ".join(f"{name!r} ({value:.3f})" for name, value in self.near_duplicates.items())
             text += f"; near-duplicate of {similar} (cosine similarity)"
+        if self.dropped_keys:
+            text += f"; {len(self.dropped_keys)} key(s) of the file left out, e.g. {self.dropped_keys[0]!r}"
         return text
 
 
@@ -156,10 +179,19 @@ class ShareLoaderMixin:
         private: bool | None = None,
         token: str | bool | None = None,
         commit_message: str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
     ) -> str:
-        """Upload the factors with a model card (styles, sources, k, p, errors); returns the commit URL."""
+        """Upload the factors with a model card (styles, sources, k, p, errors); returns the commit URL (the pull
+        request's with ``create_pr``). ``revision``: a branch, created if needed (default: main)."""
         return push_share_factors(
-            self._require_share().factors, repo_id, private=private, token=token, commit_message=commit_message
+            self._require_share().factors,
+            repo_id,
+            private=private,
+            token=token,
+            commit_message=commit_message,
+            revision=revision,
+            create_pr=create_pr,
         )
 
     # -- merging --------------------------------------------------------------------------------
@@ -186,7 +218,9 @@ class ShareLoaderMixin:
                 attention linears.
             config: ``k``, ``p`` and options of a new subspace (default ``ShareConfig()``: k=32, p=8).
 
-        The LoRA's parts outside the targets are reported (energy fraction), not merged. A failed
+        A PEFT adapter (a folder, or a Hub repo, with ``adapter_config.json`` and ``adapter_model.safetensors``)
+        is read with its config's scale. The LoRA's parts outside the Share layers are reported (energy
+        fraction), not merged; keys that go nowhere are listed in the report's ``dropped_keys``. A failed
         merge leaves the pipeline and its styles exactly as they were. A new style whose update has cosine
         similarity at least ``NEAR_DUPLICATE_THRESHOLD`` (0.95) with a held style's (a rescaled copy has 1)
         is merged all the same, with a :class:`~share_diffusers.core.similarity.NearDuplicateStyleWarning`
@@ -214,7 +248,9 @@ class ShareLoaderMixin:
         # Everything about the file is checked before the pipeline changes: its layout and values (finite
         # factors and alphas), its fit to the transformer, and its canonical forms (cached, reused by the merge).
         tensors, metadata = read_safetensors(path)
-        converted = convert_flux_lora(tensors, metadata, origin=path.name)
+        hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
+        adapter_config = _peft_adapter_config(path, source, hub) if is_peft_transformer_adapter(tensors) else None
+        converted = convert_flux_lora(tensors, metadata, origin=path.name, adapter_config=adapter_config)
         denoiser = self._share_denoiser
         _check_lora_fits(denoiser, converted.transformer, path.name)
         energies = converted.energies()
@@ -232,12 +268,9 @@ class ShareLoaderMixin:
                 share.factors.base_model = self._base_model_id()
             else:
                 share = self._share
-            inside, outside = split_by_targets(converted.transformer, list(share.layers))
+            inside, outside = split_by_layers(converted.transformer, share.layers)
             if not inside:
-                raise ShapeMismatchError(
-                    f"{path.name}: none of the LoRA's layers are Share targets (it touches e.g. "
-                    f"{next(iter(converted.transformer), 'no transformer layer')!r}); widen target_modules"
-                )
+                raise ShapeMismatchError(_no_share_layer_message(path.name, converted, share.layers, creating))
             try:
                 share.merge(LoraAdapter(inside, source=source), name)
             except FactorValueError as error:
@@ -263,13 +296,20 @@ class ShareLoaderMixin:
             outside=fractions,
             source=source,
             near_duplicates=duplicates,
+            dropped_keys=list(converted.dropped),
         )
         logger.info("%s", report)
+        if converted.dropped:
+            logger.warning(
+                "%s: %d key(s) not merged: %s", path.name, len(converted.dropped), ", ".join(converted.dropped[:5])
+            )
         return report
 
     def _choose_targets(self, target_modules, lora_layers: dict) -> str | list[str]:
         if target_modules == ALL_LORA_LAYERS:
-            return sorted(lora_layers)
+            # Exact names as one anchored regex: PEFT's list rule matches suffixes, so a LoRA touching the
+            # top-level proj_out would also wrap every single_transformer_blocks.N.proj_out.
+            return "|".join(f"(?:{re.escape(name)})" for name in sorted(lora_layers))
         targets = target_modules if target_modules is not None else self.share_targets
         if not find_targets(self._share_denoiser, targets):
             raise ShapeMismatchError(f"no linear layer of the transformer matches target_modules={targets!r}")
@@ -315,12 +355,22 @@ class ShareLoaderMixin:
             self._share.unfuse_style()
 
     def export_style_as_lora(self, style: StyleSpec, path: str | os.PathLike) -> Path:
-        """Write a style or blend as a diffusers-format LoRA file that stock ``load_lora_weights`` loads."""
+        """Write a style or blend as a diffusers-format LoRA file that stock ``load_lora_weights`` loads.
+
+        Args:
+            style: a style name or a ``{name: weight}`` blend (per-block weights too).
+            path: a ``.safetensors`` file (any case), or a folder that gets ``pytorch_lora_weights.safetensors``
+                (the file ``save_lora_weights`` writes, which ``load_lora_weights(folder)`` finds).
+
+        Returns the path of the file written.
+        """
         if style is None:
             raise StyleError("export_style_as_lora needs a style name or a {name: weight} blend")
         share = self._require_share()
         adapter = style_as_lora(share.factors, style, layout=share.block_layout, layer_names=list(share.layers))
-        return save_lora(adapter, path, key_prefix="transformer.")
+        path = Path(path)
+        target = path if path.suffix.lower() == ".safetensors" else path / DIFFUSERS_LORA_NAME
+        return save_lora(adapter, target, key_prefix="transformer.")
 
     def remove_share(self) -> None:
         """Take every Share layer out of the denoiser (it is the plain model again); styles are dropped."""
@@ -371,6 +421,65 @@ def _check_lora_fits(denoiser: nn.Module, layers: dict, origin: str) -> None:
                 f"{origin}: size mismatch for {layer_name}: the LoRA's update is {lora.shape} but the "
                 f"transformer's layer is {shape}; is this LoRA for another model?"
             )
+
+
+def _no_share_layer_message(origin: str, converted: FluxLora, share_layers, creating: bool) -> str:
+    """Why a LoRA has nothing to merge: its layers and the Share layers, and what to do."""
+    touched = next(iter(converted.transformer))
+    held = next(iter(share_layers), None)
+    text = (
+        f"{origin}: none of the LoRA's {len(converted.transformer)} transformer layer(s) (e.g. {touched!r}) is one "
+        f"of the {len(share_layers)} Share layer(s)" + (f" (e.g. {held!r})" if held else "")
+    )
+    if creating:
+        return text + "; widen target_modules (or pass target_modules='all-lora-layers')"
+    return text + "; the subspace's layers are fixed once it exists: start a new one with wider target_modules"
+
+
+def _peft_adapter_config(path: Path, source: dict, hub: dict) -> dict | None:
+    """The ``adapter_config.json`` of PEFT adapter weights (see :func:`peft_adapter_config_path`), read."""
+    config_path = peft_adapter_config_path(path, source, hub)
+    return read_adapter_config(config_path) if config_path is not None else None
+
+
+def peft_adapter_config_path(path: Path, source: dict, hub: dict | None = None) -> Path | None:
+    """Where the ``adapter_config.json`` of PEFT adapter weights is: beside the local file, or downloaded from the
+    same Hub repo (``source`` is :func:`~share_diffusers.hub.resolve_lora_file`'s provenance; ``hub`` its
+    download options: token, local_files_only...).
+
+    None when there is none (the weights are then refused unless they carry ``.alpha`` tensors: PEFT keeps
+    ``lora_alpha`` only in that config).
+    """
+    if "repo_id" not in source:
+        return adapter_config_beside(path)
+    if PurePosixPath(source["weight_name"]).name != ADAPTER_WEIGHTS_NAME:
+        return None
+    name = str(PurePosixPath(source["weight_name"]).with_name(ADAPTER_CONFIG_NAME))
+    return _download_if_present(
+        source["repo_id"], name, subfolder=source.get("subfolder"), revision=source.get("revision"), **(hub or {})
+    )
+
+
+def _download_if_present(repo_id: str, filename: str, *, subfolder: str | None, **kwargs) -> Path | None:
+    """One file of a Hub repo through the cache; None when the repo has no such file.
+
+    Any other failure (offline without the file cached, no such revision, no connection) raises
+    ``hub``'s one-line :class:`~share_diffusers.hub.HubError`: a config that exists but could not be
+    fetched must not be taken for a missing one.
+    """
+
+    def fetch(**call):
+        try:
+            return hf_hub_download(**call)
+        except EntryNotFoundError as error:
+            if isinstance(error, LocalEntryNotFoundError):  # not in the cache, and not looked up on the Hub
+                raise
+            return None
+
+    what = repr(f"{subfolder}/{filename}" if subfolder else filename)
+    kwargs["local_files_only"] = bool(kwargs.get("local_files_only"))
+    found = _hub_call(fetch, repo_id, what, filename=filename, subfolder=subfolder, **kwargs)
+    return Path(found) if found is not None else None
 
 
 def _default_name(repo_id_or_path, path: Path) -> str:

@@ -5,6 +5,9 @@ Accepted here: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.
 ``<layer>.lora_B.weight``, optional ``<layer>.alpha``). Community formats (kohya, XLabs, ...) go
 through diffusers' converters in the pipeline loader. Pickle files (``.bin``, ``.pt``, ``.ckpt``)
 are refused without being opened: unpickling runs arbitrary code.
+
+What Share cannot hold is refused by key, never dropped in silence: DoRA magnitudes and LoRA biases
+(a low-rank subspace stores ``lora_B @ lora_A`` only), and PEFT weights whose ``lora_alpha`` is unknown.
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ from .core.checkpoint import create_empty_file, set_file_mode
 from .core.errors import LoraFormatError, ShareIOError, ShareValueError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+ADAPTER_CONFIG_NAME = "adapter_config.json"  # PEFT's save_pretrained writes these two files
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' save_lora_weights writes
 _LORA_KEY = re.compile(r"^(?P<layer>.+?)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _PEFT_PREFIX = "base_model.model."
+_DORA_MARKERS = ("lora_magnitude_vector", ".dora_scale")  # PEFT's and kohya's names for DoRA magnitudes
+_BIAS_SUFFIXES = (".lora_B.bias", ".diff_b")  # PEFT's lora_bias (diffusers' format) and kohya's / ComfyUI's
 
 
 def refuse_pickle(path: Path) -> None:
@@ -50,42 +58,121 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         raise LoraFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
 
 
-def load_lora(path: str | os.PathLike) -> LoraAdapter:
+def load_lora(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> LoraAdapter:
     """Read a LoRA from a PEFT adapter folder or a ``.safetensors`` file.
 
     The scale (``lora_alpha / r``, rsLoRA, ``rank_pattern`` / ``alpha_pattern``, or per-layer
     ``.alpha`` tensors) is resolved per layer and folded into :class:`LoraLayer.scale`.
+
+    Args:
+        path: a PEFT adapter folder, or a ``.safetensors`` file. A file named ``adapter_model.safetensors``
+            reads the ``adapter_config.json`` beside it, as its folder would: the same adapter gives the same
+            scales however it is named.
+        config_path: the adapter's ``adapter_config.json`` when it is elsewhere (a Hub download).
     """
     path = Path(path)
     if not path.exists():
         raise LoraFormatError(f"no such file or folder: {path}")
-    config: dict = {}
-    if path.is_dir():
-        config_path = path / "adapter_config.json"
-        weights = path / "adapter_model.safetensors"
-        if not weights.is_file():
-            pickled = [p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
-            if pickled:
-                refuse_pickle(path / pickled[0])
-            raise LoraFormatError(f"{path} has no adapter_model.safetensors (expected a PEFT adapter folder)")
-        if config_path.is_file():
-            try:
-                config = json.loads(config_path.read_text(encoding="utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise LoraFormatError(f"{config_path} is not valid JSON ({error})") from None
-            if not isinstance(config, dict):
-                raise LoraFormatError(f"{config_path} must hold a JSON object, not a {type(config).__name__}")
-        file_path = weights
-    else:
-        file_path = path
-    tensors, metadata = read_safetensors(file_path)
-    layers, ignored = lora_layers_from_state_dict(tensors, config, str(file_path))
-    source = {"path": str(path), "format": "peft" if path.is_dir() else "safetensors"}
-    if config.get("base_model_name_or_path"):
+    file_path = _adapter_weights(path) if path.is_dir() else path
+    if config_path is None:
+        config_path = adapter_config_beside(file_path)
+    config = read_adapter_config(config_path) if config_path is not None else None
+    tensors, _ = read_safetensors(file_path)
+    layers, ignored = peft_lora_layers(tensors, config, str(file_path))
+    source = {"path": str(path), "format": "peft" if path.is_dir() or config is not None else "safetensors"}
+    if config and config.get("base_model_name_or_path"):
         source["base_model"] = config["base_model_name_or_path"]
     if ignored:
         source["ignored_keys"] = len(ignored)
     return LoraAdapter(layers=layers, source=source)
+
+
+def _adapter_weights(folder: Path) -> Path:
+    """The ``adapter_model.safetensors`` of a PEFT adapter folder (a pickled one is refused by name)."""
+    weights = folder / ADAPTER_WEIGHTS_NAME
+    if not weights.is_file():
+        pickled = [p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickled:
+            refuse_pickle(folder / pickled[0])
+        raise LoraFormatError(f"{folder} has no {ADAPTER_WEIGHTS_NAME} (expected a PEFT adapter folder)")
+    return weights
+
+
+def adapter_config_beside(file_path: str | os.PathLike) -> Path | None:
+    """The ``adapter_config.json`` next to a file named ``adapter_model.safetensors``, if there is one.
+
+    PEFT keeps ``lora_alpha`` (and rsLoRA, rank and alpha patterns) only in that JSON: the weights file
+    alone gives the wrong scale whenever ``lora_alpha != r``.
+    """
+    file_path = Path(file_path)
+    if file_path.name != ADAPTER_WEIGHTS_NAME:
+        return None
+    config_path = file_path.with_name(ADAPTER_CONFIG_NAME)
+    return config_path if config_path.is_file() else None
+
+
+def read_adapter_config(config_path: str | os.PathLike) -> dict:
+    """A PEFT ``adapter_config.json`` as a dict, with a clear error if it is no JSON object."""
+    config_path = Path(config_path)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoraFormatError(f"{config_path} is not valid JSON ({error})") from None
+    except OSError as error:
+        raise LoraFormatError(f"cannot read {config_path} ({error.strerror or error})") from None
+    if not isinstance(config, dict):
+        raise LoraFormatError(f"{config_path} must hold a JSON object, not a {type(config).__name__}")
+    return config
+
+
+def is_peft_state_dict(tensors: dict[str, torch.Tensor]) -> bool:
+    """Keys as PEFT's ``save_pretrained`` writes them (``base_model.model.<layer>.lora_A.weight``)."""
+    return any(key.startswith(_PEFT_PREFIX) for key in tensors)
+
+
+def peft_lora_layers(
+    tensors: dict[str, torch.Tensor], config: dict | None, origin: str
+) -> tuple[dict[str, LoraLayer], list[str]]:
+    """:func:`lora_layers_from_state_dict` for a PEFT adapter's weights, refusing them when the scale is unknown.
+
+    ``config`` is the adapter's ``adapter_config.json``, or None when there is none. PEFT writes
+    ``lora_alpha`` only there, so ``base_model.model.`` keys with neither a config nor ``.alpha``
+    tensors would be merged at scale 1 instead of ``lora_alpha / r`` (4x off for r=4, alpha=16).
+    """
+    if not tensors:
+        raise LoraFormatError(f"{origin} holds no tensors (an empty safetensors file)")
+    layers, ignored = lora_layers_from_state_dict(tensors, config, origin)  # shapes, NaN, DoRA, biases first
+    if config is None and is_peft_state_dict(tensors) and not any(key.endswith(".alpha") for key in tensors):
+        example = next(key for key in tensors if key.startswith(_PEFT_PREFIX))
+        raise LoraFormatError(
+            f"{origin} holds PEFT adapter weights ({example!r}) without their {ADAPTER_CONFIG_NAME}: the "
+            f"adapter's lora_alpha, and so its scale, is unknown. Pass the adapter folder (with "
+            f"{ADAPTER_CONFIG_NAME} beside {ADAPTER_WEIGHTS_NAME}), or put its {ADAPTER_CONFIG_NAME} next to the file"
+        )
+    return layers, ignored
+
+
+def check_supported_key(key: str, tensor: torch.Tensor, origin: str) -> bool:
+    """Refuse a key Share cannot hold; True if the key carries nothing and may be left out (a zero bias).
+
+    DoRA rescales each column of ``W0 + dW`` by a learned magnitude, and a LoRA bias adds a vector to
+    the layer's output: neither is part of the low-rank update ``lora_B @ lora_A`` that the Share
+    subspace stores, so merging the rest would give another style than stock diffusers or PEFT.
+    Checked on a file's own keys: diffusers' converters drop ``dora_scale`` and ``diff_b`` keys.
+    """
+    if any(marker in key for marker in _DORA_MARKERS):
+        raise LoraFormatError(
+            f"{origin}: {key!r} is a DoRA magnitude vector; DoRA adapters are not supported (Share holds the "
+            "low-rank update lora_B @ lora_A only; expected a plain LoRA)"
+        )
+    if key.endswith(_BIAS_SUFFIXES):
+        if not bool((tensor == 0).all()):
+            raise LoraFormatError(
+                f"{origin}: {key!r} is a LoRA bias; Share holds the low-rank update lora_B @ lora_A only and "
+                "would drop it (expected lora_A / lora_B weights and alphas only; a bias of zeros is accepted)"
+            )
+        return True
+    return False
 
 
 def lora_layers_from_state_dict(
@@ -113,9 +200,8 @@ def lora_layers_from_state_dict(
             if not math.isfinite(alpha):
                 raise LoraFormatError(f"{origin}: tensor {key!r} holds alpha {alpha}; an alpha must be a finite number")
             alphas[name.removesuffix(".alpha")] = alpha
-        elif "lora_magnitude_vector" in name:
-            raise LoraFormatError(f"{origin}: {key!r} is a DoRA magnitude vector; DoRA adapters are not supported")
         else:
+            check_supported_key(key, tensor, origin)
             ignored.append(key)
     if not pairs:
         raise LoraFormatError(
@@ -201,21 +287,41 @@ def save_lora(
 ) -> Path:
     """Write a LoRA that stock PEFT and diffusers load, with ``lora_alpha = r`` (so the scale is 1).
 
-    ``path`` ending in ``.safetensors``: one file with ``<layer>.lora_A.weight`` / ``lora_B.weight`` keys
-    (diffusers' format; ``key_prefix="transformer."`` for a pipeline's transformer). Any other path: a PEFT
-    adapter folder (``adapter_config.json`` and ``adapter_model.safetensors`` with ``base_model.model.`` keys)
-    for ``PeftModel.from_pretrained``.
-    The file is written to a temporary name and renamed, so a failure leaves no partial file.
-    """
-    from safetensors.torch import save_file
+    Args:
+        adapter: the factors to write; every layer must have the same rank.
+        path: ending in ``.safetensors`` (any case): one file with ``<layer>.lora_A.weight`` /
+            ``lora_B.weight`` keys (diffusers' format). Any other path: a PEFT adapter folder
+            (``adapter_config.json`` and ``adapter_model.safetensors`` with ``base_model.model.`` keys)
+            for ``PeftModel.from_pretrained``.
+        base_model: recorded as the PEFT config's ``base_model_name_or_path``.
+        key_prefix: put before each key of a file (``"transformer."`` for a pipeline's transformer); a
+            PEFT folder has its own prefix, so a ``key_prefix`` with a folder path is refused.
 
+    Returns the path of the tensor file. Every file is written to a temporary name and renamed, the
+    config after the weights, so a failure leaves a previous export as it was (and no partial file).
+    """
     path = Path(path)
     ranks = {layer.rank for layer in adapter.layers.values()}
     if len(ranks) != 1:
         raise ShareValueError(f"export needs one rank for every layer, got ranks {sorted(ranks)}")
     rank = ranks.pop()
-    as_folder = path.suffix != ".safetensors"
-    prefix = _PEFT_PREFIX if as_folder else key_prefix
+    as_folder = path.suffix.lower() != ".safetensors"
+    if as_folder and key_prefix:
+        raise ShareValueError(
+            f"{path} is no .safetensors file: it would be written as a PEFT adapter folder, whose keys start with "
+            f"{_PEFT_PREFIX!r}, not key_prefix={key_prefix!r}; give a .safetensors path (or a folder's "
+            f"{DIFFUSERS_LORA_NAME})"
+        )
+    tensors = _lora_tensors(adapter, _PEFT_PREFIX if as_folder else key_prefix)
+    metadata = {"format": "pt", "share_style": str(adapter.source.get("share_style", ""))}
+    target = path / ADAPTER_WEIGHTS_NAME if as_folder else path
+    config = _peft_config(adapter, rank, base_model) if as_folder else None
+    _write_atomically(target, tensors, metadata, config)
+    return target
+
+
+def _lora_tensors(adapter: LoraAdapter, prefix: str) -> dict[str, torch.Tensor]:
+    """``lora_A`` / ``lora_B`` tensors with the scale folded into ``lora_A`` (so ``lora_alpha = r``)."""
     tensors = {}
     for name, layer in adapter.layers.items():
         down, up = layer.down * layer.scale, layer.up
@@ -223,32 +329,48 @@ def save_lora(
             down, up = down[:, :, None, None], up[:, :, None, None]
         tensors[f"{prefix}{name}.lora_A.weight"] = down.contiguous()
         tensors[f"{prefix}{name}.lora_B.weight"] = up.contiguous()
-    metadata = {"format": "pt", "share_style": str(adapter.source.get("share_style", ""))}
-    target = path / "adapter_model.safetensors" if as_folder else path
+    return tensors
+
+
+def _peft_config(adapter: LoraAdapter, rank: int, base_model: str | None) -> dict:
+    return {
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": rank,
+        "target_modules": sorted(adapter.layers),
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "base_model_name_or_path": base_model,
+        "task_type": None,
+        "use_rslora": False,
+    }
+
+
+def _write_atomically(target: Path, tensors: dict, metadata: dict, config: dict | None) -> None:
+    """The tensor file (and the PEFT config beside it) through temporary files, renamed weights first.
+
+    The config is renamed last: until both are in place, a previous export's config still matches
+    its weights (the rank ``load_lora`` checks), and a failure before the renames changes nothing.
+    """
+    from safetensors.torch import save_file
+
     tmp = target.with_name(f".{target.name}.tmp")
+    config_path = target.with_name(ADAPTER_CONFIG_NAME)
+    config_tmp = config_path.with_name(f".{ADAPTER_CONFIG_NAME}.tmp")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.unlink(missing_ok=True)  # a leftover of an interrupted export of this same file
         mode = create_empty_file(tmp)
         save_file(tensors, str(tmp), metadata=metadata)
         set_file_mode(tmp, mode)  # safetensors writes 0600; an exported LoRA is an ordinary file
-        if as_folder:
-            config = {
-                "peft_type": "LORA",
-                "r": rank,
-                "lora_alpha": rank,
-                "target_modules": sorted(adapter.layers),
-                "lora_dropout": 0.0,
-                "bias": "none",
-                "base_model_name_or_path": base_model,
-                "task_type": None,
-                "use_rslora": False,
-            }
-            (path / "adapter_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+        if config is not None:
+            config_tmp.write_text(json.dumps(config, indent=2), encoding="utf-8")
         os.replace(tmp, target)
+        if config is not None:
+            os.replace(config_tmp, config_path)
     except OSError as error:
         raise ShareIOError(f"cannot write the LoRA to {target} ({error.strerror or error})") from None
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return target
+        for leftover in (tmp, config_tmp) if config is not None else (tmp,):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)

@@ -443,3 +443,72 @@ def test_alpha_tensor_nan_is_refused_in_a_plain_file(tmp_path):
     save_file(tensors, str(path))
     with pytest.raises(LoraFormatError, match=r"lora.safetensors: tensor 'blocks.0.to_q.alpha' holds alpha nan"):
         load_lora(path)
+
+
+def _foreign_files(root, loras):
+    """LoRA files with no Flux transformer layer Share could merge, and what the refusal must say."""
+    generator = torch.Generator().manual_seed(0)
+
+    def pair(stem, n_out, d_in, down="lora_A", up="lora_B"):
+        return {
+            f"{stem}.{down}.weight": torch.randn(4, d_in, generator=generator),
+            f"{stem}.{up}.weight": torch.randn(n_out, 4, generator=generator),
+        }
+
+    kohya_te = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    kohya_unet = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+    files = {
+        "text-encoder": pair("text_encoder.text_model.encoder.layers.0.self_attn.q_proj", 32, 32),
+        "kohya-text-encoder": {
+            **pair(kohya_te, 32, 32, "lora_down", "lora_up"),
+            f"{kohya_te}.alpha": torch.tensor(2.0),
+        },
+        "unet": pair("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 640, 640),
+        "kohya-unet": {
+            **pair(kohya_unet, 640, 640, "lora_down", "lora_up"),
+            f"{kohya_unet}.alpha": torch.tensor(4.0),
+        },
+        "unprefixed": pair("transformer_blocks.0.attn.to_q", 32, 32),
+        "empty": {},
+        "no-share-layer": load_file(str(loras["ff"])),
+    }
+    paths = {}
+    for name, tensors in files.items():
+        paths[name] = root / f"{name}.safetensors"
+        save_file(tensors, str(paths[name]))
+    return paths
+
+
+FOREIGN = [
+    ("text-encoder", r"text-encoder.safetensors holds only text-encoder layers \(e.g. 'text_encoder.text_model[^)]+\)"),
+    ("kohya-text-encoder", r"kohya-text-encoder.safetensors holds only text-encoder layers \(e.g. 'lora_te1_"),
+    ("unet", r"unet.safetensors holds UNet layers .* it is a LoRA for another model \(Stable Diffusion / SDXL\)"),
+    ("kohya-unet", r"kohya-unet.safetensors: .*its keys name UNet blocks .*a LoRA for another model"),
+    (
+        "unprefixed",
+        r"unprefixed.safetensors: its keys lack diffusers' 'transformer.' prefix \(e.g. "
+        r"'transformer_blocks.0.attn.to_q.lora_A.weight', expected 'transformer.transformer_blocks.0.attn.to_q",
+    ),
+    ("empty", r"empty.safetensors holds no tensors \(an empty safetensors file\)"),
+    (
+        "no-share-layer",
+        r"no-share-layer.safetensors: none of the LoRA's 2 transformer layer\(s\) \(e.g. "
+        r"'transformer_blocks.0.ff.net.2'\) is one of the \d+ Share layer\(s\)",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def foreign(tmp_path_factory, loras):
+    root = tmp_path_factory.mktemp("foreign")
+    loras = {**loras, "ff": write_diffusers_lora(root / "ff", seed=4, rank=2, alpha=2, targets=["ff.net.2"])}
+    return _foreign_files(root, loras)
+
+
+@pytest.mark.parametrize(("case", "message"), FOREIGN, ids=[case for case, _ in FOREIGN])
+def test_loras_without_flux_transformer_layers_say_what_they_hold(pipe, foreign, case, message):
+    before = _state(pipe)
+    with pytest.raises(ShareError, match=message) as caught:
+        pipe.merge_lora(foreign[case], style_name="bad")
+    assert "\n" not in str(caught.value) and "'no transformer layer'" not in str(caught.value)
+    _assert_unchanged(pipe, before)
