@@ -2,6 +2,7 @@
 
     share-diffusers compress LORA... -o OUT [-k K | --variance F] [-p P] [--names N...]
     share-diffusers merge OUT LORA [--name N]
+    share-diffusers rename OUT OLD NEW
     share-diffusers inspect OUT [--json] [--similarity] [--png HEAT_MAP.png]
     share-diffusers export OUT STYLE -o FILE.safetensors
     share-diffusers generate [--model M] --factors OUT --style STYLE --prompt TEXT -o out.png
@@ -21,6 +22,7 @@ import os
 import re
 import statistics
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,8 +31,8 @@ from tqdm.auto import tqdm
 
 from .core import LoraAdapter, ShareConfig, ShareFactors, load_factors, save_factors, style_as_lora
 from .core.block_weights import KNOWN_ALIASES, BlockLayout
-from .core.checkpoint import CONFIG_NAME, checkpoint_files
-from .core.errors import LoraFormatError
+from .core.checkpoint import CONFIG_NAME, UnaddressableStyleNameWarning, checkpoint_files
+from .core.errors import LoraFormatError, ShapeMismatchError, ShareValueError
 from .core.similarity import (
     NEAR_DUPLICATE_THRESHOLD,
     StyleSimilarity,
@@ -73,13 +75,6 @@ _STYLE_BLOCKS_HELP = (
 )
 
 
-def _style_name_for(source: str) -> str:
-    path = Path(source.rstrip("/"))
-    if path.is_dir() or not path.exists():  # a folder, or a Hub id: its last part
-        return path.name
-    return path.stem
-
-
 def read_lora_source(source: str, weight_name: str | None = None, revision: str | None = None) -> LoraAdapter:
     """A LoRA from a PEFT folder, a ``.safetensors`` file, or a Hub repo id, in any layout we read.
 
@@ -107,7 +102,10 @@ def read_lora_source(source: str, weight_name: str | None = None, revision: str 
                 file=sys.stderr,
             )
         return LoraAdapter(converted.transformer, source={**provenance, "format": "flux"})
-    adapter = load_lora(file)
+    from .loader import peft_adapter_config_path
+
+    # A Hub repo's adapter_model.safetensors needs the adapter_config.json beside it there (lora_alpha).
+    adapter = load_lora(file, config_path=peft_adapter_config_path(file, provenance))
     adapter.source.update(provenance)
     return adapter
 
@@ -118,10 +116,20 @@ def _looks_like_flux(tensors: dict) -> bool:
     return any(key.startswith(markers) or ".lora_down." in key for key in tensors)
 
 
+def default_style_name(source: str, adapter: LoraAdapter) -> str:
+    """The name ``ShareFluxPipeline.merge_lora`` gives a LoRA: a Hub repo's name, a file's stem, or its folder's
+    name for the generic file names diffusers and PEFT write (``pytorch_lora_weights``, ``adapter_model``)."""
+    from .loader import _default_name
+
+    path = Path(adapter.source.get("path") or source)
+    if path.is_dir():  # a PEFT folder: named as the pipeline names its adapter_model.safetensors
+        path = path / "adapter_model.safetensors"
+    return _default_name(source, path)
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
-    names = args.names or [_style_name_for(src) for src in args.sources]
-    if len(names) != len(args.sources):
-        raise ValueError(f"got {len(args.sources)} LoRAs but {len(names)} names")
+    if args.names is not None and len(args.names) != len(args.sources):
+        raise ValueError(f"got {len(args.sources)} LoRAs but {len(args.names)} names")
     out = Path(args.output)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a Share checkpoint; use 'merge' to add to it or --overwrite")
@@ -134,6 +142,12 @@ def cmd_compress(args: argparse.Namespace) -> None:
         normalize=args.normalize,
     )
     adapters = [read_lora_source(src) for src in tqdm(args.sources, desc="reading LoRAs", disable=args.quiet)]
+    names = args.names or [
+        default_style_name(src, adapter) for src, adapter in zip(args.sources, adapters, strict=True)
+    ]
+    repeated = next((name for name in names if names.count(name) > 1), None)
+    if args.names is None and repeated is not None:
+        raise ValueError(f"two LoRAs would both be named {repeated!r} (after their files or folders); pass --names")
     factors = ShareFactors.fit(adapters, names, config, base_model=args.base_model, progress=not args.quiet)
     save_factors(factors, out, dtype=getattr(torch, args.dtype))
     _print_summary(factors, out)
@@ -142,7 +156,8 @@ def cmd_compress(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     factors = load_factors(args.checkpoint)
     adapter = read_lora_source(args.source, args.weight_name, args.revision)
-    name = args.name or _style_name_for(args.source)
+    check_adapter_fits(factors, adapter, args.source)
+    name = args.name or default_style_name(args.source, adapter)
     factors.merge(adapter, name, progress=not args.quiet)
     save_factors(factors, args.checkpoint)
     print(f"merged {name!r} (error {factors.style_error(name):.4f}); {len(factors.styles)} styles in {args.checkpoint}")
@@ -153,6 +168,51 @@ def cmd_merge(args: argparse.Namespace) -> None:
             f"warning: {message}; 'share-diffusers inspect {args.checkpoint} --similarity' compares all pairs",
             file=sys.stderr,
         )
+
+
+def check_adapter_fits(factors: ShareFactors, adapter: LoraAdapter, source: str) -> None:
+    """Refuse a LoRA made for another model than the checkpoint's, before anything is merged.
+
+    Its layers must overlap the checkpoint's; a checkpoint of Flux transformer layers takes no layer outside the
+    Flux transformer's module names; and where both record a base model Hub id, the two must be the same.
+    (Layer shapes are checked by the merge itself.)
+    """
+    from .hub import hub_model_id
+
+    layers, held = sorted(adapter.layers), sorted(factors.layers)
+    if not held:  # an empty checkpoint: any LoRA starts it
+        return
+
+    def examples(names: list[str]) -> str:
+        return ", ".join(repr(name) for name in names[:2]) + (f" (of {len(names)})" if len(names) > 2 else "")
+
+    if not set(layers) & set(held):
+        raise ShapeMismatchError(
+            f"{source}: none of the LoRA's layers are in the checkpoint: the LoRA has {examples(layers)}, the "
+            f"checkpoint {examples(held)}; is the LoRA for another model?"
+        )
+    if is_flux_transformer_checkpoint(factors):
+        foreign = [name for name in layers if not _FLUX_TRANSFORMER_LAYER.fullmatch(name)]
+        if foreign:
+            raise ShapeMismatchError(
+                f"{source}: the LoRA has layers that are not in a Flux transformer ({examples(foreign)}), and this "
+                f"checkpoint is for one (its layers: {examples(held)}); is the LoRA for another model?"
+            )
+    ours, theirs = hub_model_id(factors.base_model), hub_model_id(adapter.source.get("base_model"))
+    if ours and theirs and ours.lower() != theirs.lower():
+        raise ShareValueError(
+            f"{source}: the LoRA was made for {theirs!r} but the checkpoint holds styles for {ours!r}; merge LoRAs "
+            "of that model, or compress a new checkpoint for this one"
+        )
+
+
+def cmd_rename(args: argparse.Namespace) -> None:
+    with warnings.catch_warnings():  # the checkpoint's old names are what this command is for
+        warnings.simplefilter("ignore", UnaddressableStyleNameWarning)
+        factors = load_factors(args.checkpoint)
+    factors.rename_style(args.old, args.new)
+    save_factors(factors, args.checkpoint)
+    print(f"renamed {args.old!r} to {args.new!r} in {args.checkpoint}")
 
 
 def summary(factors: ShareFactors, directory: Path | None = None) -> dict:
@@ -366,7 +426,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     if is_flux_transformer_checkpoint(factors):
         # What stock FluxPipeline.load_lora_weights loads: diffusers keys under "transformer.", a file,
         # or a folder holding the file save_lora_weights writes.
-        target = output if output.suffix == ".safetensors" else output / FLUX_LORA_FILE
+        target = output if output.suffix.lower() == ".safetensors" else output / FLUX_LORA_FILE
         target = save_lora(adapter, target, key_prefix="transformer.")
         kind = "diffusers Flux LoRA: pipe.load_lora_weights"
     else:
@@ -454,6 +514,12 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     merge.set_defaults(func=cmd_merge)
 
+    rename = commands.add_parser("rename", help="give a style a new name (old checkpoints' unusable names too)")
+    rename.add_argument("checkpoint")
+    rename.add_argument("old", help="the style's name as the checkpoint holds it (taken literally, not as a blend)")
+    rename.add_argument("new", help="the new name (no '=', ',' or control characters)")
+    rename.set_defaults(func=cmd_rename)
+
     inspect = commands.add_parser("inspect", help="styles, k, p, errors and storage of a checkpoint")
     inspect.add_argument("checkpoint")
     inspect.add_argument("--json", action="store_true", help="machine-readable output")
@@ -525,6 +591,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warnings(show_other):
+    """A ``warnings.showwarning`` that prints our own warnings as one ``warning: ...`` line, like the errors, and
+    hands other libraries' to ``show_other``."""
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if category.__module__.startswith("share_diffusers."):
+            print(f"warning: {error_line(message)}", file=sys.stderr)
+        else:
+            show_other(message, category, filename, lineno, file, line)
+
+    return show
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command_at = next((i for i, arg in enumerate(argv) if arg not in ("-q", "--quiet")), len(argv))
@@ -535,11 +614,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve_main(argv[command_at + 1 :])
     args = build_parser().parse_args(argv)
-    if args.command in ("merge", "inspect", "export") and not os.path.isdir(args.checkpoint):
+    if args.command in ("merge", "rename", "inspect", "export") and not os.path.isdir(args.checkpoint):
         print(f"error: no Share checkpoint folder at {args.checkpoint}", file=sys.stderr)
         return 1
     try:
-        args.func(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warnings(warnings.showwarning)
+            args.func(args)
     except USER_ERRORS as error:
         print(f"error: {error_line(error)}", file=sys.stderr)
         return 1

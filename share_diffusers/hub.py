@@ -6,11 +6,16 @@ errors are turned into one-line messages that say which repo, file or revision w
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import json
 import os
+import re
 import tempfile
-from pathlib import Path
+import unicodedata
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -21,6 +26,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 
 from .core.checkpoint import CONFIG_NAME, read_document, save_factors
 from .core.errors import ShareError
@@ -160,9 +166,28 @@ def resolve_lora_file(
         local_files_only=local_files_only,
     )
     source = {"repo_id": repo_id, "weight_name": weight_name, "revision": revision or "main"}
+    commit = snapshot_commit(file)
+    if commit is not None:  # what was downloaded: a branch or tag moves on, the commit does not
+        source["commit"] = commit
     if subfolder:
         source["subfolder"] = subfolder
     return file, source
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def snapshot_commit(path: str | os.PathLike) -> str | None:
+    """The commit a file of the ``huggingface_hub`` cache was downloaded at, or None for other paths.
+
+    The cache keeps every file under ``.../snapshots/<commit sha>/<path in repo>`` (``hf_hub_download``'s
+    return value), whatever branch or tag was asked for.
+    """
+    parts = Path(path).parts
+    for index in range(len(parts) - 2, 0, -1):
+        if parts[index - 1] == "snapshots" and _COMMIT.fullmatch(parts[index]):
+            return parts[index]
+    return None
 
 
 def _pick_weight(candidates: list[str], where: str, everything: list[str]) -> str:
@@ -202,38 +227,51 @@ def resolve_share_factors(
     )
     config_path = download(repo_id, CONFIG_NAME, **hub)
     document = read_document(config_path)
+    # The tensor file of the same commit as the JSON, even if the branch moves between the two downloads.
+    hub["revision"] = snapshot_commit(config_path) or revision
     weights_path = download(repo_id, document["weights_file"], **hub)
     return config_path.parent, weights_path
 
 
 def model_card(factors: ShareFactors, repo_id: str) -> ModelCard:
-    """A model card listing the styles, their sources, k, p and reconstruction errors."""
+    """A model card listing the styles, their sources, k, p and reconstruction errors.
+
+    The metadata names ``base_model`` only when the factors record a Hub repo id (not a local folder);
+    sources show file names, not local paths (:func:`public_factors`); style names are escaped for the
+    table and written as Python string literals in the code snippet.
+    """
     config = factors.config
     rank = f"k = {config.rank}" if config.rank is not None else f"k by explained variance {config.variance}"
     rows = "\n".join(
-        f"| {style.name} | {_source_text(style.source)} | {style.rank} | {factors.style_error(style.name):.2e} |"
+        f"| {_table_cell(style.name)} | {_table_cell(_source_text(_public_source(style.source)))} | {style.rank} "
+        f"| {factors.style_error(style.name):.2e} |"
         for style in factors.styles
     )
-    base = factors.base_model or "unknown"
+    base = hub_model_id(factors.base_model)
+    data = ModelCardData(
+        library_name="share-diffusers", base_model=base, tags=["share-diffusers", "lora", "text-to-image"]
+    )
+    base_text = f"`{base}`" if base else "a Flux model (no Hub id of it recorded)"
+    load_base = (
+        f"pipe = ShareFluxPipeline.from_pretrained({_python_string(base)})"
+        if base
+        else 'pipe = ShareFluxPipeline.from_pretrained("FLUX_MODEL_ID")  # the Flux model the styles were made for'
+    )
+    style = _python_string(factors.style_names[0] if factors.styles else "STYLE")
     content = f"""---
-library_name: share-diffusers
-base_model: {base}
-tags:
-- share-diffusers
-- lora
-- text-to-image
+{data.to_yaml()}
 ---
 
 # {repo_id}
 
-Share factors for `{base}`: {len(factors.styles)} styles in one shared low-rank subspace per layer
+Share factors for {base_text}: {len(factors.styles)} styles in one shared low-rank subspace per layer
 ({rank}, pseudo-rank p = {config.pseudo_rank}, {len(factors.layers)} layers).
 
 ```python
 from share_diffusers import ShareFluxPipeline
-pipe = ShareFluxPipeline.from_pretrained("{base}")
-pipe.load_share_factors("{repo_id}")
-image = pipe("a castle", style="{factors.style_names[0] if factors.styles else "STYLE"}").images[0]
+{load_base}
+pipe.load_share_factors({_python_string(repo_id)})
+image = pipe("a castle", style={style}).images[0]
 ```
 
 | style | source | LoRA rank | relative error of dW |
@@ -243,10 +281,70 @@ image = pipe("a castle", style="{factors.style_names[0] if factors.styles else "
     return ModelCard(content)
 
 
+def hub_model_id(model: str | None) -> str | None:
+    """``model`` if it is a Hub repo id (``validate_repo_id``) and not an existing local path; else None."""
+    if not model:
+        return None
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return None
+    return None if Path(model).expanduser().exists() else model
+
+
+def _python_string(text: str) -> str:
+    """``text`` as a double-quoted Python string literal (quotes, backslashes, newlines escaped)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def _table_cell(text: str) -> str:
+    """``text`` as one Markdown table cell: line breaks and control characters as spaces; ``|``, backticks,
+    ``*``, ``<``, ``>`` and backslashes escaped (a name cannot end the cell, open code, emphasis or HTML)."""
+    text = "".join(" " if unicodedata.category(char) in ("Cc", "Zl", "Zp") else char for char in text)
+    return re.sub(r"([\\`*|<>])", r"\\\1", text)
+
+
 def _source_text(source: dict) -> str:
     if "repo_id" in source:
-        return f"{source['repo_id']} ({source.get('weight_name', '')}@{source.get('revision', 'main')})"
+        commit = f", commit {source['commit'][:10]}" if isinstance(source.get("commit"), str) else ""
+        return f"{source['repo_id']} ({source.get('weight_name', '')}@{source.get('revision', 'main')}{commit})"
     return source.get("path") or source.get("trained_from") or "-"
+
+
+_PATH_KEYS = ("path", "trained_from")  # provenance fields that hold a local file or folder
+
+
+def _file_name(path: str) -> str:
+    """The last part of a POSIX or Windows path."""
+    return PureWindowsPath(PurePosixPath(path).name).name
+
+
+def _public_source(source: dict) -> dict:
+    """Provenance fit to publish: local paths reduced to their file names (nested records too).
+
+    ``base_model`` (a PEFT adapter's ``base_model_name_or_path``) stays when it is a Hub repo id.
+    """
+    public = {}
+    for key, value in source.items():
+        if isinstance(value, dict):
+            value = _public_source(value)
+        elif isinstance(value, str) and key in _PATH_KEYS:
+            value = _file_name(value)
+        elif isinstance(value, str) and key == "base_model":
+            value = hub_model_id(value) or _file_name(value)
+        public[key] = value
+    return public
+
+
+def public_factors(factors: ShareFactors) -> ShareFactors:
+    """A copy of ``factors`` to publish: the base model only if a Hub repo id, sources without local paths.
+
+    The layers are shared with ``factors``, not copied; ``factors`` itself is unchanged.
+    """
+    public = copy.copy(factors)  # a shallow copy: whatever else the factors hold comes along as it is
+    public.styles = [dataclasses.replace(style, source=_public_source(style.source)) for style in factors.styles]
+    public.base_model = hub_model_id(factors.base_model)
+    return public
 
 
 def push_share_factors(
@@ -256,13 +354,30 @@ def push_share_factors(
     private: bool | None = None,
     token: str | bool | None = None,
     commit_message: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
 ) -> str:
-    """Create (or reuse) a Hub repo and upload the checkpoint with its model card; returns the commit URL."""
+    """Create (or reuse) a Hub repo and upload the checkpoint with its model card; returns the commit URL.
+
+    What is uploaded is :func:`public_factors`: no local paths (a local base model folder is left out,
+    LoRA sources keep their file names); the local checkpoint is not changed.
+
+    Args:
+        private: make a new repo private.
+        token: as ``huggingface_hub`` takes it (default: the saved login).
+        commit_message: default ``"Share factors: N styles"``.
+        revision: the branch to commit to (created from the default branch if missing); default the main branch.
+        create_pr: open a pull request with the upload instead of committing (to ``revision`` if given); the
+            pull request's URL is returned.
+    """
     api = HfApi(token=token)
     _hub_call(api.create_repo, repo_id, "the repo", private=private, exist_ok=True)
+    if revision is not None and not revision.startswith("refs/pr/"):  # as transformers' push_to_hub does
+        _hub_call(api.create_branch, repo_id, f"the branch {revision!r}", branch=revision, exist_ok=True)
+    public = public_factors(factors)
     with tempfile.TemporaryDirectory() as folder:
-        save_factors(factors, folder)
-        model_card(factors, repo_id).save(os.path.join(folder, "README.md"))
+        save_factors(public, folder)
+        model_card(public, repo_id).save(os.path.join(folder, "README.md"))
         commit = _hub_call(
             api.upload_folder,
             repo_id,
@@ -270,5 +385,8 @@ def push_share_factors(
             folder_path=folder,
             commit_message=commit_message or f"Share factors: {len(factors.styles)} styles",
             delete_patterns=["share_factors-*.safetensors"],
+            revision=revision,
+            create_pr=create_pr,
         )
-    return str(getattr(commit, "commit_url", commit))
+    url = getattr(commit, "pr_url", None) if create_pr else None
+    return str(url or getattr(commit, "commit_url", commit))

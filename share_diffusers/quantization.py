@@ -78,7 +78,11 @@ def load_quantized_transformer(model: str, quantize: str, dtype: torch.dtype):
             torch_dtype=dtype,
         )
     return FluxTransformer2DModel.from_pretrained(
-        model, subfolder="transformer", quantization_config=quantization_config(quantize, dtype), torch_dtype=dtype
+        model,
+        subfolder="transformer",
+        quantization_config=quantization_config(quantize, dtype),
+        torch_dtype=dtype,
+        use_safetensors=True,  # never unpickle: a repo holding only .bin weights is refused
     )
 
 

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .core.errors import ShareError
+from .core.errors import ShareError, ShareValueError
 from .core.model import BlockWeight, StyleSpec
 from .fashion.data import CLASS_NAMES, prompt_for
 from .fashion.model import DEMO_CALL, DEMO_GUIDANCE, DEMO_PIPELINE_DIR, DEMO_STYLES_DIR, RESOLUTION
+from .lora_files import PICKLE_SUFFIXES
 from .quantization import check_quantize, load_quantized_transformer, quantize_in_place
 
 __all__ = [
@@ -400,7 +401,8 @@ def load_pipeline(
             ``dtype`` is then its compute dtype.
 
     Raises:
-        ValueError: an unknown device or dtype; OSError: a model that cannot be found or read.
+        ValueError: an unknown device or dtype, a local model whose weights are pickle files only (weights are
+            read from .safetensors files only); OSError: a model that cannot be found or read.
     """
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -432,22 +434,38 @@ def load_pipeline(
 
 
 def _from_pretrained(pipeline_class, model: str, torch_dtype: torch.dtype, quantize: str | None):
+    # use_safetensors=True: weights only as .bin (pickle, read with torch.load) are refused, never loaded.
     if quantize is None:
-        return pipeline_class.from_pretrained(model, torch_dtype=torch_dtype)
+        return pipeline_class.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True)
     transformer = load_quantized_transformer(model, quantize, torch_dtype)
-    return pipeline_class.from_pretrained(model, transformer=transformer, torch_dtype=torch_dtype)
+    return pipeline_class.from_pretrained(model, transformer=transformer, torch_dtype=torch_dtype, use_safetensors=True)
 
 
 def _check_model_source(model: str) -> None:
-    """A local folder must hold a diffusers pipeline; anything else must look like a Hub repo id."""
+    """A local folder must hold a diffusers pipeline with .safetensors weights; anything else must look like a
+    Hub repo id."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{model} holds no diffusers pipeline (model_index.json missing)")
+        _refuse_pickled_components(path)
     elif model.startswith(("/", ".", "~")) or model.count("/") != 1:
         raise FileNotFoundError(
             f"{model!r} is neither a local diffusers pipeline folder nor a Hub repo id like 'user/name'"
         )
+
+
+def _refuse_pickled_components(path: Path) -> None:
+    """Name the first component folder whose weights are pickle files only (diffusers would say a file is missing)."""
+    for component in sorted(child for child in path.iterdir() if child.is_dir()):
+        files = [child.name for child in component.iterdir() if child.is_file()]
+        pickled = sorted(name for name in files if name.lower().endswith(PICKLE_SUFFIXES))
+        if pickled and not any(name.endswith(".safetensors") for name in files):
+            raise ShareValueError(
+                f"{component} holds its weights only as pickle files ({', '.join(pickled)}); share-diffusers loads "
+                ".safetensors only, never torch.load (unpickling can run arbitrary code). Convert the pipeline: "
+                "load it where you trust the files and save_pretrained(..., safe_serialization=True)"
+            )
 
 
 def load_styles(pipe, model: str | None, factors: str | None = None, demo_styles: bool | None = None) -> list:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import warnings
 
 import pytest
 import torch
@@ -265,7 +266,6 @@ BAD_FIELDS = {
     "style-name-number": (_edit_style(0, name=5), r"field 'styles\[0\].name' must be a string, got 5"),
     "style-name-empty": (_edit_style(1, name=""), "style name must be a non-empty string, got ''"),
     "style-name-duplicate": (_edit_style(1, name="ink"), "a style named 'ink' already exists"),
-    "style-name-syntax": (_edit_style(1, name="a=1,b"), "contains '='"),
     "style-rank-string": (_edit_style(0, rank="3"), r"field 'styles\[0\].rank' must be a non-negative integer"),
     "style-source-list": (_edit_style(0, source=[]), r"field 'styles\[0\].source' must be an object"),
     "style-error-nan": (_edit_style(0, error=float("nan")), r"field 'styles\[0\].error' must be a non-negative"),
@@ -281,6 +281,10 @@ BAD_FIELDS = {
     "config-p-zero": (_set_config(pseudo_rank=0), "pseudo_rank p must be >= 1"),
     "config-unknown": (_set_config(alpha=1), "unknown field 'config.alpha'"),
     "dtype-number": (_set("dtype", 3), "field 'dtype' must be one of float32"),
+    "dtype-list": (
+        _set("dtype", ["float32"]),
+        r"field 'dtype' must be one of float32, bfloat16, float16, got \['float32'\]",
+    ),
     "base-model-number": (_set("base_model", 7), "field 'base_model' must be a string or null"),
     "targets-string": (_set("target_modules", "to_q"), "field 'target_modules' must be a list"),
 }
@@ -345,9 +349,87 @@ def test_unsavable_factors_are_refused_before_writing(tmp_path, factors):
     factors.layers["blocks.0.to_q"].core_out[0, 0, 0] = 1e6  # fine in float32, overflows float16
     with pytest.raises(FactorValueError, match="holds NaN or Inf in torch.float16; save in float32"):
         save_factors(factors, tmp_path / "half", dtype=torch.float16)
-    factors.styles[1].name = "a,b"
-    with pytest.raises(StyleError, match="cannot save: style name 'a,b' contains ','"):
+    factors.styles[1].name = "ink"
+    with pytest.raises(StyleError, match="cannot save: a style named 'ink' already exists"):
         save_factors(factors, tmp_path / "names")
+    factors.styles[1].name = " "
+    with pytest.raises(StyleError, match="cannot save: style name must be a non-empty string, got ' '"):
+        save_factors(factors, tmp_path / "names")
+    assert not (tmp_path / "names").exists()
+
+
+@pytest.mark.parametrize("failure", ["folder", "write"])
+def test_a_failed_save_leaves_the_storage_dtype(tmp_path, factors, monkeypatch, failure):
+    """``factors.storage_dtype`` follows a save only once it is committed: a refused bfloat16 save does not make
+    the next plain save bfloat16."""
+    if failure == "folder":
+        (tmp_path / "a-file").write_text("")
+        target = tmp_path / "a-file" / "sub"  # a folder cannot be made under a file
+    else:
+        target = tmp_path / "full-disk"
+
+        def no_space(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(checkpoint_module, "save_file", no_space)
+    with pytest.raises(checkpoint_module.ShareIOError, match="cannot"):
+        save_factors(factors, target, dtype=torch.bfloat16)
+    assert factors.storage_dtype == torch.float32
+    monkeypatch.undo()
+    save_factors(factors, tmp_path / "next")
+    assert json.loads((tmp_path / "next" / "share_config.json").read_text())["dtype"] == "float32"
+    assert {t.dtype for t in load_file(_weights_file(tmp_path / "next")).values()} == {torch.float32}
+    save_factors(factors, tmp_path / "half", dtype=torch.bfloat16)  # a committed save does set it
+    assert factors.storage_dtype == torch.bfloat16
+    assert load_factors(tmp_path / "half").storage_dtype == torch.bfloat16
+
+
+OLD_NAMES = {"ink": "ghibli, watercolor", "neon": "neon=v2"}  # names a previous release wrote
+
+
+def _with_old_names(directory):
+    """The checkpoint in ``directory`` as the previous release wrote it: style names the style syntax cannot address."""
+    document = json.loads((directory / "share_config.json").read_text())
+    for style in document["styles"]:
+        style["name"] = OLD_NAMES[style["name"]]
+    (directory / "share_config.json").write_text(json.dumps(document))
+
+
+def test_checkpoint_with_old_style_names_loads_warns_and_renames(tmp_path, factors):
+    """The previous release's names (same format version) load with a warning that says how to rename them; new
+    names still follow the rule; after renaming, the styles are the original ones under their new names."""
+    save_factors(factors, tmp_path)
+    _with_old_names(tmp_path)
+    with pytest.warns(checkpoint_module.UnaddressableStyleNameWarning) as caught:
+        loaded = load_factors(tmp_path)
+    messages = [str(warning.message) for warning in caught]
+    assert len(messages) == 2
+    assert "style name 'ghibli, watercolor' contains ','" in messages[0]
+    assert f"share-diffusers rename {tmp_path} 'ghibli, watercolor' NEW_NAME" in messages[0]
+    assert "factors.rename_style('ghibli, watercolor', 'NEW_NAME')" in messages[0]
+    assert "style name 'neon=v2' contains '='" in messages[1]
+    assert loaded.style_names == ["ghibli, watercolor", "neon=v2"]
+    layer = "blocks.0.to_q"
+    assert torch.equal(loaded.delta_weight(layer, "ghibli, watercolor"), factors.delta_weight(layer, "ink"))
+
+    with pytest.raises(StyleError, match="style name 'ghibli; watercolor, v2' contains ','"):
+        loaded.rename_style("ghibli, watercolor", "ghibli; watercolor, v2")  # a new name follows the rule
+    loaded.rename_style("ghibli, watercolor", "ghibli watercolor")
+    save_factors(loaded, tmp_path)  # one name renamed, the other still old: the save keeps it as it is
+    with pytest.warns(checkpoint_module.UnaddressableStyleNameWarning, match="neon=v2") as caught:
+        again = load_factors(tmp_path)
+    assert len(caught) == 1
+    again.rename_style("neon=v2", "neon v2")
+    save_factors(again, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        renamed = load_factors(tmp_path)
+    assert renamed.style_names == ["ghibli watercolor", "neon v2"]
+    for name, old in zip(renamed.style_names, ["ink", "neon"], strict=True):
+        for layer in factors.layers:
+            assert torch.equal(renamed.delta_weight(layer, name), factors.delta_weight(layer, old)), (name, layer)
+    blend = {"ghibli watercolor": 0.5, "neon v2": 0.5}
+    assert torch.equal(renamed.delta_weight(layer, blend), factors.delta_weight(layer, {"ink": 0.5, "neon": 0.5}))
 
 
 def test_concurrent_saves_into_one_folder_leave_a_loadable_checkpoint(tmp_path, factors):

@@ -171,6 +171,7 @@ def _bad_inputs(tmp_path, peft_adapters):
         {
             "base_model.model.to_q.lora_A.weight": torch.randn(4, 30),
             "base_model.model.to_q.lora_B.weight": torch.randn(24, 4),
+            "base_model.model.to_q.alpha": torch.tensor(4.0),  # a PEFT file needs its scale (or its config)
         },
         other_model,
     )
@@ -284,3 +285,60 @@ def test_inspect_similarity_table_json_and_png(tmp_path, peft_adapters, capsys):
     assert info["kept_energy"] == kept_energy(factors) and len(info["map"]["coordinates"]) == 4
     assert run_cli("inspect", out, "--json") == 0
     assert "similarity" not in json.loads(capsys.readouterr().out)  # only when asked for
+
+
+def test_inspect_refuses_a_malformed_dtype_field_in_one_line(tmp_path, peft_adapters, capsys):
+    """A JSON ``dtype`` of the wrong type is the checkpoint's error naming the field, not a TypeError traceback."""
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", peft_adapters[0], "-o", out, "--names", "ink") == 0
+    document = json.loads((out / "share_config.json").read_text())
+    document["dtype"] = ["float32"]
+    (out / "share_config.json").write_text(json.dumps(document))
+    capsys.readouterr()
+    assert run_cli("inspect", out) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: {out / 'share_config.json'}: field 'dtype' must be one of float32, bfloat16, float16, "
+        "got ['float32']\n"
+    )
+
+
+def test_old_style_names_load_with_a_warning_and_rename_on_the_command_line(tmp_path, peft_adapters, capsys):
+    """A checkpoint of the previous release with names the style syntax cannot address: inspect shows it and
+    says how to rename; merge into it works; ``rename`` gives the names blends can use; export uses them."""
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", *peft_adapters[:2], "-o", out, "-k", 10, "-p", 4, "--names", "ink", "neon") == 0
+    document = json.loads((out / "share_config.json").read_text())
+    document["styles"][0]["name"], document["styles"][1]["name"] = "ghibli, watercolor", "neon=v2"
+    (out / "share_config.json").write_text(json.dumps(document))
+    capsys.readouterr()
+
+    assert run_cli("inspect", out) == 0
+    captured = capsys.readouterr()
+    assert "ghibli, watercolor" in captured.out and "neon=v2" in captured.out
+    warnings_shown = captured.err.splitlines()
+    assert len(warnings_shown) == 2 and all(line.startswith("warning: ") for line in warnings_shown)
+    assert "style name 'ghibli, watercolor' contains ','" in warnings_shown[0]
+    assert f"share-diffusers rename {out} 'ghibli, watercolor' NEW_NAME" in warnings_shown[0]
+    assert f"share-diffusers rename {out} neon=v2 NEW_NAME" in warnings_shown[1]
+
+    assert run_cli("-q", "merge", out, peft_adapters[2], "--name", "sepia") == 0  # the old names are kept
+    capsys.readouterr()
+    assert run_cli("rename", out, "ghibli, watercolor", "ghibli; v2") == 0
+    assert capsys.readouterr().out == f"renamed 'ghibli, watercolor' to 'ghibli; v2' in {out}\n"
+    assert run_cli("rename", out, "neon=v2", "neon,v2") == 1  # a new name follows the rule
+    assert "style name 'neon,v2' contains ','" in capsys.readouterr().err
+    assert run_cli("rename", out, "neon=v2", "neon v2") == 0
+    capsys.readouterr()
+    assert run_cli("inspect", out) == 0
+    assert capsys.readouterr().err == ""  # nothing left to rename
+
+    renamed = load_factors(out)
+    assert renamed.style_names == ["ghibli; v2", "neon v2", "sepia"]
+    for layer in ("to_q", "to_v", "mix"):  # the LoRAs PEFT applies, under the new names
+        assert relative_error(_peft_delta(peft_adapters[0], layer), renamed.delta_weight(layer, "ghibli; v2")) < 1e-5
+        assert relative_error(_peft_delta(peft_adapters[1], layer), renamed.delta_weight(layer, "neon v2")) < 1e-5
+    exported = tmp_path / "blend.safetensors"
+    assert run_cli("export", out, "ghibli; v2=0.5,neon v2=0.5", "-o", exported) == 0
+    expected = (_peft_delta(peft_adapters[0], "to_q") + _peft_delta(peft_adapters[1], "to_q")) / 2
+    assert relative_error(expected, load_lora(exported).layers["to_q"].delta_weight()) < 1e-5

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +18,7 @@ from flux_helpers import (
     write_diffusers_lora,
     write_fused_lora,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from share_diffusers import ShareFluxPipeline
 from share_diffusers.cli import build_parser, main
@@ -287,3 +290,161 @@ def test_generate_refuses_bad_input_before_loading_in_one_line(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.startswith("error: " + message.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1, err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_default_style_names_are_the_pipelines(tmp_path, capsys):
+    """``compress`` / ``merge`` name a LoRA as ``pipe.merge_lora`` does: the folder of a generic
+    ``pytorch_lora_weights.safetensors``, a file's own stem otherwise."""
+    ink = write_diffusers_lora(tmp_path / "ink", seed=1, rank=4, alpha=8)
+    neon = write_diffusers_lora(tmp_path / "neon", seed=2, rank=2, alpha=2)
+    sepia = write_diffusers_lora(tmp_path / "sepia", seed=3, rank=2, alpha=2)
+    kohya = write_fused_lora(tmp_path / "kohya-style.safetensors", fused_qkv_lora(seed=5, rank=3), "kohya", alpha=6)
+    out = tmp_path / "factors"
+    assert main(["-q", "compress", str(ink), str(neon), "-o", str(out)]) == 0
+    assert main(["-q", "merge", str(out), str(sepia)]) == 0
+    assert main(["-q", "merge", str(out), str(kohya)]) == 0
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    expected = [pipe.merge_lora(path).style_name for path in (ink, neon, sepia.parent, kohya)]
+    assert expected == ["ink", "neon", "sepia", "kohya-style"]
+    loaded = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    loaded.load_share_factors(out)
+    assert loaded.list_styles() == expected
+    capsys.readouterr()
+    other = write_diffusers_lora(tmp_path / "elsewhere" / "ink", seed=4, rank=2, alpha=2)
+    assert main(["-q", "compress", str(ink), str(other), "-o", str(tmp_path / "twice")]) == 1
+    assert "two LoRAs would both be named 'ink' (after their files or folders); pass --names" in capsys.readouterr().err
+
+
+@pytest.fixture
+def flux_checkpoint(tmp_path):
+    """A CLI checkpoint of one diffusers Flux LoRA for FLUX.1-dev, and its bytes on disk."""
+    ink = write_diffusers_lora(tmp_path / "ink", seed=1, rank=4, alpha=8)
+    out = tmp_path / "factors"
+    assert main(["-q", "compress", str(ink), "-o", str(out), "--base-model", "black-forest-labs/FLUX.1-dev"]) == 0
+    return out, {path.name: path.read_bytes() for path in out.iterdir()}
+
+
+def _sd_lora(path):
+    """A LoRA of a Stable Diffusion UNet, in PEFT keys."""
+    generator = torch.Generator().manual_seed(0)
+    layer = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file(
+        {
+            f"{layer}.lora_A.weight": torch.randn(4, 640, generator=generator),
+            f"{layer}.lora_B.weight": torch.randn(640, 4, generator=generator),
+        },
+        str(path),
+    )
+    return path
+
+
+def _flux_layers_plus(path, flux_lora, extra: dict):
+    """The Flux LoRA's factors in plain PEFT keys (no "transformer." prefix), plus ``extra`` tensors."""
+    tensors = {key.removeprefix("transformer."): value for key, value in load_file(flux_lora).items()}
+    save_file({**tensors, **extra}, str(path))
+    return path
+
+
+def _peft_folder(path, flux_lora, base_model):
+    """The Flux LoRA as a PEFT adapter folder whose config names ``base_model``."""
+    path.mkdir()
+    tensors = {"base_model.model." + key.removeprefix("transformer."): v for key, v in load_file(flux_lora).items()}
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "base_model_name_or_path": base_model}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda tmp, ink: _sd_lora(tmp / "sdxl_style.safetensors"),
+            r"{tmp}/sdxl_style.safetensors: none of the LoRA's layers are in the checkpoint: the LoRA has "
+            r"'unet\.down_blocks\.1\.attentions\.0\.transformer_blocks\.0\.attn1\.to_q', the checkpoint "
+            r"'single_transformer_blocks\.0\.attn\.to_k', .* \(of 22\); is the LoRA for another model\?",
+        ),
+        (
+            lambda tmp, ink: _flux_layers_plus(
+                tmp / "mixed.safetensors",
+                ink,
+                {
+                    "unet.mid_block.to_q.lora_A.weight": torch.ones(2, 8),
+                    "unet.mid_block.to_q.lora_B.weight": torch.ones(8, 2),
+                },
+            ),
+            r"{tmp}/mixed.safetensors: the LoRA has layers that are not in a Flux transformer "
+            r"\('unet\.mid_block\.to_q'\), and this checkpoint is for one \(its layers: "
+            r"'single_transformer_blocks\.0\.attn\.to_k', ",
+        ),
+        (
+            lambda tmp, ink: _peft_folder(tmp / "sdxl-peft", ink, "stabilityai/stable-diffusion-xl-base-1.0"),
+            r"{tmp}/sdxl-peft: the LoRA was made for 'stabilityai/stable-diffusion-xl-base-1\.0' but the checkpoint "
+            r"holds styles for 'black-forest-labs/FLUX\.1-dev'",
+        ),
+    ],
+    ids=["no-common-layer", "layers-outside-flux", "other-base-model"],
+)
+def test_merge_refuses_a_lora_for_another_model(tmp_path, flux_checkpoint, capsys, make, message):
+    """``merge`` checks the LoRA is for the checkpoint's model before merging: one line naming the file and
+    layers on both sides (or both base models); the checkpoint stays as it was and loads in the pipeline."""
+    out, before = flux_checkpoint
+    source = make(tmp_path, tmp_path / "ink" / "pytorch_lora_weights.safetensors")
+    capsys.readouterr()
+    assert main(["-q", "merge", str(out), str(source)]) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch("error: " + message.replace("{tmp}", re.escape(str(tmp_path))) + ".*\n", err), err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.load_share_factors(out)
+    assert pipe.list_styles() == ["ink"]
+
+
+def test_merge_takes_a_lora_of_the_same_base_model(tmp_path, flux_checkpoint):
+    out, _ = flux_checkpoint
+    ink = tmp_path / "ink" / "pytorch_lora_weights.safetensors"
+    assert (
+        main(["-q", "merge", str(out), str(_peft_folder(tmp_path / "dev-peft", ink, "black-forest-labs/FLUX.1-dev"))])
+        == 0
+    )
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.load_share_factors(out)
+    assert pipe.list_styles() == ["ink", "dev-peft"]
+
+
+def test_generate_refuses_a_model_folder_of_pickle_weights(tmp_path, capsys, monkeypatch):
+    """A local pipeline whose transformer and VAE are ``.bin`` files is refused naming them; nothing is
+    unpickled."""
+    model = tmp_path / "pickled-flux"
+    build_tiny_flux_pipeline(0).save_pretrained(str(model), safe_serialization=False)
+    assert (model / "transformer" / "diffusion_pytorch_model.bin").is_file()
+    loads = []
+    monkeypatch.setattr(torch, "load", lambda *args, **kwargs: loads.append(args))
+    capsys.readouterr()
+    args = ["-q", "generate", "--model", str(model), "--prompt", "a red cat", "-o", str(tmp_path / "x.png")]
+    assert main(args) == 1
+    assert capsys.readouterr().err == (
+        f"error: {model / 'transformer'} holds its weights only as pickle files (diffusion_pytorch_model.bin); "
+        "share-diffusers loads .safetensors only, never torch.load (unpickling can run arbitrary code). Convert the "
+        "pipeline: load it where you trust the files and save_pretrained(..., safe_serialization=True)\n"
+    )
+    assert loads == [] and not (tmp_path / "x.png").exists()
+
+
+def test_pipelines_load_with_use_safetensors(monkeypatch):
+    """Every ``from_pretrained`` of the runtime asks for safetensors (a Hub repo of .bin files is refused too)."""
+    from share_diffusers import runtime
+
+    calls = []
+
+    def record(model, **kwargs):
+        calls.append((model, kwargs))
+        raise OSError("recorded")
+
+    monkeypatch.setattr(ShareFluxPipeline, "from_pretrained", record)
+    monkeypatch.setattr(runtime, "load_quantized_transformer", lambda *args: "quantized transformer")
+    for quantize in (None, "int8"):
+        with pytest.raises(OSError, match="recorded"):
+            runtime.load_pipeline("someone/flux-model", "cpu", "float32", progress=False, quantize=quantize)
+    assert [model for model, _ in calls] == ["someone/flux-model"] * 2
+    assert all(kwargs["use_safetensors"] is True for _, kwargs in calls)

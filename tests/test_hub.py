@@ -2,20 +2,54 @@
 
 from __future__ import annotations
 
+import ast
+import hashlib
+import json
+import re
+import shutil
+
 import pytest
 import torch
 from flux_helpers import generate, write_diffusers_lora
-from huggingface_hub import constants
+from huggingface_hub import CommitInfo, ModelCard, constants
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
-from share_diffusers.core import LoraFormatError
+from share_diffusers import hub as hub_module
+from share_diffusers.core import LoraFormatError, load_factors
 from share_diffusers.hub import HubError, model_card
-from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+from share_diffusers.tiny_flux import build_tiny_flux_pipeline, save_tiny_flux_pipeline
 
 
 @pytest.fixture(scope="module")
-def published(fake_hub, tmp_path_factory):
+def hub(fake_hub):
+    """The local Hub, serving commits as the Hub does: a branch's commit hashes its files, so a push moves it,
+    and ``resolve/<commit>/`` serves the files of that commit even after the branch has moved on."""
+    commits: dict[str, dict[str, dict[str, bytes]]] = {}  # repo -> commit -> files
+    serve_files = fake_hub._files
+
+    def commit(repo_id, revision):
+        if revision in commits.get(repo_id, {}):
+            return revision
+        files = fake_hub.repos.get(repo_id, {}).get(revision, {})
+        digest = hashlib.sha1(repr((repo_id, sorted(files.items()))).encode()).hexdigest()
+        commits.setdefault(repo_id, {})[digest] = dict(files)
+        return digest
+
+    def files(handler, repo_id, revision):
+        if revision in commits.get(repo_id, {}):
+            return commits[repo_id][revision]
+        return serve_files(handler, repo_id, revision)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fake_hub, "commit", commit)
+        patch.setattr(fake_hub, "_files", files)
+        yield fake_hub
+
+
+@pytest.fixture(scope="module")
+def published(hub, tmp_path_factory):
     """A LoRA repo and a Share-factors repo (two revisions, one in a subfolder) on the fake Hub."""
+    fake_hub = hub
     root = tmp_path_factory.mktemp("hub")
     ink = write_diffusers_lora(root / "ink", seed=1, rank=4, alpha=8)
     sepia = write_diffusers_lora(root / "sepia", seed=3, rank=3, alpha=6, targets=["to_q", "to_v"])
@@ -28,7 +62,7 @@ def published(fake_hub, tmp_path_factory):
     pipe.save_share_factors(root / "two-styles")
     fake_hub.add_folder("studio/flux-share-styles", root / "one-style")
     fake_hub.add_folder("studio/flux-share-styles", root / "two-styles", revision="v2", prefix="factors/")
-    return {"ink": ink, "sepia": sepia, "pipe": pipe}
+    return {"ink": ink, "sepia": sepia, "pipe": pipe, "root": root}
 
 
 def fresh_pipe():
@@ -53,7 +87,7 @@ def test_load_share_factors_from_hub_with_revision_and_subfolder(published, tmp_
     assert again.list_styles() == ["ink", "sepia"]
 
 
-def test_merge_lora_by_hub_id_records_provenance(published, tmp_path):
+def test_merge_lora_by_hub_id_records_provenance(published, hub, tmp_path):
     pipe = fresh_pipe()
     report = pipe.merge_lora("artist/ink-flux-lora", cache_dir=tmp_path, config=ShareConfig(rank=32, pseudo_rank=8))
     assert report.style_name == "ink-flux-lora"
@@ -61,6 +95,7 @@ def test_merge_lora_by_hub_id_records_provenance(published, tmp_path):
         "repo_id": "artist/ink-flux-lora",
         "weight_name": "pytorch_lora_weights.safetensors",
         "revision": "main",
+        "commit": hub.commit("artist/ink-flux-lora", "main"),  # what was downloaded: main moves, the commit not
     }
     pipe.merge_lora(
         "artist/sepia-flux-lora",
@@ -73,8 +108,11 @@ def test_merge_lora_by_hub_id_records_provenance(published, tmp_path):
     expected = generate(published["pipe"], prompts, style={"ink": 0.5, "sepia": 0.5})
     got = generate(pipe, prompts, style={"ink-flux-lora": 0.5, "sepia": 0.5})
     assert float(torch.as_tensor(expected - got).abs().max()) < 1e-5
+    sepia_commit = hub.commit("artist/sepia-flux-lora", "v2")
+    assert pipe.share_factors.styles[1].source["commit"] == sepia_commit
     card = model_card(pipe.share_factors, "me/styles").content
-    assert "artist/sepia-flux-lora (pytorch_lora_weights.safetensors@v2)" in card and "| sepia |" in card
+    assert f"artist/sepia-flux-lora (pytorch_lora_weights.safetensors@v2, commit {sepia_commit[:10]})" in card
+    assert "| sepia |" in card
 
 
 @pytest.mark.parametrize(
@@ -127,33 +165,137 @@ def test_pickle_weight_name_is_refused_before_download(published, fake_hub, tmp_
     assert fake_hub.requests == []
 
 
-def test_push_uploads_a_loadable_checkpoint_with_a_model_card(published, tmp_path, monkeypatch):
-    """The upload itself is huggingface_hub's; we check what it is handed (no Hub write API offline)."""
-    import shutil
-
-    from share_diffusers import hub
-
+def recording_api(monkeypatch, upload_to):
+    """``HfApi`` replaced by one that records its calls (name, keyword arguments) and copies the uploaded folder
+    to ``upload_to``; returns the list of calls."""
     calls = []
 
     class RecordingApi:
         def __init__(self, token=None):
             self.token = token
 
-        def create_repo(self, repo_id, private=None, exist_ok=False):
-            calls.append(("create_repo", repo_id, private, exist_ok))
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
 
-        def upload_folder(self, repo_id, folder_path, commit_message, delete_patterns):
-            calls.append(("upload_folder", repo_id, commit_message, delete_patterns))
-            shutil.copytree(folder_path, tmp_path / "uploaded")
-            return "https://hub.example/commit/1"
+        def create_branch(self, repo_id, **kwargs):
+            calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
 
-    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+            shutil.copytree(kwargs["folder_path"], upload_to)
+            url = f"{constants.ENDPOINT}/{kwargs['repo_id']}"
+            pr_url = f"{url}/discussions/7" if kwargs.get("create_pr") else None
+            return CommitInfo(f"{url}/commit/{'0' * 40}", kwargs["commit_message"], "", "0" * 40, pr_url=pr_url)
+
+    monkeypatch.setattr(hub_module, "HfApi", RecordingApi)
+    return calls
+
+
+def test_push_uploads_a_loadable_checkpoint_with_a_model_card(published, tmp_path, monkeypatch):
+    """The upload itself is huggingface_hub's; we check what it is handed (no Hub write API offline)."""
+    calls = recording_api(monkeypatch, tmp_path / "uploaded")
     url = published["pipe"].push_share_factors_to_hub("me/my-styles", private=True, token="t")
-    assert url == "https://hub.example/commit/1"
-    assert calls[0] == ("create_repo", "me/my-styles", True, True)
-    assert calls[1][3] == ["share_factors-*.safetensors"]  # stale tensor files of earlier pushes go away
+    assert url == f"{constants.ENDPOINT}/me/my-styles/commit/{'0' * 40}"
+    assert calls[0] == ("create_repo", {"repo_id": "me/my-styles", "private": True, "exist_ok": True})
+    assert calls[1][0] == "upload_folder"
+    assert calls[1][1]["delete_patterns"] == ["share_factors-*.safetensors"]  # stale tensor files of earlier pushes
+    assert calls[1][1]["revision"] is None and calls[1][1]["create_pr"] is False
     pipe = fresh_pipe()
     pipe.load_share_factors(tmp_path / "uploaded")
     assert pipe.list_styles() == ["ink", "sepia"]
     card = (tmp_path / "uploaded" / "README.md").read_text()
     assert "pseudo-rank p = 8" in card and "| ink |" in card and "library_name: share-diffusers" in card
+
+
+def _table_cells(row: str) -> list[str]:
+    """A Markdown table row split on its unescaped ``|``, each cell unescaped."""
+    cells = re.split(r"(?<!\\)\|", row.strip())[1:-1]
+    return [re.sub(r"\\(.)", r"\1", cell.strip()) for cell in cells]
+
+
+def test_push_publishes_no_local_paths_and_escapes_style_names(published, tmp_path, monkeypatch):
+    """A pipeline loaded from a local folder, LoRAs from private folders, style names with quotes, pipes and
+    backticks: the card names no base model and no path, its table and code hold the names exactly; the pushed
+    share_config.json keeps file names only; the local checkpoint is unchanged. revision= and create_pr= reach
+    the upload."""
+    secret = tmp_path / "home" / "alice" / "secret-project"
+    pipe = ShareFluxPipeline.from_pretrained(save_tiny_flux_pipeline(str(secret / "my-local-flux")))
+    pipe.set_progress_bar_config(disable=True)
+    names = ['ink "v2" | best', "neon `glow`"]
+    pipe.merge_lora(write_diffusers_lora(secret / "ink", seed=1, rank=4, alpha=8), style_name=names[0])
+    pipe.merge_lora(write_diffusers_lora(secret / "neon", seed=2, rank=2, alpha=2), style_name=names[1])
+    factors = pipe.share_factors
+    assert factors.base_model == str(secret / "my-local-flux")
+    sources = [dict(style.source) for style in factors.styles]
+
+    calls = recording_api(monkeypatch, tmp_path / "uploaded")
+    url = hub_module.push_share_factors(factors, "me/styles", revision="dev", create_pr=True)
+    assert url == f"{constants.ENDPOINT}/me/styles/discussions/7"  # the pull request
+    assert calls[1] == ("create_branch", {"repo_id": "me/styles", "branch": "dev", "exist_ok": True})
+    assert calls[2][1]["revision"] == "dev" and calls[2][1]["create_pr"] is True
+
+    uploaded = tmp_path / "uploaded"
+    for path in uploaded.iterdir():
+        assert "secret-project" not in path.read_bytes().decode("utf-8", "replace"), path.name
+    document = json.loads((uploaded / "share_config.json").read_text())
+    assert document["base_model"] is None
+    assert [style["source"]["path"] for style in document["styles"]] == ["pytorch_lora_weights.safetensors"] * 2
+    assert load_factors(uploaded).style_names == names
+
+    card = ModelCard.load(uploaded / "README.md")
+    assert "base_model" not in card.data.to_dict()  # the Hub accepts only repo ids there
+    assert card.data.library_name == "share-diffusers"
+    code = re.search(r"```python\n(.*?)```", card.content, re.DOTALL).group(1)
+    calls_in_code = [node for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Call)]
+    styles = [kw.value.value for call in calls_in_code for kw in call.keywords if kw.arg == "style"]
+    assert styles == [names[0]]
+    rows = [line for line in card.content.splitlines() if line.startswith("| ") and "e-" in line]
+    assert [_table_cells(row)[:3] for row in rows] == [
+        [names[0], "pytorch_lora_weights.safetensors", "4"],
+        [names[1], "pytorch_lora_weights.safetensors", "2"],
+    ]
+    # the local checkpoint keeps its provenance
+    assert factors.base_model == str(secret / "my-local-flux")
+    assert [style.source for style in factors.styles] == sources
+
+
+def test_model_card_of_a_hub_base_model_and_an_old_style_name(published):
+    """A Hub base model goes in the card's metadata and code; a name with a newline (written by an older
+    release) stays on one table row."""
+    factors = load_factors(published["root"] / "two-styles")
+    factors.base_model = "black-forest-labs/FLUX.1-dev"
+    factors.styles[0].name = "ink\nline | two"
+    card = model_card(factors, "me/styles")
+    assert card.data.base_model == "black-forest-labs/FLUX.1-dev"
+    code = re.search(r"```python\n(.*?)```", card.content, re.DOTALL).group(1)
+    tree = ast.parse(code)
+    literals = [node.value for node in ast.walk(tree) if isinstance(node, ast.Constant)]
+    assert "black-forest-labs/FLUX.1-dev" in literals and "ink\nline | two" in literals
+    rows = [line for line in card.content.splitlines() if line.startswith("| ") and "e-" in line]
+    assert [_table_cells(row)[0] for row in rows] == ["ink line | two", "sepia"]
+
+
+def test_load_share_factors_reads_the_tensor_file_of_the_configs_commit(published, hub, tmp_path, monkeypatch):
+    """A push lands on main between the download of share_config.json and of its tensor file: the tensor file
+    still comes from the commit the JSON came from."""
+    repo = "studio/moving-styles"
+    hub.add_folder(repo, published["root"] / "one-style")
+    first_commit = hub.commit(repo, "main")
+    download = hub_module.download
+    requested = []
+
+    def download_then_push(repo_id, filename, **kwargs):
+        requested.append((filename, kwargs["revision"]))
+        path = download(repo_id, filename, **kwargs)
+        if filename == "share_config.json":
+            hub.repos[repo]["main"] = {}
+            hub.add_folder(repo, published["root"] / "two-styles")  # another tensor file name, other styles
+        return path
+
+    monkeypatch.setattr(hub_module, "download", download_then_push)
+    pipe = fresh_pipe()
+    pipe.load_share_factors(repo, cache_dir=tmp_path)
+    assert pipe.list_styles() == ["ink"]
+    weights_file = json.loads((published["root"] / "one-style" / "share_config.json").read_text())["weights_file"]
+    assert requested == [("share_config.json", None), (weights_file, first_commit)]
+    assert hub.commit(repo, "main") != first_commit  # main did move

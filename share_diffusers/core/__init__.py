@@ -6,7 +6,7 @@ transformers classifiers.
 
 from .adapters import CanonicalLora, LoraAdapter, LoraLayer, lora_scale
 from .block_weights import BlockLayout
-from .checkpoint import FORMAT_VERSION, load_factors, save_factors
+from .checkpoint import FORMAT_VERSION, UnaddressableStyleNameWarning, load_factors, save_factors
 from .errors import (
     CheckpointError,
     FactorValueError,
@@ -36,6 +36,7 @@ __all__ = [
     "FORMAT_VERSION",
     "load_factors",
     "save_factors",
+    "UnaddressableStyleNameWarning",
     "CheckpointError",
     "FactorValueError",
     "LoraFormatError",

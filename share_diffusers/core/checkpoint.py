@@ -31,6 +31,8 @@ import math
 import os
 import re
 import secrets
+import shlex
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -74,15 +76,24 @@ def expected_shapes(n_out: int, d_in: int, k: int, p: int, t: int) -> dict[str, 
     }
 
 
-def describe(factors: ShareFactors, weights_file: str) -> dict:
-    """The JSON document of a checkpoint."""
+class UnaddressableStyleNameWarning(UserWarning):
+    """A checkpoint holds a style name the style syntax cannot address (``,``, ``=``, control characters...).
+
+    Older releases accepted such names; they still load, and :meth:`ShareFactors.rename_style` (or
+    ``share-diffusers rename``) gives them a name that blends like ``name=0.5,other=0.5`` can use.
+    """
+
+
+def describe(factors: ShareFactors, weights_file: str, storage_dtype: torch.dtype | None = None) -> dict:
+    """The JSON document of a checkpoint (``storage_dtype``: of bases and cores, default ``factors.storage_dtype``)."""
     errors = {style.name: factors.style_error(style.name) for style in factors.styles}
+    storage_dtype = storage_dtype if storage_dtype is not None else factors.storage_dtype
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "base_model": factors.base_model,
         "weights_file": weights_file,
-        "dtype": str(factors.storage_dtype).removeprefix("torch."),
+        "dtype": str(storage_dtype).removeprefix("torch."),
         "config": {
             "rank": factors.config.rank,
             "variance": factors.config.variance,
@@ -103,10 +114,12 @@ def describe(factors: ShareFactors, weights_file: str) -> dict:
 def save_factors(factors: ShareFactors, directory: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write ``factors`` to ``directory`` (created if needed) atomically; returns the JSON's path.
 
-    Everything is checked before the first byte is written (style names, finite numbers in the
-    storage dtype), so a refused save leaves the folder as it was. After the commit the replaced
-    tensor file and any leftovers of interrupted earlier saves (files of this module's own naming
-    patterns only) are deleted.
+    Everything is checked before the first byte is written (style names non-empty and unique, finite
+    numbers in the storage dtype), so a refused save leaves the folder as it was, and ``factors`` too:
+    ``factors.storage_dtype`` becomes ``dtype`` only once the checkpoint is committed. After the commit
+    the replaced tensor file and any leftovers of interrupted earlier saves (files of this module's own
+    naming patterns only) are deleted. Names the style syntax cannot address, which older releases
+    wrote, are saved as they are, so such a checkpoint can be loaded, renamed style by style and saved.
 
     Args:
         dtype: storage of bases and cores: ``torch.float32`` (exact) or ``torch.bfloat16`` /
@@ -128,10 +141,9 @@ def save_factors(factors: ShareFactors, directory: str | os.PathLike, dtype: tor
         if not bool(torch.isfinite(tensor).all()):
             hint = "; save in float32" if tensor.dtype != STORE_DTYPE else ""
             raise FactorValueError(f"cannot save: tensor {key!r} holds NaN or Inf in {tensor.dtype}{hint}")
-    factors.storage_dtype = storage_dtype
     directory = Path(directory)
     weights_file = f"{WEIGHTS_PREFIX}-{secrets.token_hex(4)}.safetensors"
-    document = describe(factors, weights_file)
+    document = describe(factors, weights_file, storage_dtype)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -140,6 +152,7 @@ def save_factors(factors: ShareFactors, directory: str | os.PathLike, dtype: tor
         ) from None
     with _folder_lock(directory):  # saves into one folder take turns: the cleanup must not race a commit
         _write(directory, tensors, document, weights_file)
+        factors.storage_dtype = storage_dtype  # committed: the factors now mirror what is on disk
         _remove_leftovers(directory)
     return directory / CONFIG_NAME
 
@@ -296,13 +309,35 @@ def _type_name(value: object) -> str:
 
 
 def _check_style_names(names: list[str], where: str, error_type: type[Exception] = ShareCheckpointError) -> None:
-    """Every name valid (:func:`validate_style_name`) and unique."""
-    taken: list[str] = []
+    """Every name a non-empty string, no two equal.
+
+    Only that: older releases wrote names the style syntax cannot address (``"ghibli, watercolor"``), and
+    those checkpoints must still load and save (to be renamed). New names get the full rule of
+    :func:`validate_style_name` where they are made (fit, merge, rename).
+    """
+    taken: set[str] = set()
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise error_type(f"{where}: style name must be a non-empty string, got {name!r}")
+        if name in taken:
+            raise error_type(f"{where}: a style named {name!r} already exists; pick another name or delete it first")
+        taken.add(name)
+
+
+def _warn_unaddressable_names(names: list[str], config_path: Path) -> None:
+    """One warning per name a new style could not get, saying how to rename it."""
     for name in names:
         try:
-            taken.append(validate_style_name(name, taken))
+            validate_style_name(name, [])
         except StyleError as error:
-            raise error_type(f"{where}: {error}") from None
+            command = f"share-diffusers rename {shlex.quote(str(config_path.parent))} {shlex.quote(name)} NEW_NAME"
+            warnings.warn(
+                f"{config_path}: {error}. The style loads, and Python code can select it by this name, but blends "
+                f"and the command line cannot. Rename it: {command} (or in Python factors.rename_style({name!r}, "
+                "'NEW_NAME') or pipe.rename_style, then save the checkpoint)",
+                UnaddressableStyleNameWarning,
+                stacklevel=3,
+            )
 
 
 def read_document(config_path: str | os.PathLike) -> dict:
@@ -350,8 +385,9 @@ def _check_fields(document: dict, config_path: Path) -> None:
         )
     if document.get("base_model") is not None and not isinstance(document["base_model"], str):
         raise fail("base_model", "a string or null", document["base_model"])
-    if document.get("dtype", "float32") not in STORAGE_DTYPES:
-        raise fail("dtype", f"one of {', '.join(STORAGE_DTYPES)}", document.get("dtype"))
+    dtype = document.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:  # a list or dict is unhashable: check the type first
+        raise fail("dtype", f"one of {', '.join(STORAGE_DTYPES)}", dtype)
     targets = document.get("target_modules", [])
     if not isinstance(targets, list) or not all(isinstance(name, str) for name in targets):
         raise fail("target_modules", "a list of layer names", targets)
@@ -393,6 +429,7 @@ def _check_fields(document: dict, config_path: Path) -> None:
             if not valid:
                 expected = {int: "a non-negative integer", str: "a string", dict: "an object"}[kind]
                 raise fail(f"styles[{index}].{key}", expected, value)
+    # Older releases accepted any name; those still load (load_factors warns about the ones to rename).
     _check_style_names([style["name"] for style in styles], f"{config_path}: styles")
 
     layers = document["layers"]
@@ -428,6 +465,7 @@ def load_factors(
     directory = Path(directory)
     config_path = directory / CONFIG_NAME
     document = read_document(config_path)
+    _warn_unaddressable_names([style["name"] for style in document["styles"]], config_path)
     recorded = document.get("base_model")
     if base_model is not None and recorded is not None and recorded != base_model:
         raise ShareCheckpointError(
