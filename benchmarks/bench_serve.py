@@ -614,6 +614,48 @@ def environment(args: argparse.Namespace) -> dict:
     }
 
 
+def error_summary(error: BaseException, limit: int = 2000) -> str:
+    """``Type: message``, its head and its tail when long (a server's log: the cause is often at either end)."""
+    text = f"{type(error).__name__}: {error}"
+    return text if len(text) <= limit else f"{text[: limit // 2]}\n[...]\n{text[-limit // 2 :]}"
+
+
+def write_result(args, styles: list[str], servers: dict, failed: dict[str, str], final: bool) -> None:
+    """The report as markdown and JSON (``--out``); printed too when ``final``."""
+    result = {
+        "config": {
+            "model": args.model,
+            "device": args.device,
+            "dtype": args.dtype,
+            "clients": args.clients,
+            "styles": len(styles),
+            "duration_s": args.duration,
+            "rounds": args.rounds,
+            "steps": args.steps,
+            "size": args.size,
+            "guidance": args.guidance,
+            "lora_rank": args.lora_rank,
+            "flux_blocks": args.flux_blocks if args.model == "flux1-random" else None,
+            "max_batch": args.max_batch,
+            "max_wait_ms": args.max_wait_ms,
+            "threads": args.threads,
+            "quick": args.quick,
+        },
+        "environment": environment(args),
+        "servers": servers,
+        "failed": failed,
+    }
+    result["targets"] = targets(servers)
+    markdown = report_markdown(result)
+    if final:
+        print(markdown, flush=True)
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".md").write_text(markdown)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["server"]:
@@ -699,52 +741,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for side in args.sides:
                         rounds[side].append(run_round(started[side], styles, args, index))
             else:
-                for side in args.sides:
+                # Share and the stock baseline first (the comparison the targets are about), and the report
+                # written after every side, so that a run cut off by a time limit keeps what it measured.
+                for side in sorted(args.sides, key=lambda side: side == "share_max_batch_1"):
                     started[side] = server = start_server(side, args, workdir)
                     try:  # a side that fails is reported, and the others still run
                         wait_ready(server, args.startup_timeout)
                         warm_up(server, styles, args)
                         rounds[side] = [run_round(server, styles, args, index) for index in range(args.rounds)]
                     except Exception as error:
-                        failed[side] = f"{type(error).__name__}: {error}"[-2000:]
+                        failed[side] = error_summary(error)
                         log(f"{side} failed: {failed[side]}")
                     finally:
                         stop_server(server)
+                    done = {side: summarize(side, rounds[side]) for side in rounds if rounds[side]}
+                    write_result(args, styles, done, failed, final=False)
         finally:
             for server in started.values():
                 stop_server(server)
         servers = {side: summarize(side, rounds[side]) for side in args.sides if side not in failed}
-    result = {
-        "config": {
-            "model": args.model,
-            "device": args.device,
-            "dtype": args.dtype,
-            "clients": args.clients,
-            "styles": len(styles),
-            "duration_s": args.duration,
-            "rounds": args.rounds,
-            "steps": args.steps,
-            "size": args.size,
-            "guidance": args.guidance,
-            "lora_rank": args.lora_rank,
-            "flux_blocks": args.flux_blocks if args.model == "flux1-random" else None,
-            "max_batch": args.max_batch,
-            "max_wait_ms": args.max_wait_ms,
-            "threads": args.threads,
-            "quick": args.quick,
-        },
-        "environment": environment(args),
-        "servers": servers,
-        "failed": failed,
-    }
-    result["targets"] = targets(servers)
-    markdown = report_markdown(result)
-    print(markdown, flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".md").write_text(markdown)
-        out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_result(args, styles, servers, failed, final=True)
     return 1 if failed else 0
 
 

@@ -11,12 +11,15 @@
 # Each step starts only if enough of SECONDS (default 540) is left, runs under a timeout that ends
 # before them, and writes its output under $OUT; summary.txt has the setup's output and says what ran, how
 # long, and its status. The device tool brings back at most 8 files: the .json results end up in json.tgz.
-# STEPs (default: pytest bench_gpu bench_serve, in that order):
+# STEPs (default: pytest bench_gpu:DEFAULT_SECTIONS, ~7 min; then, if the session has ~4 min of device
+# time left, a second call `bash scripts/gpu_session.sh 240 bench_serve`):
 #   pytest       pytest -m gpu: bf16 pipeline calls, CUDA merges, fuse/unfuse, training on CUDA,
-#                bitsandbytes NF4/int8 and float8 bases (~2 min)
-#   bench_gpu    benchmarks/bench_gpu.py, all sections: the README's GPU table, its merge row included,
-#                the quantized rows last (~4-5 min; given what is left but 2 min for the steps after it)
-#   bench_serve  benchmarks/bench_serve.py on a FLUX.1-sized random model: the README's GPU serving row
+#                bitsandbytes NF4/int8 and float8 bases (~2.5 min)
+#   bench_gpu[:SECTIONS]  benchmarks/bench_gpu.py, the named sections (comma-separated; "all": every one,
+#                ~6 min): the README's GPU table; the default sections are those still open on
+#                2026-11-28 (the others were measured then): setup (merge on the CPU vs the GPU), step,
+#                fuse, profile, quantized-int8, quantized-float8 (~4 min)
+#   bench_serve  benchmarks/bench_serve.py on a FLUX.1-sized random model: the README's GPU serving row (~3 min)
 #   bench_merge  benchmarks/bench_merge.py at full FLUX.1 size against load_lora_adapter (CPU work, ~2 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -83,22 +86,28 @@ if ! python3 -c "import torch, diffusers, peft; print('torch', torch.__version__
 fi
 cat "$out/summary.txt"
 
+DEFAULT_SECTIONS=setup,step,fuse,profile,quantized-int8,quantized-float8
 steps=("${@:2}")
-[ ${#steps[@]} -eq 0 ] && steps=(pytest bench_gpu bench_serve)
+[ ${#steps[@]} -eq 0 ] && steps=(pytest "bench_gpu:$DEFAULT_SECTIONS")
 for name in "${steps[@]}"; do
     case $name in
     pytest)
-        step pytest-gpu 150 240 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py \
-            tests/test_quantized_gpu.py tests/test_merge_device.py tests/test_train_share_flux.py tests/test_benchmarks.py
+        # -v: each test's result as it ends, so a step cut off by its limit still says which ran;
+        # faulthandler: the stacks of a test stuck for 120 s.
+        step pytest-gpu 150 240 python3 -m pytest -v -o faulthandler_timeout=120 -m gpu -p no:cacheprovider \
+            tests/test_gpu.py tests/test_quantized_gpu.py tests/test_merge_device.py tests/test_train_share_flux.py \
+            tests/test_benchmarks.py
         ;;
-    bench_gpu)
+    bench_gpu | bench_gpu:*)
+        sections=${name#bench_gpu}
+        sections=${sections#:}
         # Up to 150 s kept for the steps after it, but never at its expense. --budget: no section starts
-        # after it; the last one may take up to two minutes more.
+        # after it; the last one may take up to a minute and a half more.
         reserve=0
         [ "$name" != "${steps[-1]}" ] && reserve=$(($(left) - 240 < 150 ? $(left) - 240 : 150))
         ((reserve < 0)) && reserve=0
-        step bench_gpu 240 420 python3 benchmarks/bench_gpu.py --budget $(($(left) - reserve - 120)) \
-            --out "$out/bench_gpu"
+        step bench_gpu 200 420 python3 benchmarks/bench_gpu.py --budget $(($(left) - reserve - 90)) \
+            --sections "${sections:-all}" --out "$out/bench_gpu"
         ;;
     bench_serve)
         step bench_serve 150 300 python3 benchmarks/bench_serve.py --model flux1-random --device cuda \
@@ -107,7 +116,7 @@ for name in "${steps[@]}"; do
     bench_merge)
         step bench_merge 100 200 python3 benchmarks/bench_merge.py --peft-blocks 19:38 --rounds 5
         ;;
-    *) echo "unknown step $name (pytest, bench_gpu, bench_serve, bench_merge)" | tee -a "$out/summary.txt" ;;
+    *) echo "unknown step $name (pytest, bench_gpu[:SECTIONS], bench_serve, bench_merge)" | tee -a "$out/summary.txt" ;;
     esac
 done
 shopt -s nullglob

@@ -21,8 +21,9 @@ download() {
 # (No importlib_metadata: diffusers imports it only before Python 3.8, and 10.x would need lazy-importer.)
 download "$folder" diffusers==0.42.1 gguf==0.19.0 torchao==0.18.0 bitsandbytes==0.50.2
 # The server's packages the GPU image lacks (it has anyio, click, h11, httpx, prometheus-client).
+# (fastapi 0.165 imports annotated_doc and opentelemetry unconditionally.)
 download "$folder/serve" fastapi==0.165.0 starlette==1.10.0 uvicorn==0.54.0 pydantic==2.14.4 pydantic-core==2.50.5 \
-    annotated-types typing-inspection python-multipart opentelemetry-api==1.45.2 "typing_extensions>=4.16"
+    annotated-types annotated-doc typing-inspection python-multipart opentelemetry-api==1.45.2 "typing_extensions>=4.16"
 "$python" - "$folder" <<'EOF'
 import os
 import re

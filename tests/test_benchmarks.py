@@ -33,7 +33,9 @@ slow = pytest.mark.skipif(not os.environ.get("SHARE_SLOW_TESTS"), reason="slow: 
 
 def run_gpu_benchmark(out: Path, device: str) -> tuple[dict, str, str]:
     """``bench_gpu.py --quick`` on ``device``: ``(json report, markdown report, stdout)``; fails on a non-zero exit."""
-    result = run_benchmark("bench_gpu.py", "--quick", "--device", device, "--out", str(out), timeout=300)
+    # On a GPU it takes seconds; a stuck run must not eat the device session's budget (gpu_session.sh).
+    timeout = 150 if device.startswith("cuda") else 300
+    result = run_benchmark("bench_gpu.py", "--quick", "--device", device, "--out", str(out), timeout=timeout)
     out.with_name(out.name + ".stderr.txt").write_text(result.stderr)  # progress, for a failure's post-mortem
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     report = json.loads(out.with_name(out.name + ".json").read_text())

@@ -427,10 +427,16 @@ def test_bf16_mixed_precision_trains_float32_factors_on_bf16_models(train, tmp_p
 )
 def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
     reference, _ = train(tmp_path / "cpu", "--max_train_steps", 1)
+    if not extra:
+        # The H200 run of 2026-11-28 gave a first-step loss 9% below the CPU's (3.818 vs 4.194) while bf16 on the
+        # CPU is within 0.2%: float32 on CUDA says whether the device alone (its draws, its kernels) moves it.
+        full, _ = train(tmp_path / "cuda-fp32", "--max_train_steps", 1, device="cuda")
+        assert abs(full[0] - reference[0]) < 1e-3 * reference[0], f"first-step loss CPU {reference} CUDA {full}"
     losses, log = train(tmp_path / "cuda", "--max_train_steps", 3, "--mixed_precision", "bf16", *extra, device="cuda")
     assert "frozen models: bfloat16 on cuda" in log and "trained factors: float32" in log
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
-    assert abs(losses[0] - reference[0]) < 0.02 * reference[0]  # the same first step as float32 on the CPU
+    first = f"first-step loss: CPU float32 {reference[0]:.5f}, CUDA bf16 {losses[0]:.5f}; log:\n{log}"
+    assert abs(losses[0] - reference[0]) < 0.02 * reference[0], first  # the same first step as float32 on the CPU
     pipe = ShareFluxPipeline.from_pretrained(str(setup / "tiny"))
     pipe.load_share_factors(tmp_path / "cuda" / "factors")
     assert pipe.list_styles() == ["ink", "red-square"]
