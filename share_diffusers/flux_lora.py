@@ -12,7 +12,7 @@ import json
 import math
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from diffusers import FluxPipeline
@@ -38,6 +38,9 @@ ALL_LORA_LAYERS = "all-lora-layers"
 _METADATA_KEY = "lora_adapter_metadata"
 # First parts of keys without diffusers' "transformer." prefix that name FluxTransformer2DModel's modules.
 _FLUX_MODULE = re.compile(r"(single_)?transformer_blocks|x_embedder|context_embedder|proj_out|norm_out|time_text_embed")
+# FluxTransformer2DModel's modules outside its blocks, and BFL's final_layer modules by their diffusers names.
+_TOP_LEVEL_MODULE = re.compile(r"x_embedder|context_embedder|time_text_embed|norm_out|proj_out")
+_FINAL_LAYER = {"final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
 _FAL_KONTEXT = ("base_model.model.double_blocks.", "base_model.model.single_blocks.")  # BFL names, PEFT's prefix
 _UNET_BLOCKS = ("down_blocks", "up_blocks", "mid_block")  # Stable Diffusion / SDXL UNet names (diffusers', kohya's)
 
@@ -123,7 +126,10 @@ def convert_flux_lora(
         return FluxLora(transformer=layers, origin=origin, dropped=sorted({*dropped, *ignored}))
     tensors = _bfl_peft_names_to_kohya(tensors)
     try:
-        state_dict, alphas = FluxPipeline.lora_state_dict(dict(tensors), return_alphas=True)
+        # Copies of the kohya text-encoder factors: diffusers 0.42 folds their alphas in with an in-place `*=`
+        # on the tensors it is given, which would change the caller's (and a second conversion's) input.
+        given = {key: value.clone() if key.startswith("lora_te") else value for key, value in tensors.items()}
+        state_dict, alphas = FluxPipeline.lora_state_dict(given, return_alphas=True)
     except Exception as error:  # diffusers raises ValueError, KeyError, IndexError... for layouts it cannot read
         reason = " ".join(str(error).split())  # diffusers' messages span lines; ours are one line
         raise LoraFormatError(
@@ -137,11 +143,17 @@ def convert_flux_lora(
             raise LoraFormatError(
                 f"{origin}: the alpha of {key.removesuffix('.alpha')!r} is {alpha}, not a finite number"
             )
+    top_level, top_level_scales = _kohya_top_level(tensors, state_dict)
+    state_dict = {key: value for key, value in state_dict.items() if key not in top_level}
     transformer_sd = {k.removeprefix("transformer."): v for k, v in state_dict.items() if k.startswith("transformer.")}
+    transformer_sd.update(top_level)
     config = _transformer_lora_config(transformer_sd, alphas, file_metadata, origin)
     layers, ignored = lora_layers_from_state_dict(transformer_sd, config, origin) if transformer_sd else ({}, [])
     if not layers:
         raise _no_transformer_layers(origin, tensors, state_dict)
+    for name, factor in top_level_scales.items():
+        if name in layers:
+            layers[name] = replace(layers[name], scale=layers[name].scale * factor)
     dropped.extend(f"transformer.{key}" for key in ignored)
     other = {}
     for component in sorted({key.split(".", 1)[0] for key in state_dict if not key.startswith("transformer.")}):
@@ -151,12 +163,61 @@ def convert_flux_lora(
             part_layers, part_ignored = lora_layers_from_state_dict(
                 part, _alpha_config(part, part_alphas), f"{origin} ({component})"
             )
-        except LoraFormatError:  # a component with no LoRA pairs (e.g. norm weights) carries no low-rank energy
-            dropped.extend(f"{component}.{key}" for key in part)
-            continue
+        except LoraFormatError:
+            part_layers, part_ignored = _attention_processor_layers(part)
+            if not part_layers:  # a component with no LoRA pairs (e.g. norm weights) carries no low-rank energy
+                dropped.extend(f"{component}.{key}" for key in part)
+                continue
         dropped.extend(f"{component}.{key}" for key in part_ignored)
         other[component] = sum(_energy(layer, origin, f"{component}.{name}") for name, layer in part_layers.items())
     return FluxLora(transformer=layers, other_energy=other, origin=origin, dropped=sorted(set(dropped)))
+
+
+def _kohya_top_level(
+    tensors: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The transformer's top-level layers of a kohya / ComfyUI file, which diffusers' converter leaves unprefixed.
+
+    For ``img_in``, ``txt_in``, ``time_in``, ``vector_in``, ``guidance_in`` and ``final_layer`` diffusers 0.42
+    writes ``x_embedder.lora_A.weight``... without ``transformer.`` (stock ``load_lora_weights`` then drops
+    them silently), and it leaves out the alphas of ``final_layer`` ("TODO: alphas" there). Returns those keys,
+    transformer-relative, and the ``alpha / rank`` each such layer still needs; the factor is only given where
+    the converted factors are the file's own, unscaled, so a diffusers that learns to fold them in is not
+    scaled twice. Other layouts (whose unprefixed keys mean something else) give nothing.
+    """
+    if not any(key.startswith(("lora_unet_", "diffusion_model.")) for key in tensors):
+        return {}, {}
+    top_level = {key: value for key, value in state_dict.items() if _TOP_LEVEL_MODULE.fullmatch(key.split(".", 1)[0])}
+    scales = {}
+    for path, layer in _FINAL_LAYER.items():
+        for stem in ("lora_unet_" + path.replace(".", "_"), f"diffusion_model.{path}"):
+            alpha, down, up = (
+                tensors.get(f"{stem}{suffix}") for suffix in (".alpha", ".lora_down.weight", ".lora_up.weight")
+            )
+            converted_down, converted_up = (
+                top_level.get(f"{layer}.lora_A.weight"),
+                top_level.get(f"{layer}.lora_B.weight"),
+            )
+            if alpha is None or down is None or up is None or converted_down is None or converted_up is None:
+                continue
+            raw_size = float(down.double().norm() * up.double().norm())
+            converted_size = float(converted_down.double().norm() * converted_up.double().norm())
+            if math.isclose(raw_size, converted_size, rel_tol=1e-6):  # rows maybe reordered, but not scaled
+                scales[layer] = float(alpha) / down.shape[0]
+    return top_level, scales
+
+
+def _attention_processor_layers(part: dict[str, torch.Tensor]) -> tuple[dict[str, LoraLayer], list[str]]:
+    """LoRA pairs in diffusers' old attention-processor form (``...self_attn.to_q_lora.down.weight`` / ``.up``),
+    alpha folded in: what its kohya converter writes for a text encoder. Returns the layers and the other keys."""
+    layers, used = {}, set()
+    for key, down in part.items():
+        if not key.endswith(".down.weight") or (up := part.get(key.removesuffix("down.weight") + "up.weight")) is None:
+            continue
+        if down.ndim == 2 and up.ndim == 2 and up.shape[1] == down.shape[0]:
+            layers[key.removesuffix(".down.weight")] = LoraLayer(up, down, 1.0)
+            used.update((key, key.removesuffix("down.weight") + "up.weight"))
+    return layers, [key for key in part if key not in used]
 
 
 def is_peft_transformer_adapter(tensors: dict) -> bool:

@@ -203,19 +203,10 @@ BFL_NOT_READ = (
 )
 KOHYA_UNPREFIXED = (
     "diffusers' kohya/ComfyUI converter writes img_in, txt_in, time_in, vector_in, guidance_in and final_layer "
-    "as 'x_embedder.lora_A.weight'..., without 'transformer.': stock load_lora_weights drops them silently, "
-    "convert_flux_lora leaves them out of the transformer (and loses x_embedder, context_embedder and proj_out "
-    "from other_energy: their keys lose the layer name)"
+    "as 'x_embedder.lora_A.weight'..., without 'transformer.': stock load_lora_weights drops them silently "
+    "(convert_flux_lora moves them back into the transformer, with final_layer's alphas diffusers leaves out)"
 )
-KOHYA_FINAL_ALPHA = (
-    KOHYA_UNPREFIXED + "; and it drops the alpha of final_layer.linear and final_layer.adaLN_modulation.1 "
-    "('TODO: alphas' in diffusers): their update would be up @ down, not alpha / rank * up @ down"
-)
-CONVERSION_XFAIL = {  # BFL with lora_A/lora_B: convert_flux_lora renames it to kohya's names (stock still fails)
-    "kohya-embedders": KOHYA_UNPREFIXED,
-    "kohya-final-layer": KOHYA_UNPREFIXED,
-    "kohya-final-layer-alpha": KOHYA_FINAL_ALPHA,
-}
+CONVERSION_XFAIL: dict[str, str] = {}
 STOCK_XFAIL = {
     "bfl": BFL_NOT_READ,
     "kohya-embedders": KOHYA_UNPREFIXED,
@@ -410,17 +401,12 @@ def test_layout_scales_as_stock_diffusers(case, tmp_path):
         assert tuple(layer.up.shape) == tuple(module.lora_B["style"].weight.shape), name
 
 
-KOHYA_TEXT_ENCODER = (
-    "diffusers' kohya converter writes CLIP keys in its old attention-processor form "
-    "('text_encoder.text_model.encoder.layers.0.self_attn.to_q_lora.down.weight', alpha folded in); "
-    "convert_flux_lora reads only lora_A/lora_B keys there and silently leaves the text encoder's energy out "
-    "of other_energy (stock load_lora_into_text_encoder runs convert_state_dict_to_diffusers, then _to_peft)"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=KOHYA_TEXT_ENCODER)
 def test_kohya_text_encoder_part_is_measured_outside_the_transformer():
-    """A kohya file's CLIP-L part (``lora_te1_``) is no transformer layer; its energy is reported apart."""
+    """A kohya file's CLIP-L part (``lora_te1_``) is no transformer layer; its energy is reported apart.
+
+    diffusers' kohya converter writes those keys in its old attention-processor form
+    (``text_encoder...self_attn.to_q_lora.down.weight``, alpha folded in), which convert_flux_lora reads too.
+    """
     generator = torch.Generator().manual_seed(1)
     down, up = torch.randn(RANK, 768, generator=generator), torch.randn(768, RANK, generator=generator)
     tensors = {
@@ -430,7 +416,10 @@ def test_kohya_text_encoder_part_is_measured_outside_the_transformer():
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": up,
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(2.0),
     }
+    originals = {key: value.clone() for key, value in tensors.items()}
     converted = convert_flux_lora(tensors, origin="kohya-te")
+    # diffusers' converter scales the text encoder's factors in place: the caller's tensors must not change
+    assert all(torch.equal(value, originals[key]) for key, value in tensors.items())
     assert list(converted.transformer) == ["transformer_blocks.0.attn.to_out.0"]
     energy = float(((2.0 / RANK) * up.double() @ down.double()).square().sum())
     assert converted.other_energy["text_encoder"] == pytest.approx(energy, rel=1e-6)
