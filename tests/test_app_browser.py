@@ -47,6 +47,8 @@ def page(studio_url):
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
         page = browser.new_page(viewport={"width": 1440, "height": 1100})
         page.set_default_timeout(60_000)
+        # expect()'s own default is 5 s: a merge plus its 16-step preview took longer on a busy CI machine
+        sync_api.expect.set_options(timeout=60_000)
         page.goto(studio_url)
         yield page
         browser.close()
