@@ -301,6 +301,8 @@ INVALID = [
     (body(num_inference_steps=0), "num_inference_steps", "from 1 to 100"),
     (body(guidance_scale=-1.0), "guidance_scale", "from 0 to 30"),
     (body(style_scale=float("inf")), "style_scale", "finite"),
+    (body(style={"ink": 10**400}), "style", "the weight of style 'ink' must be a number"),  # float() overflows
+    (body(style={"ink": {"double": 10**400}}), "style", "block weight 'double' of style 'ink' must be a number"),
     (body(stlye="ink"), "stlye", "Extra inputs are not permitted"),
     (
         body(style={"ink": {"double.7": 1.0}}),
@@ -377,12 +379,20 @@ def test_a_validation_crash_is_a_counted_400(engine, monkeypatch):
 
 
 def test_openai_nullable_fields_take_their_defaults(engine):
-    """OpenAI declares ``n`` and ``response_format`` nullable: null means 1 image, a base64 PNG."""
+    """OpenAI declares ``n`` and ``response_format`` nullable: null means 1 image, a base64 PNG (and our
+    ``style_scale`` likewise: null means 1)."""
 
     async def scenario():
         async with serving(create_app(engine, max_wait_ms=1)) as client:
             return await client.post(
-                ENDPOINT, json={"prompt": "a cat", "num_inference_steps": 1, "n": None, "response_format": None}
+                ENDPOINT,
+                json={
+                    "prompt": "a cat",
+                    "num_inference_steps": 1,
+                    "n": None,
+                    "response_format": None,
+                    "style_scale": None,
+                },
             )
 
     reply = asyncio.run(scenario())

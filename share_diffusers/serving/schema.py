@@ -65,7 +65,7 @@ class ImageRequest(BaseModel):
         '{"double": 1, "single": 0.3} (keys: layer-name prefixes, aliases double/single, ranges "double.0-9", '
         '"*" for the rest) or a list with one number per block',
     )
-    style_scale: float = Field(default=1.0, description="overall strength multiplying every style weight")
+    style_scale: float | None = Field(default=1.0, description="overall strength multiplying every style weight")
     seed: int | None = Field(default=None, description="noise seed of the first image (random if null)")
     num_inference_steps: int | None = Field(default=None, description="denoising steps (model default if null)")
     guidance_scale: float | None = Field(default=None, description="guidance (model default if null)")
@@ -74,7 +74,7 @@ class ImageRequest(BaseModel):
     user: str | None = None
     quality: str | None = None
 
-    @field_validator("n", "response_format")
+    @field_validator("n", "response_format", "style_scale")
     @classmethod
     def _null_is_default(cls, value, info: ValidationInfo):
         """OpenAI declares these nullable: null means the default (the rest of the server never sees None)."""
@@ -183,7 +183,14 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    """A JSON number a float holds (an integer literal of 400 digits is none: float() overflows)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        return False
+    try:
+        float(value)
+    except OverflowError:
+        return False
+    return True
 
 
 def _shown(value) -> str:
