@@ -2,12 +2,22 @@
 
 Space settings: ``sdk: gradio`` and ``app_file: app/space.py`` in the Space's README header, and a
 ``requirements.txt`` that installs this repository with its app extra (``.[app]``). Run locally:
-``python app/space.py`` (extra arguments go to the studio, e.g. ``--model``). A Space reaches the app on
-0.0.0.0:7860, or on ``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT`` when set.
+``python app/space.py`` (extra arguments go to the studio, e.g. ``--model``).
+
+Address: on a Space (its ``SPACE_ID`` variable is set) the app listens on 0.0.0.0:7860, where the Space's
+proxy reaches it; anywhere else on 127.0.0.1 (this machine only), as ``share-diffusers app`` does.
+``GRADIO_SERVER_NAME`` / ``GRADIO_SERVER_PORT``, when set, choose the address and port in both cases.
+
+Merging and deleting stay on by default, on a Space too: merging a LoRA by its Hub id and seeing it beside
+the others is what the Space is there to show. Every visitor shares one bank, so one visitor's merge or
+delete is seen by all until the Space restarts (it starts again from the shipped demo styles). A Space
+that should not allow that sets the variable ``SHARE_STUDIO_READ_ONLY=1`` (the studio's ``--read-only``:
+generate, compare and save only).
 """
 
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 # This repository's package comes first, installed or not (the script's own folder is app/).
@@ -15,7 +25,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from share_diffusers.studio import main  # noqa: E402
 
+_TRUE = ("1", "true", "yes", "on")
+
+
+def studio_arguments(environ: Mapping[str, str], extra: Sequence[str] = ()) -> list[str]:
+    """The studio's command line for this environment: host and port (0.0.0.0 only on a Space), then
+    ``--read-only`` if ``SHARE_STUDIO_READ_ONLY`` says so, then ``extra``."""
+    on_space = bool(environ.get("SPACE_ID"))
+    host = environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1")
+    port = environ.get("GRADIO_SERVER_PORT") or "7860"
+    arguments = ["--host", host, "--port", port]
+    if environ.get("SHARE_STUDIO_READ_ONLY", "").strip().lower() in _TRUE:
+        arguments.append("--read-only")
+    return [*arguments, *extra]
+
+
 if __name__ == "__main__":
-    host = os.environ.get("GRADIO_SERVER_NAME", "0.0.0.0")
-    port = os.environ.get("GRADIO_SERVER_PORT", "7860")
-    sys.exit(main(["--host", host, "--port", port, *sys.argv[1:]]))
+    sys.exit(main(studio_arguments(os.environ, sys.argv[1:])))

@@ -4,7 +4,10 @@ its error handling, then its API through ``gradio_client`` against the app runni
 from __future__ import annotations
 
 import re
+import threading
 import zipfile
+from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +22,8 @@ from share_diffusers.runtime import DEFAULT_PROMPTS, format_style, parse_style
 from share_diffusers.studio.engine import PREVIEW_PROMPT, merge_source, pick_seed, zip_folder
 from share_diffusers.studio.text import blend_text, parse_prompts, parse_style_lines
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+
+SNEAKER = "a photo of a sneaker"
 
 # -- parsing ------------------------------------------------------------------------------------
 
@@ -396,9 +401,355 @@ def test_main_reports_bad_factors_in_one_line(tmp_path, capsys):
     )
 
 
+# -- the studio on its own: empty bank, limits, stop, read-only, saving, captions ------------------
+
+
+def tiny_studio(defaults=None, **options):
+    """A studio on the random tiny pipeline with its three exact demo styles (ink, neon, sepia)."""
+    from share_diffusers.runtime import TINY_RANDOM, defaults_for
+    from share_diffusers.studio.engine import StyleStudio
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    make_demo_styles(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    return StyleStudio(pipe, defaults or defaults_for(pipe, TINY_RANDOM), **options)
+
+
+def page_error(handler, *args, **kwargs) -> str:
+    """The one-line message ``handler`` shows in the page."""
+    import gradio as gr
+
+    with pytest.raises(gr.Error) as error:
+        handler(*args, **kwargs)
+    return error.value.message
+
+
+NO_PROGRESS = dict(progress=lambda *args, **kwargs: None)
+
+
+def test_overview_of_a_bank_whose_last_style_was_deleted():
+    """Deleting every style leaves layers with no style: the map and table say so instead of failing."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.studio.ui import Handlers
+
+    studio = tiny_studio()
+    for name in studio.styles():
+        studio.delete(name)
+    assert studio.pipe.share_factors is not None and studio.styles() == []
+    overview = studio.overview()
+    assert overview.similarity.names == [] and overview.similarity.matrix.shape == (0, 0)
+    assert overview.layout.coordinates.shape == (0, 2) and overview.kept == {} == overview.kept_by_group
+    assert Handlers(studio).style_overview() == (None, "No styles held yet: merge a LoRA.")
+    assert Handlers(studio).style_gallery(**NO_PROGRESS) == []
+
+
+def test_demo_limits_are_what_the_demo_model_draws():
+    """The demo model draws at its training size only (32x32; at 48 it tiles, at 64 it draws next to
+    nothing), and one call's work is bounded; the page's sliders follow the limits."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    import gradio as gr
+
+    from share_diffusers.fashion.model import RESOLUTION
+    from share_diffusers.runtime import DEMO_DEFAULTS, FLUX_DEV_DEFAULTS, FLUX_SCHNELL_DEFAULTS, TINY_RANDOM_DEFAULTS
+    from share_diffusers.studio.ui import build_demo
+
+    assert DEMO_DEFAULTS.max_size == RESOLUTION == DEMO_DEFAULTS.width == DEMO_DEFAULTS.height == 32
+    assert DEMO_DEFAULTS.max_work == 16 * 32 * 32 * 32  # a full batch at 32 steps: 3.4 s on 2 idle CPU cores
+    for defaults in (DEMO_DEFAULTS, TINY_RANDOM_DEFAULTS, FLUX_DEV_DEFAULTS, FLUX_SCHNELL_DEFAULTS):
+        # A full batch at the default size and steps, and a chunk of previews, are allowed.
+        defaults.check_call(defaults.max_batch, defaults.steps, defaults.width, defaults.height)
+        defaults.check_call(defaults.max_batch, defaults.steps, defaults.preview_size, defaults.preview_size)
+    # What one request held the server with before: 16 images of 256x256 at 50 steps (about 14 minutes).
+    assert DEMO_DEFAULTS.max_batch * DEMO_DEFAULTS.max_steps * DEMO_DEFAULTS.max_size**2 <= 1_000_000
+
+    studio = tiny_studio(replace(DEMO_DEFAULTS, size_step=4))
+    demo = build_demo(studio)
+    sliders = {block.label: block for block in demo.blocks.values() if isinstance(block, gr.Slider)}
+    assert (sliders["Width"].minimum, sliders["Width"].maximum, sliders["Width"].step) == (4, 32, 4)
+    assert sliders["Height"].maximum == 32 and sliders["Steps"].maximum == DEMO_DEFAULTS.max_steps
+
+
+@pytest.mark.parametrize(
+    "prompts, steps, width, height, message",
+    [
+        (
+            "\n".join([SNEAKER] * 16),
+            50,
+            32,
+            32,
+            "too much work for one call: 50 steps x 16 images x 32x32 pixels = 819,200 pixel-steps, over this "
+            "model's limit of 524,288; use fewer steps, fewer images or a smaller size",
+        ),
+        (SNEAKER, 51, 32, 32, "steps must be from 1 to 50, got 51"),
+        (SNEAKER, 16, 64, 32, "the width must be from 4 to 32 pixels on this model, got 64"),
+        ("\n".join([SNEAKER] * 17), 1, 4, 4, "at most 16 images per call, got 17"),
+    ],
+)
+def test_a_call_over_the_limits_is_refused_before_it_runs(prompts, steps, width, height, message, monkeypatch):
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.runtime import DEMO_DEFAULTS
+    from share_diffusers.studio.ui import Handlers
+
+    studio = tiny_studio(replace(DEMO_DEFAULTS, size_step=4))
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("the pipeline ran")
+
+    monkeypatch.setattr(ShareFluxPipeline, "__call__", no_call)
+    handlers = Handlers(studio)
+    settings = (1.0, 0, False, steps, width, height, 3.0)
+    assert page_error(handlers.generate, prompts, "ink", *settings) == message
+    if len(prompts.splitlines()) == 16:  # Compare counts its styles as images
+        assert page_error(handlers.compare, SNEAKER, ["ink"] * 16, *settings) == message
+
+
+@pytest.mark.parametrize(
+    "width, height, message",
+    [
+        (33, 32, "the width must be a multiple of 4 (this model's size step), got 33: use 32 or 36"),
+        (32, 30, "the height must be a multiple of 4 (this model's size step), got 30: use 28 or 32"),
+    ],
+)
+def test_a_size_off_the_size_step_is_refused_not_resized(width, height, message):
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.studio.ui import Handlers
+
+    handlers = Handlers(tiny_studio())
+    assert page_error(handlers.generate, SNEAKER, "ink", 1.0, 0, False, 2, width, height, 3.5) == message
+
+
+class _SetAfter:
+    """A stop event that reads as set from its ``calls``-th look on (the studio looks once before the first
+    step, then after every step)."""
+
+    def __init__(self, calls: int):
+        self.calls, self.looks = calls, 0
+
+    def is_set(self) -> bool:
+        self.looks += 1
+        return self.looks >= self.calls
+
+
+def test_stop_ends_a_generation_between_steps_and_frees_the_pipeline():
+    from share_diffusers.studio.engine import GenerationStopped
+
+    studio = tiny_studio()
+    with pytest.raises(GenerationStopped, match=r"^stopped after step 2 of 40$"):
+        studio.generate([SNEAKER], ["ink"], 0, steps=40, stop=_SetAfter(3))
+    with pytest.raises(GenerationStopped, match=r"^stopped before it started$"):
+        studio.generate([SNEAKER], ["ink"], 0, steps=40, stop=_SetAfter(1))
+    # The style state was undone and the lock released: the next call is the unstopped picture.
+    image = studio.generate([SNEAKER], ["ink"], 0, steps=2, stop=threading.Event())[0]
+    assert np.array_equal(np.asarray(image), np.asarray(studio.generate([SNEAKER], ["ink"], 0, steps=2)[0]))
+
+
+def test_the_stop_button_stops_only_its_own_session():
+    """``Handlers.stop`` sets the stop events of the caller's session; the page's Stop buttons also cancel
+    queued generate and compare calls (Gradio's ``cancels``)."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.studio.engine import GenerationStopped
+    from share_diffusers.studio.ui import Handlers, build_demo
+
+    started = threading.Event()
+
+    def generate(prompts, specs, seed, style_scale, stop, **settings):
+        started.set()
+        if not stop.wait(timeout=30):
+            raise AssertionError("never stopped")
+        raise GenerationStopped("stopped after step 1 of 50")
+
+    handlers = Handlers(SimpleNamespace(generate=generate))
+    alice, bob = SimpleNamespace(session_hash="alice"), SimpleNamespace(session_hash="bob")
+    messages = []
+    worker = threading.Thread(
+        target=lambda: messages.append(
+            page_error(handlers.generate, SNEAKER, "ink", 1.0, 0, False, 50, 32, 32, 3.5, request=alice)
+        )
+    )
+    worker.start()
+    assert started.wait(timeout=30)
+    handlers.stop(bob)
+    worker.join(timeout=0.3)
+    assert worker.is_alive()  # another session's Stop does not touch it
+    handlers.stop(alice)
+    worker.join(timeout=30)
+    assert messages == ["stopped after step 1 of 50"]
+
+    demo = build_demo(tiny_studio())
+    dependencies = demo.config["dependencies"]
+    index = {dependency["api_name"]: number for number, dependency in enumerate(dependencies)}
+    cancelling = [dependency for dependency in dependencies if dependency["cancels"]]
+    assert len(cancelling) == 2  # one Stop button in Generate, one in Compare
+    assert all(sorted(dependency["cancels"]) == [index["generate"], index["compare"]] for dependency in cancelling)
+
+
+def test_queue_and_cache_are_bounded(tmp_path, capsys):
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.studio.ui import DELETE_CACHE, MAX_QUEUE, build_demo, build_parser, main
+
+    demo = build_demo(tiny_studio(), max_queue=3)
+    assert demo._queue.max_size == 3
+    assert demo.delete_cache == DELETE_CACHE == (3600, 3600)
+    assert build_parser().parse_args([]).max_queue == MAX_QUEUE == 16
+    assert main(["--max-queue", "0", "--factors", str(tmp_path / "never-loaded")]) == 1
+    assert capsys.readouterr().err.strip() == "error: --max-queue must be at least 1, got 0"
+
+
+def test_read_only_studio_refuses_merge_and_delete(tmp_path):
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    import gradio as gr
+
+    from share_diffusers.studio.engine import READ_ONLY_MESSAGE
+    from share_diffusers.studio.ui import Handlers, build_demo, build_parser
+
+    assert build_parser().parse_args(["--read-only"]).read_only and not build_parser().parse_args([]).read_only
+    studio = tiny_studio(read_only=True)
+    handlers = Handlers(studio)
+    lora = write_demo_lora(build_tiny_flux_pipeline(0).transformer, tmp_path / "pencil", seed=3, rank=2, alpha=2.0)
+    expected = "this studio is read-only: merging and deleting styles are turned off (started with --read-only)"
+    assert READ_ONLY_MESSAGE == expected
+    assert page_error(handlers._merge_lora, "", "", str(lora), "pencil", NO_PROGRESS["progress"]) == expected
+    assert page_error(handlers.delete_style, "ink") == expected
+    assert studio.styles() == ["ink", "neon", "sepia"]
+    assert zipfile.is_zipfile(handlers.save_factors())  # saving is still allowed
+
+    demo = build_demo(studio)
+    buttons = {block.value: block for block in demo.blocks.values() if isinstance(block, gr.Button)}
+    for name in ("Merge", "Delete"):
+        assert not buttons[name].interactive
+        parent = buttons[name].parent
+        while parent is not None and getattr(parent, "visible", True):
+            parent = parent.parent
+        assert parent is not None, f"the {name} button is on show"
+    assert "Save factors" in buttons and buttons["Generate"].interactive is not False
+    blocks = build_demo(tiny_studio()).blocks.values()
+    writable = {block.value: block for block in blocks if isinstance(block, gr.Button)}
+    assert writable["Merge"].interactive is not False and writable["Delete"].interactive is not False
+
+
+def _space_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "app" / "space.py"
+    spec = importlib.util.spec_from_file_location("space_entry", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "environ, expected",
+    [
+        ({}, ["--host", "127.0.0.1", "--port", "7860"]),  # python app/space.py on one's own machine
+        ({"SPACE_ID": "someone/share-studio"}, ["--host", "0.0.0.0", "--port", "7860"]),
+        ({"SPACE_ID": ""}, ["--host", "127.0.0.1", "--port", "7860"]),
+        ({"GRADIO_SERVER_NAME": "10.0.0.5", "GRADIO_SERVER_PORT": "8000"}, ["--host", "10.0.0.5", "--port", "8000"]),
+        (
+            {"SPACE_ID": "someone/share-studio", "SHARE_STUDIO_READ_ONLY": "1"},
+            ["--host", "0.0.0.0", "--port", "7860", "--read-only"],
+        ),
+    ],
+)
+def test_space_entry_listens_on_every_interface_only_on_a_space(environ, expected):
+    space = _space_module()
+    assert space.studio_arguments(environ) == expected
+    assert space.studio_arguments(environ, ["--model", "tiny-random"])[-2:] == ["--model", "tiny-random"]
+
+
+def test_merge_report_shows_how_the_other_styles_errors_moved(tmp_path):
+    """A merge turns the shared bases: the report gives each other style's error before and after."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.studio.ui import Handlers
+
+    studio = tiny_studio()
+    factors = studio.pipe.share_factors
+    before = {name: factors.style_error(name) for name in studio.styles()}
+    assert max(before.values()) < 1e-6  # exact demo styles
+    lora = write_diffusers_lora(tmp_path / "pencil", seed=11, rank=4, alpha=4)
+    report = Handlers(studio)._merge_lora("", "", str(lora), "pencil", NO_PROGRESS["progress"])
+    factors = studio.pipe.share_factors
+    after = {name: factors.style_error(name) for name in before}
+    assert all(after[name] > 1e-3 for name in before)  # more than k = 16 holds: every style loses a little
+    order = sorted(before, key=lambda name: before[name] - after[name])
+    changes = ", ".join(f"{name} {before[name]:.2g} -> {after[name]:.2g}" for name in order)
+    assert report.endswith(f"; other styles' error: {changes}"), report
+    assert report.startswith("merged 'pencil': 22 layers, relative error ")
+
+
+def test_merge_outcome_text():
+    from share_diffusers.loader import MergeReport
+    from share_diffusers.studio.engine import MergeOutcome
+
+    report = MergeReport("new", 0.1, 4, 0.0)
+    assert str(MergeOutcome(report)) == "merged 'new': 4 layers, relative error 1.00e-01"  # the first style
+    unchanged = MergeOutcome(report, {"tint": (0.321, 0.3211)})
+    assert str(unchanged).endswith("; other styles' error unchanged")
+    errors = {f"s{i}": (0.1, 0.1 + 0.01 * i) for i in range(1, 9)}
+    text = str(MergeOutcome(report, {"tint": (0.321, 0.681), **errors}))
+    assert text.endswith(
+        "; other styles' error: tint 0.32 -> 0.68, s8 0.1 -> 0.18, s7 0.1 -> 0.17, s6 0.1 -> 0.16, "
+        "s5 0.1 -> 0.15, s4 0.1 -> 0.14, 3 more"
+    ), text
+
+
+def test_repeated_saves_leave_one_zip_and_no_folders():
+    studio = tiny_studio()
+    first = studio.save_factors_zip()
+    workdir = first.parents[1]
+
+    def left() -> list[str]:
+        return sorted(str(path.relative_to(workdir)) for path in workdir.rglob("*") if path.is_file())
+
+    stamp = first.stat().st_mtime_ns
+    for _ in range(3):
+        assert studio.save_factors_zip() == first
+    assert first.stat().st_mtime_ns == stamp  # the same bank: not written again
+    assert left() == [str(first.relative_to(workdir))]
+    assert not any(path.name == "share-factors" for path in workdir.rglob("*"))  # the unzipped folder is gone
+
+    studio.delete("neon")
+    second = studio.save_factors_zip()
+    assert second != first and not first.exists()
+    assert left() == [str(second.relative_to(workdir))]
+    with zipfile.ZipFile(second) as opened:
+        assert "share-factors/share_config.json" in opened.namelist()
+        opened.extractall(workdir / "check")
+    assert load_factors(workdir / "check" / "share-factors").style_names == ["ink", "sepia"]
+
+
+def test_compare_refuses_a_prompt_of_several_lines():
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.studio.text import parse_single_prompt
+    from share_diffusers.studio.ui import Handlers
+
+    assert parse_single_prompt("  a cat \n\n") == "a cat"
+    handlers = Handlers(tiny_studio())
+    message = page_error(handlers.compare, "a cat\na dog", ["ink"], 1.0, 0, False, 2, 32, 32, 3.5)
+    assert message == "Compare takes one prompt, got 2 lines; keep one (Generate takes one prompt per line)"
+
+
+def test_captions_give_the_style_strength():
+    """A caption reproduces its image: at a strength other than 1 it says so (``tint`` at 0.5 is not ``tint``)."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.runtime import style_caption
+    from share_diffusers.studio.ui import Handlers
+
+    assert style_caption("ink") == "ink" and style_caption("ink", 0.5) == "ink · strength 0.5"
+    assert style_caption(None, 0.5) == "none"
+    assert style_caption({"ink": 0.5, "neon": 1.0}, 2) == "ink=0.5,neon=1 · strength 2"
+    handlers = Handlers(tiny_studio())
+    settings = (0.5, 3, False, 2, 32, 32, 3.5)
+    gallery, _ = handlers.generate(f"{SNEAKER}\n{SNEAKER}", "ink\nnone", *settings)
+    assert [caption for _, caption in gallery] == [f"{SNEAKER} · ink · strength 0.5", f"{SNEAKER} · none"]
+    compared, _ = handlers.compare(SNEAKER, ["ink", "none"], *settings)
+    assert [caption for _, caption in compared] == ["ink · strength 0.5", "none"]
+    full, _ = handlers.generate(SNEAKER, "ink", 1.0, *settings[1:])
+    assert [caption for _, caption in full] == [f"{SNEAKER} · ink"]
+
+
 # -- the API, on the running app ----------------------------------------------------------------
 
-SNEAKER = "a photo of a sneaker"
 SETTINGS = dict(style_scale=1.0, seed=3, randomize=False, steps=2, width=32, height=32, guidance=3.5)
 
 
@@ -493,7 +844,9 @@ def test_merge_a_lora_file(client, tmp_path):
 
     lora = write_diffusers_lora(tmp_path / "pencil", seed=11, rank=4, alpha=4)
     report = client.predict("", "", handle_file(str(lora)), "pencil", api_name="/merge_lora")
-    assert re.fullmatch(r"merged 'pencil': 22 layers, relative error [0-9.]+e[+-]\d+", report), report
+    other = r"(ink|neon|sepia) [0-9.e+-]+ -> [0-9.e+-]+"
+    pattern = rf"merged 'pencil': 22 layers, relative error [0-9.]+e[+-]\d+; other styles' error: {other}(, {other})*"
+    assert re.fullmatch(pattern, report), report
     captions = [caption for _, caption in gallery_images(client.predict(api_name="/styles"))]
     assert [caption.split(" · ")[0] for caption in captions] == ["ink", "neon", "sepia", "pencil"]
     assert re.fullmatch(r"pencil · error \d\.\de-\d\d", captions[-1]), captions
@@ -558,7 +911,8 @@ def test_style_map_endpoint_flags_a_near_duplicate(client, tmp_path):
     copy = write_demo_lora(build_tiny_flux_pipeline(0).transformer, tmp_path / "ink-copy", seed=0, rank=4, alpha=16.0)
     report = client.predict("", "", handle_file(str(copy)), "ink x2", api_name="/merge_lora")
     # Earlier tests merged more styles than k = 16 holds: the copy is then a near-, not an exact, duplicate.
-    assert re.search(r"; near-duplicate of 'ink' \((0\.9[5-9]\d|1\.000)\) \(cosine similarity\)$", report), report
+    duplicate = r"; near-duplicate of 'ink' \((0\.9[5-9]\d|1\.000)\) \(cosine similarity\); other styles' error"
+    assert re.search(duplicate, report), report
     _, table = client.predict(api_name="/style_map")
     pattern = r"^\| ink x2 \| .* \| ink \((0\.9[5-9]|1\.00)\) \*\*near-duplicate\*\* \|$"
     assert re.search(pattern, table, re.MULTILINE), table

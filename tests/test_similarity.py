@@ -202,6 +202,26 @@ def test_style_map_keeps_the_distances_of_three_styles_and_is_deterministic():
     assert lone.coordinates.tolist() == [[0.0, 0.0]]
 
 
+def test_a_bank_with_every_style_deleted_has_an_empty_similarity_and_map():
+    """Deleting the last style keeps the layers (their bases) with no style: a ``0 x 0`` answer, not an
+    error, for the studio's map and ``share-diffusers inspect --similarity`` alike."""
+    from share_diffusers.cli import similarity_summary
+
+    factors = ShareFactors.fit(bank_adapters()[:2], NAMES[:2], ShareConfig(rank=5, pseudo_rank=3))
+    for name in NAMES[:2]:
+        factors.delete_style(name)
+    assert factors.style_names == [] and factors.layers
+    similarity = style_similarity(factors)
+    assert similarity.names == [] and similarity.matrix.shape == (0, 0)
+    assert similarity.matrix.dtype == torch.float64
+    layout = style_map(similarity)
+    assert layout.names == [] and layout.coordinates.shape == (0, 2) and layout.explained.tolist() == [0.0, 0.0]
+    assert style_similarity(factors, layers=list(GROUPS["head"])).matrix.shape == (0, 0)
+    assert kept_energy(factors) == {}
+    summary = similarity_summary(factors)
+    assert (summary["styles"], summary["matrix"], summary["near_duplicates"]) == ([], [], [])
+
+
 # -- kept energy --------------------------------------------------------------------------------
 
 

@@ -104,6 +104,7 @@ def style_similarity(
     Returns:
         :class:`StyleSimilarity` ``(names, matrix)``. A style with no energy on the chosen layers has
         similarity 0 to every style, itself included (its cosine is undefined); any other has 1 with itself.
+        A bank that holds no style (every one deleted) gives no names and a ``(0, 0)`` matrix.
     """
     names = _style_names(factors, styles)
     indices = [factors.style_index(name) for name in names]
@@ -326,6 +327,8 @@ def _inner_products(
     column_indices = torch.tensor(list(columns), dtype=torch.long)
     inner = torch.zeros(len(rows), len(columns), dtype=torch.float64)
     energy = torch.zeros(len(columns), dtype=torch.float64)
+    if not columns:  # no style held: nothing to form (a (L, 0, k^2) stack cannot be reshaped)
+        return inner, energy
     groups: dict[tuple[int, int, bool], list[LayerShare]] = {}
     for layer in _layers(factors, layers):
         if layer.k > 0:  # k = 0: no style touches the layer yet

@@ -2,7 +2,9 @@
 and the map of the style bank (similarities, kept energy).
 
 ``StyleStudio`` wraps one ``ShareFluxPipeline``. Gradio runs events in worker threads, and a style
-request is state on the transformer for the length of a call, so every pipeline use holds one lock.
+request is state on the transformer for the length of a call, so every pipeline use holds one lock; a
+call is therefore bounded (:meth:`~share_diffusers.runtime.GenerationDefaults.check_call`: images, steps,
+size and their product) and can be stopped between denoising steps.
 """
 
 from __future__ import annotations
@@ -10,11 +12,12 @@ from __future__ import annotations
 import math
 import random
 import re
+import shutil
 import tempfile
 import threading
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,13 +34,19 @@ from ..core.similarity import (
 )
 from ..loader import MergeReport
 from ..lora_files import refuse_pickle
-from ..runtime import DEFAULT_PROMPTS, GenerationDefaults, StyleSpec, call_arguments, format_style
+from ..runtime import DEFAULT_PROMPTS, GenerationDefaults, StyleSpec, call_arguments, style_caption
 
 PREVIEW_PROMPT = DEFAULT_PROMPTS[0]
 PREVIEW_SEED = 0
 MAX_SEED = 2**32 - 1
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _GENERIC_FILE_NAMES = ("pytorch_lora_weights", "adapter_model")
+READ_ONLY_MESSAGE = "this studio is read-only: merging and deleting styles are turned off (started with --read-only)"
+_ERROR_CHANGES_SHOWN = 6  # styles named in a merge report's error changes; the rest are counted
+
+
+class GenerationStopped(ValueError):
+    """A generation stopped on request (the page's Stop button) before it finished."""
 
 
 def pick_seed(seed: float | None, randomize: bool) -> int:
@@ -152,6 +161,44 @@ def _escape(text: str) -> str:
     return "".join("\\" + char if char in "\\`*_[]<>|#" else char for char in text)
 
 
+@dataclass
+class MergeOutcome:
+    """A merge as the studio reports it: the library's report, and how the other styles' errors moved.
+
+    A new style turns the shared bases, so the styles held before can lose part of what they kept
+    (their stored errors become upper bounds, DESIGN 3); the report says by how much.
+
+    Attributes:
+        report: :meth:`ShareLoaderMixin.merge_lora`'s report on the new style.
+        other_errors: per style held before, its relative error ``(before, after)`` the merge.
+    """
+
+    report: MergeReport
+    other_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        text = str(self.report)
+        if not self.other_errors:
+            return text
+        changed = [
+            (name, before, after)
+            for name, (before, after) in self.other_errors.items()
+            if _short(before) != _short(after)
+        ]
+        if not changed:
+            return text + "; other styles' error unchanged"
+        changed.sort(key=lambda item: item[1] - item[2])  # the largest increase first
+        shown = [f"{name} {_short(old)} -> {_short(new)}" for name, old, new in changed[:_ERROR_CHANGES_SHOWN]]
+        if len(changed) > _ERROR_CHANGES_SHOWN:
+            shown.append(f"{len(changed) - _ERROR_CHANGES_SHOWN} more")
+        return text + "; other styles' error: " + ", ".join(shown)
+
+
+def _short(error: float) -> str:
+    """A relative error in two significant digits, as the report shows it: 0.32, 1.2e-07."""
+    return f"{error:.2g}"
+
+
 def _chunks(items: list, size: int) -> list[list]:
     return [items[start : start + size] for start in range(0, len(items), size)]
 
@@ -163,18 +210,28 @@ class StyleStudio:
         pipe: the pipeline; its styles are whatever it holds (demo styles, loaded factors, merges).
         defaults: image settings and limits (:func:`share_diffusers.runtime.defaults_for`).
         preview_prompt, preview_seed: what every style's preview shows.
+        read_only: refuse :meth:`merge` and :meth:`delete` (a public studio whose visitors share one bank).
     """
 
     def __init__(
-        self, pipe, defaults: GenerationDefaults, preview_prompt: str = PREVIEW_PROMPT, preview_seed: int = PREVIEW_SEED
+        self,
+        pipe,
+        defaults: GenerationDefaults,
+        preview_prompt: str = PREVIEW_PROMPT,
+        preview_seed: int = PREVIEW_SEED,
+        read_only: bool = False,
     ):
         self.pipe = pipe
         self.defaults = defaults
         self.preview_prompt = preview_prompt
         self.preview_seed = preview_seed
+        self.read_only = read_only
         self._lock = threading.RLock()
         self._previews: dict[str, Image.Image] = {}
         self._workdir = tempfile.TemporaryDirectory(prefix="share-studio-")
+        # Bumped by every change of the bank made here: one saved zip serves every save of one version.
+        self._bank_version = 0
+        self._saved: tuple[tuple, Path] | None = None
 
     def styles(self) -> list[str]:
         return self.pipe.list_styles()
@@ -198,31 +255,54 @@ class StyleStudio:
         width: int | None = None,
         height: int | None = None,
         guidance: float | None = None,
+        stop: threading.Event | None = None,
     ) -> list[Image.Image]:
-        """One image per prompt, in one pipeline call; every image starts from the same noise (``seed``)."""
+        """One image per prompt, in one pipeline call; every image starts from the same noise (``seed``).
+
+        Args:
+            steps, width, height, guidance: the call's settings (None: the defaults), checked against the
+                limits of ``defaults`` (:meth:`~share_diffusers.runtime.GenerationDefaults.check_call`).
+            stop: when set (by another thread), the call ends before its next denoising step.
+
+        Raises:
+            ValueError: settings outside the limits; :class:`GenerationStopped` when ``stop`` was set.
+        """
         if len(styles) != len(prompts):
             raise ValueError(f"got {len(styles)} styles for {len(prompts)} prompts")
-        if len(prompts) > self.defaults.max_batch:
-            raise ValueError(f"at most {self.defaults.max_batch} images per call, got {len(prompts)}")
+        arguments = call_arguments(
+            self.pipe, self.defaults, len(prompts), steps=steps, width=width, height=height, guidance=guidance
+        )
+        total = arguments["num_inference_steps"]
+        self.defaults.check_call(len(prompts), total, arguments["width"], arguments["height"])
         # All-None must be passed as None: a pipeline with no styles loaded refuses any style list.
         style = None if all(spec is None for spec in styles) else list(styles)
+
+        def check_stop(pipe, step: int, timestep, tensors: dict) -> dict:
+            if stop.is_set():
+                raise GenerationStopped(f"stopped after step {step + 1} of {total}")
+            return tensors
+
         with self._lock:
+            if stop is not None and stop.is_set():  # stopped while it waited for the pipeline
+                raise GenerationStopped("stopped before it started")
             return self.pipe(
                 prompt=list(prompts),
                 style=style,
                 style_scale=style_scale,
-                **call_arguments(
-                    self.pipe, self.defaults, len(prompts), steps=steps, width=width, height=height, guidance=guidance
-                ),
+                **arguments,
                 generator=[torch.Generator().manual_seed(seed) for _ in prompts],
+                callback_on_step_end=None if stop is None else check_stop,
             ).images
 
-    def compare(self, prompt: str, styles: Sequence[StyleSpec], seed: int, **settings) -> list[tuple[Image.Image, str]]:
-        """The same prompt and seed under each style, in one call; captions are the styles."""
+    def compare(
+        self, prompt: str, styles: Sequence[StyleSpec], seed: int, style_scale: float = 1.0, **settings
+    ) -> list[tuple[Image.Image, str]]:
+        """The same prompt and seed under each style, in one call; captions are the styles (and the
+        strength, when not 1)."""
         if not styles:
             raise ValueError("pick at least one style to compare")
-        images = self.generate([prompt] * len(styles), styles, seed, **settings)
-        return list(zip(images, [format_style(spec) for spec in styles], strict=True))
+        images = self.generate([prompt] * len(styles), styles, seed, style_scale=style_scale, **settings)
+        return list(zip(images, [style_caption(spec, style_scale) for spec in styles], strict=True))
 
     def previews(self) -> list[tuple[Image.Image, str]]:
         """``(image, caption)`` per style: the preview prompt and seed, and the reconstruction error."""
@@ -241,32 +321,65 @@ class StyleStudio:
         """Similarities, map and kept energy of the styles held now (``k x k`` numbers only: milliseconds)."""
         with self._lock:
             factors = self.pipe.share_factors
-            if factors is None:
+            if factors is None or not factors.styles:  # no factors yet, or every style deleted
                 empty = StyleSimilarity([], torch.zeros(0, 0, dtype=torch.float64))
                 return StyleOverview(empty, style_map(empty), {}, {})
             similarity = style_similarity(factors)
             kept = {name: max(0.0, 1.0 - factors.style_error(name) ** 2) for name in similarity.names}
             return StyleOverview(similarity, style_map(similarity), kept, kept_energy(factors))
 
-    def merge(self, source: str, style_name: str | None = None, weight_name: str | None = None) -> MergeReport:
-        """Merge a LoRA (Hub id or local file) as a new style; a failed merge changes nothing."""
+    def merge(self, source: str, style_name: str | None = None, weight_name: str | None = None) -> MergeOutcome:
+        """Merge a LoRA (Hub id or local file) as a new style; a failed merge changes nothing.
+
+        Returns the library's report with the other styles' errors before and after (``str()``: one line).
+        """
+        if self.read_only:
+            raise ValueError(READ_ONLY_MESSAGE)
         with self._lock:
+            before = self._style_errors()
             report = self.pipe.merge_lora(source, weight_name=weight_name, style_name=style_name)
+            after = self._style_errors()
+            self._bank_version += 1
             # The new style can turn the shared bases, so every style's picture may move a little.
             self._previews.clear()
-        return report
+        return MergeOutcome(report, {name: (error, after[name]) for name, error in before.items() if name in after})
+
+    def _style_errors(self) -> dict[str, float]:
+        factors = self.pipe.share_factors
+        return {} if factors is None else {name: factors.style_error(name) for name in factors.style_names}
 
     def delete(self, name: str) -> None:
         """Delete a style; the others keep their reconstructions (and previews)."""
+        if self.read_only:
+            raise ValueError(READ_ONLY_MESSAGE)
         if not name:
             raise ValueError("choose a style to delete")
         with self._lock:
             self.pipe.delete_style(name)
+            self._bank_version += 1
             self._previews.pop(name, None)
 
     def save_factors_zip(self) -> Path:
-        """``pipe.save_share_factors`` into a fresh folder, zipped: ``.../share-factors.zip``."""
-        folder = Path(tempfile.mkdtemp(dir=self._workdir.name)) / "share-factors"
+        """``pipe.save_share_factors`` zipped: ``.../share-factors.zip``, one file per version of the bank.
+
+        Saving again before the bank changes returns the same zip, unwritten; a change (merge, delete)
+        makes the next save replace it. The unzipped folder is removed once zipped.
+        """
         with self._lock:
-            self.pipe.save_share_factors(folder)
-        return zip_folder(folder, folder.with_suffix(".zip"))
+            key = (self._bank_version, tuple(self.styles()))
+            if self._saved is not None and self._saved[0] == key and self._saved[1].is_file():
+                return self._saved[1]
+            version_dir = Path(tempfile.mkdtemp(prefix=f"bank-{self._bank_version}-", dir=self._workdir.name))
+            folder = version_dir / "share-factors"
+            try:
+                self.pipe.save_share_factors(folder)
+                archive = zip_folder(folder, folder.with_suffix(".zip"))
+            except BaseException:
+                shutil.rmtree(version_dir, ignore_errors=True)
+                raise
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            if self._saved is not None:  # Gradio serves its own copy of the earlier zip
+                shutil.rmtree(self._saved[1].parent, ignore_errors=True)
+            self._saved = (key, archive)
+            return archive

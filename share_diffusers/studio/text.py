@@ -24,6 +24,16 @@ def parse_prompts(text: str | None) -> list[str]:
     return prompts
 
 
+def parse_single_prompt(text: str | None) -> str:
+    """The one prompt of a box that takes one (Compare); several non-empty lines are refused, not cut to the first."""
+    prompts = parse_prompts(text)
+    if len(prompts) > 1:
+        raise ValueError(
+            f"Compare takes one prompt, got {len(prompts)} lines; keep one (Generate takes one prompt per line)"
+        )
+    return prompts[0]
+
+
 def parse_style_lines(text: str | None, n_prompts: int) -> list[StyleSpec]:
     """One style per prompt: one line each, a single line for all, or nothing (no style)."""
     lines = [line.strip() for line in (text or "").splitlines() if line.strip()]

@@ -1,6 +1,6 @@
 """Share style studio: a Gradio app to browse, blend, compare, merge and save Share styles on Flux.
 
-    share-diffusers app [--model REPO_OR_DIR] [--factors DIR_OR_HUB_ID] [--port 7860]
+    share-diffusers app [--model REPO_OR_DIR] [--factors DIR_OR_HUB_ID] [--port 7860] [--read-only]
 
 With no ``--model`` it runs the embedded demo model (a small Flux trained on Fashion-MNIST, shipped in
 the package: no download) and, with no ``--factors``, its four demo styles learned continually into one
@@ -10,6 +10,11 @@ line (``gr.Error``), never as a stack trace. Beside the style previews, a map of
 on it have similar weight updates) and a table of what each style keeps of its LoRA, updated after every
 merge and delete. API endpoints for ``gradio_client``: ``/generate``, ``/compare``, ``/merge_lora``,
 ``/delete_style``, ``/save_factors``, ``/styles``, ``/style_map``.
+
+One pipeline serves every visitor, one call at a time, so a call is bounded by the model's limits (images,
+steps, size, and their product: :meth:`~share_diffusers.runtime.GenerationDefaults.check_call`), a Stop
+button ends a running generation between denoising steps, and the queue holds at most ``--max-queue``
+requests. Every visitor shares one style bank too: ``--read-only`` turns merging and deleting off.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import collections
 import functools
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from types import SimpleNamespace
 
 import gradio as gr
@@ -32,22 +38,26 @@ from ..runtime import (
     GenerationDefaults,
     defaults_for,
     error_line,
-    format_style,
     load_pipeline,
     load_styles,
     parse_style,
     resolve_device,
     resolve_dtype,
+    style_caption,
 )
-from .engine import MAX_SEED, StyleStudio, merge_source, pick_seed
+from .engine import MAX_SEED, READ_ONLY_MESSAGE, StyleStudio, merge_source, pick_seed
 from .plots import style_map_figure
-from .text import blend_text, parse_prompts, parse_style_lines, style_choices
+from .text import blend_text, parse_prompts, parse_single_prompt, parse_style_lines, style_choices
 
 BLEND_SLOTS = 3
 CSS = ".pixel-art img { image-rendering: pixelated; } #style-table td { white-space: nowrap; }"
 # Gradio hands each call its own tracker configured like this default (pipeline and download bars).
 TRACK_TQDM = gr.Progress(track_tqdm=True)
 _REMEMBERED_ERRORS = 256  # sessions whose last merge error is kept for the report box
+# Requests waiting for the one pipeline; with calls bounded to seconds, a full queue is a minute or two of work.
+MAX_QUEUE = 16
+# Gradio's copies of generated images, uploads and zips: every hour, those older than an hour are deleted.
+DELETE_CACHE = (3600, 3600)
 
 
 def user_errors(handler):
@@ -75,7 +85,34 @@ class Handlers:
         self.studio = studio
         # The last failed merge's message per browser session, for the report box once the toast fades.
         self._merge_errors: collections.OrderedDict[str, str] = collections.OrderedDict()
-        self._errors_lock = threading.Lock()
+        self._sessions_lock = threading.Lock()
+        # The running generations' stop events per browser session, for the Stop button.
+        self._stops: dict[str, set[threading.Event]] = {}
+
+    @contextmanager
+    def _stoppable(self, request: gr.Request | None) -> Iterator[threading.Event | None]:
+        """A stop event for one generation of ``request``'s session (None without a session)."""
+        session = getattr(request, "session_hash", None)
+        if not session:
+            yield None
+            return
+        event = threading.Event()
+        with self._sessions_lock:
+            self._stops.setdefault(session, set()).add(event)
+        try:
+            yield event
+        finally:
+            with self._sessions_lock:
+                events = self._stops.get(session, set())
+                events.discard(event)
+                if not events:
+                    self._stops.pop(session, None)
+
+    def stop(self, request: gr.Request = None) -> None:
+        """Stop the generations running for this session (another visitor's go on) before their next step."""
+        with self._sessions_lock:
+            for event in self._stops.get(getattr(request, "session_hash", None) or "", ()):
+                event.set()
 
     @user_errors
     def generate(
@@ -90,13 +127,17 @@ class Handlers:
         height,
         guidance,
         progress=TRACK_TQDM,
+        request: gr.Request = None,
     ):
         prompt_list = parse_prompts(prompts)
         specs = parse_style_lines(styles, len(prompt_list))
         seed = pick_seed(seed, randomize)
         settings = dict(steps=int(steps), width=int(width), height=int(height), guidance=float(guidance))
-        images = self.studio.generate(prompt_list, specs, seed, style_scale=style_scale, **settings)
-        captions = [f"{prompt} · {format_style(spec)}" for prompt, spec in zip(prompt_list, specs, strict=True)]
+        with self._stoppable(request) as stop:
+            images = self.studio.generate(prompt_list, specs, seed, style_scale=style_scale, stop=stop, **settings)
+        captions = [
+            f"{prompt} · {style_caption(spec, style_scale)}" for prompt, spec in zip(prompt_list, specs, strict=True)
+        ]
         return list(zip(images, captions, strict=True)), seed
 
     @user_errors
@@ -112,19 +153,21 @@ class Handlers:
         height,
         guidance,
         progress=TRACK_TQDM,
+        request: gr.Request = None,
     ):
-        prompt = parse_prompts(prompt)[0]
+        prompt = parse_single_prompt(prompt)
         specs = [parse_style(text) for text in styles or []]
         seed = pick_seed(seed, randomize)
         settings = dict(steps=int(steps), width=int(width), height=int(height), guidance=float(guidance))
-        return self.studio.compare(prompt, specs, seed, style_scale=style_scale, **settings), seed
+        with self._stoppable(request) as stop:
+            return self.studio.compare(prompt, specs, seed, style_scale=style_scale, stop=stop, **settings), seed
 
     def merge_lora(self, hub_id, weight_name, upload, style_name, request: gr.Request = None, progress=TRACK_TQDM):
         try:
             return self._merge_lora(hub_id, weight_name, upload, style_name, progress)
         except gr.Error as error:
             if request is not None and request.session_hash:
-                with self._errors_lock:
+                with self._sessions_lock:
                     self._merge_errors[request.session_hash] = error.message
                     while len(self._merge_errors) > _REMEMBERED_ERRORS:
                         self._merge_errors.popitem(last=False)
@@ -138,7 +181,7 @@ class Handlers:
 
     def merge_failed(self, request: gr.Request = None):
         """The report box after a failed merge: its one-line message (the toast fades, this stays)."""
-        with self._errors_lock:
+        with self._sessions_lock:
             message = self._merge_errors.pop(getattr(request, "session_hash", None) or "", "the merge failed")
         return f"error: {message}"
 
@@ -189,7 +232,7 @@ def _settings(defaults: GenerationDefaults) -> SimpleNamespace:
                 value=0, precision=0, minimum=0, maximum=MAX_SEED, label="Seed", info="every image of a call uses it"
             )
             randomize = gr.Checkbox(value=False, label="Randomize seed")
-        steps = gr.Slider(1, 50, value=defaults.steps, step=1, label="Steps")
+        steps = gr.Slider(1, defaults.max_steps, value=defaults.steps, step=1, label="Steps")
         size = dict(minimum=defaults.size_step, maximum=defaults.max_size, step=defaults.size_step)
         with gr.Row():
             width = gr.Slider(value=defaults.width, label="Width", **size)
@@ -252,14 +295,16 @@ def _generate_tab(choices: list[str], defaults: GenerationDefaults, blocks: str)
                         f"({blocks})",
                     )
                 slots += [name, weight, per_block]
-        button = gr.Button("Generate", variant="primary")
+        with gr.Row():
+            button = gr.Button("Generate", variant="primary", scale=3)
+            stop = gr.Button("Stop", variant="stop", scale=1)
         images = _image_gallery("Images", "generated", defaults, columns=4)
-    return SimpleNamespace(prompts=prompts, styles=styles, slots=slots, button=button, images=images)
+    return SimpleNamespace(prompts=prompts, styles=styles, slots=slots, button=button, stop=stop, images=images)
 
 
 def _compare_tab(choices: list[str], defaults: GenerationDefaults) -> SimpleNamespace:
     with gr.Tab("Compare"):
-        prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPTS[0])
+        prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPTS[0], info="one prompt, on one line")
         styles = gr.Dropdown(
             choices,
             value=choices,
@@ -268,33 +313,40 @@ def _compare_tab(choices: list[str], defaults: GenerationDefaults) -> SimpleName
             label="Styles to compare",
             info="also a blend like ink=0.5,neon=0.5 or ink[double=1,single=0.3] (type it and press Enter)",
         )
-        button = gr.Button("Compare", variant="primary")
+        with gr.Row():
+            button = gr.Button("Compare", variant="primary", scale=3)
+            stop = gr.Button("Stop", variant="stop", scale=1)
         images = _image_gallery("Same prompt and seed, one image per style", "compared", defaults, columns=4)
-    return SimpleNamespace(prompt=prompt, styles=styles, button=button, images=images)
+    return SimpleNamespace(prompt=prompt, styles=styles, button=button, stop=stop, images=images)
 
 
-def _manage_tab(styles: list[str]) -> SimpleNamespace:
-    with gr.Tab("Merge, delete, save"):
-        gr.Markdown("**Merge a LoRA** as a new style (any Flux LoRA layout diffusers reads; `.safetensors` only)")
-        with gr.Row():
-            hub_id = gr.Textbox(label="Hub repo id", placeholder="user/flux-lora")
-            weight_name = gr.Textbox(label="File in the repo", placeholder="only if it holds several .safetensors")
-        upload = gr.File(
-            label="... or upload a LoRA",
-            elem_id="lora-upload",
-            file_types=[".safetensors"],
-            type="filepath",
-            height=140,
-        )
-        style_name = gr.Textbox(label="Style name", placeholder="default: the repo or file name")
-        merge = gr.Button("Merge", variant="primary")
-        report = gr.Textbox(label="Merge report", elem_id="merge-report", interactive=False)
-        gr.Markdown("**Delete a style**")
-        with gr.Row():
-            # Custom values: the API (a fresh session) must reach styles merged after the page was built.
-            to_delete = gr.Dropdown(styles, value=None, label="Style to delete", allow_custom_value=True)
-            delete = gr.Button("Delete", variant="stop")
-        status = gr.Textbox(label="Status", interactive=False)
+def _manage_tab(styles: list[str], read_only: bool = False) -> SimpleNamespace:
+    title = "Save" if read_only else "Merge, delete, save"
+    with gr.Tab(title):
+        if read_only:
+            gr.Markdown(f"*{READ_ONLY_MESSAGE[0].upper()}{READ_ONLY_MESSAGE[1:]}.*", elem_id="read-only-note")
+        # Read-only: the controls stay out of sight (their API endpoints answer with the read-only message).
+        with gr.Column(visible=not read_only):
+            gr.Markdown("**Merge a LoRA** as a new style (any Flux LoRA layout diffusers reads; `.safetensors` only)")
+            with gr.Row():
+                hub_id = gr.Textbox(label="Hub repo id", placeholder="user/flux-lora")
+                weight_name = gr.Textbox(label="File in the repo", placeholder="only if it holds several .safetensors")
+            upload = gr.File(
+                label="... or upload a LoRA",
+                elem_id="lora-upload",
+                file_types=[".safetensors"],
+                type="filepath",
+                height=140,
+            )
+            style_name = gr.Textbox(label="Style name", placeholder="default: the repo or file name")
+            merge = gr.Button("Merge", variant="primary", interactive=not read_only)
+            report = gr.Textbox(label="Merge report", elem_id="merge-report", interactive=False)
+            gr.Markdown("**Delete a style**")
+            with gr.Row():
+                # Custom values: the API (a fresh session) must reach styles merged after the page was built.
+                to_delete = gr.Dropdown(styles, value=None, label="Style to delete", allow_custom_value=True)
+                delete = gr.Button("Delete", variant="stop", interactive=not read_only)
+            status = gr.Textbox(label="Status", interactive=False)
         gr.Markdown("**Save the factors** (a zip of `save_share_factors`; load it with `load_share_factors`)")
         save = gr.Button("Save factors")
         factors_file = gr.File(label="Share factors", interactive=False, height=100)
@@ -313,20 +365,21 @@ def _manage_tab(styles: list[str]) -> SimpleNamespace:
     )
 
 
-def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
-    """The studio's page, wired to ``studio``. Call ``.queue()`` and ``.launch(css=CSS, ...)`` on it."""
+def build_demo(studio: StyleStudio, description: str = "", max_queue: int = MAX_QUEUE) -> gr.Blocks:
+    """The studio's page, wired to ``studio``, its queue holding at most ``max_queue`` requests. Call
+    ``.launch(css=CSS, ...)`` on it (not ``.queue()`` again: that would lift the limit)."""
     handlers = Handlers(studio)
     defaults = studio.defaults
     styles = studio.styles()
     choices = style_choices(styles)
-    with gr.Blocks(title="Share style studio") as demo:
+    with gr.Blocks(title="Share style studio", delete_cache=DELETE_CACHE) as demo:
         gr.Markdown(f"## Share style studio\n{description}")
         with gr.Row():
             with gr.Column(scale=3):
                 with gr.Tabs():
                     generate = _generate_tab(choices, defaults, studio.blocks())
                     compare = _compare_tab(choices, defaults)
-                    manage = _manage_tab(styles)
+                    manage = _manage_tab(styles, studio.read_only)
             with gr.Column(scale=2):
                 gallery = _image_gallery(
                     "Styles: preview and reconstruction error", "styles", defaults, columns=3, height=340
@@ -360,18 +413,24 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
         for slot in generate.slots[2::3]:  # on Enter or leaving the box, not at every key (half-typed text)
             slot.submit(**builder, api_visibility="private")
             slot.blur(**builder, api_visibility="private")
-        generate.button.click(
+        generating = generate.button.click(
             handlers.generate,
             [generate.prompts, generate.styles, *common],
             [generate.images, settings.seed],
             api_name="generate",
         )
-        compare.button.click(
+        comparing = compare.button.click(
             handlers.compare,
             [compare.prompt, compare.styles, *common],
             [compare.images, settings.seed],
             api_name="compare",
         )
+        # Gradio's cancel drops a queued call but lets a running one finish; handlers.stop ends that one
+        # between two denoising steps, so the pipeline is free for the next visitor at once.
+        for stop in (generate.stop, compare.stop):
+            stop.click(
+                handlers.stop, None, None, cancels=[generating, comparing], queue=False, api_visibility="private"
+            )
         merge = manage.merge.click(
             handlers.merge_lora,
             [manage.hub_id, manage.weight_name, manage.upload, manage.style_name],
@@ -385,7 +444,7 @@ def build_demo(studio: StyleStudio, description: str = "") -> gr.Blocks:
         demo.load(handlers.style_gallery, None, gallery, api_name="styles")
         demo.load(handlers.style_menus, compare.styles, menus, api_visibility="private")
         demo.load(handlers.style_overview, None, [style_plot, style_table], api_name="style_map")
-    return demo
+    return demo.queue(max_size=max_queue)
 
 
 # -- command line -------------------------------------------------------------------------------
@@ -413,6 +472,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest LoRA upload (default 200)")
     parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=MAX_QUEUE,
+        help=f"most requests waiting for the pipeline; more are refused with 'queue is full' (default {MAX_QUEUE})",
+    )
+    parser.add_argument(
+        "--read-only",
+        action="store_true",
+        help="visitors may generate, compare and save, but not merge or delete styles (every visitor shares one bank)",
+    )
+    parser.add_argument(
         "--demo-styles",
         "--share-demo-styles",
         action=argparse.BooleanOptionalAction,
@@ -431,7 +501,7 @@ def load_studio(args: argparse.Namespace) -> tuple[StyleStudio, str]:
     pipe.set_progress_bar_config(leave=False)
     for report in load_styles(pipe, args.model, args.factors, args.demo_styles):
         print(report, flush=True)
-    studio = StyleStudio(pipe, defaults_for(pipe, model=args.model))
+    studio = StyleStudio(pipe, defaults_for(pipe, model=args.model), read_only=args.read_only)
     studio.previews()  # render them now, not on the first page load
     model = {
         None: "the embedded demo model (a small Flux trained on Fashion-MNIST: try 'a photo of a sneaker', "
@@ -446,8 +516,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the studio until interrupted; returns the exit status (1, with a one-line error, on bad input)."""
     args = build_parser().parse_args(argv)
     try:
+        if args.max_queue < 1:
+            raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
         studio, description = load_studio(args)
-        demo = build_demo(studio, description).queue()
+        demo = build_demo(studio, description, max_queue=args.max_queue)
         _, url, _ = demo.launch(
             server_name=args.host,
             server_port=args.port,
