@@ -1,17 +1,39 @@
-"""Pieces the ``training/`` scripts share: the accelerator, a process-count-independent data order,
-and finding the checkpoint to resume from."""
+"""Pieces the ``training/`` scripts share: the accelerator, a process-count-independent data order, the
+learning-rate schedule, checkpoints (trainable tensors only, written atomically) and the checks a command
+line passes before any model loads."""
 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import SchedulerType, get_scheduler
+from safetensors import safe_open
 from torch.utils.data import Sampler
 
+from share_diffusers.core import ShareError
+
 logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
+# piecewise_constant needs step rules, which the trainers do not take
+LR_SCHEDULERS = [kind.value for kind in SchedulerType if kind is not SchedulerType.PIECEWISE_CONSTANT]
+SCHEDULERS_WITHOUT_WARMUP = ("constant",)
+
+
+class UsageError(ValueError):
+    """A command line a trainer refuses (a bad value, flags that do not go together); raised before any model
+    loads."""
+
+
+class ResumeError(ShareError, ValueError):
+    """A checkpoint does not hold what this run trains (other settings than the run that saved it)."""
 
 
 def make_accelerator(args, output_dir: Path) -> Accelerator:
@@ -41,9 +63,74 @@ class EpochShuffle(Sampler):
         return self.size
 
 
+def check_whole_global_batches(size: int, batch_size: int, num_processes: int, what: str) -> None:
+    """Refuses a data set that does not fill whole global batches when several processes train.
+
+    accelerate (``even_batches=True``) completes the last global batch of every epoch with samples from its
+    start, so those samples would count twice in that step, and the run would no longer train what one
+    process with the same global batch trains. One process has no such padding (its last batch is shorter).
+
+    Raises:
+        UsageError: naming the sizes and what to change.
+    """
+    global_batch = batch_size * num_processes
+    if num_processes > 1 and size % global_batch:
+        raise UsageError(
+            f"{size} {what} do not fill whole global batches of {global_batch} (--train_batch_size {batch_size} x "
+            f"{num_processes} processes): accelerate would repeat {global_batch - size % global_batch} of them at the "
+            f"end of every epoch; use a multiple of {global_batch} {what}, or a batch size and process count whose "
+            f"product divides {size}"
+        )
+
+
+def make_lr_scheduler(name: str, optimizer, warmup_steps: int, max_train_steps: int, num_processes: int):
+    """diffusers' ``get_scheduler`` with its lengths in the steps accelerate counts.
+
+    ``accelerator.prepare`` wraps the scheduler in an ``AcceleratedScheduler``, which steps it once per
+    process for each optimizer step (it assumes every process takes its own share of one epoch's batches).
+    Warm-up and total length are therefore given times ``num_processes``, as diffusers'
+    ``train_dreambooth_lora_flux.py`` does, so N processes follow the one-process schedule step for step.
+    """
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=warmup_steps * num_processes,
+        num_training_steps=max_train_steps * num_processes,
+    )
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+
+
 def checkpoint_step(path: Path) -> int:
     """The global step a ``checkpoint-<step>`` folder was saved at."""
-    return int(path.name.split("-")[1])
+    found = CHECKPOINT_NAME.fullmatch(Path(path).name)
+    if found is None:
+        raise ValueError(f"{path} is not named checkpoint-<step>")
+    return int(found[1])
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """The finished ``checkpoint-<step>`` folders in ``output_dir``, oldest first; a save still under way or cut
+    short (``checkpoint-<step>.tmp``) and other names are not checkpoints."""
+    if not output_dir.is_dir():
+        return []
+    found = [path for path in output_dir.iterdir() if path.is_dir() and CHECKPOINT_NAME.fullmatch(path.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def check_resume_from(resume_from: str | None) -> None:
+    """``--resume_from_checkpoint``: ``latest``, or an existing folder named ``checkpoint-<step>``.
+
+    Raises:
+        UsageError: a folder that does not exist or is not named ``checkpoint-<step>``.
+    """
+    if not resume_from or resume_from == "latest":
+        return
+    if not Path(resume_from).is_dir():
+        raise UsageError(f"--resume_from_checkpoint {resume_from}: no such checkpoint folder (or pass 'latest')")
+    if CHECKPOINT_NAME.fullmatch(Path(resume_from).name) is None:
+        raise UsageError(f"--resume_from_checkpoint {resume_from}: not a checkpoint-<step> folder")
 
 
 def find_checkpoint(resume_from: str | None, output_dir: Path) -> Path | None:
@@ -54,10 +141,35 @@ def find_checkpoint(resume_from: str | None, output_dir: Path) -> Path | None:
         if not Path(resume_from).is_dir():
             raise FileNotFoundError(f"--resume_from_checkpoint {resume_from}: no such checkpoint folder")
         return Path(resume_from)
-    found = sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step)
+    found = list_checkpoints(output_dir)
     if not found:
         logger.info("no checkpoint in %s: starting from scratch", output_dir)
     return found[-1] if found else None
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None = None) -> Path:
+    """``accelerator.save_state`` into ``output_dir/checkpoint-<step>``, atomically.
+
+    Every process writes into ``checkpoint-<step>.tmp`` (each its own random states); once all are done the
+    main process renames it, so a run killed during the save leaves no ``checkpoint-<step>`` that ``latest``
+    would pick. Then only the newest ``total_limit`` checkpoints are kept (all when None).
+    """
+    final = output_dir / f"checkpoint-{step}"
+    partial = output_dir / f"{final.name}.tmp"
+    if accelerator.is_main_process and partial.exists():  # left by a run killed while saving
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # a resumed run passing a step it had saved before
+            shutil.rmtree(final)
+        partial.rename(final)
+        if total_limit:
+            for old in list_checkpoints(output_dir)[:-total_limit]:
+                shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
@@ -65,3 +177,145 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
     accelerator.load_state(str(path))
     logger.info("resumed from %s at step %d", path, checkpoint_step(path))
     return checkpoint_step(path)
+
+
+def checkpoint_trainable_parameters_only(accelerator: Accelerator) -> None:
+    """Makes ``accelerator.save_state`` write only the parameters that train, and ``load_state`` read them back.
+
+    A prepared model is saved whole by default: at FLUX.1 size 24 GB of frozen transformer per checkpoint for
+    a few MB of factors. The frozen weights come from the base model on resume, as on the first start, so the
+    run continues bit for bit. Only for models whose frozen state is rebuilt that way: buffers are not kept.
+    Names are those of the unwrapped model, without DDP's ``module.`` prefix whatever the process count.
+    """
+
+    def keep_trainable(models, weights, output_dir) -> None:
+        if len(weights) != len(models):  # FSDP, DeepSpeed: accelerate saves those models its own way
+            return
+        for index, model in enumerate(models):
+            module = accelerator.unwrap_model(model)
+            weights[index] = OrderedDict(
+                (name, parameter.detach()) for name, parameter in module.named_parameters() if parameter.requires_grad
+            )
+
+    def load_trainable(models, input_dir) -> None:
+        for index, model in enumerate(models):
+            _load_trainable(accelerator.unwrap_model(model), Path(input_dir) / _weights_name(index))
+        models.clear()  # loaded: accelerate's strict loader would want every frozen weight
+
+    accelerator.register_save_state_pre_hook(keep_trainable)
+    accelerator.register_load_state_pre_hook(load_trainable)
+
+
+def _weights_name(index: int) -> str:
+    return "model.safetensors" if index == 0 else f"model_{index}.safetensors"
+
+
+def _load_trainable(module: torch.nn.Module, path: Path) -> None:
+    """The trainable parameters of ``module`` from ``path`` (which may hold more: a whole-model checkpoint)."""
+    wanted = {name: parameter for name, parameter in module.named_parameters() if parameter.requires_grad}
+    if not path.is_file():
+        raise ResumeError(f"{path} is missing: {path.parent} is not a finished checkpoint of this trainer")
+    with safe_open(str(path), framework="pt") as stored:
+        keys = set(stored.keys())
+        missing = sorted(set(wanted) - keys)
+        if missing:
+            raise ResumeError(
+                f"{path.parent} lacks {len(missing)} of the {len(wanted)} tensors this run trains, "
+                f"e.g. {missing[0]!r}: resume with the settings that saved it"
+            )
+        with torch.no_grad():
+            for name, parameter in wanted.items():
+                tensor = stored.get_tensor(name)
+                if tensor.shape != parameter.shape:
+                    raise ResumeError(
+                        f"size mismatch for {name}: the checkpoint {path.parent} has {tuple(tensor.shape)} but this "
+                        f"run trains {tuple(parameter.shape)}; resume with the settings that saved it"
+                    )
+                parameter.copy_(tensor)
+
+
+# -- the command line and the output folder ----------------------------------------------------------------
+
+
+def check_common_arguments(args) -> None:
+    """The checks every trainer's options need, before anything loads.
+
+    Raises:
+        UsageError: the first bad value or combination, in one line naming the flags.
+    """
+    for flag, low in (
+        ("max_train_steps", 1),
+        ("train_batch_size", 1),
+        ("gradient_accumulation_steps", 1),
+        ("lr_warmup_steps", 0),
+        ("checkpointing_steps", 0),
+    ):
+        if getattr(args, flag) < low:
+            raise UsageError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
+    if args.lr_scheduler not in LR_SCHEDULERS:
+        raise UsageError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
+    if args.lr_warmup_steps and args.lr_scheduler in SCHEDULERS_WITHOUT_WARMUP:
+        raise UsageError(
+            f"--lr_warmup_steps needs a scheduler with a warm-up; --lr_scheduler {args.lr_scheduler} has none "
+            "(constant_with_warmup is constant after one)"
+        )
+    if args.checkpoints_total_limit is not None:
+        if args.checkpoints_total_limit < 1:
+            raise UsageError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+        if not args.checkpointing_steps:
+            raise UsageError("--checkpoints_total_limit needs --checkpointing_steps")
+    check_resume_from(args.resume_from_checkpoint)
+    if args.overwrite_output_dir and args.resume_from_checkpoint:
+        raise UsageError(
+            "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from; pass one"
+        )
+
+
+def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
+    """Refuses to write into a folder that holds anything, unless the run resumes or may overwrite.
+
+    Raises:
+        UsageError: naming the folder, one of its entries and the two ways on.
+    """
+    if resuming or overwrite or not output_dir.is_dir():
+        return
+    entries = sorted(path.name for path in output_dir.iterdir())
+    if entries:
+        more = " and more" if len(entries) > 1 else ""
+        raise UsageError(
+            f"--output_dir {output_dir} is not empty (it holds {entries[0]!r}{more}); "
+            "pass --overwrite_output_dir to replace what an earlier run wrote there, or --resume_from_checkpoint "
+            "latest to continue it"
+        )
+
+
+def clear_outputs(accelerator: Accelerator, output_dir: Path, patterns: tuple[str, ...]) -> None:
+    """``--overwrite_output_dir``: the main process deletes what the trainer writes (``patterns``, globbed in
+    ``output_dir``) and leaves anything else; every process waits for it."""
+    if accelerator.is_main_process and output_dir.is_dir():
+        for pattern in patterns:
+            for path in sorted(output_dir.glob(pattern)):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                logger.info("--overwrite_output_dir: deleted %s", path)
+    accelerator.wait_for_everyone()
+
+
+def end_training(accelerator: Accelerator) -> None:
+    """``accelerator.end_training`` (trackers), then the process group's teardown.
+
+    accelerate >= 0.34 tears the group down in ``end_training`` too, except in notebook-launched (forked)
+    processes; this one does not depend on that.
+    """
+    accelerator.end_training()
+    destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Tears down the default process group of a multi-process run, if one is up.
+
+    A run that stops on an error never reaches ``end_training``; left to the interpreter's exit, gloo's
+    teardown can hang a process whose peer has gone (and torch warns of leaked resources), so the trainers'
+    command lines call this on every way out.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import re
 import shutil
 import subprocess
 import sys
@@ -10,16 +12,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from classifier_helpers import write_keyword_tasks, write_shape_tasks, write_tiny_bert, write_tiny_mobilenet
-from launch_helpers import CPU_ENV, accelerate_launch, run_cli_in_process
-from safetensors.torch import load_file
+from launch_helpers import CPU_ENV, accelerate_launch, run_cli_in_process, script_module
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
 from share_diffusers.continual import accuracy_table, matrix_summary
 from share_diffusers.core import load_factors
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "training" / "train_share_classifier.py"
-SMALL = ["--rank", "8", "--pseudo_rank", "4", "--phi", "4", "--lora_rank", "4", "--lora_alpha", "8"]
+# Small sizes for the options each method uses (a method refuses the others).
+LORA = ["--lora_rank", "4", "--lora_alpha", "8"]
+SMALL = {"share": ["--rank", "8", "--pseudo_rank", "4", "--phi", "4", *LORA], "lora": LORA, "full": []}
 FAST = ["--learning_rate", "3e-2", "--head_learning_rate", "3e-2", "--seed", "1"]
 
 
@@ -33,14 +40,59 @@ def task_args(setup, names):
     return [item for name in names for item in ("--task", f"{name}={setup[name]}")]
 
 
-def run(model, tasks, out, *extra, processes: int = 1, launch: bool = True, check: bool = True):
+def run(model, tasks, out, *extra, method="share", processes: int = 1, launch: bool = True, check: bool = True):
     prefix = accelerate_launch(processes) if launch else [sys.executable]
     command = [*prefix, str(SCRIPT), "--model_name_or_path", str(model), *tasks, "--output_dir", str(out)]
-    command += [*SMALL, *FAST, *map(str, extra)]
+    command += ["--method", method, *SMALL[method], *FAST, *map(str, extra)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=CPU_ENV, cwd=ROOT)
     if check:
         assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def _script():
+    """training/train_share_classifier.py as a module, to call its ``main`` or ``cli`` in this process."""
+    return script_module(SCRIPT)
+
+
+def _arguments(setup, names, out, *extra) -> list[str]:
+    """The command line on the tiny BERT (method share unless ``extra`` says otherwise)."""
+    method = next((extra[i + 1] for i, flag in enumerate(extra) if flag == "--method"), "share")
+    sizes = [] if {"--rank", "--phi", "--coefficients_only"} & set(map(str, extra)) else SMALL[method]
+    arguments = ["--model_name_or_path", setup["bert"], *task_args(setup, names), "--output_dir", out]
+    return [str(argument) for argument in [*arguments, *sizes, *FAST, *extra]]
+
+
+@pytest.fixture
+def train(text, monkeypatch):
+    """``train(names, out, *extra)``: the script's ``main`` in this process on the CPU (no interpreter start)."""
+
+    def train(names, out, *extra) -> None:
+        monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+        AcceleratorState._reset_state(reset_partial_state=True)  # accelerate's process-wide state, as its tests do
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as CPU_ENV gives the launched runs: a busy machine slowed 2 threads 50x
+        try:
+            assert _script().main(_arguments(text, names, out, *extra)) == 0
+        finally:
+            torch.set_num_threads(threads)
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+    return train
+
+
+class ModelLoaded(Exception):
+    """Raised by the backbone loader under ``forbid_loading``: the script got past its checks."""
+
+
+@pytest.fixture
+def forbid_loading(monkeypatch):
+    """The script may not load its backbone: refusals of the command line come before any model work."""
+
+    def load(*args, **kwargs):
+        raise ModelLoaded("the backbone was loaded")
+
+    monkeypatch.setattr(_script(), "load_backbone", load)
 
 
 def results(out: Path) -> dict:
@@ -83,8 +135,10 @@ def test_share_learns_three_tasks_keeps_earlier_ones_and_reloads(text, tmp_path)
 
 def test_two_processes_train_what_one_process_trains(text, tmp_path):
     tasks = task_args(text, ["colors", "animals"])
-    run(text["bert"], tasks, tmp_path / "one", "--max_train_steps", 3, "--train_batch_size", 4)
-    run(text["bert"], tasks, tmp_path / "two", "--max_train_steps", 3, "--train_batch_size", 2, processes=2)
+    # a decaying schedule: accelerate steps it once per process for each optimizer step (lr 1, 2/3, 1/3 x 3e-2)
+    common = ("--max_train_steps", 3, "--lr_scheduler", "linear")
+    run(text["bert"], tasks, tmp_path / "one", *common, "--train_batch_size", 4)
+    run(text["bert"], tasks, tmp_path / "two", *common, "--train_batch_size", 2, processes=2)
     one = load_factors(tmp_path / "one" / "after-task-2" / "factors")
     two = load_factors(tmp_path / "two" / "after-task-2" / "factors")
     for name in one.layers:
@@ -102,7 +156,14 @@ def test_two_processes_train_what_one_process_trains(text, tmp_path):
 def test_resume_from_latest_ends_where_an_uninterrupted_run_ends(text, tmp_path, killed_after):
     tasks = task_args(text, ["colors", "animals"])
     full = tmp_path / "full"
-    run(text["bert"], tasks, full, "--max_train_steps", 6, "--checkpointing_steps", 3)
+    log = run(text["bert"], tasks, full, "--max_train_steps", 6, "--checkpointing_steps", 3).stderr
+    # Each checkpoint holds what its task trains (task 1: the PEFT LoRA and the head; task 2: the temporary
+    # factors and the head), none of the frozen backbone.
+    trained = [int(count.replace(",", "")) for count in re.findall(r"task \d/2 '\w+': ([\d,]+) trainable", log)]
+    assert len(trained) == 2
+    for step, count in ((3, trained[0]), (6, trained[0]), (9, trained[1]), (12, trained[1])):
+        with safe_open(str(full / f"checkpoint-{step}" / "model.safetensors"), framework="pt") as stored:
+            assert sum(math.prod(stored.get_slice(key).get_shape()) for key in stored.keys()) == count, step
     # What a run killed right after saving checkpoint-<killed_after> leaves on disk.
     cut = tmp_path / "cut"
     shutil.copytree(full, cut)
@@ -137,7 +198,7 @@ def test_resume_from_latest_ends_where_an_uninterrupted_run_ends(text, tmp_path,
 def test_baselines_and_the_comparison_report(text, tmp_path):
     tasks = task_args(text, ["colors", "animals"])
     for method in ("share", "lora", "full"):
-        run(text["bert"], tasks, tmp_path / method, "--max_train_steps", 10, "--method", method, launch=False)
+        run(text["bert"], tasks, tmp_path / method, "--max_train_steps", 10, method=method, launch=False)
     lora, full = results(tmp_path / "lora"), results(tmp_path / "full")
     assert lora["rows"][1][0] == lora["rows"][0][0]  # independent adapters: nothing to forget
     backbone = sum(t.numel() for t in load_file(tmp_path / "full" / "after-task-2" / "backbone.safetensors").values())
@@ -202,7 +263,7 @@ def test_bad_task_data_fails_before_any_model_work(text, tmp_path, break_it, mes
         "--task",
         f"animals={tmp_path / 'tasks' / 'animals'}/",
     ]
-    arguments = ["--model_name_or_path", text["bert"], *tasks, "--output_dir", tmp_path / "out", *SMALL, *FAST]
+    arguments = ["--model_name_or_path", text["bert"], *tasks, "--output_dir", tmp_path / "out", *SMALL["share"], *FAST]
     returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
     assert returncode == 1 and message in stderr.strip().splitlines()[-1], stderr
     assert stderr.strip().splitlines()[-1].startswith("error: ")
@@ -219,6 +280,20 @@ def test_a_refusal_on_the_command_line_is_one_error_line(text, tmp_path):
     assert not (tmp_path / "out" / "after-task-1").exists()
 
 
+def test_forgetting_is_measured_from_each_task_best_accuracy():
+    """Chaudhry et al.'s forgetting: a task's best accuracy in the earlier rows minus its final accuracy."""
+    matrix = [[0.5], [0.9, 0.8], [0.6, 0.8, 0.7]]
+    assert matrix_summary(matrix)["forgetting"] == pytest.approx(0.3)
+    assert matrix_summary(matrix)["bwt"] == pytest.approx(((0.6 - 0.5) + (0.8 - 0.8)) / 2)  # BWT: from the diagonal
+    lines = accuracy_table(matrix, ["a", "b", "c"]).splitlines()
+    assert lines[3].startswith("| b | 90.0 ↑40.0 | 80.0 |  |")
+    assert lines[4].startswith("| c | 60.0 ↓30.0 | 80.0 | 70.0 |")  # a fell from its best, 90, not from 50
+
+    from share_diffusers.continual.report import forgetting
+
+    assert forgetting(matrix) == pytest.approx([0.3, 0.0])
+
+
 def test_accuracy_table_marks_forgetting_and_transfer():
     matrix = [[0.9], [0.8, 0.7], [0.95, 0.7, 0.6]]
     summary = matrix_summary(matrix)
@@ -229,3 +304,126 @@ def test_accuracy_table_marks_forgetting_and_transfer():
     lines = accuracy_table(matrix, ["a", "b", "c"]).splitlines()
     assert lines[3].startswith("| b | 80.0 ↓10.0 | 70.0 |  | 75.0 | -10.0 |")
     assert lines[4].startswith("| c | 95.0 ↑5.0 | 70.0 | 60.0 |")
+
+
+def test_every_epoch_sees_every_example_under_gradient_accumulation(text, tmp_path, monkeypatch, train):
+    """48 examples in batches of 5 make 10 batches an epoch; accumulating 3, accelerate steps the optimizer after
+    batches 3, 6, 9 and at the end of the loader (10): 4 steps an epoch, so 12 steps are 3 whole epochs."""
+    module, epoch, seen = _script(), [None], {}
+
+    class RecordingShuffle(module.EpochShuffle):
+        def __iter__(self):
+            epoch[0] = self.epoch
+            return super().__iter__()
+
+    def recording_loader(dataset, *, collate_fn, **kwargs):
+        def collate(examples):  # the batches training takes (evaluation calls the encoder directly)
+            seen.setdefault(epoch[0], []).extend(text for text, _ in examples)
+            return collate_fn(examples)
+
+        return DataLoader(dataset, collate_fn=collate, **kwargs)
+
+    monkeypatch.setattr(module, "EpochShuffle", RecordingShuffle)
+    monkeypatch.setattr(module, "DataLoader", recording_loader)
+    extra = ("--max_train_steps", 12, "--train_batch_size", 5, "--gradient_accumulation_steps", 3)
+    train(["colors"], tmp_path / "out", *extra)
+    lines = (Path(text["colors"]) / "train.jsonl").read_text().splitlines()
+    examples = sorted(json.loads(line)["text"] for line in lines)
+    assert len(examples) == 48
+    assert {number: sorted(texts) for number, texts in seen.items()} == {0: examples, 1: examples, 2: examples}
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--method", "lora", "--rank", 8], "--method lora does not use --rank; drop them"),
+        (
+            ["--method", "full", "--phi", 2, "--lora_rank", 4],
+            "--method full does not use --phi, --lora_rank; drop them",
+        ),
+        (["--method", "lora", "--coefficients_only"], "--method lora does not use --coefficients_only; drop them"),
+        (["--coefficients_only", "--phi", 2], "--coefficients_only trains no temporary basis directions; drop --phi"),
+        (["--lr_scheduler", "exponential"], "--lr_scheduler 'exponential' is not one of linear, cosine, "),
+        (["--resume_from_checkpoint", "/no/such/checkpoint-3"], "/no/such/checkpoint-3: no such checkpoint folder"),
+        (["--checkpoints_total_limit", 1], "--checkpoints_total_limit needs --checkpointing_steps"),
+    ],
+    ids=[
+        "lora-rank",
+        "full-phi-lora-rank",
+        "lora-coefficients-only",
+        "coefficients-phi",
+        "scheduler",
+        "resume",
+        "limit",
+    ],
+)
+def test_bad_arguments_are_refused_before_any_model_loads(text, tmp_path, extra, message, capsys, forbid_loading):
+    returncode, stderr = run_cli_in_process(SCRIPT, _arguments(text, ["colors"], tmp_path / "out", *extra), capsys)
+    assert returncode == 1 and stderr.strip().splitlines() == [stderr.strip()], stderr
+    assert stderr.startswith("error: ") and message in stderr, stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_tasks_that_do_not_fill_whole_global_batches_are_refused(text, tmp_path, capsys, monkeypatch, forbid_loading):
+    """2 processes of 5: accelerate would repeat 2 of the 48 examples at the end of every epoch; refused before
+    the backbone loads. Batches of 4 (global 8) divide 48."""
+
+    class TwoProcesses:
+        def __init__(self, accelerator):
+            self._accelerator, self.num_processes = accelerator, 2
+
+        def __getattr__(self, name):
+            return getattr(self._accelerator, name)
+
+    module = _script()
+    make_accelerator = module.make_accelerator
+    monkeypatch.setattr(module, "make_accelerator", lambda *a: TwoProcesses(make_accelerator(*a)))
+    arguments = _arguments(text, ["colors", "animals"], tmp_path / "out", "--train_batch_size", 5)
+    returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+    assert returncode == 1
+    assert (
+        "error: 48 training examples of 'colors' do not fill whole global batches of 10 (--train_batch_size 5 x 2 "
+        "processes): accelerate would repeat 2 of them at the end of every epoch" in stderr
+    )
+    with pytest.raises(ModelLoaded):  # past the check
+        run_cli_in_process(SCRIPT, _arguments(text, ["colors"], tmp_path / "out", "--train_batch_size", 4), capsys)
+
+
+def test_a_non_empty_output_dir_is_refused_and_overwrite_replaces_the_earlier_run(text, tmp_path, capsys, train):
+    out = tmp_path / "out"
+    for folder in ("after-task-1", "after-task-2", "checkpoint-6", "checkpoint-9.tmp"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "stale.txt").write_text("from an earlier run")
+    (out / "results.json").write_text("{}")
+    (out / "notes.txt").write_text("the user's")
+    arguments = _arguments(text, ["colors"], out, "--max_train_steps", 2)
+    returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+    assert returncode == 1
+    assert f"error: --output_dir {out} is not empty (it holds 'after-task-1' and more); pass --overwrite" in stderr
+    # A one-task run over a two-task one: no after-task-2 of the earlier run is left beside the new results.
+    train(["colors"], out, "--max_train_steps", 2, "--overwrite_output_dir")
+    assert sorted(path.name for path in out.iterdir()) == ["after-task-1", "notes.txt", "results.json", "results.md"]
+    assert not (out / "after-task-1" / "stale.txt").exists()
+    assert results(out)["tasks"] == ["colors"] and len(results(out)["rows"]) == 1
+
+
+def test_a_checkpoint_of_other_settings_is_refused_and_the_process_group_torn_down(text, tmp_path, capsys):
+    """Resuming from a checkpoint that lacks what this run trains is one error line; the command line then
+    destroys the process group although end_training never ran (a one-process gloo group stands in for a
+    multi-process run's, whose teardown at interpreter exit can hang)."""
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    save_file({"head.weight": torch.zeros(2, 2)}, checkpoint / "model.safetensors")
+    arguments = _arguments(
+        text, ["colors"], tmp_path / "out", "--max_train_steps", 6, "--resume_from_checkpoint", "latest"
+    )
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+        assert returncode == 1
+        last = stderr.strip().splitlines()[-1]
+        assert re.search(rf"^error: {checkpoint} lacks (\d+) of the \1 tensors this run trains, e\.g\. '", last), last
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

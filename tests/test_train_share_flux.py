@@ -18,6 +18,7 @@ from diffusers import FluxPipeline
 from flux_helpers import run_transformer, transformer_inputs, write_diffusers_lora
 from launch_helpers import CPU_ENV, accelerate_launch, run_cli_in_process, script_module
 from PIL import Image
+from safetensors import safe_open
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
 from share_diffusers.core import load_factors
@@ -50,12 +51,16 @@ def setup(tmp_path_factory):
 
 
 def _arguments(setup, out, *extra, new_subspace: bool = False) -> list[str]:
-    """The script's command line on the tiny pipeline and its red squares (``extra`` appended)."""
+    """The script's command line on the tiny pipeline and its red squares (``extra`` appended); ``--phi 4`` and
+    ``--pseudo_rank 4`` where the mode uses them (not --fine_tune_style; no --phi with --coefficients_only)."""
+    given = set(map(str, extra))
+    sizes = [] if "--fine_tune_style" in given else ["--pseudo_rank", 4]
+    sizes += [] if given & {"--fine_tune_style", "--coefficients_only"} else ["--phi", 4]
     arguments = [
         *("--pretrained_model_name_or_path", setup / "tiny"),
         *([] if new_subspace else ["--share_factors", setup / "factors"]),
         *("--instance_data_dir", setup / "data", "--style_name", "red-square", "--output_dir", out),
-        *("--resolution", 32, "--max_sequence_length", 16, "--phi", 4, "--pseudo_rank", 4),
+        *("--resolution", 32, "--max_sequence_length", 16, *sizes),
         *("--learning_rate", "5e-2", "--seed", 3),
         *extra,
     ]
@@ -90,6 +95,40 @@ def _script():
 def refused(setup, out, *extra, capsys, new_subspace: bool = False) -> tuple[int, str]:
     """The script's command line in this process (its exit status and stderr), for refusals of bad input."""
     return run_cli_in_process(SCRIPT, _arguments(setup, out, *extra, new_subspace=new_subspace), capsys)
+
+
+class ModelLoaded(Exception):
+    """Raised by the pipeline loader under ``forbid_loading``: the script got past its checks."""
+
+
+@pytest.fixture
+def forbid_loading(monkeypatch):
+    """The script may not load the pipeline: refusals of the command line come before any model work."""
+
+    def load(*args, **kwargs):
+        raise ModelLoaded("the pipeline was loaded")
+
+    monkeypatch.setattr(_script().ShareFluxPipeline, "from_pretrained", load)
+
+
+class ReportedProcesses:
+    """An accelerator that reports ``count`` processes, for the checks made before the models load."""
+
+    def __init__(self, accelerator, count: int):
+        self._accelerator, self.num_processes = accelerator, count
+
+    def __getattr__(self, name):
+        return getattr(self._accelerator, name)
+
+
+def _trained_count(log: str) -> int:
+    """The number of trained parameters the script logs ("trainable parameters: 6,336 on 22 layers")."""
+    return int(re.search(r"trainable parameters: ([\d,]+) on", log)[1].replace(",", ""))
+
+
+def _stored_numbers(path: Path) -> tuple[set[str], int]:
+    with safe_open(str(path), framework="pt") as stored:
+        return set(stored.keys()), sum(math.prod(stored.get_slice(key).get_shape()) for key in stored.keys())
 
 
 @pytest.fixture
@@ -157,8 +196,11 @@ def test_training_lowers_the_loss_and_lands_in_the_factors(setup, tmp_path):
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_path):
-    run(setup, tmp_path / "one", "--max_train_steps", 4, "--train_batch_size", 2)
-    run(setup, tmp_path / "two", "--max_train_steps", 4, "--train_batch_size", 1, processes=2)
+    # A decaying schedule with a warm-up: accelerate steps the scheduler once per process for each optimizer
+    # step, so 2 processes follow the schedule of 1 only if its lengths count that (lr 0, 1, 2/3, 1/3 x 5e-2).
+    schedule = ("--lr_scheduler", "linear", "--lr_warmup_steps", 1)
+    run(setup, tmp_path / "one", "--max_train_steps", 4, "--train_batch_size", 2, *schedule)
+    run(setup, tmp_path / "two", "--max_train_steps", 4, "--train_batch_size", 1, *schedule, processes=2)
     one, two = _style_cores(tmp_path / "one" / "factors"), _style_cores(tmp_path / "two" / "factors")
     for name in one:
         # gloo's all-reduce sums in another order than one process does: float32 round-off, which Adam's
@@ -172,9 +214,22 @@ def test_two_processes_match_one_process_with_the_same_global_batch(setup, tmp_p
     ids=["new", "fine-tune"],
 )
 def test_resume_from_latest_checkpoint_ends_where_an_uninterrupted_run_ends(setup, tmp_path, mode, style):
-    run(setup, tmp_path / "full", *mode, "--max_train_steps", 6, "--checkpointing_steps", 3)
-    run(setup, tmp_path / "cut", *mode, "--max_train_steps", 3, "--checkpointing_steps", 3)  # "killed" after step 3
+    limited = ("--checkpointing_steps", 3, "--checkpoints_total_limit", 1)
+    run(setup, tmp_path / "full", *mode, "--max_train_steps", 6, *limited)
+    # the limit keeps the newest checkpoint only, and a finished save leaves no checkpoint-N.tmp behind
+    assert sorted(path.name for path in (tmp_path / "full").iterdir()) == ["checkpoint-6", "factors"]
+    cut = run(setup, tmp_path / "cut", *mode, "--max_train_steps", 3, "--checkpointing_steps", 3)  # "killed" after 3
     (tmp_path / "cut" / "factors").rename(tmp_path / "cut" / "factors-partial")
+    # The checkpoint holds the trained factors and nothing of the frozen transformer.
+    keys, numbers = _stored_numbers(tmp_path / "cut" / "checkpoint-3" / "model.safetensors")
+    assert numbers == _trained_count(cut.stderr) > 0
+    factors = ("core_out", "core_in") if mode else ("basis_out", "basis_in", "core_out", "core_in")  # fine-tune: cores
+    assert len(keys) == len(factors) * len(load_factors(setup / "factors").layers)
+    assert {key.rsplit(".", 1)[1] for key in keys} == set(factors)
+    # A save cut short (checkpoint-4.tmp) and a folder that is no checkpoint: "latest" is checkpoint-3 still.
+    (tmp_path / "cut" / "checkpoint-4.tmp").mkdir()
+    (tmp_path / "cut" / "checkpoint-4.tmp" / "model.safetensors").write_bytes(b"half written")
+    (tmp_path / "cut" / "checkpoint-best").mkdir()
     run(
         setup,
         tmp_path / "cut",
@@ -304,6 +359,66 @@ def test_resume_from_a_missing_checkpoint_names_it(tmp_path):
     (tmp_path / "checkpoint-10").mkdir()
     assert find_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"  # by step, not by name
     assert find_checkpoint(None, tmp_path) is None
+    # a save cut short, other names, a file: none of them is a checkpoint
+    for name in ("checkpoint-11.tmp", "checkpoint-12-old", "checkpoint-best", "checkpoint-"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "checkpoint-13").write_text("a file")
+    assert find_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-10"
+
+
+def test_checkpoints_hold_the_trained_parameters_only_and_appear_whole_or_not_at_all(tmp_path, monkeypatch):
+    """On a small model: save_checkpoint writes the trainable tensors only, a save killed half-way leaves a
+    .tmp folder that "latest" passes over, and a resume restores the trained tensors and keeps the frozen ones."""
+    from accelerate import Accelerator
+
+    from share_diffusers.training_utils import (
+        ResumeError,
+        checkpoint_trainable_parameters_only,
+        find_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+    )
+
+    def prepared(seed: int, width: int = 3):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.Linear(width, 2))
+        model[0].requires_grad_(False)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        return accelerator.prepare(model, optimizer)
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = Accelerator(cpu=True)
+        checkpoint_trainable_parameters_only(accelerator)
+        model, _ = prepared(seed=0)
+        assert save_checkpoint(accelerator, tmp_path, 3) == tmp_path / "checkpoint-3"
+        keys, _ = _stored_numbers(tmp_path / "checkpoint-3" / "model.safetensors")
+        assert keys == {"1.weight", "1.bias"}
+
+        def killed(self, output_dir, **kwargs):  # the process dies with the weights half written
+            Path(output_dir).mkdir(parents=True)
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as patch:
+            patch.setattr(Accelerator, "save_state", killed)
+            with pytest.raises(KeyboardInterrupt):
+                save_checkpoint(accelerator, tmp_path, 6)
+        assert (tmp_path / "checkpoint-6.tmp").is_dir() and not (tmp_path / "checkpoint-6").exists()
+        assert find_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-3"
+
+        # A fresh run from other initial weights: the trained layer comes back, the frozen one is its own.
+        accelerator.free_memory()
+        other, _ = prepared(seed=1)
+        assert load_checkpoint(accelerator, tmp_path / "checkpoint-3") == 3
+        assert torch.equal(other[1].weight, model[1].weight) and torch.equal(other[1].bias, model[1].bias)
+        assert not torch.equal(other[0].weight, model[0].weight)
+        accelerator.free_memory()
+        prepared(seed=1, width=4)
+        with pytest.raises(ResumeError, match=r"size mismatch for 1.weight: the checkpoint .* has \(2, 3\) but this"):
+            load_checkpoint(accelerator, tmp_path / "checkpoint-3")
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
 
 
 def test_blocks_targets_put_a_new_subspace_on_every_linear_of_the_blocks(setup, tmp_path):
@@ -444,3 +559,90 @@ def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
     assert all(bool(core.isfinite().all()) and core.abs().sum() > 0 for core in cores.values())
     if extra:
         assert list((tmp_path / "cuda" / "validation").glob("*.png"))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--lr_scheduler", "cosine_annealing"], "--lr_scheduler 'cosine_annealing' is not one of linear, cosine, "),
+        (["--lr_warmup_steps", 10], "--lr_warmup_steps needs a scheduler with a warm-up; --lr_scheduler constant has"),
+        (["--resume_from_checkpoint", "/no/such/checkpoint-7"], "/no/such/checkpoint-7: no such checkpoint folder"),
+        (["--checkpoints_total_limit", 2], "--checkpoints_total_limit needs --checkpointing_steps"),
+        (["--max_train_steps", 0], "--max_train_steps must be at least 1, got 0"),
+        (["--rank", 8], "--rank sets k of a new subspace; --share_factors fixes k (its checkpoint's); drop --rank"),
+        (["--style_name", "ink", "--fine_tune_style", "--phi", 2], "train no new directions; drop --phi"),
+        (["--fine_tune_style", "--pseudo_rank", 2, "--rank", 8], "drop --rank, --pseudo_rank"),
+        (["--coefficients_only", "--phi", 2], "--coefficients_only trains no temporary basis directions; drop --phi"),
+        (["--hub_model_id", "me/styles"], "--hub_model_id names the repository of --push_to_hub"),
+        (["--validation_steps", 5], "--validation_steps needs --validation_prompt"),
+        (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "--overwrite_output_dir deletes the"),
+    ],
+    ids=[
+        "scheduler",
+        "warmup-without-one",
+        "missing-checkpoint",
+        "limit-without-checkpoints",
+        "no-steps",
+        "rank-with-factors",
+        "fine-tune-phi",
+        "fine-tune-ranks",
+        "coefficients-phi",
+        "hub-id-without-push",
+        "validation-steps-without-prompt",
+        "overwrite-and-resume",
+    ],
+)
+def test_bad_arguments_are_refused_before_any_model_loads(setup, tmp_path, extra, message, capsys, forbid_loading):
+    returncode, stderr = refused(setup, tmp_path / "o", *extra, capsys=capsys)
+    assert returncode == 1 and stderr.strip().splitlines() == [stderr.strip()], stderr
+    assert stderr.startswith("error: ") and message in stderr, stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_data_that_does_not_fill_whole_global_batches_is_refused(setup, tmp_path, capsys, monkeypatch, forbid_loading):
+    """On 2 processes accelerate would pad the last global batch of every epoch with repeated images; the run is
+    refused before the models load (4 images, 3 a process: global batch 6). 2 a process fill one global batch."""
+    module = _script()
+    make_accelerator = module.make_accelerator
+    monkeypatch.setattr(module, "make_accelerator", lambda *a: ReportedProcesses(make_accelerator(*a), 2))
+    returncode, stderr = refused(setup, tmp_path / "o", "--train_batch_size", 3, capsys=capsys)
+    assert returncode == 1
+    assert (
+        "error: 4 images do not fill whole global batches of 6 (--train_batch_size 3 x 2 processes): accelerate would "
+        "repeat 2 of them at the end of every epoch" in stderr
+    )
+    with pytest.raises(ModelLoaded):  # past the check
+        refused(setup, tmp_path / "o", "--train_batch_size", 2, capsys=capsys)
+
+
+def test_a_non_empty_output_dir_is_refused(setup, tmp_path, capsys, forbid_loading):
+    (tmp_path / "o" / "factors").mkdir(parents=True)
+    returncode, stderr = refused(setup, tmp_path / "o", capsys=capsys)
+    assert returncode == 1
+    assert f"error: --output_dir {tmp_path / 'o'} is not empty (it holds 'factors'); pass --overwrite_output" in stderr
+
+
+def test_overwrite_output_dir_replaces_what_an_earlier_run_wrote(train, tmp_path):
+    out = tmp_path / "o"
+    for folder in ("checkpoint-9", "checkpoint-12.tmp", "factors", "validation", "logs"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "stale.txt").write_text("from an earlier run")
+    (out / "notes.txt").write_text("the user's")
+    train(out, "--max_train_steps", 1, "--overwrite_output_dir")
+    assert sorted(path.name for path in out.iterdir()) == ["factors", "notes.txt"]
+    assert not (out / "factors" / "stale.txt").exists()
+    assert load_factors(out / "factors").style_names == ["ink", "red-square"]
+
+
+def test_a_run_stopped_by_an_error_tears_its_process_group_down(setup, tmp_path, capsys):
+    """Ended by an error (no end_training), the command line still destroys the process group: left to the
+    interpreter's exit, gloo's teardown can hang a multi-process run. A one-process group stands in for it."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        extra = ("--max_train_steps", 6, "--learning_rate", "1e30", "--max_grad_norm", 0)
+        returncode, stderr = refused(setup, tmp_path / "o", *extra, capsys=capsys)
+        assert returncode == 1 and "the gradient is not finite" in stderr
+        assert not torch.distributed.is_initialized()
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

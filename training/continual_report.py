@@ -47,8 +47,9 @@ def main() -> None:
     if any(result["tasks"] != tasks for result in results):
         raise SystemExit("error: the runs learned different task sequences")
     parts = [
-        "Accuracy (%) on each task (columns) after learning each task (rows); ↓ forgetting and ↑ backward "
-        "transfer in points against the accuracy when the task was learned.",
+        "Accuracy (%) on each task (columns) after learning each task (rows); ↓ forgetting and ↑ a new best in "
+        "points against the task's best accuracy after any earlier row; worst forgetting: the largest drop of a "
+        "task from that best to its accuracy after the last task.",
         *(["", args.note] if args.note else []),
         "",
         comparison(results),

@@ -41,11 +41,14 @@ train() {
   local style=$1 output=$2; shift 2
   if [ -d "$output/factors" ]; then echo "kept $output/factors"; return; fi
   accelerate launch --cpu --num_processes 1 training/train_share_flux.py "${COMMON[@]}" "$@" --style_name "$style" \
-    --instance_data_dir "$WORK/data/$style" --output_dir "$output"
+    --instance_data_dir "$WORK/data/$style" --output_dir "$output" --overwrite_output_dir  # an unfinished run restarts
 }
 learn() {  # learn STYLE OUTPUT [args]: a new style, merged into the checkpoint given in args (if any)
   local style=$1 output=$2; shift 2
-  train "$style" "$output" "${SUBSPACE[@]}" --learning_rate "$LR" $(style_options "$style") "$@"
+  local subspace=("${SUBSPACE[@]}")
+  # k is the checkpoint's when the style merges into one (the trainer refuses --rank there)
+  [[ " $* " == *" --share_factors "* ]] && subspace=("${SUBSPACE[@]:2}")
+  train "$style" "$output" "${subspace[@]}" --learning_rate "$LR" $(style_options "$style") "$@"
 }
 # learn_and_fine_tune STYLE KIND [--share_factors F]: learned into $WORK/KIND-learned/STYLE, fine-tuned into
 # $WORK/KIND/STYLE (the checkpoint after STYLE).

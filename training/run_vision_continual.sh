@@ -25,12 +25,16 @@ echo "prepare: $((SECONDS - START)) s" | tee "$WORK/timings.txt"
 TASKS=()
 for task in top-trouser pullover-dress coat-sandal shirt-sneaker bag-boot; do TASKS+=(--task "$task=$WORK/data/$task"); done
 COMMON=(--model_name_or_path "$WORK/mobilenet_v2" "${TASKS[@]}" --resolution 64 --max_train_steps 250
-        --train_batch_size 32 --eval_batch_size 100 --rank 16 --pseudo_rank 8 --phi 8 --lora_rank 8 --lora_alpha 16
-        --head_learning_rate 2e-3 --seed 0)
+        --train_batch_size 32 --eval_batch_size 100 --head_learning_rate 2e-3 --seed 0 --overwrite_output_dir)
+# Each method gets only its own options (the trainer refuses the others): Share also trains a LoRA on its first task.
+LORA=(--lora_rank 8 --lora_alpha 16)
+SHARE=(--rank 16 --pseudo_rank 8 --phi 8 "${LORA[@]}")
+method_options() { case $1 in share) echo "${SHARE[@]}" ;; lora) echo "${LORA[@]}" ;; esac; }
 train() {  # METHOD LR: one run, its log in $WORK/METHOD.log and its wall time in $WORK/timings.txt
   local began=$SECONDS
-  accelerate launch --cpu --num_processes 1 training/train_share_classifier.py "${COMMON[@]}" --method "$1" \
-    --learning_rate "$2" --output_dir "$WORK/$1" > "$WORK/$1.log" 2>&1
+  # shellcheck disable=SC2046  # the options split into words on purpose
+  accelerate launch --cpu --num_processes 1 training/train_share_classifier.py "${COMMON[@]}" $(method_options "$1") \
+    --method "$1" --learning_rate "$2" --output_dir "$WORK/$1" > "$WORK/$1.log" 2>&1
   echo "$1: $((SECONDS - began)) s" | tee -a "$WORK/timings.txt"
 }
 # The three methods are independent: they run side by side, one thread each. Two-thread processes on two shared

@@ -27,13 +27,12 @@ import argparse
 import contextlib
 import json
 import logging
-import shutil
+import math
 import sys
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -47,10 +46,36 @@ from share_diffusers.core import ShareConfig, ShareError, ShareModel, load_facto
 from share_diffusers.core.adapters import LoraAdapter
 from share_diffusers.core.trainable import attach_trainable, detach_trainable, trained_adapter
 from share_diffusers.lora_files import lora_layers_from_state_dict
-from share_diffusers.training_utils import EpochShuffle, checkpoint_step, find_checkpoint, make_accelerator
+from share_diffusers.training_utils import (
+    LR_SCHEDULERS,
+    EpochShuffle,
+    UsageError,
+    check_common_arguments,
+    check_output_dir,
+    check_whole_global_batches,
+    checkpoint_step,
+    checkpoint_trainable_parameters_only,
+    clear_outputs,
+    destroy_process_group,
+    end_training,
+    find_checkpoint,
+    make_accelerator,
+    make_lr_scheduler,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("train_share_classifier")
 BYTES_PER_NUMBER = 4  # counts are for float32 storage
+OUTPUTS = ("checkpoint-*", "after-task-*", "results.json", "results.md", "logs")  # what a run writes
+# The options only some methods use, and their defaults: None on the command line means "not given", so a
+# method that would ignore one refuses it instead (check_arguments).
+METHOD_OPTIONS = {
+    "rank": ({"share"}, 32),
+    "pseudo_rank": ({"share"}, 8),
+    "phi": ({"share"}, 8),
+    "lora_rank": ({"share", "lora"}, 8),
+    "lora_alpha": ({"share", "lora"}, 16.0),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -59,21 +84,26 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--model_name_or_path", default=None, help="transformers backbone folder or repo id")
     add("--task", action="append", default=[], metavar="NAME=DIR", help="a task folder; repeat, in order")
     add("--method", choices=["share", "lora", "full"], default="share")
-    add("--output_dir", default=None)
+    add("--output_dir", default=None, help="must be empty, unless resuming or with --overwrite_output_dir")
+    add(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete what an earlier run wrote in --output_dir (checkpoints, after-task-N, results, logs) first",
+    )
     add("--evaluate", default=None, metavar="DIR", help="evaluate a saved after-task-N folder and exit")
     add("--target_modules", nargs="+", default=None, help="default: attention linears / 1x1 convolutions")
-    add("--rank", type=int, default=32, help="k: basis vectors per layer of the Share subspace")
-    add("--pseudo_rank", type=int, default=8, help="p: rank of each task's core")
-    add("--phi", type=int, default=8, help="temporary basis vectors trained per layer")
-    add("--coefficients_only", action="store_true", help="train only the new task's (k, p) cores")
-    add("--lora_rank", type=int, default=8, help="rank of the PEFT LoRAs (first Share task, lora method)")
-    add("--lora_alpha", type=float, default=16.0)
+    add("--rank", type=int, default=None, help="share: k, basis vectors per layer of the subspace (default 32)")
+    add("--pseudo_rank", type=int, default=None, help="share: p, rank of each task's core (default 8)")
+    add("--phi", type=int, default=None, help="share: temporary basis vectors trained per layer (default 8)")
+    add("--coefficients_only", action="store_true", help="share: train only the new task's (k, p) cores")
+    add("--lora_rank", type=int, default=None, help="rank of the PEFT LoRAs (first Share task, lora; default 8)")
+    add("--lora_alpha", type=float, default=None, help="alpha of the PEFT LoRAs (default 16)")
     add("--train_batch_size", type=int, default=16, help="per process")
     add("--eval_batch_size", type=int, default=64)
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--learning_rate", type=float, default=1e-3, help="adapter (or, with full, backbone) learning rate")
     add("--head_learning_rate", type=float, default=1e-3)
-    add("--lr_scheduler", default="constant")
+    add("--lr_scheduler", default="constant", help=f"one of {', '.join(LR_SCHEDULERS)} (diffusers.optimization)")
     add("--lr_warmup_steps", type=int, default=0)
     add("--max_train_steps", type=int, default=200, help="optimizer steps per task")
     add("--max_length", type=int, default=128, help="text: tokens per example")
@@ -82,13 +112,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--mixed_precision", choices=["no", "fp16", "bf16"], default="no")
     add("--seed", type=int, default=0)
     add("--checkpointing_steps", type=int, default=0, help="resumable state every N steps (0: never)")
-    add("--checkpoints_total_limit", type=int, default=None)
+    add("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     add("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint-N folder")
     add("--report_to", default=None)
     args = parser.parse_args(argv)
     if not args.evaluate and (not args.task or not args.output_dir or not args.model_name_or_path):
         parser.error("--model_name_or_path, --task (at least one) and --output_dir are needed (or --evaluate DIR)")
     return args
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every refusal the command line alone decides, before data or models load; then the defaults of the
+    options the method uses (``--evaluate`` takes its settings from the saved folder).
+
+    Raises:
+        UsageError: the first bad value or combination, naming the flags.
+    """
+    if not args.evaluate:
+        check_common_arguments(args)
+        ignored = [f"--{name}" for name, (methods, _) in METHOD_OPTIONS.items() if args.method not in methods]
+        ignored = [flag for flag in ignored if getattr(args, flag[2:]) is not None]
+        if args.coefficients_only and args.method != "share":
+            ignored.append("--coefficients_only")
+        if ignored:
+            raise UsageError(f"--method {args.method} does not use {', '.join(ignored)}; drop them")
+        if args.coefficients_only and args.phi is not None:
+            raise UsageError("--coefficients_only trains no temporary basis directions; drop --phi")
+    for name, (_, default) in METHOD_OPTIONS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
 
 
 def parse_task_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -254,21 +306,31 @@ def _lora_adapter(peft, args, source: dict) -> LoraAdapter:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.evaluate:
         return evaluate_saved(args)
+    output_dir = Path(args.output_dir)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
+    check_output_dir(output_dir, resuming=checkpoint is not None, overwrite=args.overwrite_output_dir)
     tasks = [load_task(name, folder, args.max_eval_samples) for name, folder in parse_task_specs(args.task)]
     modalities = {task.modality for task in tasks}
     if len(modalities) > 1:
         raise TaskDataError(f"tasks mix modalities {sorted(modalities)}; one backbone takes one kind of input")
-    output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
+    for task in tasks:
+        check_whole_global_batches(
+            len(task.train), args.train_batch_size, accelerator.num_processes, f"training examples of {task.name!r}"
+        )
+    if args.overwrite_output_dir:
+        clear_outputs(accelerator, output_dir, OUTPUTS)
+    checkpoint_trainable_parameters_only(accelerator)  # adapters and head, not the frozen backbone (all: full)
     set_seed(args.seed)
     model, encoder, targets = build_model(args, tasks)
     method = METHODS[args.method](model, targets, args)
     record = {"method": args.method, "tasks": [t.name for t in tasks], "rows": [], "losses": [], "trainable": []}
 
-    first_task, first_step, checkpoint = 0, 0, find_checkpoint(args.resume_from_checkpoint, output_dir)
+    first_task, first_step = 0, 0
     if checkpoint is not None:
         global_step = checkpoint_step(checkpoint)
         first_task = (global_step - 1) // args.max_train_steps
@@ -305,7 +367,7 @@ def main(argv=None) -> int:
 
     if accelerator.is_main_process:
         write_results(output_dir, record, model, method, tasks)
-    accelerator.end_training()
+    end_training(accelerator)
     return 0
 
 
@@ -334,15 +396,16 @@ def train_task(accelerator, model, task, index, parameters, encoder, args, resum
         sampler=EpochShuffle(len(task.train), (args.seed + index) * 7919),
         collate_fn=encoder,
     )
-    scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    scheduler = make_lr_scheduler(
+        args.lr_scheduler, optimizer, args.lr_warmup_steps, args.max_train_steps, accelerator.num_processes
     )
     wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     step = 0
     if resume is not None:
         accelerator.load_state(str(resume))
         step = first_step
-    steps_per_epoch = max(len(loader) // args.gradient_accumulation_steps, 1)
+    # accelerate also steps the optimizer at the end of the data loader: a last, shorter accumulation counts
+    steps_per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
     offset = index * args.max_train_steps
     history: list[float] = []
     progress = tqdm(total=args.max_train_steps, initial=step, desc=task.name, disable=not accelerator.is_main_process)
@@ -365,7 +428,7 @@ def train_task(accelerator, model, task, index, parameters, encoder, args, resum
             progress.set_postfix(loss=f"{value:.3f}")
             accelerator.log({f"{task.name}/loss": value}, step=offset + step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                _save_checkpoint(accelerator, args, Path(args.output_dir), offset + step)
+                save_checkpoint(accelerator, Path(args.output_dir), offset + step, args.checkpoints_total_limit)
             if step >= args.max_train_steps:
                 break
     progress.close()
@@ -409,14 +472,6 @@ def restore_snapshot(folder: Path, model, method) -> dict:
     load_model(model.heads, str(folder / "heads.safetensors"))
     progress = json.loads((folder / "progress.json").read_text())
     return {key: progress[key] for key in ("method", "tasks", "rows", "losses", "trainable")}
-
-
-def _save_checkpoint(accelerator, args, output_dir: Path, global_step: int) -> None:
-    accelerator.save_state(str(output_dir / f"checkpoint-{global_step}"))
-    if accelerator.is_main_process and args.checkpoints_total_limit:
-        found = sorted(output_dir.glob("checkpoint-*"), key=checkpoint_step)
-        for old in found[: -args.checkpoints_total_limit]:
-            shutil.rmtree(old)
 
 
 def write_results(output_dir: Path, record: dict, model, method, tasks) -> None:
@@ -463,9 +518,11 @@ def cli(argv=None) -> int:
     """``main`` as the command line runs it: a refusal of bad input is one ``error:`` line and exit status 1."""
     try:
         return main(argv)
-    except (TaskDataError, ShareError) as error:  # bad data or checkpoint: one line, before any training step
+    except (UsageError, TaskDataError, ShareError) as error:  # bad input: one line, before any training step
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        destroy_process_group()  # on success end_training did it; not on an error
 
 
 if __name__ == "__main__":

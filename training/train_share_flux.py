@@ -32,7 +32,6 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import free_memory, offload_models
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
@@ -59,10 +58,30 @@ from share_diffusers.flux_training import (
     flow_matching_loss,
     sample_latents,
 )
-from share_diffusers.training_utils import EpochShuffle, find_checkpoint, load_checkpoint, make_accelerator
+from share_diffusers.training_utils import (
+    LR_SCHEDULERS,
+    EpochShuffle,
+    UsageError,
+    check_common_arguments,
+    check_output_dir,
+    check_whole_global_batches,
+    checkpoint_trainable_parameters_only,
+    clear_outputs,
+    destroy_process_group,
+    end_training,
+    find_checkpoint,
+    load_checkpoint,
+    make_accelerator,
+    make_lr_scheduler,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("train_share_flux")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+OUTPUTS = ("checkpoint-*", "factors", "validation", "logs")  # what a run writes in --output_dir
+# Defaults of the options that only some modes use: None on the command line means "not given", so a mode
+# that would ignore one refuses it instead (check_arguments).
+MODE_DEFAULTS = {"rank": 32, "pseudo_rank": 8, "phi": 8, "target_modules": "attention"}
 
 
 class DataError(ValueError):
@@ -87,12 +106,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--share_factors", default=None, help="Share checkpoint (folder or Hub id) to add the style to")
     add("--style_name", required=True)
     add("--instance_data_dir", required=True, help="images with .txt captions, or metadata.jsonl")
-    add("--output_dir", required=True)
+    add("--output_dir", required=True, help="must be empty, unless resuming or with --overwrite_output_dir")
+    add(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="delete what an earlier run wrote in --output_dir (checkpoints, factors, validation images, logs) first",
+    )
     add("--resolution", type=int, default=512)
     add("--train_batch_size", type=int, default=1)
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--learning_rate", type=float, default=1e-3)
-    add("--lr_scheduler", default="constant", help="constant, linear, cosine, ... (diffusers.optimization)")
+    add("--lr_scheduler", default="constant", help=f"one of {', '.join(LR_SCHEDULERS)} (diffusers.optimization)")
     add("--lr_warmup_steps", type=int, default=0)
     add(
         "--max_grad_norm",
@@ -124,15 +148,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add("--seed", type=int, default=0)
     add("--checkpointing_steps", type=int, default=0, help="save a resumable state every N steps (0: never)")
+    add("--checkpoints_total_limit", type=int, default=None, help="keep only the newest N checkpoints")
     add("--resume_from_checkpoint", default=None, help="a checkpoint folder or 'latest'")
     add("--validation_prompt", default=None)
     add("--validation_steps", type=int, default=0, help="validation images every N steps (and at the end)")
     add("--num_validation_images", type=int, default=2)
     add("--guidance_scale", type=float, default=1.0, help="guidance embedding value during training")
     add("--weighting_scheme", default="none", choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"])
-    add("--phi", type=int, default=8, help="temporary basis vectors per layer (paper: 1 .. k/4)")
-    add("--pseudo_rank", type=int, default=8, help="p: rank of the new style's core")
-    add("--rank", type=int, default=32, help="k of a new subspace (no --share_factors)")
+    add("--phi", type=int, default=None, help="temporary basis vectors per layer (paper: 1 .. k/4; default 8)")
+    add("--pseudo_rank", type=int, default=None, help="p: rank of the new style's core (default 8)")
+    add("--rank", type=int, default=None, help="k of a new subspace (no --share_factors; default 32)")
     add("--coefficients_only", action="store_true", help="train only the style's (k, p) cores")
     add(
         "--fine_tune_style",
@@ -142,9 +167,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     add(
         "--target_modules",
-        default="attention",
-        help="layers of a new subspace (no --share_factors): 'attention' (the paper's), 'blocks' (every linear "
-        "of the double and single blocks) or a regex over module names (PEFT's rule)",
+        default=None,
+        help="layers of a new subspace (no --share_factors): 'attention' (the paper's, the default), 'blocks' (every "
+        "linear of the double and single blocks) or a regex over module names (PEFT's rule)",
     )
     add("--max_sequence_length", type=int, default=128)
     add(
@@ -159,6 +184,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--report_to", default=None, help="tensorboard, wandb, ... (accelerate trackers)")
     add("--dataloader_num_workers", type=int, default=0)
     return parser.parse_args(argv)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every refusal the command line alone decides, before data or models load; then the defaults of the
+    options the mode uses.
+
+    Raises:
+        UsageError: the first bad value or combination, naming the flags.
+    """
+    check_common_arguments(args)
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        raise UsageError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.fine_tune_style:
+        if not args.share_factors:
+            raise UsageError("--fine_tune_style needs --share_factors holding the style --style_name")
+        if args.coefficients_only:
+            raise UsageError("--fine_tune_style trains the style's coefficients only already; drop --coefficients_only")
+        given = [f"--{name}" for name in ("rank", "pseudo_rank", "phi") if getattr(args, name) is not None]
+        if given:
+            raise UsageError(
+                f"--fine_tune_style trains the stored (k, p) cores of --style_name in the checkpoint's bases, which "
+                f"fix k and p and train no new directions; drop {', '.join(given)}"
+            )
+    if args.share_factors and args.target_modules is not None:
+        raise UsageError("--target_modules applies only to a new subspace; --share_factors fixes the layers")
+    if args.share_factors and args.rank is not None:
+        raise UsageError("--rank sets k of a new subspace; --share_factors fixes k (its checkpoint's); drop --rank")
+    if args.coefficients_only and args.phi is not None:
+        raise UsageError("--coefficients_only trains no temporary basis directions; drop --phi")
+    if args.hub_model_id and not args.push_to_hub:
+        raise UsageError("--hub_model_id names the repository of --push_to_hub; add --push_to_hub or drop it")
+    if args.validation_steps and not args.validation_prompt:
+        raise UsageError("--validation_steps needs --validation_prompt")
+    for name, value in MODE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
 
 
 class CaptionedImages(Dataset):
@@ -245,19 +306,18 @@ def drop_captions(captions: list[str], indices: torch.Tensor, proportion: float,
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
-        raise SystemExit(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
-    if args.share_factors and args.target_modules != "attention":
-        raise SystemExit("--target_modules applies only to a new subspace; --share_factors fixes the layers")
-    if args.fine_tune_style and not args.share_factors:
-        raise SystemExit("--fine_tune_style needs --share_factors holding the style --style_name")
-    if args.fine_tune_style and args.coefficients_only:
-        raise SystemExit("--fine_tune_style trains the style's coefficients only already; drop --coefficients_only")
+    check_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir = Path(args.output_dir)
-    accelerator = make_accelerator(args, output_dir)
-    set_seed(args.seed)
+    checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
+    check_output_dir(output_dir, resuming=checkpoint is not None, overwrite=args.overwrite_output_dir)
     dataset = CaptionedImages(args.instance_data_dir, args.resolution)  # data errors before any model work
+    accelerator = make_accelerator(args, output_dir)
+    check_whole_global_batches(len(dataset), args.train_batch_size, accelerator.num_processes, "images")
+    if args.overwrite_output_dir:
+        clear_outputs(accelerator, output_dir, OUTPUTS)
+    checkpoint_trainable_parameters_only(accelerator)  # not the frozen transformer: 24 GB at FLUX.1 size
+    set_seed(args.seed)
 
     # The frozen models in the mixed-precision dtype, on the accelerator (diffusers' weight_dtype).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -327,14 +387,14 @@ def main(argv=None) -> int:
         collate_fn=collate,
         num_workers=args.dataloader_num_workers,
     )
-    scheduler = get_scheduler(
-        args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps, num_training_steps=args.max_train_steps
+    scheduler = make_lr_scheduler(
+        args.lr_scheduler, optimizer, args.lr_warmup_steps, args.max_train_steps, accelerator.num_processes
     )
     transformer, optimizer, loader, scheduler = accelerator.prepare(pipe.transformer, optimizer, loader, scheduler)
     if accelerator.is_main_process and args.report_to:
         accelerator.init_trackers("train_share_flux", config=vars(args))
 
-    step = _resume(accelerator, args, output_dir)
+    step = 0 if checkpoint is None else load_checkpoint(accelerator, checkpoint)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     progress = tqdm(total=args.max_train_steps, initial=step, desc="steps", disable=not accelerator.is_main_process)
     while step < args.max_train_steps:
@@ -359,7 +419,7 @@ def main(argv=None) -> int:
                 logger.debug("step %d: loss %.9g, gradient norm %.4g", step, logs["loss"], grad_norm)
                 accelerator.log({**logs, "grad_norm": grad_norm}, step=step)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    accelerator.save_state(str(output_dir / f"checkpoint-{step}"))
+                    save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
                 if args.validation_steps and step % args.validation_steps == 0:
                     _validate(pipe, args, accelerator, step, idle)
                 if step >= args.max_train_steps:
@@ -385,7 +445,7 @@ def main(argv=None) -> int:
         logger.info("style %r %s; factors saved to %s", args.style_name, outcome, factors_dir)
         if args.push_to_hub:
             pipe.push_share_factors_to_hub(args.hub_model_id or output_dir.name)
-    accelerator.end_training()
+    end_training(accelerator)
     return 0
 
 
@@ -500,13 +560,6 @@ def _dtype_names(tensors) -> str:
     return ", ".join(sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors}))
 
 
-def _resume(accelerator, args, output_dir: Path) -> int:
-    path = find_checkpoint(args.resume_from_checkpoint, output_dir)
-    if path is None:
-        return 0
-    return load_checkpoint(accelerator, path)
-
-
 def _validate(pipe, args, accelerator, step: int, idle: list) -> None:
     """Images of ``--validation_prompt`` with the factors as trained so far; ``idle`` models (off the
     accelerator under ``--cache_latents``) come onto it for the call and go back after."""
@@ -537,9 +590,11 @@ def cli(argv=None) -> int:
     """``main`` as the command line runs it: a refusal of bad input is one ``error:`` line and exit status 1."""
     try:
         return main(argv)
-    except (DataError, ShareError) as error:  # bad data or factors: one line, before any training step
+    except (UsageError, DataError, ShareError) as error:  # bad input: one line, before any training step
         print(f"error: {error}", file=sys.stderr)
         return 1
+    finally:
+        destroy_process_group()  # on success end_training did it; not on an error
 
 
 if __name__ == "__main__":

@@ -1,8 +1,11 @@
 """The accuracy matrix of a continual run, in the layout of the paper's Table 1, and its plot.
 
 ``matrix[t][i]`` is the test accuracy (0..1) on task ``i`` after learning tasks ``0..t`` (row ``t`` has
-``t + 1`` entries). Forgetting of task ``i`` at row ``t`` is ``matrix[i][i] - matrix[t][i]``; backward
-transfer (BWT) is the mean over earlier tasks of ``matrix[-1][i] - matrix[i][i]`` (negative = forgetting).
+``t + 1`` entries). Forgetting of task ``i`` at row ``t`` is its best accuracy so far minus its accuracy now,
+``max(matrix[l][i] for i <= l < t) - matrix[t][i]`` (Chaudhry et al., 2018: against the historical peak,
+not against the accuracy when the task was learned, so a task that first gained and then lost counts what
+it lost); backward transfer (BWT) is the mean over earlier tasks of ``matrix[-1][i] - matrix[i][i]``
+(negative = forgetting).
 """
 
 from __future__ import annotations
@@ -15,6 +18,18 @@ from pathlib import Path
 MARK_THRESHOLD_POINTS = 1.0
 
 
+def peak_accuracy(matrix: Sequence[Sequence[float]], t: int, i: int) -> float:
+    """Task ``i``'s best accuracy in the rows before row ``t`` (from the row that learned it, ``i < t``)."""
+    return max(matrix[row][i] for row in range(i, t))
+
+
+def forgetting(matrix: Sequence[Sequence[float]]) -> list[float]:
+    """Each earlier task's forgetting after the last row: its peak over the rows before minus its final accuracy
+    (negative when it ends above every earlier row)."""
+    t = len(matrix) - 1
+    return [peak_accuracy(matrix, t, i) - matrix[t][i] for i in range(t)]
+
+
 def matrix_summary(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
     """``average`` accuracy after the last task, ``bwt`` and worst ``forgetting`` (all in 0..1)."""
     last = matrix[-1]
@@ -22,15 +37,15 @@ def matrix_summary(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
     return {
         "average": sum(last) / len(last),
         "bwt": sum(earlier) / len(earlier) if earlier else 0.0,
-        "forgetting": max([-change for change in earlier] + [0.0]) + 0.0,  # + 0.0: never "-0.0"
+        "forgetting": max(forgetting(matrix) + [0.0]) + 0.0,  # + 0.0: never "-0.0"
     }
 
 
 def accuracy_table(
     matrix: Sequence[Sequence[float]], tasks: Sequence[str], secondary: Sequence[Sequence[float]] | None = None
 ) -> str:
-    """Markdown: rows "after task t", columns "task i"; ↓ marks forgetting and ↑ backward transfer
-    (points against the accuracy when task i was learned), with average accuracy and BWT per row.
+    """Markdown: rows "after task t", columns "task i"; ↓ marks forgetting and ↑ a new best (points against
+    task i's best accuracy in the rows before), with average accuracy and BWT per row.
     ``secondary`` (same layout as ``matrix``) is shown in parentheses after each cell."""
     header = "| after learning | " + " | ".join(tasks) + " | average | BWT |"
     lines = [header, "|" + " --- |" * (len(tasks) + 3)]
@@ -42,7 +57,7 @@ def accuracy_table(
                 continue
             cell = f"{100 * row[i]:.1f}"
             if i < t:
-                change = 100 * (row[i] - matrix[i][i])
+                change = 100 * (row[i] - peak_accuracy(matrix, t, i))
                 if change <= -MARK_THRESHOLD_POINTS:
                     cell += f" ↓{-change:.1f}"
                 elif change >= MARK_THRESHOLD_POINTS:
