@@ -4,6 +4,7 @@ line passes before any model loads."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import shutil
@@ -301,11 +302,20 @@ def clear_outputs(accelerator: Accelerator, output_dir: Path, patterns: tuple[st
 
 
 def end_training(accelerator: Accelerator) -> None:
-    """``accelerator.end_training`` (trackers), then the process group's teardown.
+    """Every process waits for the others (the main one may still be saving), lets go of what ``prepare``
+    wrapped, then ``accelerator.end_training`` (trackers) and the process group's teardown.
 
-    accelerate >= 0.34 tears the group down in ``end_training`` too, except in notebook-launched (forked)
-    processes; this one does not depend on that.
+    The caller must have dropped its own references to the prepared objects first. Why: a DDP model's reducer
+    holds the process group, and freeing the reducer after the group was destroyed (when ``main`` returns) runs
+    gloo's teardown with the GIL held, which joins a worker thread that waits for the GIL to free a finished
+    collective's tensors: a deadlock (py-spy in a CI check: rank 0 in ``~ProcessGroupGloo`` under
+    ``Reducer::~Reducer``, its worker in ``gil_scoped_acquire``). Freed first, the reducer leaves the group to
+    ``destroy_process_group``, whose release does not hold the GIL. accelerate >= 0.34 tears the group down in
+    ``end_training`` too, except in notebook-launched (forked) processes; this one does not depend on that.
     """
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()  # accelerate's own references to the prepared model, optimizer, loader, scheduler
+    gc.collect()
     accelerator.end_training()
     destroy_process_group()
 

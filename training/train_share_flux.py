@@ -445,6 +445,7 @@ def main(argv=None) -> int:
         logger.info("style %r %s; factors saved to %s", args.style_name, outcome, factors_dir)
         if args.push_to_hub:
             pipe.push_share_factors_to_hub(args.hub_model_id or output_dir.name)
+    del transformer, optimizer, loader, scheduler  # the DDP wrapper must go before the process group (end_training)
     end_training(accelerator)
     return 0
 
