@@ -36,10 +36,11 @@ ALL_LORA_LAYERS = "all-lora-layers"
 """``target_modules`` value meaning: every transformer linear the first merged LoRA touches."""
 
 _METADATA_KEY = "lora_adapter_metadata"
-# First parts of keys without diffusers' "transformer." prefix that name FluxTransformer2DModel's modules.
-_FLUX_MODULE = re.compile(r"(single_)?transformer_blocks|x_embedder|context_embedder|proj_out|norm_out|time_text_embed")
 # FluxTransformer2DModel's modules outside its blocks, and BFL's final_layer modules by their diffusers names.
-_TOP_LEVEL_MODULE = re.compile(r"x_embedder|context_embedder|time_text_embed|norm_out|proj_out")
+_TOP_LEVEL_NAMES = r"x_embedder|context_embedder|time_text_embed|norm_out|proj_out"
+_TOP_LEVEL_MODULE = re.compile(_TOP_LEVEL_NAMES)
+# First parts of keys without diffusers' "transformer." prefix that name FluxTransformer2DModel's modules.
+_FLUX_MODULE = re.compile(r"(single_)?transformer_blocks|" + _TOP_LEVEL_NAMES)
 _FINAL_LAYER = {"final_layer.linear": "proj_out", "final_layer.adaLN_modulation.1": "norm_out.linear"}
 _FAL_KONTEXT = ("base_model.model.double_blocks.", "base_model.model.single_blocks.")  # BFL names, PEFT's prefix
 _UNET_BLOCKS = ("down_blocks", "up_blocks", "mid_block")  # Stable Diffusion / SDXL UNet names (diffusers', kohya's)
