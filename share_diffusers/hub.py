@@ -15,7 +15,7 @@ import tempfile
 import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData, hf_hub_download
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_hf_file_metadata, hf_hub_download, hf_hub_url
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -36,6 +36,10 @@ from .lora_files import PICKLE_SUFFIXES, refuse_pickle
 
 class HubError(ShareError, OSError):
     """A repo, revision or file could not be fetched from the Hub (or the local cache)."""
+
+
+class HubFileTooLargeError(HubError):
+    """A Hub file is larger than the caller allows (``max_bytes``); nothing was downloaded."""
 
 
 def _hub_call(function, repo_id: str, what: str, **kwargs):
@@ -73,6 +77,12 @@ def _hub_call(function, repo_id: str, what: str, **kwargs):
 _HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3", "httpcore")
 
 
+def _mib(size: int) -> str:
+    """Bytes in MiB as people read them: ``812.3``, ``0.01``."""
+    mib = size / 2**20
+    return f"{mib:.1f}" if mib >= 1 else f"{mib:.2g}"
+
+
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
@@ -103,6 +113,24 @@ def download(
     )
 
 
+def file_size(
+    repo_id: str,
+    filename: str,
+    *,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> int | None:
+    """Bytes of one file of a Hub repo, from a HEAD request (nothing downloaded); None when the Hub does not say."""
+
+    def head(repo_id: str, revision: str | None) -> int | None:
+        url = hf_hub_url(repo_id, filename, subfolder=subfolder, revision=revision)
+        return get_hf_file_metadata(url, token=token).size
+
+    what = repr(f"{subfolder}/{filename}" if subfolder else filename)
+    return _hub_call(head, repo_id, f"the size of {what}", revision=revision)
+
+
 def list_safetensors(
     repo_id: str, *, subfolder: str | None = None, revision: str | None = None, token: str | bool | None = None
 ) -> list[str]:
@@ -122,12 +150,15 @@ def resolve_lora_file(
     token: str | bool | None = None,
     cache_dir: str | None = None,
     local_files_only: bool | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[Path, dict]:
     """The local path of a LoRA ``.safetensors`` file and its provenance.
 
     Args:
         repo_id_or_path: a local file, a local folder, or a Hub repo id (``user/name``).
         weight_name: the file inside the folder or repo; needed when it holds several ``.safetensors``.
+        max_bytes: a Hub file larger than this is refused (:class:`HubFileTooLargeError`) before it is
+            downloaded (a server or studio taking Hub ids from visitors); local files are not limited.
 
     Pickle files are refused by name before anything is downloaded or opened.
     """
@@ -156,6 +187,12 @@ def resolve_lora_file(
             raise HubError(f"pass weight_name=... to load {repo_id} from the cache without listing the repo")
         candidates = list_safetensors(repo_id, subfolder=subfolder, revision=revision, token=token)
         weight_name = _pick_weight(candidates, repo_id, candidates)
+    if max_bytes is not None and not local_files_only:
+        size = file_size(repo_id, weight_name, subfolder=subfolder, revision=revision, token=token)
+        if size is not None and size > max_bytes:
+            raise HubFileTooLargeError(
+                f"{repo_id}: {weight_name} is {_mib(size)} MiB, over the limit of {_mib(max_bytes)} MiB"
+            )
     file = download(
         repo_id,
         weight_name,

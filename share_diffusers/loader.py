@@ -436,6 +436,30 @@ def _no_share_layer_message(origin: str, converted: FluxLora, share_layers, crea
     return text + "; the subspace's layers are fixed once it exists: start a new one with wider target_modules"
 
 
+def prefetch_lora(
+    repo_id: str,
+    weight_name: str | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    max_bytes: int | None = None,
+) -> dict:
+    """Download what :meth:`ShareLoaderMixin.merge_lora` of a Hub LoRA reads into the cache: the weights file and,
+    for a PEFT adapter, its ``adapter_config.json``. Returns the provenance (its ``"weight_name"`` included).
+
+    A server or studio calls this before it takes its pipeline, then merges with
+    ``weight_name=source["weight_name"], local_files_only=True``: generations go on during the download.
+    ``max_bytes``: a weights file over this size is refused before downloading (``HubFileTooLargeError``).
+    """
+    path, source = resolve_lora_file(
+        repo_id, weight_name, revision=revision, token=token, cache_dir=cache_dir, max_bytes=max_bytes
+    )
+    if "repo_id" in source:
+        peft_adapter_config_path(path, source, dict(token=token, cache_dir=cache_dir))
+    return source
+
+
 def _peft_adapter_config(path: Path, source: dict, hub: dict) -> dict | None:
     """The ``adapter_config.json`` of PEFT adapter weights (see :func:`peft_adapter_config_path`), read."""
     config_path = peft_adapter_config_path(path, source, hub)

@@ -919,3 +919,46 @@ def test_style_map_endpoint_flags_a_near_duplicate(client, tmp_path):
     assert client.predict("ink x2", api_name="/delete_style").startswith("deleted 'ink x2'")
     _, table = client.predict(api_name="/style_map")
     assert "ink x2" not in table
+
+
+def test_a_hub_merge_downloads_before_it_takes_the_pipeline(tmp_path, fake_hub, monkeypatch):
+    """While a Hub LoRA downloads, generations go on (the pipeline lock is free); a file over the studio's limit
+    is refused from its size alone, before any byte of it is fetched."""
+    from huggingface_hub import constants
+
+    from share_diffusers.hub import HubFileTooLargeError
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    lora = write_demo_lora(build_tiny_flux_pipeline(0).transformer, tmp_path / "pencil", seed=3, rank=2, alpha=2.0)
+    fake_hub.add_folder("artist/pencil-lora", lora.parent)
+    studio = tiny_studio()
+    downloading, release = threading.Event(), threading.Event()
+    serve = fake_hub._serve
+
+    def slow_weights(handler, body):
+        if body and handler.path.endswith(".safetensors"):
+            downloading.set()
+            release.wait(30)
+        serve(handler, body)
+
+    monkeypatch.setattr(fake_hub, "_serve", slow_weights)
+    outcome = {}
+    merging = threading.Thread(target=lambda: outcome.update(report=studio.merge("artist/pencil-lora", "pencil")))
+    merging.start()
+    try:
+        assert downloading.wait(30), "the download never started"
+        images = studio.generate(["a cat"], ["ink"], seed=0, steps=1)  # the pipeline is free meanwhile
+        assert len(images) == 1 and studio.styles() == ["ink", "neon", "sepia"]
+    finally:
+        release.set()
+        merging.join(60)
+    assert outcome["report"].report.source["repo_id"] == "artist/pencil-lora"
+    assert studio.styles() == ["ink", "neon", "sepia", "pencil"]
+
+    small = tiny_studio(max_merge_mb=lora.stat().st_size / 2**20 / 2)
+    fake_hub.requests.clear()
+    with pytest.raises(HubFileTooLargeError, match=r"^artist/pencil-lora: pytorch_lora_weights.safetensors is "):
+        small.merge("artist/pencil-lora", "pencil")
+    weights = "/artist/pencil-lora/resolve/main/pytorch_lora_weights.safetensors"
+    assert f"HEAD {weights}" in fake_hub.requests and f"GET {weights}" not in fake_hub.requests
+    assert small.styles() == ["ink", "neon", "sepia"]

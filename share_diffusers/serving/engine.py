@@ -35,7 +35,7 @@ from .schema import ImageRequest
 logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1
-DEFAULT_MAX_UPLOAD_MB = 512  # largest LoRA upload that POST /v1/styles takes (--max-upload-mb)
+DEFAULT_MAX_UPLOAD_MB = 512  # largest LoRA file that POST /v1/styles takes, uploaded or from the Hub (--max-upload-mb)
 # ASCII digits only (str.isdigit takes "²", which int() refuses) and at most 5 of them (int() refuses
 # thousands); the bounds check below gives the real limits.
 _SIZE = re.compile(r"(\d{1,5})x(\d{1,5})", re.ASCII)

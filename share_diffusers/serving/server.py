@@ -65,7 +65,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         "an empty one is refused)",
     )
     server.add_argument(
-        "--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="largest LoRA upload (default 512)"
+        "--max-upload-mb",
+        type=float,
+        default=DEFAULT_MAX_UPLOAD_MB,
+        help=f"largest LoRA file merged, uploaded or from the Hub (default {DEFAULT_MAX_UPLOAD_MB})",
     )
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser

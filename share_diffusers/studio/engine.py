@@ -32,7 +32,7 @@ from ..core.similarity import (
     style_map,
     style_similarity,
 )
-from ..loader import MergeReport
+from ..loader import MergeReport, prefetch_lora
 from ..lora_files import refuse_pickle
 from ..runtime import DEFAULT_PROMPTS, GenerationDefaults, StyleSpec, call_arguments, style_caption
 
@@ -43,6 +43,7 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _GENERIC_FILE_NAMES = ("pytorch_lora_weights", "adapter_model")
 READ_ONLY_MESSAGE = "this studio is read-only: merging and deleting styles are turned off (started with --read-only)"
 _ERROR_CHANGES_SHOWN = 6  # styles named in a merge report's error changes; the rest are counted
+DEFAULT_MAX_MERGE_MB = 200  # largest LoRA file the studio merges, uploaded or from the Hub (--max-upload-mb)
 
 
 class GenerationStopped(ValueError):
@@ -211,6 +212,8 @@ class StyleStudio:
         defaults: image settings and limits (:func:`share_diffusers.runtime.defaults_for`).
         preview_prompt, preview_seed: what every style's preview shows.
         read_only: refuse :meth:`merge` and :meth:`delete` (a public studio whose visitors share one bank).
+        max_merge_mb: a Hub LoRA file larger than this is refused before it is downloaded (uploads are
+            limited by the web server: ``--max-upload-mb`` sets both).
     """
 
     def __init__(
@@ -220,12 +223,14 @@ class StyleStudio:
         preview_prompt: str = PREVIEW_PROMPT,
         preview_seed: int = PREVIEW_SEED,
         read_only: bool = False,
+        max_merge_mb: float = DEFAULT_MAX_MERGE_MB,
     ):
         self.pipe = pipe
         self.defaults = defaults
         self.preview_prompt = preview_prompt
         self.preview_seed = preview_seed
         self.read_only = read_only
+        self.max_merge_bytes = int(max_merge_mb * 2**20)
         self._lock = threading.RLock()
         self._previews: dict[str, Image.Image] = {}
         self._workdir = tempfile.TemporaryDirectory(prefix="share-studio-")
@@ -331,13 +336,20 @@ class StyleStudio:
     def merge(self, source: str, style_name: str | None = None, weight_name: str | None = None) -> MergeOutcome:
         """Merge a LoRA (Hub id or local file) as a new style; a failed merge changes nothing.
 
-        Returns the library's report with the other styles' errors before and after (``str()``: one line).
+        A Hub LoRA is downloaded (at most ``max_merge_mb``) before the pipeline is taken, so generations go on
+        meanwhile; the merge then reads the cache. Returns the library's report with the other styles' errors
+        before and after (``str()``: one line).
         """
         if self.read_only:
             raise ValueError(READ_ONLY_MESSAGE)
+        from_hub = _HUB_ID.fullmatch(source) is not None and not Path(source).exists()
+        if from_hub:
+            weight_name = prefetch_lora(source, weight_name, max_bytes=self.max_merge_bytes)["weight_name"]
         with self._lock:
             before = self._style_errors()
-            report = self.pipe.merge_lora(source, weight_name=weight_name, style_name=style_name)
+            report = self.pipe.merge_lora(
+                source, weight_name=weight_name, style_name=style_name, local_files_only=True if from_hub else None
+            )
             after = self._style_errors()
             self._bank_version += 1
             # The new style can turn the shared bases, so every style's picture may move a little.

@@ -45,7 +45,7 @@ from ..runtime import (
     resolve_dtype,
     style_caption,
 )
-from .engine import MAX_SEED, READ_ONLY_MESSAGE, StyleStudio, merge_source, pick_seed
+from .engine import DEFAULT_MAX_MERGE_MB, MAX_SEED, READ_ONLY_MESSAGE, StyleStudio, merge_source, pick_seed
 from .plots import style_map_figure
 from .text import blend_text, parse_prompts, parse_single_prompt, parse_style_lines, style_choices
 
@@ -470,7 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--max-upload-mb", type=int, default=200, help="largest LoRA upload (default 200)")
+    parser.add_argument(
+        "--max-upload-mb",
+        type=int,
+        default=DEFAULT_MAX_MERGE_MB,
+        help=f"largest LoRA file merged, uploaded or from the Hub (default {DEFAULT_MAX_MERGE_MB})",
+    )
     parser.add_argument(
         "--max-queue",
         type=int,
@@ -501,7 +506,9 @@ def load_studio(args: argparse.Namespace) -> tuple[StyleStudio, str]:
     pipe.set_progress_bar_config(leave=False)
     for report in load_styles(pipe, args.model, args.factors, args.demo_styles):
         print(report, flush=True)
-    studio = StyleStudio(pipe, defaults_for(pipe, model=args.model), read_only=args.read_only)
+    studio = StyleStudio(
+        pipe, defaults_for(pipe, model=args.model), read_only=args.read_only, max_merge_mb=args.max_upload_mb
+    )
     studio.previews()  # render them now, not on the first page load
     model = {
         None: "the embedded demo model (a small Flux trained on Fashion-MNIST: try 'a photo of a sneaker', "
