@@ -962,3 +962,49 @@ def test_a_hub_merge_downloads_before_it_takes_the_pipeline(tmp_path, fake_hub, 
     weights = "/artist/pencil-lora/resolve/main/pytorch_lora_weights.safetensors"
     assert f"HEAD {weights}" in fake_hub.requests and f"GET {weights}" not in fake_hub.requests
     assert small.styles() == ["ink", "neon", "sepia"]
+
+
+def test_undo_last_merge_puts_the_bank_back(tmp_path):
+    """The studio's undo: the merged style gone and the others' errors and pictures as before it, bit for bit;
+    only the bank's last change, and not on a read-only studio."""
+    from share_diffusers.studio.engine import READ_ONLY_MESSAGE
+    from share_diffusers.studio.ui import Handlers
+
+    studio = tiny_studio()
+    handlers = Handlers(studio)
+    with pytest.raises(ValueError, match="^nothing to undo: no merge since the studio started or the last undo$"):
+        studio.undo_merge()
+    lora = write_demo_lora(build_tiny_flux_pipeline(0).transformer, tmp_path / "wide", seed=8, rank=16, alpha=16.0)
+    before = studio._style_errors()
+    picture = studio.generate(["a cat"], ["ink"], seed=0, steps=1)[0]
+    outcome = studio.merge(str(lora), "wide")  # k = 16 cannot hold it beside the others: their errors move
+    assert any(after != error for error, after in outcome.other_errors.values())
+    assert studio.generate(["a cat"], ["ink"], seed=0, steps=1)[0].tobytes() != picture.tobytes()
+    report = handlers.undo_merge()
+    assert report == "undid the merge of 'wide': the other styles are as they were before it; styles: ink, neon, sepia"
+    assert studio._style_errors() == before
+    assert studio.generate(["a cat"], ["ink"], seed=0, steps=1)[0].tobytes() == picture.tobytes()
+    assert page_error(handlers.undo_merge) == "nothing to undo: no merge since the studio started or the last undo"
+
+    studio.merge(str(lora), "wide")
+    studio.delete("wide")
+    with pytest.raises(ValueError, match=r"the bank changed after the last merge \(a delete\)"):
+        studio.undo_merge()
+    assert studio.styles() == ["ink", "neon", "sepia"]
+    with pytest.raises(ValueError, match=re.escape(READ_ONLY_MESSAGE)):
+        tiny_studio(read_only=True).undo_merge()
+
+
+def test_undo_of_the_merge_that_created_the_subspace_removes_it(tmp_path):
+    from share_diffusers.runtime import TINY_RANDOM, defaults_for
+    from share_diffusers.studio.engine import StyleStudio
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    studio = StyleStudio(pipe, defaults_for(pipe, TINY_RANDOM))
+    base = studio.generate(["a cat"], [None], seed=0, steps=1)[0]
+    lora = write_demo_lora(pipe.transformer, tmp_path / "first", seed=8, rank=4, alpha=4.0)
+    studio.merge(str(lora), "first")
+    assert studio.undo_merge() == "first"
+    assert pipe.share is None and studio.styles() == []
+    assert studio.generate(["a cat"], [None], seed=0, steps=1)[0].tobytes() == base.tobytes()

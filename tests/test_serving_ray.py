@@ -42,12 +42,28 @@ REQUESTS = [
 REPLICA = dict(model=TINY_RANDOM, num_replicas=2, max_batch=8, max_wait_ms=400, ray_actor_options={"num_cpus": 1})
 
 
+DEPLOY_TIMEOUT_S = 300  # Ray's own blocking deploy gives up after 60 s, which a busy 2-core CI machine exceeded
+
+
 def deploy(config: dict) -> None:
-    """What ``serve run config.yaml`` does with a config file (the declarative API)."""
+    """What ``serve run config.yaml`` does with a config file (the declarative API), then wait until every
+    application runs and the HTTP proxy serves it."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(config), _blocking=True)
+    client = _get_global_client()
+    schema = ServeDeploySchema.model_validate(config)
+    client.deploy_apps(schema, _blocking=False)
+    names = {app.name for app in schema.applications}
+    deadline = time.monotonic() + DEPLOY_TIMEOUT_S
+    while True:
+        statuses = {name: app.status.value for name, app in serve.status().applications.items() if name in names}
+        if len(statuses) == len(names) and set(statuses.values()) == {"RUNNING"}:
+            break
+        if "DEPLOY_FAILED" in statuses.values() or time.monotonic() > deadline:
+            raise TimeoutError(f"the Serve applications are not running: {statuses} ({serve.status().applications})")
+        time.sleep(0.5)
+    client.wait_for_proxies_serving(wait_for_applications_running=True)
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from share_diffusers import ShareFluxPipeline
 from share_diffusers.core import LoraAdapter, ShareConfig, ShareFactors, ShareLinear, ShareModel
-from share_diffusers.core.errors import StyleError
+from share_diffusers.core.errors import ShapeMismatchError, ShareStateError, StyleError
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
 
 NAMES = ["ink", "neon", "sepia"]
@@ -240,3 +240,53 @@ def test_per_block_and_quantized_styled_steps_add_three_kernels_a_layer(quantize
     styled = _count(lambda: run_transformer(transformer, inputs))
     assert len(styled.kernels) - len(base.kernels) == 3 * len(share.layers)
     assert styled.copies == base.copies
+
+
+def test_restore_undoes_a_merge_bit_for_bit_where_a_delete_does_not():
+    """A merge turns the shared bases (k = 8 holds three rank-4 styles only approximately), so every earlier
+    style's output moves; deleting the new style keeps the turn, restoring the snapshot taken before undoes it."""
+    pipe, share = _flux_with_styles()
+    inputs = transformer_inputs()
+
+    def outputs() -> dict[str, torch.Tensor]:
+        result = {}
+        for name in NAMES:
+            share.set_style(name)
+            result[name] = run_transformer(pipe.transformer, inputs)
+        share.set_style(None)
+        return result
+
+    before, errors = outputs(), {name: share.factors.style_error(name) for name in NAMES}
+    bank = share.snapshot()
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in share.layers.items()}
+    share.merge(random_adapter(shapes, rank=4, seed=99), "late")
+    share.set_style("ink")
+    moved = outputs()
+    assert all(not torch.equal(moved[name], before[name]) for name in NAMES)
+    share.delete_style("late")
+    assert share.style_names == NAMES and not torch.equal(outputs()["ink"], before["ink"])  # the turn stays
+
+    share.rename_style("neon", "glow")  # changed in place: the snapshot keeps its own style records
+    share.restore(bank)
+    assert share.style_names == NAMES == bank.style_names
+    assert share.selection.weights is None  # cleared, as after a merge
+    restored = outputs()
+    assert all(torch.equal(restored[name], before[name]) for name in NAMES)
+    assert {name: share.factors.style_error(name) for name in NAMES} == errors
+
+
+def test_restore_refuses_a_snapshot_of_another_model_and_a_fused_style():
+    pipe, share = _flux_with_styles()
+    bank = share.snapshot()
+    model = TinyNet()
+    other = ShareModel.inject(model, target_modules=list(TINY_SHAPES))
+    other.merge(random_adapter(TINY_SHAPES, rank=2, seed=1), "tiny")
+    with pytest.raises(ShapeMismatchError, match=r"the Share factors hold \d+ layer\(s\) the model does not have"):
+        other.restore(bank)
+    assert other.style_names == ["tiny"]
+    share.fuse_style("ink")
+    with pytest.raises(ShareStateError, match="restore a snapshot"):
+        share.restore(bank)
+    share.unfuse_style()
+    share.restore(bank)
+    assert share.style_names == NAMES

@@ -21,7 +21,7 @@ from .errors import (
     StyleError,
 )
 from .export import export_rank, style_as_lora
-from .factors import ShareConfig, ShareFactors, StyleInfo
+from .factors import FactorsSnapshot, ShareConfig, ShareFactors, StyleInfo
 from .inject import find_targets, remove_share
 from .layer import ShareLinear, StyleSelection
 from .model import ShareModel, style_weights
@@ -52,6 +52,7 @@ __all__ = [
     "style_as_lora",
     "ShareConfig",
     "ShareFactors",
+    "FactorsSnapshot",
     "StyleInfo",
     "find_targets",
     "remove_share",

@@ -13,6 +13,7 @@ in only when every layer is done.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import os
@@ -211,6 +212,28 @@ class StyleInfo:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class FactorsSnapshot:
+    """A bank as it was (:meth:`ShareFactors.snapshot`), to put back with :meth:`ShareFactors.restore`: the undo of
+    a merge, which moves the shared bases and with them every other style's reconstruction.
+
+    It holds the layer states themselves, not copies: a merge, delete or fine-tuning builds new ``LayerShare``
+    objects and never writes into the old ones, so a snapshot costs only the memory of the layers that later
+    changes replace: at most one more bank (about 110 MiB at FLUX.1 size, 20 styles, k = 32).
+    """
+
+    config: ShareConfig
+    layers: dict[str, LayerShare]
+    styles: tuple[StyleInfo, ...]
+    base_model: str | None
+    conv_layers: frozenset[str]
+    storage_dtype: torch.dtype
+
+    @property
+    def style_names(self) -> list[str]:
+        return [style.name for style in self.styles]
+
+
 def validate_style_name(name: object, taken: Sequence[str]) -> str:
     """Check a new style name: a non-empty string that the style syntax can address, not already in ``taken``.
 
@@ -370,6 +393,26 @@ class ShareFactors:
     @property
     def style_names(self) -> list[str]:
         return [style.name for style in self.styles]
+
+    def snapshot(self) -> FactorsSnapshot:
+        """The bank as it is now, for :meth:`restore` (shares the layer states, see :class:`FactorsSnapshot`)."""
+        return FactorsSnapshot(
+            config=copy.deepcopy(self.config),
+            layers=dict(self.layers),
+            styles=tuple(copy.deepcopy(self.styles)),  # renames and provenance edits change StyleInfo in place
+            base_model=self.base_model,
+            conv_layers=frozenset(self.conv_layers),
+            storage_dtype=self.storage_dtype,
+        )
+
+    def restore(self, snapshot: FactorsSnapshot) -> None:
+        """Put the bank back as it was when ``snapshot`` was taken: its styles, bases, cores and errors, bit for bit."""
+        self.config = copy.deepcopy(snapshot.config)
+        self.layers = dict(snapshot.layers)
+        self.styles = list(copy.deepcopy(snapshot.styles))
+        self.base_model = snapshot.base_model
+        self.conv_layers = set(snapshot.conv_layers)
+        self.storage_dtype = snapshot.storage_dtype
 
     def style_index(self, name: str) -> int:
         for index, style in enumerate(self.styles):

@@ -23,7 +23,7 @@ from torch import nn
 from .adapters import LoraAdapter
 from .block_weights import BlockLayout, is_block_weight
 from .errors import QuantizedBaseError, ShapeMismatchError, ShareStateError, ShareValueError, StyleError
-from .factors import MAX_STYLE_WEIGHT, ShareConfig, ShareFactors, check_style_weight
+from .factors import MAX_STYLE_WEIGHT, FactorsSnapshot, ShareConfig, ShareFactors, check_style_weight
 from .inject import find_targets, layer_shapes, remove_share, wrap_modules
 from .layer import ShareLinear, StyleSelection
 
@@ -313,6 +313,29 @@ class ShareModel:
                 f"{unknown[0]!r}; widen target_modules when creating the subspace"
             )
         self.factors.merge(adapter, name, progress=progress, device=device)
+        self.selection.clear()
+        self.refresh()
+
+    def snapshot(self) -> FactorsSnapshot:
+        """The bank as it is now, to put back with :meth:`restore` (e.g. before a merge, to undo it)."""
+        return self.factors.snapshot()
+
+    def restore(self, snapshot: FactorsSnapshot) -> None:
+        """Put the bank back as it was at :meth:`snapshot`: every style's output is then what it was, bit for bit.
+
+        The snapshot must come from this model's factors (same layers and shapes, checked before anything
+        changes); the style selection is cleared, as after a merge.
+        """
+        self._check_unfused("restore a snapshot")
+        held = ShareFactors(snapshot.config, dict(snapshot.layers), list(snapshot.styles), snapshot.base_model)
+        check_factors_fit(self.model, held)
+        unknown = sorted(set(snapshot.layers) - set(self.layers))
+        if unknown:
+            raise ShapeMismatchError(
+                f"the snapshot holds {len(unknown)} layer(s) that are not Share targets of this model, e.g. "
+                f"{unknown[0]!r}: it comes from another model"
+            )
+        self.factors.restore(snapshot)
         self.selection.clear()
         self.refresh()
 

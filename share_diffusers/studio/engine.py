@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from ..core.block_weights import BlockLayout
+from ..core.factors import FactorsSnapshot
 from ..core.similarity import (
     NEAR_DUPLICATE_THRESHOLD,
     StyleMap,
@@ -237,6 +238,9 @@ class StyleStudio:
         # Bumped by every change of the bank made here: one saved zip serves every save of one version.
         self._bank_version = 0
         self._saved: tuple[tuple, Path] | None = None
+        # The last merge, while it is the bank's last change: (version it made, its style, the bank before it or
+        # None when it created the subspace). One bank more in memory at most (a snapshot shares unchanged layers).
+        self._last_merge: tuple[int, str, FactorsSnapshot | None] | None = None
 
     def styles(self) -> list[str]:
         return self.pipe.list_styles()
@@ -347,14 +351,41 @@ class StyleStudio:
             weight_name = prefetch_lora(source, weight_name, max_bytes=self.max_merge_bytes)["weight_name"]
         with self._lock:
             before = self._style_errors()
+            bank = self.pipe.share.snapshot() if self.pipe.share is not None else None
             report = self.pipe.merge_lora(
                 source, weight_name=weight_name, style_name=style_name, local_files_only=True if from_hub else None
             )
             after = self._style_errors()
             self._bank_version += 1
+            self._last_merge = (self._bank_version, report.style_name, bank)
             # The new style can turn the shared bases, so every style's picture may move a little.
             self._previews.clear()
         return MergeOutcome(report, {name: (error, after[name]) for name, error in before.items() if name in after})
+
+    def undo_merge(self) -> str:
+        """Put the bank back as it was before the last merge (the merged style gone, every other style's bases and
+        errors restored bit for bit: a delete would keep the turn the merge gave the shared bases).
+
+        Only while that merge is the bank's last change (no delete since). Returns the undone style's name.
+        """
+        if self.read_only:
+            raise ValueError(READ_ONLY_MESSAGE)
+        with self._lock:
+            if self._last_merge is None or self._last_merge[0] != self._bank_version:
+                raise ValueError(
+                    "nothing to undo: no merge since the studio started or the last undo"
+                    if self._last_merge is None
+                    else "the bank changed after the last merge (a delete); only the last change can be undone"
+                )
+            _, name, bank = self._last_merge
+            if bank is None:  # that merge created the subspace
+                self.pipe.remove_share()
+            else:
+                self.pipe.share.restore(bank)
+            self._bank_version += 1
+            self._last_merge = None
+            self._previews.clear()  # every style's picture moves back
+            return name
 
     def _style_errors(self) -> dict[str, float]:
         factors = self.pipe.share_factors

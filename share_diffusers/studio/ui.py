@@ -8,8 +8,9 @@ Share checkpoint (inverted, tint, stripes, outlines). ``--model tiny-random`` ru
 tiny pipeline with three random demo LoRAs instead (fast, for tests). Every error shows in the page as one
 line (``gr.Error``), never as a stack trace. Beside the style previews, a map of the bank (styles close
 on it have similar weight updates) and a table of what each style keeps of its LoRA, updated after every
-merge and delete. API endpoints for ``gradio_client``: ``/generate``, ``/compare``, ``/merge_lora``,
-``/delete_style``, ``/save_factors``, ``/styles``, ``/style_map``.
+merge and delete; the last merge can be undone (the bank back bit for bit). API endpoints for
+``gradio_client``: ``/generate``, ``/compare``, ``/merge_lora``, ``/undo_merge``, ``/delete_style``,
+``/save_factors``, ``/styles``, ``/style_map``.
 
 One pipeline serves every visitor, one call at a time, so a call is bounded by the model's limits (images,
 steps, size, and their product: :meth:`~share_diffusers.runtime.GenerationDefaults.check_call`), a Stop
@@ -186,6 +187,12 @@ class Handlers:
         return f"error: {message}"
 
     @user_errors
+    def undo_merge(self):
+        name = self.studio.undo_merge()
+        styles = ", ".join(self.studio.styles()) or "none"
+        return f"undid the merge of {name!r}: the other styles are as they were before it; styles: {styles}"
+
+    @user_errors
     def delete_style(self, name):
         self.studio.delete(name)
         left = self.studio.styles()
@@ -339,7 +346,11 @@ def _manage_tab(styles: list[str], read_only: bool = False) -> SimpleNamespace:
                 height=140,
             )
             style_name = gr.Textbox(label="Style name", placeholder="default: the repo or file name")
-            merge = gr.Button("Merge", variant="primary", interactive=not read_only)
+            with gr.Row():
+                merge = gr.Button("Merge", variant="primary", interactive=not read_only)
+                # A merge turns the shared bases, moving every style a little (the report says how much);
+                # deleting the new style would not turn them back, this does.
+                undo = gr.Button("Undo last merge", interactive=not read_only)
             report = gr.Textbox(label="Merge report", elem_id="merge-report", interactive=False)
             gr.Markdown("**Delete a style**")
             with gr.Row():
@@ -356,6 +367,7 @@ def _manage_tab(styles: list[str], read_only: bool = False) -> SimpleNamespace:
         upload=upload,
         style_name=style_name,
         merge=merge,
+        undo=undo,
         report=report,
         to_delete=to_delete,
         delete=delete,
@@ -439,6 +451,7 @@ def build_demo(studio: StyleStudio, description: str = "", max_queue: int = MAX_
         )
         refresh(merge)
         merge.failure(handlers.merge_failed, None, manage.report, api_visibility="private")
+        refresh(manage.undo.click(handlers.undo_merge, None, manage.report, api_name="undo_merge"))
         refresh(manage.delete.click(handlers.delete_style, manage.to_delete, manage.status, api_name="delete_style"))
         manage.save.click(handlers.save_factors, None, manage.factors_file, api_name="save_factors")
         demo.load(handlers.style_gallery, None, gallery, api_name="styles")
