@@ -5,10 +5,12 @@ line passes before any model loads."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import re
 import shutil
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -148,12 +150,26 @@ def find_checkpoint(resume_from: str | None, output_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total_limit: int | None = None) -> Path:
+CHECKPOINT_EXTRAS = "training_state.json"
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: Path,
+    step: int,
+    total_limit: int | None = None,
+    extras: dict | None = None,
+    write_files: Callable[[Path], None] | None = None,
+) -> Path:
     """``accelerator.save_state`` into ``output_dir/checkpoint-<step>``, atomically.
 
     Every process writes into ``checkpoint-<step>.tmp`` (each its own random states); once all are done the
     main process renames it, so a run killed during the save leaves no ``checkpoint-<step>`` that ``latest``
     would pick. Then only the newest ``total_limit`` checkpoints are kept (all when None).
+
+    ``extras``: the script's own state (JSON: e.g. the losses so far), written by the main process inside the
+    same atomic save; :func:`checkpoint_extras` reads it back. ``write_files(folder)``: more of the script's own
+    files, written by the main process into the folder before it is renamed.
     """
     final = output_dir / f"checkpoint-{step}"
     partial = output_dir / f"{final.name}.tmp"
@@ -163,6 +179,10 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
     accelerator.save_state(str(partial))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if extras is not None:
+            (partial / CHECKPOINT_EXTRAS).write_text(json.dumps(extras))
+        if write_files is not None:
+            write_files(partial)
         if final.exists():  # a resumed run passing a step it had saved before
             shutil.rmtree(final)
         partial.rename(final)
@@ -171,6 +191,20 @@ def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int, total
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def checkpoint_extras(path: Path) -> dict:
+    """The ``extras`` a checkpoint was saved with (:func:`save_checkpoint`); empty when it has none."""
+    file = Path(path) / CHECKPOINT_EXTRAS
+    if not file.is_file():
+        return {}
+    try:
+        extras = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ShareError(f"{file}: not a JSON document ({error})") from None
+    if not isinstance(extras, dict):
+        raise ShareError(f"{file}: expected a JSON object, got {type(extras).__name__}")
+    return extras
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path) -> int:

@@ -193,6 +193,8 @@ def test_resume_from_latest_ends_where_an_uninterrupted_run_ends(text, tmp_path,
         for style in ("colors", "animals"):
             assert torch.equal(a.delta_weight(name, style), b.delta_weight(name, style)), (name, style)
     assert results(full)["rows"] == results(cut)["rows"]
+    # Each task's first and last losses, the resumed task's first ones from before the cut.
+    assert results(full)["losses"] == results(cut)["losses"]
 
 
 def test_baselines_and_the_comparison_report(text, tmp_path):

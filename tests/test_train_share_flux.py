@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -167,13 +168,30 @@ def test_training_lowers_the_loss_and_lands_in_the_factors(setup, tmp_path):
         "a red square",
         "--num_validation_images",
         1,
+        "--validation_inference_steps",
+        2,
+        "--validation_steps",
+        15,
     )
     factors = load_factors(tmp_path / "out" / "factors")
     assert factors.style_names == ["ink", "red-square"]
     assert factors.styles[1].source["steps"] == 30
-    assert list((tmp_path / "out" / "validation").glob("*.png"))
+    validation = tmp_path / "out" / "validation"
+    assert sorted(p.name for p in validation.glob("*.png")) == ["final-0.png", "step-000015-0.png", "step-000030-0.png"]
     pipe = ShareFluxPipeline.from_pretrained(str(setup / "tiny"))
     pipe.load_share_factors(tmp_path / "out" / "factors")
+    # The final validation image is the saved style's (after the merge), as anyone loading the factors draws it.
+    drawn = pipe(
+        prompt=["a red square"],
+        style="red-square",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        generator=torch.Generator().manual_seed(3),
+        max_sequence_length=16,
+    ).images[0]
+    assert np.array_equal(np.asarray(drawn), np.asarray(Image.open(validation / "final-0.png")))
     pixels = torch.stack(
         [
             torch.from_numpy(np.asarray(Image.open(p), dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
@@ -373,6 +391,7 @@ def test_checkpoints_hold_the_trained_parameters_only_and_appear_whole_or_not_at
 
     from share_diffusers.training_utils import (
         ResumeError,
+        checkpoint_extras,
         checkpoint_trainable_parameters_only,
         find_checkpoint,
         load_checkpoint,
@@ -406,6 +425,24 @@ def test_checkpoints_hold_the_trained_parameters_only_and_appear_whole_or_not_at
                 save_checkpoint(accelerator, tmp_path, 6)
         assert (tmp_path / "checkpoint-6.tmp").is_dir() and not (tmp_path / "checkpoint-6").exists()
         assert find_checkpoint("latest", tmp_path) == tmp_path / "checkpoint-3"
+
+        # The script's own state and files go into the same atomic save: a failure writing them leaves no checkpoint.
+        def vae_files(folder: Path) -> None:
+            (folder / "vae").mkdir()
+            (folder / "vae" / "weights.safetensors").write_bytes(b"vae")
+
+        save_checkpoint(accelerator, tmp_path, 4, extras={"task_losses": [0.5, 0.25]}, write_files=vae_files)
+        assert checkpoint_extras(tmp_path / "checkpoint-4") == {"task_losses": [0.5, 0.25]}
+        assert (tmp_path / "checkpoint-4" / "vae" / "weights.safetensors").read_bytes() == b"vae"
+        assert checkpoint_extras(tmp_path / "checkpoint-3") == {}
+
+        def disk_full(folder: Path) -> None:
+            raise OSError(28, "No space left on device")
+
+        with pytest.raises(OSError, match="No space left"):
+            save_checkpoint(accelerator, tmp_path, 5, write_files=disk_full)
+        assert not (tmp_path / "checkpoint-5").exists() and find_checkpoint("latest", tmp_path).name == "checkpoint-4"
+        shutil.rmtree(tmp_path / "checkpoint-4")
 
         # A fresh run from other initial weights: the trained layer comes back, the frozen one is its own.
         accelerator.free_memory()
@@ -575,6 +612,7 @@ def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
         (["--coefficients_only", "--phi", 2], "--coefficients_only trains no temporary basis directions; drop --phi"),
         (["--hub_model_id", "me/styles"], "--hub_model_id names the repository of --push_to_hub"),
         (["--validation_steps", 5], "--validation_steps needs --validation_prompt"),
+        (["--validation_inference_steps", 0], "--validation_inference_steps must be at least 1, got 0"),
         (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "--overwrite_output_dir deletes the"),
     ],
     ids=[
@@ -589,6 +627,7 @@ def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
         "coefficients-phi",
         "hub-id-without-push",
         "validation-steps-without-prompt",
+        "no-validation-steps",
         "overwrite-and-resume",
     ],
 )

@@ -53,6 +53,7 @@ from share_diffusers.training_utils import (
     check_common_arguments,
     check_output_dir,
     check_whole_global_batches,
+    checkpoint_extras,
     checkpoint_step,
     checkpoint_trainable_parameters_only,
     clear_outputs,
@@ -401,13 +402,14 @@ def train_task(accelerator, model, task, index, parameters, encoder, args, resum
     )
     wrapped, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     step = 0
+    history: list[float] = []  # this task's loss at each step
     if resume is not None:
         accelerator.load_state(str(resume))
         step = first_step
+        history = [float(value) for value in checkpoint_extras(resume).get("task_losses", [])][:step]
     # accelerate also steps the optimizer at the end of the data loader: a last, shorter accumulation counts
     steps_per_epoch = max(math.ceil(len(loader) / args.gradient_accumulation_steps), 1)
     offset = index * args.max_train_steps
-    history: list[float] = []
     progress = tqdm(total=args.max_train_steps, initial=step, desc=task.name, disable=not accelerator.is_main_process)
     while step < args.max_train_steps:
         loader.set_epoch(step // steps_per_epoch)
@@ -428,7 +430,13 @@ def train_task(accelerator, model, task, index, parameters, encoder, args, resum
             progress.set_postfix(loss=f"{value:.3f}")
             accelerator.log({f"{task.name}/loss": value}, step=offset + step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                save_checkpoint(accelerator, Path(args.output_dir), offset + step, args.checkpoints_total_limit)
+                save_checkpoint(
+                    accelerator,
+                    Path(args.output_dir),
+                    offset + step,
+                    args.checkpoints_total_limit,
+                    extras={"task_losses": history},  # a resumed run reports the losses of the whole task
+                )
             if step >= args.max_train_steps:
                 break
     progress.close()

@@ -153,7 +153,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--validation_prompt", default=None)
     add("--validation_steps", type=int, default=0, help="validation images every N steps (and at the end)")
     add("--num_validation_images", type=int, default=2)
-    add("--guidance_scale", type=float, default=1.0, help="guidance embedding value during training")
+    add(
+        "--validation_inference_steps",
+        type=int,
+        default=28,
+        help="denoising steps of validation images (FluxPipeline's default; 4 suits FLUX.1-schnell)",
+    )
+    add(
+        "--guidance_scale",
+        type=float,
+        default=3.5,
+        help="guidance embedding value in training and validation, for guidance-distilled models such as "
+        "FLUX.1-dev (diffusers' Flux LoRA script's default); models without one (schnell, the demo model) ignore it",
+    )
     add("--weighting_scheme", default="none", choices=["none", "sigma_sqrt", "logit_normal", "mode", "cosmap"])
     add("--phi", type=int, default=None, help="temporary basis vectors per layer (paper: 1 .. k/4; default 8)")
     add("--pseudo_rank", type=int, default=None, help="p: rank of the new style's core (default 8)")
@@ -217,6 +229,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--hub_model_id names the repository of --push_to_hub; add --push_to_hub or drop it")
     if args.validation_steps and not args.validation_prompt:
         raise UsageError("--validation_steps needs --validation_prompt")
+    if args.validation_inference_steps < 1:
+        raise UsageError(f"--validation_inference_steps must be at least 1, got {args.validation_inference_steps}")
     for name, value in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -427,8 +441,6 @@ def main(argv=None) -> int:
     progress.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if args.validation_prompt:
-            _validate(pipe, args, accelerator, step, idle)
         source = {"trained_from": str(args.instance_data_dir), "steps": step, "images": len(dataset)}
         factors_dir = output_dir / "factors"
         if args.fine_tune_style:
@@ -443,6 +455,8 @@ def main(argv=None) -> int:
             outcome = f"merged (relative error {share.factors.style_error(args.style_name):.2e})"
         pipe.save_share_factors(factors_dir)
         logger.info("style %r %s; factors saved to %s", args.style_name, outcome, factors_dir)
+        # The style as saved (merged into k directions, or fine-tuned), not the factors as trained.
+        _validate(pipe, args, accelerator, step, idle, style=args.style_name, name="final")
         if args.push_to_hub:
             pipe.push_share_factors_to_hub(args.hub_model_id or output_dir.name)
     del transformer, optimizer, loader, scheduler  # the DDP wrapper must go before the process group (end_training)
@@ -561,11 +575,15 @@ def _dtype_names(tensors) -> str:
     return ", ".join(sorted({str(tensor.dtype).removeprefix("torch.") for tensor in tensors}))
 
 
-def _validate(pipe, args, accelerator, step: int, idle: list) -> None:
-    """Images of ``--validation_prompt`` with the factors as trained so far; ``idle`` models (off the
-    accelerator under ``--cache_latents``) come onto it for the call and go back after."""
+def _validate(
+    pipe, args, accelerator, step: int, idle: list, style: str | None = None, name: str | None = None
+) -> None:
+    """Images of ``--validation_prompt``, ``validation/<name>-<n>.png`` (name: ``step-<step>``): with the factors
+    as trained so far (``style`` None, during training), or with the stored ``style`` (after the merge). ``idle``
+    models (off the accelerator under ``--cache_latents``) come onto it for the call and go back after."""
     if not args.validation_prompt or not accelerator.is_main_process:
         return
+    name = name or f"step-{step:06d}"
     folder = Path(args.output_dir) / "validation"
     folder.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
@@ -573,18 +591,20 @@ def _validate(pipe, args, accelerator, step: int, idle: list) -> None:
     with offload_models(*idle, device=accelerator.device, offload=bool(idle)), accelerator.autocast(), torch.no_grad():
         images = pipe(
             prompt=[args.validation_prompt] * args.num_validation_images,
-            style=None,
+            style=style,
             height=args.resolution,
             width=args.resolution,
-            num_inference_steps=4,
+            num_inference_steps=args.validation_inference_steps,
+            guidance_scale=args.guidance_scale,
             generator=generator,
             max_sequence_length=args.max_sequence_length,
         ).images
     for number, image in enumerate(images):
-        image.save(folder / f"step-{step:06d}-{number}.png")
+        image.save(folder / f"{name}-{number}.png")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
-            tracker.writer.add_images("validation", np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+            tag = "validation" if style is None else f"validation/{name}"
+            tracker.writer.add_images(tag, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
 
 
 def cli(argv=None) -> int:

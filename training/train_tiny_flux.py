@@ -43,7 +43,13 @@ from share_diffusers.fashion.data import CLASS_NAMES, FashionDataError, load_fas
 from share_diffusers.fashion.model import MAX_SEQUENCE_LENGTH, build_fashion_flux_components
 from share_diffusers.fashion.styles import JUDGE_CLASSES, apply_looks
 from share_diffusers.flux_training import flow_matching_loss
-from share_diffusers.training_utils import EpochShuffle, find_checkpoint, load_checkpoint, make_accelerator
+from share_diffusers.training_utils import (
+    EpochShuffle,
+    find_checkpoint,
+    load_checkpoint,
+    make_accelerator,
+    save_checkpoint,
+)
 
 logger = logging.getLogger("train_tiny_flux")
 
@@ -166,12 +172,15 @@ class PromptBank:
         return self.embeds[rows], self.pooled[rows], self.text_ids
 
 
-def save_checkpoint(accelerator, vae, history: dict, folder: Path) -> None:
-    """Transformer, optimizer, scheduler, EMA and RNG states (accelerate), the finished VAE and the history."""
-    accelerator.save_state(str(folder))
-    if accelerator.is_main_process:
+def save_state(accelerator, vae, history: dict, state_dir: Path, step: int) -> None:
+    """Transformer, optimizer, scheduler, EMA and RNG states (accelerate), the finished VAE and the history, in
+    ``state_dir/checkpoint-<step>``, atomically (:func:`~share_diffusers.training_utils.save_checkpoint`)."""
+
+    def write_files(folder: Path) -> None:
         vae.save_pretrained(str(folder / "vae"))
         (folder / "history.json").write_text(json.dumps(history) + "\n")
+
+    save_checkpoint(accelerator, state_dir, step, write_files=write_files)
 
 
 def restore_vae(vae, checkpoint: Path) -> dict:
@@ -247,7 +256,7 @@ def train_transformer(
                 accelerator.log({"loss": losses[-1], "lr": scheduler.get_last_lr()[0]}, step=step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0 and step < args.max_train_steps:
                 history.update(loss_every_50_steps=losses, transformer_seconds=time.perf_counter() - started)
-                save_checkpoint(accelerator, vae, history, state_dir / f"checkpoint-{step}")
+                save_state(accelerator, vae, history, state_dir, step)
             if step >= args.max_train_steps:
                 break
     progress.close()
