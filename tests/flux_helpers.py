@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from diffusers import FluxPipeline
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
 
@@ -38,6 +39,21 @@ def write_diffusers_lora(path: Path, seed: int, rank: int, alpha: float, targets
         str(path), transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata
     )
     return path / "pytorch_lora_weights.safetensors"
+
+
+def write_peft_adapter_folder(diffusers_file: Path, folder: Path, rank: int, alpha: float) -> Path:
+    """The LoRA of a diffusers ``pytorch_lora_weights.safetensors`` as a PEFT adapter folder: the same factors
+    under PEFT's keys in ``adapter_model.safetensors``, ``lora_alpha`` only in ``adapter_config.json``."""
+    tensors = load_file(str(diffusers_file))
+    folder.mkdir(parents=True)
+    save_file(
+        {"base_model.model." + key.removeprefix("transformer."): value for key, value in tensors.items()},
+        str(folder / "adapter_model.safetensors"),
+    )
+    layers = sorted({key.removeprefix("transformer.").split(".lora_")[0] for key in tensors})
+    config = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": layers, "use_rslora": False}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def fused_qkv_lora(seed: int, rank: int, num_blocks: int = 2, width: int = 32) -> dict[str, dict[str, torch.Tensor]]:

@@ -17,6 +17,7 @@ from flux_helpers import (
     transformer_inputs,
     write_diffusers_lora,
     write_fused_lora,
+    write_peft_adapter_folder,
 )
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -108,16 +109,7 @@ def flux_peft(tmp_path_factory):
     """The same Flux LoRA as a diffusers file (stock diffusers' reference) and as a PEFT adapter folder."""
     root = tmp_path_factory.mktemp("flux-peft")
     diffusers_file = write_diffusers_lora(root / "diffusers", seed=11, rank=4, alpha=16)
-    tensors = load_file(str(diffusers_file))
-    folder = root / "peft-ink"
-    folder.mkdir()
-    save_file(
-        {"base_model.model." + key.removeprefix("transformer."): value for key, value in tensors.items()},
-        str(folder / "adapter_model.safetensors"),
-    )
-    layers = sorted({key.removeprefix("transformer.").split(".lora_")[0] for key in tensors})
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": layers, "use_rslora": False}
-    (folder / "adapter_config.json").write_text(json.dumps(config))
+    folder = write_peft_adapter_folder(diffusers_file, root / "peft-ink", rank=4, alpha=16)
     stock = stock_pipeline()
     inputs = transformer_inputs()
     stock.load_lora_weights(str(diffusers_file))

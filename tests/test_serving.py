@@ -861,24 +861,16 @@ def test_bench_serve_quick(tmp_path):
 def test_hub_merges_of_a_peft_adapter_and_of_a_file_over_the_limit(admin_engine, tmp_path, fake_hub, monkeypatch):
     """A PEFT adapter repo merges with its adapter_config.json's scale (fetched with the weights before the
     pipeline is taken); a Hub file over --max-upload-mb is a 413 from its size alone, never downloaded."""
+    from flux_helpers import write_peft_adapter_folder
     from huggingface_hub import constants
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # nothing cached by an earlier run
 
     transformer = admin_engine.pipe.transformer
     diffusers_file = write_demo_lora(transformer, tmp_path / "diffusers", seed=33, rank=4, alpha=16.0)
     tensors = load_file(str(diffusers_file))
-    peft = tmp_path / "peft"
-    peft.mkdir()
-    save_file(
-        {"base_model.model." + key.removeprefix("transformer."): value for key, value in tensors.items()},
-        str(peft / "adapter_model.safetensors"),
-    )
-    layers = sorted({key.removeprefix("transformer.").split(".lora_")[0] for key in tensors})
-    config = {"peft_type": "LORA", "r": 4, "lora_alpha": 16, "target_modules": layers, "use_rslora": False}
-    (peft / "adapter_config.json").write_text(json.dumps(config))
-    fake_hub.add_folder("someone/peft-moss", peft)
+    fake_hub.add_folder("someone/peft-moss", write_peft_adapter_folder(diffusers_file, tmp_path / "peft", 4, 16))
     headers = {"Authorization": f"Bearer {TOKEN}"}
 
     async def scenario():
