@@ -15,7 +15,15 @@ import tempfile
 import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
-from huggingface_hub import HfApi, ModelCard, ModelCardData, get_hf_file_metadata, hf_hub_download, hf_hub_url
+from huggingface_hub import (
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    get_hf_file_metadata,
+    hf_hub_download,
+    hf_hub_url,
+    try_to_load_from_cache,
+)
 from huggingface_hub.errors import (
     EntryNotFoundError,
     GatedRepoError,
@@ -26,6 +34,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.file_download import _CACHED_NO_EXIST
 from huggingface_hub.utils import validate_repo_id
 
 from .core.checkpoint import CONFIG_NAME, read_document, save_factors
@@ -113,22 +122,48 @@ def download(
     )
 
 
-def file_size(
+def check_size(
     repo_id: str,
     filename: str,
+    max_bytes: int,
     *,
     subfolder: str | None = None,
     revision: str | None = None,
     token: str | bool | None = None,
-) -> int | None:
-    """Bytes of one file of a Hub repo, from a HEAD request (nothing downloaded); None when the Hub does not say."""
+    cache_dir: str | None = None,
+    missing_ok: bool = False,
+) -> None:
+    """Refuse a Hub file over ``max_bytes`` (:class:`HubFileTooLargeError`) before it is downloaded.
 
-    def head(repo_id: str, revision: str | None) -> int | None:
+    The size comes from a HEAD request; offline, or when the Hub cannot be reached, from the cached copy (with
+    neither, the Hub's error is raised). ``missing_ok``: a file the repo does not have passes.
+    """
+    path = f"{subfolder}/{filename}" if subfolder else filename
+
+    def head(repo_id: str, revision: str | None):
         url = hf_hub_url(repo_id, filename, subfolder=subfolder, revision=revision)
-        return get_hf_file_metadata(url, token=token).size
+        try:
+            return get_hf_file_metadata(url, token=token).size
+        except EntryNotFoundError as error:
+            if missing_ok and not isinstance(error, LocalEntryNotFoundError):
+                return None
+            raise
 
-    what = repr(f"{subfolder}/{filename}" if subfolder else filename)
-    return _hub_call(head, repo_id, f"the size of {what}", revision=revision)
+    try:
+        size = _hub_call(head, repo_id, repr(path), revision=revision)
+    except HubError:
+        cached = try_to_load_from_cache(repo_id, path, cache_dir=cache_dir, revision=revision)
+        if cached is _CACHED_NO_EXIST and missing_ok:  # an earlier download found the repo has no such file
+            return
+        if not isinstance(cached, str):
+            raise
+        size = os.path.getsize(cached)
+    _refuse_over(size, max_bytes, f"{repo_id}: {path}")
+
+
+def _refuse_over(size: int | None, max_bytes: int, what: str) -> None:
+    if size is not None and size > max_bytes:
+        raise HubFileTooLargeError(f"{what} is {_mib(size)} MiB, over the limit of {_mib(max_bytes)} MiB")
 
 
 def list_safetensors(
@@ -158,7 +193,8 @@ def resolve_lora_file(
         repo_id_or_path: a local file, a local folder, or a Hub repo id (``user/name``).
         weight_name: the file inside the folder or repo; needed when it holds several ``.safetensors``.
         max_bytes: a Hub file larger than this is refused (:class:`HubFileTooLargeError`) before it is
-            downloaded (a server or studio taking Hub ids from visitors); local files are not limited.
+            downloaded (a server or studio taking Hub ids from visitors; see :func:`check_size`); local
+            files are not limited.
 
     Pickle files are refused by name before anything is downloaded or opened.
     """
@@ -188,11 +224,9 @@ def resolve_lora_file(
         candidates = list_safetensors(repo_id, subfolder=subfolder, revision=revision, token=token)
         weight_name = _pick_weight(candidates, repo_id, candidates)
     if max_bytes is not None and not local_files_only:
-        size = file_size(repo_id, weight_name, subfolder=subfolder, revision=revision, token=token)
-        if size is not None and size > max_bytes:
-            raise HubFileTooLargeError(
-                f"{repo_id}: {weight_name} is {_mib(size)} MiB, over the limit of {_mib(max_bytes)} MiB"
-            )
+        check_size(
+            repo_id, weight_name, max_bytes, subfolder=subfolder, revision=revision, token=token, cache_dir=cache_dir
+        )
     file = download(
         repo_id,
         weight_name,
@@ -202,6 +236,8 @@ def resolve_lora_file(
         cache_dir=cache_dir,
         local_files_only=local_files_only,
     )
+    if max_bytes is not None:  # a push between the check and the download: the file fetched is measured too
+        _refuse_over(file.stat().st_size, max_bytes, f"{repo_id}: {weight_name}")
     source = {"repo_id": repo_id, "weight_name": weight_name, "revision": revision or "main"}
     commit = snapshot_commit(file)
     if commit is not None:  # what was downloaded: a branch or tag moves on, the commit does not

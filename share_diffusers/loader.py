@@ -14,11 +14,21 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import hf_hub_download
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+from huggingface_hub.file_download import _CACHED_NO_EXIST
 from torch import nn
 
-from .core import LoraAdapter, ShareConfig, ShareFactors, ShareModel, load_factors, save_factors, style_as_lora
+from .core import (
+    FactorsSnapshot,
+    LoraAdapter,
+    ShareConfig,
+    ShareFactors,
+    ShareModel,
+    load_factors,
+    save_factors,
+    style_as_lora,
+)
 from .core.errors import FactorValueError, ShapeMismatchError, ShareStateError, ShareValueError, StyleError
 from .core.factors import validate_style_name
 from .core.inject import find_targets, remove_share
@@ -33,11 +43,12 @@ from .flux_lora import (
     is_peft_transformer_adapter,
     split_by_layers,
 )
-from .hub import _hub_call, push_share_factors, resolve_lora_file, resolve_share_factors
+from .hub import _hub_call, check_size, push_share_factors, resolve_lora_file, resolve_share_factors
 from .lora_files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     DIFFUSERS_LORA_NAME,
+    MAX_ADAPTER_CONFIG_BYTES,
     adapter_config_beside,
     read_adapter_config,
     read_safetensors,
@@ -331,6 +342,33 @@ class ShareLoaderMixin:
             share.weights_for(style, style_scale)  # validate now, not at call time
         self._default_style, self._default_style_scale = style, style_scale
 
+    def snapshot_share(self) -> FactorsSnapshot | None:
+        """The style bank as it is now (None: no Share subspace yet), for :meth:`restore_share`.
+
+            bank = pipe.snapshot_share()
+            report = pipe.merge_lora("someone/new-style")  # turns the shared bases: every style moves a little
+            pipe.restore_share(bank)  # the new style gone, every other one back bit for bit
+
+        Deleting the new style would not turn the bases back. The snapshot holds the bank's arrays, not copies:
+        one more bank in memory while it is kept.
+        """
+        return self._share.snapshot() if self._share is not None else None
+
+    def restore_share(self, snapshot: FactorsSnapshot | None) -> None:
+        """Put the bank back as :meth:`snapshot_share` found it (None: remove the subspace a later merge created).
+
+        A default style (:meth:`set_style`) that names a style the restored bank lacks is dropped, as
+        :meth:`delete_style` drops it.
+        """
+        if snapshot is None:
+            if self._share is not None:
+                self.remove_share()
+            return
+        self._require_share().restore(snapshot)
+        held = set(snapshot.style_names)
+        if self._default_style is not None and not _only_mentions(self._default_style, held):
+            self._default_style = None
+
     def delete_style(self, name: str) -> None:
         self._require_share().delete_style(name)
         if _mentions(self._default_style, name):
@@ -446,16 +484,24 @@ def prefetch_lora(
     max_bytes: int | None = None,
 ) -> dict:
     """Download what :meth:`ShareLoaderMixin.merge_lora` of a Hub LoRA reads into the cache: the weights file and,
-    for a PEFT adapter, its ``adapter_config.json``. Returns the provenance (its ``"weight_name"`` included).
+    for a PEFT adapter, its ``adapter_config.json``. Returns the provenance (``"weight_name"``, ``"commit"``...).
 
     A server or studio calls this before it takes its pipeline, then merges with
-    ``weight_name=source["weight_name"], local_files_only=True``: generations go on during the download.
-    ``max_bytes``: a weights file over this size is refused before downloading (``HubFileTooLargeError``).
+    ``weight_name=source["weight_name"], revision=source["commit"], local_files_only=True``: generations go on
+    during the download, and the merge reads the very files fetched here, whatever the branch does meanwhile.
+    ``max_bytes``: a weights file over this size is refused before downloading (``HubFileTooLargeError``); an
+    adapter config over ``MAX_ADAPTER_CONFIG_BYTES`` too.
     """
     path, source = resolve_lora_file(
         repo_id, weight_name, revision=revision, token=token, cache_dir=cache_dir, max_bytes=max_bytes
     )
-    if "repo_id" in source:
+    name = PurePosixPath(source["weight_name"])
+    if "repo_id" in source and name.name == ADAPTER_WEIGHTS_NAME:
+        config = str(name.with_name(ADAPTER_CONFIG_NAME))
+        at = source.get("commit", revision)
+        check_size(
+            repo_id, config, MAX_ADAPTER_CONFIG_BYTES, revision=at, token=token, cache_dir=cache_dir, missing_ok=True
+        )
         peft_adapter_config_path(path, source, dict(token=token, cache_dir=cache_dir))
     return source
 
@@ -479,8 +525,9 @@ def peft_adapter_config_path(path: Path, source: dict, hub: dict | None = None) 
     if PurePosixPath(source["weight_name"]).name != ADAPTER_WEIGHTS_NAME:
         return None
     name = str(PurePosixPath(source["weight_name"]).with_name(ADAPTER_CONFIG_NAME))
+    revision = source.get("commit", source.get("revision"))  # the weights' own commit
     return _download_if_present(
-        source["repo_id"], name, subfolder=source.get("subfolder"), revision=source.get("revision"), **(hub or {})
+        source["repo_id"], name, subfolder=source.get("subfolder"), revision=revision, **(hub or {})
     )
 
 
@@ -500,8 +547,16 @@ def _download_if_present(repo_id: str, filename: str, *, subfolder: str | None, 
                 raise
             return None
 
-    what = repr(f"{subfolder}/{filename}" if subfolder else filename)
+    path = f"{subfolder}/{filename}" if subfolder else filename
+    what = repr(path)
     kwargs["local_files_only"] = bool(kwargs.get("local_files_only"))
+    if kwargs["local_files_only"]:
+        # An earlier download that found no such file left a note of it in the cache: absent, not uncached.
+        cached = try_to_load_from_cache(
+            repo_id, path, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+        )
+        if cached is _CACHED_NO_EXIST:
+            return None
     found = _hub_call(fetch, repo_id, what, filename=filename, subfolder=subfolder, **kwargs)
     return Path(found) if found is not None else None
 
@@ -520,6 +575,15 @@ def _renamed(style, old: str, new: str):
     if isinstance(style, dict):
         return {new if name == old else name: weight for name, weight in style.items()}
     return new if style == old else style
+
+
+def _only_mentions(style, names: set[str]) -> bool:
+    """Whether every style ``style`` (a spec or list of specs) names is in ``names``."""
+    if isinstance(style, list | tuple):
+        return all(_only_mentions(item, names) for item in style)
+    if isinstance(style, dict):
+        return all(name in names for name in style)
+    return style is None or style in names
 
 
 def _mentions(style, name: str) -> bool:

@@ -111,9 +111,18 @@ def adapter_config_beside(file_path: str | os.PathLike) -> Path | None:
     return config_path if config_path.is_file() else None
 
 
+MAX_ADAPTER_CONFIG_BYTES = 2**20  # PEFT's configs are a few KiB; a larger one is not read (nor fetched by prefetch)
+
+
 def read_adapter_config(config_path: str | os.PathLike) -> dict:
-    """A PEFT ``adapter_config.json`` as a dict, with a clear error if it is no JSON object."""
+    """A PEFT ``adapter_config.json`` as a dict, with a clear error if it is no JSON object (or over 1 MiB)."""
     config_path = Path(config_path)
+    try:
+        size = config_path.stat().st_size
+    except OSError as error:
+        raise LoraFormatError(f"cannot read {config_path} ({error.strerror or error})") from None
+    if size > MAX_ADAPTER_CONFIG_BYTES:
+        raise LoraFormatError(f"{config_path} is {size} bytes; a PEFT adapter config is a few KiB (limit 1 MiB)")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:

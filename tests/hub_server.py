@@ -69,13 +69,16 @@ class FakeHub:
             return
         if len(parts) >= 5 and parts[2] == "resolve":
             repo_id, revision, filename = "/".join(parts[:2]), parts[3], "/".join(parts[4:])
+            # resolve/<commit>/... serves the branch whose commit that is
+            branches = {self.commit(repo_id, branch): branch for branch in self.repos.get(repo_id, {})}
+            revision = branches.get(revision, revision)
             files = self._files(handler, repo_id, revision)
             if files is None:
                 return
             if filename not in files:
-                self._send(
-                    handler, 404, b"", body, {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}
-                )
+                # As the Hub does: the commit comes with the 404, so huggingface_hub notes the absence in the cache.
+                headers = {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found"}
+                self._send(handler, 404, b"", body, {**headers, "X-Repo-Commit": self.commit(repo_id, revision)})
                 return
             data = files[filename]
             headers = {

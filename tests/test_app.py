@@ -967,12 +967,14 @@ def test_a_hub_merge_downloads_before_it_takes_the_pipeline(tmp_path, fake_hub, 
 def test_undo_last_merge_puts_the_bank_back(tmp_path):
     """The studio's undo: the merged style gone and the others' errors and pictures as before it, bit for bit;
     only the bank's last change, and not on a read-only studio."""
-    from share_diffusers.studio.engine import READ_ONLY_MESSAGE
+    from share_diffusers.studio.engine import READ_ONLY_MESSAGE, UNDO_NOTHING_MESSAGE
     from share_diffusers.studio.ui import Handlers
 
+    expected = "nothing to undo: only a merge can be undone, while it is the bank's last change (no delete since)"
+    assert UNDO_NOTHING_MESSAGE == expected
     studio = tiny_studio()
     handlers = Handlers(studio)
-    with pytest.raises(ValueError, match="^nothing to undo: no merge since the studio started or the last undo$"):
+    with pytest.raises(ValueError, match=f"^{re.escape(UNDO_NOTHING_MESSAGE)}$"):
         studio.undo_merge()
     lora = write_demo_lora(build_tiny_flux_pipeline(0).transformer, tmp_path / "wide", seed=8, rank=16, alpha=16.0)
     before = studio._style_errors()
@@ -984,11 +986,11 @@ def test_undo_last_merge_puts_the_bank_back(tmp_path):
     assert report == "undid the merge of 'wide': the other styles are as they were before it; styles: ink, neon, sepia"
     assert studio._style_errors() == before
     assert studio.generate(["a cat"], ["ink"], seed=0, steps=1)[0].tobytes() == picture.tobytes()
-    assert page_error(handlers.undo_merge) == "nothing to undo: no merge since the studio started or the last undo"
+    assert page_error(handlers.undo_merge) == UNDO_NOTHING_MESSAGE  # once
 
     studio.merge(str(lora), "wide")
     studio.delete("wide")
-    with pytest.raises(ValueError, match=r"the bank changed after the last merge \(a delete\)"):
+    with pytest.raises(ValueError, match=re.escape(UNDO_NOTHING_MESSAGE)):
         studio.undo_merge()
     assert studio.styles() == ["ink", "neon", "sepia"]
     with pytest.raises(ValueError, match=re.escape(READ_ONLY_MESSAGE)):

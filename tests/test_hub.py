@@ -299,3 +299,111 @@ def test_load_share_factors_reads_the_tensor_file_of_the_configs_commit(publishe
     weights_file = json.loads((published["root"] / "one-style" / "share_config.json").read_text())["weights_file"]
     assert requested == [("share_config.json", None), (weights_file, first_commit)]
     assert hub.commit(repo, "main") != first_commit  # main did move
+
+
+# -- prefetch for a server or studio: download first (size-limited), merge from the cache at that commit ------------
+
+
+def test_prefetch_then_merge_at_its_commit_while_the_branch_moves(published, hub, tmp_path):
+    """The studio's and server's Hub merge: prefetch, then a cache-only merge at the prefetched commit. Another
+    visitor's prefetch after a push moves refs/main in the cache; the merge still reads the files it fetched."""
+    from share_diffusers.loader import prefetch_lora
+
+    repo = "artist/moving-lora"
+    hub.add_folder(repo, published["ink"].parent)
+    first = prefetch_lora(repo, cache_dir=tmp_path, max_bytes=2**30)
+    assert first["commit"] == hub.commit(repo, "main")
+    hub.repos[repo]["main"] = {}
+    hub.add_folder(repo, published["sepia"].parent)  # a push: main is another commit now
+    second = prefetch_lora(repo, cache_dir=tmp_path)
+    assert second["commit"] != first["commit"]
+    at_main = fresh_pipe().merge_lora(repo, weight_name=first["weight_name"], cache_dir=tmp_path, local_files_only=True)
+    assert at_main.source["commit"] == second["commit"]  # "main" in the cache is the other visitor's file now
+    pipe = fresh_pipe()
+    report = pipe.merge_lora(
+        repo,
+        weight_name=first["weight_name"],
+        revision=first["commit"],
+        cache_dir=tmp_path,
+        local_files_only=True,
+        config=ShareConfig(rank=32, pseudo_rank=8),
+    )
+    assert report.source["commit"] == first["commit"]
+    expected = generate(published["pipe"], ["a photo of a sneaker"], style="ink")
+    assert (
+        float(torch.as_tensor(expected - generate(pipe, ["a photo of a sneaker"], style="moving-lora")).abs().max())
+        < 1e-5
+    )
+
+
+def test_size_limit_offline_measures_the_cached_copy(published, hub, tmp_path, monkeypatch):
+    from share_diffusers.hub import HubFileTooLargeError
+    from share_diffusers.loader import prefetch_lora
+
+    size = published["ink"].stat().st_size
+    source = prefetch_lora("artist/ink-flux-lora", cache_dir=tmp_path, max_bytes=size)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # HF_HUB_OFFLINE=1: no HEAD request possible
+    again = prefetch_lora("artist/ink-flux-lora", source["weight_name"], cache_dir=tmp_path, max_bytes=size)
+    assert again["commit"] == source["commit"]
+    with pytest.raises(HubFileTooLargeError, match=r"^artist/ink-flux-lora: pytorch_lora_weights.safetensors is "):
+        prefetch_lora("artist/ink-flux-lora", source["weight_name"], cache_dir=tmp_path, max_bytes=size - 1)
+    with pytest.raises(HubError, match="has no file 'missing.safetensors'|not in the local cache"):
+        prefetch_lora("artist/ink-flux-lora", "missing.safetensors", cache_dir=tmp_path, max_bytes=size)
+
+
+def test_prefetch_of_peft_adapters_with_and_without_config(published, hub, tmp_path):
+    """A PEFT repo without adapter_config.json (alpha as tensors) merges from the cache after the prefetch noted
+    the config's absence; an oversized config is refused by its size, never downloaded."""
+    from flux_helpers import write_peft_adapter_folder
+    from safetensors.torch import load_file, save_file
+
+    from share_diffusers.hub import HubFileTooLargeError
+    from share_diffusers.loader import prefetch_lora
+
+    folder = write_peft_adapter_folder(published["ink"], tmp_path / "peft", rank=4, alpha=8)
+    (folder / "adapter_config.json").unlink()
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    tensors.update({k.replace(".lora_A.weight", ".alpha"): torch.tensor(8.0) for k in tensors if "lora_A" in k})
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    hub.add_folder("artist/peft-alpha", folder)
+    source = prefetch_lora("artist/peft-alpha", cache_dir=tmp_path / "cache", max_bytes=2**30)
+    pipe = fresh_pipe()
+    pipe.merge_lora(
+        "artist/peft-alpha",
+        weight_name=source["weight_name"],
+        revision=source["commit"],
+        cache_dir=tmp_path / "cache",
+        local_files_only=True,
+        config=ShareConfig(rank=32, pseudo_rank=8),
+    )
+    expected = generate(published["pipe"], ["a photo of a sneaker"], style="ink")
+    assert (
+        float(torch.as_tensor(expected - generate(pipe, ["a photo of a sneaker"], style="peft-alpha")).abs().max())
+        < 1e-5
+    )
+
+    (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "pad": "x" * 2**21}))
+    hub.add_folder("artist/peft-huge-config", folder)
+    hub.requests.clear()
+    with pytest.raises(HubFileTooLargeError, match=r"artist/peft-huge-config: adapter_config.json is 2\.0 MiB"):
+        prefetch_lora("artist/peft-huge-config", cache_dir=tmp_path / "cache", max_bytes=2**30)
+    assert not [r for r in hub.requests if r.startswith("GET") and r.endswith("adapter_config.json")], hub.requests
+
+
+def test_restore_share_undoes_a_merge_and_drops_a_default_style_it_removes(published, tmp_path):
+    pipe = fresh_pipe()
+    assert pipe.snapshot_share() is None
+    pipe.merge_lora(published["ink"], style_name="ink", config=ShareConfig(rank=4, pseudo_rank=2))
+    bank = pipe.snapshot_share()
+    before = generate(pipe, ["a photo of a sneaker"], style="ink")
+    pipe.merge_lora(published["sepia"], style_name="sepia")
+    assert float(torch.as_tensor(generate(pipe, ["a photo of a sneaker"], style="ink") - before).abs().max()) > 0
+    pipe.set_style({"ink": 0.5, "sepia": 0.5})
+    pipe.restore_share(bank)
+    assert pipe.list_styles() == ["ink"] and pipe._default_style is None
+    assert torch.equal(torch.as_tensor(generate(pipe, ["a photo of a sneaker"], style="ink")), torch.as_tensor(before))
+    pipe.set_style("ink")
+    pipe.restore_share(bank)
+    assert pipe._default_style == "ink"  # still held: kept
+    pipe.restore_share(None)  # before the first merge: no subspace
+    assert pipe.share is None and pipe.list_styles() == []

@@ -404,7 +404,7 @@ def create_app(
             hub_id,
             style_name=body.name or None,
             weight_name=source["weight_name"],
-            revision=body.revision,
+            revision=source.get("commit", body.revision),  # the files fetched above, wherever the branch is now
             local_files_only=True,
         )
 

@@ -33,6 +33,7 @@ from ..core.similarity import (
     style_map,
     style_similarity,
 )
+from ..hub import HubFileTooLargeError
 from ..loader import MergeReport, prefetch_lora
 from ..lora_files import refuse_pickle
 from ..runtime import DEFAULT_PROMPTS, GenerationDefaults, StyleSpec, call_arguments, style_caption
@@ -44,6 +45,9 @@ _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _GENERIC_FILE_NAMES = ("pytorch_lora_weights", "adapter_model")
 READ_ONLY_MESSAGE = "this studio is read-only: merging and deleting styles are turned off (started with --read-only)"
 _ERROR_CHANGES_SHOWN = 6  # styles named in a merge report's error changes; the rest are counted
+UNDO_NOTHING_MESSAGE = (
+    "nothing to undo: only a merge can be undone, while it is the bank's last change (no delete since)"
+)
 DEFAULT_MAX_MERGE_MB = 200  # largest LoRA file the studio merges, uploaded or from the Hub (--max-upload-mb)
 
 
@@ -347,13 +351,21 @@ class StyleStudio:
         if self.read_only:
             raise ValueError(READ_ONLY_MESSAGE)
         from_hub = _HUB_ID.fullmatch(source) is not None and not Path(source).exists()
+        fetched: dict = {}
         if from_hub:
-            weight_name = prefetch_lora(source, weight_name, max_bytes=self.max_merge_bytes)["weight_name"]
+            try:
+                fetched = prefetch_lora(source, weight_name, max_bytes=self.max_merge_bytes)
+            except HubFileTooLargeError as error:
+                raise HubFileTooLargeError(f"{error} (--max-upload-mb)") from None
         with self._lock:
             before = self._style_errors()
-            bank = self.pipe.share.snapshot() if self.pipe.share is not None else None
+            bank = self.pipe.snapshot_share()
             report = self.pipe.merge_lora(
-                source, weight_name=weight_name, style_name=style_name, local_files_only=True if from_hub else None
+                source,
+                weight_name=fetched.get("weight_name", weight_name),
+                style_name=style_name,
+                revision=fetched.get("commit"),  # the files fetched above, wherever the branch is now
+                local_files_only=True if from_hub else None,
             )
             after = self._style_errors()
             self._bank_version += 1
@@ -372,16 +384,9 @@ class StyleStudio:
             raise ValueError(READ_ONLY_MESSAGE)
         with self._lock:
             if self._last_merge is None or self._last_merge[0] != self._bank_version:
-                raise ValueError(
-                    "nothing to undo: no merge since the studio started or the last undo"
-                    if self._last_merge is None
-                    else "the bank changed after the last merge (a delete); only the last change can be undone"
-                )
+                raise ValueError(UNDO_NOTHING_MESSAGE)
             _, name, bank = self._last_merge
-            if bank is None:  # that merge created the subspace
-                self.pipe.remove_share()
-            else:
-                self.pipe.share.restore(bank)
+            self.pipe.restore_share(bank)
             self._bank_version += 1
             self._last_merge = None
             self._previews.clear()  # every style's picture moves back
@@ -400,6 +405,7 @@ class StyleStudio:
         with self._lock:
             self.pipe.delete_style(name)
             self._bank_version += 1
+            self._last_merge = None  # no longer undoable: free the bank it kept
             self._previews.pop(name, None)
 
     def save_factors_zip(self) -> Path:
