@@ -672,7 +672,10 @@ def test_merge_report_shows_how_the_other_styles_errors_moved(tmp_path):
     after = {name: factors.style_error(name) for name in before}
     assert all(after[name] > 1e-3 for name in before)  # more than k = 16 holds: every style loses a little
     order = sorted(before, key=lambda name: before[name] - after[name])
-    changes = ", ".join(f"{name} {before[name]:.2g} -> {after[name]:.2g}" for name in order)
+    # The styles were exact, so how far each moved (style_drift, from the k x k cores) is its error after.
+    changes = ", ".join(
+        f"{name} {before[name]:.2g} -> {after[name]:.2g} (moved {100 * after[name]:.1f}%)" for name in order
+    )
     assert report.endswith(f"; other styles' error: {changes}"), report
     assert report.startswith("merged 'pencil': 22 layers, relative error ")
 
@@ -691,6 +694,8 @@ def test_merge_outcome_text():
         "; other styles' error: tint 0.32 -> 0.68, s8 0.1 -> 0.18, s7 0.1 -> 0.17, s6 0.1 -> 0.16, "
         "s5 0.1 -> 0.15, s4 0.1 -> 0.14, 3 more"
     ), text
+    moved = MergeOutcome(report, {"tint": (0.321, 0.681), "ink": (0.1, 0.2)}, {"tint": 0.5, "ink": 0.0004})
+    assert str(moved).endswith("; other styles' error: tint 0.32 -> 0.68 (moved 50.0%), ink 0.1 -> 0.2 (moved <0.1%)")
 
 
 def test_repeated_saves_leave_one_zip_and_no_folders():
@@ -844,7 +849,7 @@ def test_merge_a_lora_file(client, tmp_path):
 
     lora = write_diffusers_lora(tmp_path / "pencil", seed=11, rank=4, alpha=4)
     report = client.predict("", "", handle_file(str(lora)), "pencil", api_name="/merge_lora")
-    other = r"(ink|neon|sepia) [0-9.e+-]+ -> [0-9.e+-]+"
+    other = r"(ink|neon|sepia) [0-9.e+-]+ -> [0-9.e+-]+ \(moved (\d+\.\d%|<0\.1%)\)"
     pattern = rf"merged 'pencil': 22 layers, relative error [0-9.]+e[+-]\d+; other styles' error: {other}(, {other})*"
     assert re.fullmatch(pattern, report), report
     captions = [caption for _, caption in gallery_images(client.predict(api_name="/styles"))]

@@ -315,3 +315,28 @@ def test_merge_lora_warns_when_the_new_lora_is_a_rescaled_copy(tmp_path):
     assert list(report.near_duplicates) == ["ink"] and report.near_duplicates["ink"] == pytest.approx(1.0, abs=1e-5)
     assert re.search(r"; near-duplicate of 'ink' \(1\.000\) \(cosine similarity\)$", str(report)), str(report)
     assert pipe.list_styles() == ["ink", "neon", "ink strong"]  # a warning: the merge stands
+
+
+@pytest.mark.parametrize(
+    "config", [ShareConfig(rank=6, pseudo_rank=3), ShareConfig(rank=6, pseudo_rank=3, center=True)]
+)
+def test_style_drift_is_the_change_of_the_dense_reconstructions(config):
+    """A merge into a full subspace (k = 6 < the LoRAs' ranks) turns the bases: each earlier style's drift is
+    ``||dW_after - dW_before|| / ||dW_before||`` of its dense reconstructions over all layers."""
+    from share_diffusers.core import style_drift
+
+    adapters = bank_adapters()
+    factors = ShareFactors.fit(adapters[:3], NAMES[:3], config)
+    before = factors.snapshot()
+    dense_before = {
+        name: dense_vector({k: factors.delta_weight(k, name) for k in factors.layers}) for name in NAMES[:3]
+    }
+    factors.merge(adapters[3], "partial")
+    drift = style_drift(before, factors)
+    assert list(drift) == NAMES[:3]
+    for name in NAMES[:3]:
+        after = dense_vector({k: factors.delta_weight(k, name) for k in factors.layers})
+        expected = float((after - dense_before[name]).norm() / dense_before[name].norm())
+        assert expected > 1e-3  # the merge moved it
+        assert drift[name] == pytest.approx(expected, rel=1e-3, abs=1e-4), name
+    assert style_drift(factors, factors) == {name: pytest.approx(0.0, abs=1e-3) for name in NAMES}

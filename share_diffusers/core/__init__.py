@@ -25,7 +25,14 @@ from .factors import FactorsSnapshot, ShareConfig, ShareFactors, StyleInfo
 from .inject import find_targets, remove_share
 from .layer import ShareLinear, StyleSelection
 from .model import ShareModel, style_weights
-from .similarity import NearDuplicateStyleWarning, kept_energy, near_duplicates, style_map, style_similarity
+from .similarity import (
+    NearDuplicateStyleWarning,
+    kept_energy,
+    near_duplicates,
+    style_drift,
+    style_map,
+    style_similarity,
+)
 from .subspace import LayerShare, RankRule
 
 __all__ = [
@@ -62,6 +69,7 @@ __all__ = [
     "BlockLayout",
     "NearDuplicateStyleWarning",
     "kept_energy",
+    "style_drift",
     "near_duplicates",
     "style_map",
     "style_similarity",

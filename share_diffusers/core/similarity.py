@@ -211,6 +211,39 @@ def kept_energy(
     return result
 
 
+def style_drift(before, after) -> dict[str, float]:
+    """How far each style held in both banks moved between them (e.g. around a merge), exactly.
+
+    ``before``, ``after``: :class:`ShareFactors` or :class:`~.factors.FactorsSnapshot` of one model (anything
+    with ``layers`` and ``style_names``). Per style, ``sqrt(sum_l ||R'_l - R_l||^2) / sqrt(sum_l ||R_l||^2)``,
+    ``R_l = basis_out C_l basis_in.T`` its reconstruction on layer ``l`` before and ``R'_l`` after: with
+    orthonormal bases ``||R' - R||^2 = ||C'||^2 + ||C||^2 - 2 <C', (B'_out.T B_out) C (B_in.T B'_in)>``, so only
+    ``k x k`` products. This is what a merge does to the other styles' pictures; their stored errors after it
+    are only upper bounds (DESIGN 3). A style with no update before gets 0.
+    """
+    names = [name for name in after.style_names if name in before.style_names]
+    old_rows = torch.tensor([before.style_names.index(name) for name in names], dtype=torch.long)
+    new_rows = torch.tensor([after.style_names.index(name) for name in names], dtype=torch.long)
+    moved = torch.zeros(len(names), dtype=torch.float64)
+    energy = torch.zeros(len(names), dtype=torch.float64)
+    for layer_name in sorted(set(before.layers) | set(after.layers)):
+        old, new = before.layers.get(layer_name), after.layers.get(layer_name)
+        old_cores = old.cores()[old_rows].to(torch.float64) if old is not None and old.k > 0 else None
+        new_cores = new.cores()[new_rows].to(torch.float64) if new is not None and new.k > 0 else None
+        old_energy = (old_cores**2).sum(dim=(1, 2)) if old_cores is not None else 0.0
+        new_energy = (new_cores**2).sum(dim=(1, 2)) if new_cores is not None else 0.0
+        moved += old_energy + new_energy
+        energy += old_energy
+        if old_cores is not None and new_cores is not None:
+            to_new_out = new.basis_out.to(torch.float64).T @ old.basis_out.to(torch.float64)  # (k', k)
+            to_new_in = old.basis_in.to(torch.float64).T @ new.basis_in.to(torch.float64)  # (k, k')
+            moved -= 2 * (new_cores * (to_new_out @ old_cores @ to_new_in)).sum(dim=(1, 2))
+    return {
+        name: math.sqrt(max(float(moved[i]), 0.0) / float(energy[i])) if float(energy[i]) > 0 else 0.0
+        for i, name in enumerate(names)
+    }
+
+
 def near_duplicates(
     factors: ShareFactors,
     name: str,

@@ -30,6 +30,7 @@ from ..core.similarity import (
     StyleMap,
     StyleSimilarity,
     kept_energy,
+    style_drift,
     style_map,
     style_similarity,
 )
@@ -176,11 +177,14 @@ class MergeOutcome:
 
     Attributes:
         report: :meth:`ShareLoaderMixin.merge_lora`'s report on the new style.
-        other_errors: per style held before, its relative error ``(before, after)`` the merge.
+        other_errors: per style held before, its relative error ``(before, after)`` the merge (after: a bound).
+        moved: per style held before, how far its reconstruction moved, relative to its size (exact:
+            :func:`~share_diffusers.core.similarity.style_drift`).
     """
 
     report: MergeReport
     other_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
+    moved: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         text = str(self.report)
@@ -194,10 +198,18 @@ class MergeOutcome:
         if not changed:
             return text + "; other styles' error unchanged"
         changed.sort(key=lambda item: item[1] - item[2])  # the largest increase first
-        shown = [f"{name} {_short(old)} -> {_short(new)}" for name, old, new in changed[:_ERROR_CHANGES_SHOWN]]
+        shown = [
+            f"{name} {_short(old)} -> {_short(new)}"
+            + (f" (moved {_percent(self.moved[name])})" if name in self.moved else "")
+            for name, old, new in changed[:_ERROR_CHANGES_SHOWN]
+        ]
         if len(changed) > _ERROR_CHANGES_SHOWN:
             shown.append(f"{len(changed) - _ERROR_CHANGES_SHOWN} more")
         return text + "; other styles' error: " + ", ".join(shown)
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%" if fraction >= 0.001 else "<0.1%"
 
 
 def _short(error: float) -> str:
@@ -368,11 +380,13 @@ class StyleStudio:
                 local_files_only=True if from_hub else None,
             )
             after = self._style_errors()
+            moved = style_drift(bank, self.pipe.share_factors) if bank is not None else {}
             self._bank_version += 1
             self._last_merge = (self._bank_version, report.style_name, bank)
             # The new style can turn the shared bases, so every style's picture may move a little.
             self._previews.clear()
-        return MergeOutcome(report, {name: (error, after[name]) for name, error in before.items() if name in after})
+        errors = {name: (error, after[name]) for name, error in before.items() if name in after}
+        return MergeOutcome(report, errors, moved)
 
     def undo_merge(self) -> str:
         """Put the bank back as it was before the last merge (the merged style gone, every other style's bases and
