@@ -34,7 +34,7 @@ from .core.factors import validate_style_name
 from .core.inject import find_targets, remove_share
 from .core.layer import ShareLinear
 from .core.model import StyleSpec, check_factors_fit
-from .core.similarity import warn_near_duplicates
+from .core.similarity import style_drift, warn_near_duplicates
 from .flux_lora import (
     ALL_LORA_LAYERS,
     FLUX_ATTENTION_TARGETS,
@@ -75,6 +75,8 @@ class MergeReport:
             :class:`~share_diffusers.core.similarity.NearDuplicateStyleWarning`).
         dropped_keys: keys of the file that went nowhere, neither merged nor measured (a bias of zeros, a
             norm's ``.diff``, tensors that are no LoRA factor), as diffusers' converter names them.
+        moved: per style held before, how far its update moved relative to its size (the merge turned the shared
+            bases; :func:`~share_diffusers.core.similarity.style_drift`, exact). Undo with :meth:`restore_share`.
     """
 
     style_name: str
@@ -85,6 +87,7 @@ class MergeReport:
     source: dict = field(default_factory=dict)
     near_duplicates: dict[str, float] = field(default_factory=dict)
     dropped_keys: list[str] = field(default_factory=list)
+    moved: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         text = f"merged {self.style_name!r}: {self.layers_merged} layers, relative error {self.error:.2e}"
@@ -282,6 +285,7 @@ class ShareLoaderMixin:
             inside, outside = split_by_layers(converted.transformer, share.layers)
             if not inside:
                 raise ShapeMismatchError(_no_share_layer_message(path.name, converted, share.layers, creating))
+            before = share.snapshot()  # references, not copies: to measure how far the other styles move
             try:
                 share.merge(LoraAdapter(inside, source=source), name)
             except FactorValueError as error:
@@ -308,6 +312,7 @@ class ShareLoaderMixin:
             source=source,
             near_duplicates=duplicates,
             dropped_keys=list(converted.dropped),
+            moved=style_drift(before, share.factors),
         )
         logger.info("%s", report)
         if converted.dropped:

@@ -656,6 +656,8 @@ def test_merge_upload_and_hub_then_delete(admin_engine, tmp_path, fake_hub):
     replies = asyncio.run(scenario())
     upload = replies["upload"]
     assert upload.status_code == 201, upload.text
+    moved = upload.json()["moved"]  # the demo styles' updates moved as the merge turned the bases
+    assert set(moved) == {"ink", "neon", "sepia"} and all(0 <= value < 1 for value in moved.values()), moved
     assert upload.json()["name"] == "ocean" and upload.json()["source"] == {
         "upload": "ocean.safetensors",
         "bytes": len(ocean),

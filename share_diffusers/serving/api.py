@@ -370,6 +370,7 @@ def create_app(
                 "layers_merged": report.layers_merged,
                 "outside_energy_fraction": report.outside_energy_fraction,
                 "source": report.source,
+                "moved": report.moved,  # how far each other style's update moved (the bases turned)
                 "styles": engine.style_names,
                 "message": str(report),
             },

@@ -30,7 +30,6 @@ from ..core.similarity import (
     StyleMap,
     StyleSimilarity,
     kept_energy,
-    style_drift,
     style_map,
     style_similarity,
 )
@@ -380,13 +379,12 @@ class StyleStudio:
                 local_files_only=True if from_hub else None,
             )
             after = self._style_errors()
-            moved = style_drift(bank, self.pipe.share_factors) if bank is not None else {}
             self._bank_version += 1
             self._last_merge = (self._bank_version, report.style_name, bank)
             # The new style can turn the shared bases, so every style's picture may move a little.
             self._previews.clear()
         errors = {name: (error, after[name]) for name, error in before.items() if name in after}
-        return MergeOutcome(report, errors, moved)
+        return MergeOutcome(report, errors, report.moved)
 
     def undo_merge(self) -> str:
         """Put the bank back as it was before the last merge (the merged style gone, every other style's bases and
