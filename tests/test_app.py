@@ -694,7 +694,8 @@ def test_merge_outcome_text():
         "; other styles' error: tint 0.32 -> 0.68, s8 0.1 -> 0.18, s7 0.1 -> 0.17, s6 0.1 -> 0.16, "
         "s5 0.1 -> 0.15, s4 0.1 -> 0.14, 3 more"
     ), text
-    moved = MergeOutcome(report, {"tint": (0.321, 0.681), "ink": (0.1, 0.2)}, {"tint": 0.5, "ink": 0.0004})
+    report.moved = {"tint": 0.5, "ink": 0.0004}
+    moved = MergeOutcome(report, {"tint": (0.321, 0.681), "ink": (0.1, 0.2)})
     assert str(moved).endswith("; other styles' error: tint 0.32 -> 0.68 (moved 50.0%), ink 0.1 -> 0.2 (moved <0.1%)")
 
 

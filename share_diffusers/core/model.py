@@ -327,8 +327,7 @@ class ShareModel:
         changes); the style selection is cleared, as after a merge.
         """
         self._check_unfused("restore a snapshot")
-        held = ShareFactors(snapshot.config, dict(snapshot.layers), list(snapshot.styles), snapshot.base_model)
-        check_factors_fit(self.model, held)
+        check_factors_fit(self.model, snapshot)
         unknown = sorted(set(snapshot.layers) - set(self.layers))
         if unknown:
             raise ShapeMismatchError(
@@ -410,7 +409,7 @@ class ShareModel:
             raise ShareStateError(f"cannot {action} while style {self.fused_style!r} is fused; unfuse_style() first")
 
 
-def check_factors_fit(model: nn.Module, factors: ShareFactors) -> None:
+def check_factors_fit(model: nn.Module, factors: ShareFactors | FactorsSnapshot) -> None:
     """Raise a ``ShapeMismatchError`` naming the first layer of ``factors`` the model lacks or sizes differently."""
     modules = dict(model.named_modules())
     missing = [name for name in factors.layers if name not in modules]

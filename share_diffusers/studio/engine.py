@@ -177,13 +177,12 @@ class MergeOutcome:
     Attributes:
         report: :meth:`ShareLoaderMixin.merge_lora`'s report on the new style.
         other_errors: per style held before, its relative error ``(before, after)`` the merge (after: a bound).
-        moved: per style held before, how far its reconstruction moved, relative to its size (exact:
-            :func:`~share_diffusers.core.similarity.style_drift`).
+
+    How far each style's update moved (exact) is the report's ``moved``.
     """
 
     report: MergeReport
     other_errors: dict[str, tuple[float, float]] = field(default_factory=dict)
-    moved: dict[str, float] = field(default_factory=dict)
 
     def __str__(self) -> str:
         text = str(self.report)
@@ -199,7 +198,7 @@ class MergeOutcome:
         changed.sort(key=lambda item: item[1] - item[2])  # the largest increase first
         shown = [
             f"{name} {_short(old)} -> {_short(new)}"
-            + (f" (moved {_percent(self.moved[name])})" if name in self.moved else "")
+            + (f" (moved {_percent(self.report.moved[name])})" if name in self.report.moved else "")
             for name, old, new in changed[:_ERROR_CHANGES_SHOWN]
         ]
         if len(changed) > _ERROR_CHANGES_SHOWN:
@@ -253,9 +252,9 @@ class StyleStudio:
         # Bumped by every change of the bank made here: one saved zip serves every save of one version.
         self._bank_version = 0
         self._saved: tuple[tuple, Path] | None = None
-        # The last merge, while it is the bank's last change: (version it made, its style, the bank before it or
-        # None when it created the subspace). One bank more in memory at most (a snapshot shares unchanged layers).
-        self._last_merge: tuple[int, str, FactorsSnapshot | None] | None = None
+        # The last merge while it is the bank's last change (a delete or undo clears it): its style and the bank
+        # before it (None when it created the subspace). One bank more in memory at most.
+        self._last_merge: tuple[str, FactorsSnapshot | None] | None = None
 
     def styles(self) -> list[str]:
         return self.pipe.list_styles()
@@ -380,11 +379,11 @@ class StyleStudio:
             )
             after = self._style_errors()
             self._bank_version += 1
-            self._last_merge = (self._bank_version, report.style_name, bank)
+            self._last_merge = (report.style_name, bank)
             # The new style can turn the shared bases, so every style's picture may move a little.
             self._previews.clear()
         errors = {name: (error, after[name]) for name, error in before.items() if name in after}
-        return MergeOutcome(report, errors, report.moved)
+        return MergeOutcome(report, errors)
 
     def undo_merge(self) -> str:
         """Put the bank back as it was before the last merge (the merged style gone, every other style's bases and
@@ -395,9 +394,9 @@ class StyleStudio:
         if self.read_only:
             raise ValueError(READ_ONLY_MESSAGE)
         with self._lock:
-            if self._last_merge is None or self._last_merge[0] != self._bank_version:
+            if self._last_merge is None:
                 raise ValueError(UNDO_NOTHING_MESSAGE)
-            _, name, bank = self._last_merge
+            name, bank = self._last_merge
             self.pipe.restore_share(bank)
             self._bank_version += 1
             self._last_merge = None
