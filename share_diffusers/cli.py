@@ -1,11 +1,14 @@
 """``share-diffusers``: the command line for offline jobs on Share checkpoints.
 
     share-diffusers compress LORA... -o OUT [-k K | --variance F] [-p P] [--names N...]
+    share-diffusers compress FOLDER_OF_LORAS -o OUT ...
     share-diffusers merge OUT LORA [--name N]
     share-diffusers rename OUT OLD NEW
+    share-diffusers delete OUT STYLE [STYLE ...]
     share-diffusers inspect OUT [--json] [--similarity] [--png HEAT_MAP.png]
     share-diffusers export OUT STYLE -o FILE.safetensors
     share-diffusers generate [--model M] --factors OUT --style STYLE --prompt TEXT -o out.png
+    share-diffusers push OUT user/repo [--private] [--revision BRANCH] [--create-pr]
     share-diffusers app [studio options]
 
 Bad input ends with a one-line ``error: ...`` on stderr and exit status 1 (a malformed command line:
@@ -42,7 +45,7 @@ from .core.similarity import (
     style_map,
     style_similarity,
 )
-from .lora_files import load_lora, read_safetensors, save_lora
+from .lora_files import PICKLE_SUFFIXES, load_lora, read_safetensors, save_lora
 from .runtime import (
     DEFAULT_PROMPTS,
     DEMO_DEFAULTS,
@@ -84,13 +87,13 @@ def read_lora_source(source: str, weight_name: str | None = None, revision: str 
     """
     from .hub import resolve_lora_file
 
+    import_diffusers_quietly()  # the PEFT path below reads configs through the loader, which imports diffusers
     path = Path(source)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return load_lora(path)
     file, provenance = resolve_lora_file(source, weight_name, revision=revision)
     tensors, metadata = read_safetensors(file)
     if _looks_like_flux(tensors):
-        import_diffusers_quietly()
         from .flux_lora import convert_flux_lora
 
         converted = convert_flux_lora(tensors, metadata, origin=file.name)
@@ -127,9 +130,51 @@ def default_style_name(source: str, adapter: LoraAdapter) -> str:
     return _default_name(source, path)
 
 
+def expand_lora_sources(sources: Sequence[str], quiet: bool = False) -> list[str]:
+    """Each source as it is, except a folder of LoRAs, which stands for every LoRA in it, in name order.
+
+    A folder's LoRAs are its ``.safetensors`` files and its subfolders that hold one LoRA each (a PEFT adapter
+    folder, or exactly one ``.safetensors`` file, as ``save_lora_weights`` writes). A PEFT adapter folder, or a
+    folder whose only LoRA is one file, is one LoRA and stays as given (its name comes from the folder for the
+    generic file names). A subfolder holding several ``.safetensors`` files is skipped with a note (pass its
+    files one by one); a folder with no LoRA at all is an error, naming the pickle files it will not read.
+    """
+    expanded = []
+    for source in sources:
+        folder = Path(source)
+        if not folder.is_dir() or (folder / "adapter_config.json").is_file():
+            expanded.append(source)
+            continue
+        found = []
+        for entry in sorted(folder.iterdir()):
+            if entry.is_file() and entry.suffix.lower() == ".safetensors":
+                found.append(entry)
+            elif entry.is_dir() and _is_one_lora(entry):
+                found.append(entry)
+            elif entry.is_dir() and len(list(entry.glob("*.safetensors"))) > 1 and not quiet:
+                print(f"note: skipped {entry}: several .safetensors files; pass them one by one", file=sys.stderr)
+        if not found:
+            pickles = sorted(entry.name for entry in folder.iterdir() if entry.suffix.lower() in PICKLE_SUFFIXES)
+            unread = f" (pickle files are never read: {', '.join(pickles[:3])})" if pickles else ""
+            raise ValueError(f"{folder} holds no LoRA: no .safetensors file and no LoRA subfolder{unread}")
+        if len(found) == 1 and found[0].is_file():
+            expanded.append(source)
+        else:
+            expanded.extend(str(entry) for entry in found)
+    return expanded
+
+
+def _is_one_lora(folder: Path) -> bool:
+    """A PEFT adapter folder, or a folder with exactly one ``.safetensors`` file."""
+    return (folder / "adapter_config.json").is_file() or len(list(folder.glob("*.safetensors"))) == 1
+
+
 def cmd_compress(args: argparse.Namespace) -> None:
+    given = args.sources
+    args.sources = expand_lora_sources(given, quiet=args.quiet)
     if args.names is not None and len(args.names) != len(args.sources):
-        raise ValueError(f"got {len(args.sources)} LoRAs but {len(args.names)} names")
+        folders = " (the folders hold " + ", ".join(args.sources) + ")" if args.sources != given else ""
+        raise ValueError(f"got {len(args.sources)} LoRAs but {len(args.names)} names{folders}")
     out = Path(args.output)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
         raise ValueError(f"{out} already holds a Share checkpoint; use 'merge' to add to it or --overwrite")
@@ -213,6 +258,32 @@ def cmd_rename(args: argparse.Namespace) -> None:
     factors.rename_style(args.old, args.new)
     save_factors(factors, args.checkpoint)
     print(f"renamed {args.old!r} to {args.new!r} in {args.checkpoint}")
+
+
+def cmd_delete(args: argparse.Namespace) -> None:
+    factors = load_factors(args.checkpoint)
+    for name in dict.fromkeys(args.styles):  # all checked before anything is removed or saved
+        factors.style_index(name)
+    for name in dict.fromkeys(args.styles):
+        factors.delete_style(name)
+    save_factors(factors, args.checkpoint)
+    left = ", ".join(factors.style_names) or "none"
+    print(f"deleted {', '.join(map(repr, dict.fromkeys(args.styles)))} from {args.checkpoint}; styles left: {left}")
+
+
+def cmd_push(args: argparse.Namespace) -> None:
+    from .hub import push_share_factors
+
+    factors = load_factors(args.checkpoint)
+    url = push_share_factors(
+        factors,
+        args.repo_id,
+        private=True if args.private else None,
+        commit_message=args.message,
+        revision=args.revision,
+        create_pr=args.create_pr,
+    )
+    print(f"pushed {len(factors.styles)} styles from {args.checkpoint} to {args.repo_id}: {url}")
 
 
 def summary(factors: ShareFactors, directory: Path | None = None) -> dict:
@@ -486,7 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     compress = commands.add_parser("compress", help="fit a Share checkpoint from LoRA files or PEFT folders")
-    compress.add_argument("sources", nargs="+", help="PEFT adapter folders, .safetensors LoRA files or Hub repo ids")
+    compress.add_argument(
+        "sources",
+        nargs="+",
+        help="PEFT adapter folders, .safetensors LoRA files, Hub repo ids, or folders of LoRAs (each of their "
+        ".safetensors files and LoRA subfolders, in name order)",
+    )
     compress.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     rank = compress.add_mutually_exclusive_group()
     rank.add_argument("-k", "--rank", type=int, default=None, help="basis vectors per layer (default 32)")
@@ -519,6 +595,11 @@ def build_parser() -> argparse.ArgumentParser:
     rename.add_argument("old", help="the style's name as the checkpoint holds it (taken literally, not as a blend)")
     rename.add_argument("new", help="the new name (no '=', ',' or control characters)")
     rename.set_defaults(func=cmd_rename)
+
+    delete = commands.add_parser("delete", help="remove styles from a checkpoint (the others do not change)")
+    delete.add_argument("checkpoint")
+    delete.add_argument("styles", nargs="+", metavar="style", help="names of the styles to remove")
+    delete.set_defaults(func=cmd_delete)
 
     inspect = commands.add_parser("inspect", help="styles, k, p, errors and storage of a checkpoint")
     inspect.add_argument("checkpoint")
@@ -582,6 +663,15 @@ def build_parser() -> argparse.ArgumentParser:
         "styles apply unfused on top",
     )
     generate.set_defaults(func=cmd_generate)
+
+    push = commands.add_parser("push", help="upload a checkpoint to the Hugging Face Hub with a model card")
+    push.add_argument("checkpoint")
+    push.add_argument("repo_id", help="the Hub repo, 'user/name' (created if missing)")
+    push.add_argument("--private", action="store_true", help="make a new repo private")
+    push.add_argument("--revision", help="branch to commit to (created if missing; default the main branch)")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--message", help="commit message (default 'Share factors: N styles')")
+    push.set_defaults(func=cmd_push)
     commands.add_parser("app", help="open the Gradio style studio (share-diffusers app --help)", add_help=False)
     commands.add_parser(
         "serve",
@@ -614,7 +704,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return serve_main(argv[command_at + 1 :])
     args = build_parser().parse_args(argv)
-    if args.command in ("merge", "rename", "inspect", "export") and not os.path.isdir(args.checkpoint):
+    on_checkpoint = ("merge", "rename", "delete", "inspect", "export", "push")
+    if args.command in on_checkpoint and not os.path.isdir(args.checkpoint):
         print(f"error: no Share checkpoint folder at {args.checkpoint}", file=sys.stderr)
         return 1
     try:

@@ -172,7 +172,7 @@ class ShareLoaderMixin:
             local_files_only=local_files_only,
         )
         factors = load_factors(folder, weights_path=weights)
-        if factors.styles and factors.base_model and factors.base_model != self._base_model_id():
+        if factors.styles and factors.base_model and not same_base_model(factors.base_model, self._base_model_id()):
             logger.info(
                 "Share factors were made for %s; this pipeline is %s", factors.base_model, self._base_model_id()
             )
@@ -445,7 +445,25 @@ class ShareLoaderMixin:
             )
 
     def _base_model_id(self) -> str | None:
-        return getattr(getattr(self, "config", None), "_name_or_path", None) or None
+        name = getattr(getattr(self, "config", None), "_name_or_path", None)
+        return str(name) if name else None  # a Path when from_pretrained was given one
+
+
+def same_base_model(recorded: str, loaded: str | None) -> bool:
+    """Whether a checkpoint's recorded ``base_model`` names the pipeline's model (its ``_name_or_path``).
+
+    Equal strings; the same Hub repo id in another case; or a recorded relative folder that the loaded
+    folder's path ends with (a checkpoint made beside a model folder, loaded by another path to it).
+    """
+    if not loaded:
+        return False
+    if recorded == loaded or (recorded.lower() == loaded.lower() and "/" in recorded and not Path(loaded).exists()):
+        return True
+    recorded_path, loaded_path = Path(recorded), Path(loaded)
+    if recorded_path.is_absolute() or not loaded_path.exists():
+        return False
+    parts = loaded_path.resolve().parts
+    return len(recorded_path.parts) <= len(parts) and parts[-len(recorded_path.parts) :] == recorded_path.parts
 
 
 def _check_lora_fits(denoiser: nn.Module, layers: dict, origin: str) -> None:

@@ -408,16 +408,33 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     return getattr(torch, dtype)
 
 
+# Loggers whose one-time import notes say nothing about the user's work: transformers' image processors falling
+# back to PIL (torchvision is no dependency of ours, and Flux without IP-adapters needs none), and, where the
+# quant extra's torchao is newer than the installed diffusers expects, torchao's optional kernels for other
+# Pythons and GPUs, torch's deprecation of torchao's pytree registrations, and diffusers' note that it cannot
+# import torchao's old tensor classes (only torch.load of torchao pickles needs them; we read safetensors).
+_IMPORT_NOTE_LOGGERS = (
+    "transformers.utils.import_utils",
+    "torchao",
+    "torch.utils._pytree",
+    "diffusers.quantizers.torchao.torchao_quantizer",
+)
+
+
 def import_diffusers_quietly() -> None:
-    """Import diffusers' Flux pipeline without transformers' one-time notes that its image processors
-    fall back to PIL (torchvision is no dependency of ours, and Flux without IP-adapters needs none)."""
-    notes = logging.getLogger("transformers.utils.import_utils")
-    level = notes.level
-    notes.setLevel(logging.ERROR)
+    """Import diffusers' Flux pipeline (and through it the library's loader) without other libraries' one-time
+    import notes (``_IMPORT_NOTE_LOGGERS``); warnings after the import are shown as usual."""
+    loggers = [logging.getLogger(name) for name in _IMPORT_NOTE_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         from diffusers import FluxPipeline  # noqa: F401  (the import is the point)
+
+        from . import loader  # noqa: F401  (imports diffusers' LoRA loading, which imports its quantizers)
     finally:
-        notes.setLevel(level)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager

@@ -2,17 +2,23 @@
 
 Serves ``/{repo}/resolve/{revision}/{path}`` (HEAD and GET, with the ``X-Repo-Commit`` and ``ETag``
 headers ``hf_hub_download`` reads, and ``X-Error-Code`` on 404s as the Hub sends them) and
-``/api/models/{repo}[/revision/{revision}]`` (the file list).
+``/api/models/{repo}[/revision/{revision}]`` (the file list). The Hub's write API is not served:
+:func:`recording_api` stands in for ``HfApi`` in push tests.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
+
+from huggingface_hub import CommitInfo, constants
+
+from share_diffusers import hub as hub_module
 
 
 class FakeHub:
@@ -112,3 +118,29 @@ class FakeHub:
         handler.end_headers()
         if body and data:
             handler.wfile.write(data)
+
+
+def recording_api(monkeypatch, upload_to):
+    """``HfApi`` replaced by one that records its calls (name, keyword arguments) and copies the uploaded folder
+    to ``upload_to``; returns the list of calls."""
+    calls = []
+
+    class RecordingApi:
+        def __init__(self, token=None):
+            self.token = token
+
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+
+        def create_branch(self, repo_id, **kwargs):
+            calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs))
+            shutil.copytree(kwargs["folder_path"], upload_to)
+            url = f"{constants.ENDPOINT}/{kwargs['repo_id']}"
+            pr_url = f"{url}/discussions/7" if kwargs.get("create_pr") else None
+            return CommitInfo(f"{url}/commit/{'0' * 40}", kwargs["commit_message"], "", "0" * 40, pr_url=pr_url)
+
+    monkeypatch.setattr(hub_module, "HfApi", RecordingApi)
+    return calls

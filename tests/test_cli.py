@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from share_diffusers.cli import main
 from share_diffusers.core import load_factors, save_factors
 from share_diffusers.core.errors import ShareCheckpointError
-from share_diffusers.lora_files import load_lora
+from share_diffusers.lora_files import load_lora, save_lora
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,20 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: no Share checkpoint folder at {tmp_path / 'missing'}"
     assert "Traceback" not in result.stderr
+
+
+def test_commands_print_only_their_own_lines(tmp_path, peft_adapters):
+    """A fresh process (import notes come once a process) with the quant extra's torchao installed, as
+    setup.sh installs it: no other library's import notes on stderr (torchao kernels for other Pythons,
+    torch's pytree deprecation, diffusers' torchao note, transformers' PIL fallback)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "share_diffusers.cli", "-q", "compress", *peft_adapters, "-o", str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.startswith("3 styles, 3 layers")
 
 
 @pytest.mark.parametrize(
@@ -342,3 +357,105 @@ def test_old_style_names_load_with_a_warning_and_rename_on_the_command_line(tmp_
     assert run_cli("export", out, "ghibli; v2=0.5,neon v2=0.5", "-o", exported) == 0
     expected = (_peft_delta(peft_adapters[0], "to_q") + _peft_delta(peft_adapters[1], "to_q")) / 2
     assert relative_error(expected, load_lora(exported).layers["to_q"].delta_weight()) < 1e-5
+
+
+def _checkpoint_bytes(folder):
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_compress_a_folder_of_loras_equals_compressing_its_loras_one_by_one(tmp_path, peft_adapters, capsys):
+    """A folder stands for its .safetensors files and one-LoRA subfolders (PEFT, or one file as
+    save_lora_weights writes), in name order, named after them; other things are left out, with a note for a
+    subfolder of several files."""
+    loras = tmp_path / "loras"
+    shutil.copytree(peft_adapters[0], loras / "ink")  # a PEFT adapter folder
+    save_lora(load_lora(peft_adapters[1]), loras / "neon" / "pytorch_lora_weights.safetensors")  # diffusers' name
+    save_lora(load_lora(peft_adapters[2]), loras / "sepia.safetensors")
+    save_lora(load_lora(peft_adapters[2]), loras / "several" / "a.safetensors")
+    save_lora(load_lora(peft_adapters[2]), loras / "several" / "b.safetensors")
+    (loras / "README.txt").write_text("my styles")
+    (loras / "old.ckpt").write_bytes(pickle.dumps({"not": "read"}))
+
+    assert run_cli("-q", "compress", loras, "-o", tmp_path / "from-folder", "-k", 10, "-p", 4) == 0
+    assert capsys.readouterr().err == ""  # -q: no note either
+    assert run_cli("compress", loras, "-o", tmp_path / "again", "-k", 10, "-p", 4) == 0
+    assert f"note: skipped {loras / 'several'}: several .safetensors files" in capsys.readouterr().err
+    one_by_one = [loras / "ink", loras / "neon", loras / "sepia.safetensors"]
+    assert run_cli("-q", "compress", *one_by_one, "-o", tmp_path / "listed", "-k", 10, "-p", 4) == 0
+
+    from_folder, listed = load_factors(tmp_path / "from-folder"), load_factors(tmp_path / "listed")
+    assert from_folder.style_names == listed.style_names == ["ink", "neon", "sepia"]
+    for name, adapter in zip(["ink", "neon", "sepia"], peft_adapters, strict=True):
+        for layer in ("to_q", "to_v", "mix"):
+            assert torch.equal(from_folder.delta_weight(layer, name), listed.delta_weight(layer, name))
+            assert relative_error(_peft_delta(adapter, layer), from_folder.delta_weight(layer, name)) < 1e-5
+
+    # --names counts the folder's LoRAs, and says what the folder expanded to
+    assert run_cli("-q", "compress", loras, "-o", tmp_path / "named", "--names", "a", "b") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: got 3 LoRAs but 2 names (the folders hold ") and str(loras / "ink") in err
+    assert not (tmp_path / "named").exists()
+
+
+def test_compress_a_folder_without_loras_names_the_pickles_it_will_not_read(tmp_path, capsys):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    (folder / "style.ckpt").write_bytes(pickle.dumps({"not": "read"}))
+    (folder / "notes.txt").write_text("x")
+    assert run_cli("-q", "compress", folder, "-o", tmp_path / "out") == 1
+    assert capsys.readouterr().err == (
+        f"error: {folder} holds no LoRA: no .safetensors file and no LoRA subfolder "
+        "(pickle files are never read: style.ckpt)\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_delete_removes_styles_and_leaves_the_others_bit_for_bit(tmp_path, peft_adapters, capsys):
+    out = tmp_path / "ckpt"
+    names = ["ink", "neon", "sepia"]
+    assert run_cli("-q", "compress", *peft_adapters, "-o", out, "-k", 10, "-p", 4, "--names", *names) == 0
+    before = load_factors(out)
+    capsys.readouterr()
+
+    before_bytes = _checkpoint_bytes(out)
+    assert run_cli("delete", out, "ink", "nope") == 1  # every name is checked before anything changes
+    assert "'nope'" in capsys.readouterr().err
+    assert _checkpoint_bytes(out) == before_bytes
+
+    assert run_cli("delete", out, "ink", "sepia", "ink") == 0
+    assert capsys.readouterr().out == f"deleted 'ink', 'sepia' from {out}; styles left: neon\n"
+    after = load_factors(out)
+    assert after.style_names == ["neon"]
+    for layer in ("to_q", "to_v", "mix"):
+        assert torch.equal(after.delta_weight(layer, "neon"), before.delta_weight(layer, "neon"))
+    assert run_cli("delete", out, "neon") == 0
+    assert "styles left: none" in capsys.readouterr().out
+    assert load_factors(out).style_names == []
+    assert run_cli("-q", "merge", out, peft_adapters[0], "--name", "ink") == 0  # the bases take new styles
+    assert relative_error(_peft_delta(peft_adapters[0], "to_q"), load_factors(out).delta_weight("to_q", "ink")) < 1e-5
+
+
+def test_push_uploads_the_checkpoint_with_its_options(tmp_path, peft_adapters, monkeypatch, capsys):
+    """The upload itself is huggingface_hub's (no Hub write API offline): what it is handed, and what it
+    uploads loads back equal."""
+    from hub_server import recording_api
+    from huggingface_hub import constants
+
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", *peft_adapters[:2], "-o", out, "-k", 10, "-p", 4, "--names", "ink", "neon") == 0
+    calls = recording_api(monkeypatch, tmp_path / "uploaded")
+    capsys.readouterr()
+    assert run_cli("push", out, "me/styles", "--private", "--revision", "dev", "--message", "two styles") == 0
+    assert capsys.readouterr().out == (
+        f"pushed 2 styles from {out} to me/styles: {constants.ENDPOINT}/me/styles/commit/{'0' * 40}\n"
+    )
+    assert calls[0] == ("create_repo", {"repo_id": "me/styles", "private": True, "exist_ok": True})
+    assert calls[1] == ("create_branch", {"repo_id": "me/styles", "branch": "dev", "exist_ok": True})
+    assert calls[2][1]["commit_message"] == "two styles" and calls[2][1]["revision"] == "dev"
+    uploaded, local = load_factors(tmp_path / "uploaded"), load_factors(out)
+    assert uploaded.style_names == ["ink", "neon"]
+    assert torch.equal(uploaded.delta_weight("mix", "neon"), local.delta_weight("mix", "neon"))
+    assert (tmp_path / "uploaded" / "README.md").is_file()
+
+    assert run_cli("push", tmp_path / "missing", "me/styles") == 1
+    assert capsys.readouterr().err == f"error: no Share checkpoint folder at {tmp_path / 'missing'}\n"

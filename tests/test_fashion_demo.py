@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from launch_helpers import CPU_ENV, accelerate_launch
 
 from share_diffusers import ShareFluxPipeline
 from share_diffusers.continual.report import accuracy_table
+from share_diffusers.core import save_factors
 from share_diffusers.fashion.data import CLASS_NAMES, FashionDataError, load_fashion_mnist, prompt_for
 from share_diffusers.fashion.evaluation import generate, judge_scores
 from share_diffusers.fashion.judges import Judge, load_judge, save_judge
@@ -28,6 +30,7 @@ from share_diffusers.fashion.model import (
     load_demo_pipeline,
 )
 from share_diffusers.fashion.styles import JUDGE_CLASSES, STYLE_NAMES, apply_style
+from share_diffusers.loader import same_base_model
 from share_diffusers.pipeline_flux import guidance_arguments
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
 
@@ -184,6 +187,40 @@ def test_shipped_assets_are_small_and_say_how_they_were_made():
     assert total < 16 * 2**20, f"the shipped demo assets take {total / 2**20:.1f} MiB"
     training = json.loads((DEMO_PIPELINE_DIR / "training.json").read_text())
     assert training["photos"] == 60000 and training["loss_every_50_steps"][-1] < training["loss_every_50_steps"][0]
+
+
+def test_shipped_styles_are_recorded_for_the_shipped_model_wherever_it_is_loaded_from(tmp_path, monkeypatch, caplog):
+    """No "made for another model" note for the demo pairing, from any folder; one for a real mismatch."""
+    monkeypatch.chdir(tmp_path)  # as a user runs it: the recorded relative path does not exist here
+    pipe = ShareFluxPipeline.from_pretrained(DEMO_PIPELINE_DIR)
+    with caplog.at_level(logging.INFO, logger="share_diffusers.loader"):
+        pipe.load_share_factors(DEMO_STYLES_DIR)
+    assert pipe.share_factors.base_model == "share_diffusers/fashion/assets/fashion-flux"
+    assert "were made for" not in caplog.text
+
+    factors = pipe.share_factors
+    factors.base_model = "someone/another-flux"
+    save_factors(factors, tmp_path / "elsewhere")
+    with caplog.at_level(logging.INFO, logger="share_diffusers.loader"):
+        pipe.load_share_factors(tmp_path / "elsewhere")
+    assert f"Share factors were made for someone/another-flux; this pipeline is {DEMO_PIPELINE_DIR}" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("recorded", "loaded", "same"),
+    [
+        ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-dev", True),
+        ("black-forest-labs/flux.1-dev", "black-forest-labs/FLUX.1-dev", True),  # Hub ids ignore case
+        ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell", False),
+        ("share_diffusers/fashion/assets/fashion-flux", str(DEMO_PIPELINE_DIR), True),
+        ("assets/fashion-flux", str(DEMO_PIPELINE_DIR), True),
+        ("other/fashion-flux", str(DEMO_PIPELINE_DIR), False),
+        (str(DEMO_PIPELINE_DIR.parent / "other"), str(DEMO_PIPELINE_DIR), False),
+        ("share_diffusers/fashion/assets/fashion-flux", None, False),
+    ],
+)
+def test_same_base_model(recorded, loaded, same):
+    assert same_base_model(recorded, loaded) is same
 
 
 # -- the training scripts -----------------------------------------------------------------------

@@ -6,12 +6,12 @@ import ast
 import hashlib
 import json
 import re
-import shutil
 
 import pytest
 import torch
 from flux_helpers import generate, write_diffusers_lora
-from huggingface_hub import CommitInfo, ModelCard, constants
+from hub_server import recording_api
+from huggingface_hub import ModelCard, constants
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
 from share_diffusers import hub as hub_module
@@ -163,32 +163,6 @@ def test_pickle_weight_name_is_refused_before_download(published, fake_hub, tmp_
     with pytest.raises(LoraFormatError, match="never unpickles"):
         fresh_pipe().merge_lora("artist/ink-flux-lora", weight_name="pytorch_lora_weights.bin", cache_dir=tmp_path)
     assert fake_hub.requests == []
-
-
-def recording_api(monkeypatch, upload_to):
-    """``HfApi`` replaced by one that records its calls (name, keyword arguments) and copies the uploaded folder
-    to ``upload_to``; returns the list of calls."""
-    calls = []
-
-    class RecordingApi:
-        def __init__(self, token=None):
-            self.token = token
-
-        def create_repo(self, **kwargs):
-            calls.append(("create_repo", kwargs))
-
-        def create_branch(self, repo_id, **kwargs):
-            calls.append(("create_branch", {"repo_id": repo_id, **kwargs}))
-
-        def upload_folder(self, **kwargs):
-            calls.append(("upload_folder", kwargs))
-            shutil.copytree(kwargs["folder_path"], upload_to)
-            url = f"{constants.ENDPOINT}/{kwargs['repo_id']}"
-            pr_url = f"{url}/discussions/7" if kwargs.get("create_pr") else None
-            return CommitInfo(f"{url}/commit/{'0' * 40}", kwargs["commit_message"], "", "0" * 40, pr_url=pr_url)
-
-    monkeypatch.setattr(hub_module, "HfApi", RecordingApi)
-    return calls
 
 
 def test_push_uploads_a_loadable_checkpoint_with_a_model_card(published, tmp_path, monkeypatch):
