@@ -336,6 +336,7 @@ def synthetic_state(settings: Settings, names: list[str], shape: tuple[int, int]
             gram_in=(cores.transpose(1, 2) @ cores).sum(0),
             norm=cores.flatten(1).norm(dim=1),
             error=torch.zeros(styles),
+            truncated=torch.zeros(styles),
         )
     config = ShareConfig(rank=k, pseudo_rank=p)
     return ShareFactors(config, layers, [style_info(f"held{i}", 16, [shape] * len(names)) for i in range(styles)])

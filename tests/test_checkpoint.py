@@ -61,11 +61,32 @@ def test_storage_matches_the_formula(tmp_path, factors):
     save_factors(factors, tmp_path)
     tensor_bytes = sum(t.numel() * t.element_size() for t in load_file(_weights_file(tmp_path)).values())
     assert tensor_bytes == factors.storage_numbers() * 4
-    # the formula counts bases and cores; summaries add 2 k^2 (+ k^2 anchor) and 2 numbers a style per layer
+    # the formula counts bases and cores; summaries add 2 k^2 (+ k^2 anchor) and 3 numbers a style per layer
+    # (norm, error, truncated)
     extra = sum(
-        2 * l.k * l.k + 2 * l.num_styles + (l.k * l.k if l.anchor is not None else 0) for l in factors.layers.values()
+        2 * l.k * l.k + 3 * l.num_styles + (l.k * l.k if l.anchor is not None else 0) for l in factors.layers.values()
     )
     assert factors.storage_numbers() == factors.formula_numbers() + extra
+
+
+def test_format_1_checkpoints_load_with_nothing_truncated_and_take_merges(tmp_path, factors):
+    """Format 1 had no ``truncated`` tensors (its summaries held the full cores): it loads with zeros, the
+    styles as they were, and the next save writes the current format."""
+    save_factors(factors, tmp_path)
+    weights = _weights_file(tmp_path)
+    save_file({key: value for key, value in load_file(weights).items() if not key.endswith(".truncated")}, weights)
+    with pytest.raises(ShareCheckpointError, match=r"tensor 'blocks.0.to_q.truncated' is missing"):
+        load_factors(tmp_path)
+    _edit_json(tmp_path, format_version=1)
+    loaded = load_factors(tmp_path)
+    for name, layer in loaded.layers.items():
+        assert torch.equal(layer.truncated, torch.zeros(2))
+        assert torch.equal(layer.gram_out, factors.layers[name].gram_out)
+    assert torch.equal(loaded.delta_weight("blocks.0.to_q", "neon"), factors.delta_weight("blocks.0.to_q", "neon"))
+    loaded.merge(random_adapter(SHAPES, 2, seed=7), "sepia")
+    save_factors(loaded, tmp_path)
+    assert json.loads((tmp_path / "share_config.json").read_text())["format_version"] == 2
+    assert load_factors(tmp_path).layers["blocks.0.to_q"].truncated[:2].eq(0).all()
 
 
 def _corrupt_tensor(path, key, value):

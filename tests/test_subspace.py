@@ -265,6 +265,75 @@ def test_delete_and_rename_styles():
     assert relative_error(_dense(adapters[1], "a"), factors.delta_weight("a", "y")) < 1e-5
 
 
+def _stored_summaries(layer) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_i w_i^2 R_i R_i.T`` and ``sum_i w_i^2 R_i.T R_i`` of the cores as stored, computed directly."""
+    weights = 1.0 / layer.norm.clamp_min(1e-30) if layer.normalize else torch.ones_like(layer.norm)
+    cores = (weights * layer.present)[:, None, None].double() * layer.cores().double()
+    return (cores @ cores.mT).sum(0), (cores.mT @ cores).sum(0)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_summaries_hold_the_styles_as_stored_so_a_delete_leaves_no_trace(normalize):
+    """With p below the LoRAs' rank the cut drops part of every core: the summaries hold what is stored
+    (fit, merges, batched merges), ``truncated`` what was dropped, and a delete leaves exactly the summaries of
+    the styles left (summaries of the full cores kept the deleted style's dropped part, which steered later
+    merges). k holds every LoRA whole here: a merge that truncates turns the summaries with the bases, which
+    holds them only approximately on the side whose change of basis is not an isometry (as it always did)."""
+    shapes = {"a": (48, 40), "b": (48, 40)}
+    adapters = [random_adapter(shapes, 6, seed=seed) for seed in range(5)]
+    config = ShareConfig(rank=30, pseudo_rank=3, normalize=normalize)
+    factors = ShareFactors.fit(adapters[:3], ["s0", "s1", "s2"], config)
+    factors.merge(adapters[3], "s3")
+    factors.merge(adapters[4], "s4", batch_layers=True)
+    for layer in factors.layers.values():
+        gram_out, gram_in = _stored_summaries(layer)
+        assert relative_error(gram_out, layer.gram_out) < 1e-6 and relative_error(gram_in, layer.gram_in) < 1e-6
+        assert bool((layer.truncated > 0).all())
+    # the newest style's truncated energy: what its rank-p cut dropped from its exact core in the bases
+    layer = factors.layers["a"]
+    basis_out, basis_in = layer.basis_out.double(), layer.basis_in.double()
+    exact = basis_out.T @ _dense(adapters[4], "a").double() @ basis_in
+    weight = 1.0 / float(layer.norm[4]) if normalize else 1.0
+    dropped = weight**2 * float((exact - layer.cores()[4].double()).pow(2).sum())
+    assert float(layer.truncated[4]) == pytest.approx(dropped, rel=1e-4)
+
+    factors.delete_style("s1")
+    for layer in factors.layers.values():
+        gram_out, gram_in = _stored_summaries(layer)
+        assert relative_error(gram_out, layer.gram_out) < 1e-6 and relative_error(gram_in, layer.gram_in) < 1e-6
+    assert factors.layers["a"].truncated.shape == (4,)
+
+
+def test_a_merge_spends_no_direction_on_what_earlier_cuts_dropped():
+    """Room for every style as stored plus the new LoRA: the styles held do not move at all, and the new one
+    is as good as rank p allows (its singular-value tail). With summaries of the full cores the dropped
+    parts took directions, and both moved."""
+    shapes = {"a": (64, 56)}
+    adapters = [random_adapter(shapes, 8, seed=seed) for seed in range(3)]
+    factors = ShareFactors.fit(adapters[:2], ["s0", "s1"], ShareConfig(rank=16, pseudo_rank=4))  # exact: k = 8 + 8
+    before = {name: factors.delta_weight("a", name).double() for name in ("s0", "s1")}
+    factors.merge(adapters[2], "s2")  # stored: 4 + 4 directions, the new LoRA 8: 16
+    for name, reconstruction in before.items():  # (full summaries: moved 23% and 15%)
+        assert relative_error(reconstruction, factors.delta_weight("a", name).double()) < 1e-6
+    singular_values = torch.linalg.svdvals(_dense(adapters[2], "a").double())
+    tail = float(singular_values[4:].pow(2).sum().sqrt() / singular_values.pow(2).sum().sqrt())
+    assert factors.style_error("s2") == pytest.approx(tail, rel=1e-5)  # (full summaries: 0.558 for 0.530)
+
+
+def test_explained_variance_is_the_two_sided_projection_energy():
+    """What the bases keep of the LoRAs before the rank-p cut: the summaries (after the cut) plus ``truncated``."""
+    shapes = {"a": (48, 40)}
+    adapters = [random_adapter(shapes, 6, seed=seed) for seed in range(3)]
+    factors = ShareFactors.fit(adapters, ["s0", "s1", "s2"], ShareConfig(rank=10, pseudo_rank=3))
+    layer = factors.layers["a"]
+    basis_out, basis_in = layer.basis_out.double(), layer.basis_in.double()
+    dense = [_dense(adapter, "a").double() for adapter in adapters]
+    kept = sum(float((basis_out.T @ update @ basis_in).pow(2).sum()) for update in dense)
+    total = sum(float(update.pow(2).sum()) for update in dense)
+    assert factors.explained_variance()["a"] == pytest.approx(kept / total, rel=1e-5)
+    assert float(torch.trace(layer.gram_out)) < kept * 0.99  # the summaries alone: after the cut
+
+
 def test_replacing_a_styles_cores_changes_only_that_style_and_its_share_of_the_summary():
     adapters = _adapters()
     factors = ShareFactors.fit(adapters, ["x", "y", "z"], ShareConfig(rank=13, pseudo_rank=6))  # exact: Gram known

@@ -6,8 +6,9 @@ A checkpoint is a folder:
   styles with their provenance and errors, each layer's shape and ``k``, and the name of the
   tensor file. Writing this file is the commit point of a save.
 - ``share_factors-<revision>.safetensors``: every layer's ``basis_out``, ``basis_in``, ``core_out``,
-  ``core_in``, ``gram_out``, ``gram_in``, ``norm``, ``error`` (and ``anchor`` when centred), keyed
-  ``"<layer>.<tensor>"``.
+  ``core_in``, ``gram_out``, ``gram_in``, ``norm``, ``error``, ``truncated`` (and ``anchor`` when centred),
+  keyed ``"<layer>.<tensor>"``. Format 1 had no ``truncated`` and summaries of the full cores; it loads with
+  ``truncated`` 0 (see :class:`~.subspace.LayerShare`).
 
 A save writes the new tensor file under a fresh name, then atomically replaces the JSON, then
 deletes the old tensor file: a crash at any point leaves a readable checkpoint (old or new).
@@ -45,10 +46,10 @@ from .factors import ShareConfig, ShareFactors, StyleInfo, validate_style_name
 from .subspace import STORE_DTYPE, LayerShare
 
 FORMAT_NAME = "share-diffusers"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CONFIG_NAME = "share_config.json"
 WEIGHTS_PREFIX = "share_factors"
-TENSOR_NAMES = ("basis_out", "basis_in", "core_out", "core_in", "gram_out", "gram_in", "norm", "error")
+TENSOR_NAMES = ("basis_out", "basis_in", "core_out", "core_in", "gram_out", "gram_in", "norm", "error", "truncated")
 # The bulk of a checkpoint; these may be stored in half precision. Summaries stay float32 always.
 FACTOR_NAMES = ("basis_out", "basis_in", "core_out", "core_in", "anchor")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,6 +73,7 @@ def expected_shapes(n_out: int, d_in: int, k: int, p: int, t: int) -> dict[str, 
         "gram_in": (k, k),
         "norm": (t,),
         "error": (t,),
+        "truncated": (t,),
         "anchor": (k, k),
     }
 
@@ -487,6 +489,8 @@ def load_factors(
         (n_out, d_in), k = info["shape"], info["k"]
         shapes = expected_shapes(n_out, d_in, k, p, t)
         needed = [*TENSOR_NAMES, "anchor"] if config.center else list(TENSOR_NAMES)
+        if document["format_version"] == 1:  # written before the summaries left out the rank-p cuts' energy
+            needed.remove("truncated")
         values = {}
         for tensor_name in needed:
             key = f"{name}.{tensor_name}"
@@ -502,10 +506,11 @@ def load_factors(
                 raise ShareCheckpointError(f"{weights_path.name}: tensor {key!r} has dtype {tensor.dtype}, not float")
             if not bool(torch.isfinite(tensor).all()):
                 raise ShareCheckpointError(f"{weights_path.name}: tensor {key!r} contains NaN or Inf")
-            if tensor_name in ("norm", "error") and bool((tensor < 0).any()):
+            if tensor_name in ("norm", "error", "truncated") and bool((tensor < 0).any()):
                 raise ShareCheckpointError(f"{weights_path.name}: tensor {key!r} holds a negative value")
             values[tensor_name] = tensor.to(STORE_DTYPE)
         anchor = values.pop("anchor", None)
+        values.setdefault("truncated", torch.zeros(t, dtype=STORE_DTYPE))
         layers[name] = LayerShare(**values, anchor=anchor, normalize=config.normalize)
     if tensors:
         raise ShareCheckpointError(

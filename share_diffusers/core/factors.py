@@ -291,6 +291,7 @@ def _check_storable(
         "gram_in",
         "norm",
         "error",
+        "truncated",
         "anchor",
     ):
         tensor = getattr(layer, tensor_name)
@@ -642,12 +643,14 @@ class ShareFactors:
         return math.sqrt(squared_error / energy) if energy > 0 else 0.0
 
     def explained_variance(self) -> dict[str, float]:
-        """Per layer, the share of the (weighted) adapters' energy that the two-sided projection keeps."""
+        """Per layer, the share of the (weighted) adapters' energy that the two-sided projection keeps (before
+        the rank-p cut: what the summaries hold plus what the cuts dropped)."""
         result = {}
         for key, layer in self.layers.items():
             weights = 1.0 / layer.norm.clamp_min(1e-30) if layer.normalize else torch.ones_like(layer.norm)
             total = float(((weights * layer.norm) ** 2 * (layer.norm > 0)).sum())
-            result[key] = float(torch.trace(layer.gram_out)) / total if total > 0 else 0.0
+            kept = float(torch.trace(layer.gram_out)) + float(layer.truncated.sum())
+            result[key] = kept / total if total > 0 else 0.0
         return result
 
     def ranks(self) -> dict[str, int]:

@@ -88,13 +88,20 @@ class LayerShare:
         basis_in: ``(d_in, k)``.
         core_out: ``(t, k, p)``, one slice per style held.
         core_in: ``(t, k, p)``.
-        gram_out: ``(k, k)``, running ``sum_i w_i^2 C_i C_i.T`` of the full (untruncated) cores: the
-            summary that lets a new adapter be merged without the old ones (DESIGN 3).
+        gram_out: ``(k, k)``, running ``sum_i w_i^2 C_i C_i.T`` of the cores as stored (rank p, plus the
+            anchor): the summary that lets a new adapter be merged without the old ones (DESIGN 3). What
+            the rank-p cut dropped is not in it: no later basis spends a direction on energy no style keeps,
+            and a delete or a fine-tuning takes a style's share out exactly. (Checkpoints of format 1
+            summed the full cores; they load as they are, with ``truncated`` 0.)
         gram_in: ``(k, k)``, running ``sum_i w_i^2 C_i.T C_i``.
         norm: ``(t,)``, ``||dW_i||_F`` of each style's source on this layer; 0 means the style does
             not touch the layer (its core is zero and it gets no anchor).
         error: ``(t,)``, relative Frobenius error ``||dW_i - dW_i_hat|| / ||dW_i||``; exact when the style
             was merged, an upper bound (triangle inequality) after later merges moved the bases.
+        truncated: ``(t,)``, ``w_i^2 ||C_i - C_i_hat||^2``: the weighted energy of each style's projected
+            core that its rank-p cut dropped when it was added (0 for a fine-tuned style, stored exactly).
+            The variance rule and ``explained_variance`` count it as kept by the bases, as they did when
+            the summaries held the full cores.
         anchor: ``(k, k)``, the mean core added to every style present here (``center=True``), or None.
         normalize: whether each adapter is weighted to unit energy (``w_i = 1 / norm_i``) in the Gram.
     """
@@ -107,6 +114,7 @@ class LayerShare:
     gram_in: torch.Tensor
     norm: torch.Tensor
     error: torch.Tensor
+    truncated: torch.Tensor
     anchor: torch.Tensor | None = None
     normalize: bool = False
 
@@ -147,11 +155,11 @@ class LayerShare:
         return self.basis_out @ core @ self.basis_in.T
 
     def storage_numbers(self) -> int:
-        """Numbers this layer stores: bases, cores, Gram summaries, per-style norm/error, anchor."""
+        """Numbers this layer stores: bases, cores, Gram summaries, per-style norm/error/truncated, anchor."""
         k, t = self.k, self.num_styles
         n, d = self.shape
         return (
-            k * (n + d) + 2 * t * k * self.pseudo_rank + 2 * k * k + 2 * t + (k * k if self.anchor is not None else 0)
+            k * (n + d) + 2 * t * k * self.pseudo_rank + 2 * k * k + 3 * t + (k * k if self.anchor is not None else 0)
         )
 
     def select(self, keep: torch.Tensor) -> LayerShare:
@@ -165,6 +173,7 @@ class LayerShare:
             gram_in=self.gram_in,
             norm=self.norm[keep],
             error=self.error[keep],
+            truncated=self.truncated[keep],
             anchor=self.anchor,
             normalize=self.normalize,
         )
@@ -354,11 +363,16 @@ def _style_weights(norm: torch.Tensor, normalize: bool) -> torch.Tensor:
 
 
 def _merged_energy(
-    norm: torch.Tensor, normalize: bool, norm_new: torch.Tensor, weight_new: torch.Tensor | float
+    norm: torch.Tensor,
+    normalize: bool,
+    truncated: torch.Tensor,
+    norm_new: torch.Tensor,
+    weight_new: torch.Tensor | float,
 ) -> torch.Tensor:
-    """``sum_i w_i^2 ||dW_i||^2`` over the styles held (``norm: (..., t)``) and the new one: the energy a merged
+    """``sum_i w_i^2 ||dW_i||^2`` over the styles held (``norm: (..., t)``) and the new one, less what the held
+    styles' rank-p cuts dropped (``truncated: (..., t)``, which no basis can hold any more): the energy a merged
     layer's variance rule is measured against (leading batch dimensions allowed; ``(...,)``)."""
-    held = ((_style_weights(norm, normalize) * norm) ** 2).sum(-1)
+    held = ((_style_weights(norm, normalize) * norm) ** 2).sum(-1) - truncated.sum(-1)
     return held + (weight_new * norm_new) ** 2
 
 
@@ -371,7 +385,8 @@ def _finish(
     anchor: torch.Tensor | None,
     normalize: bool,
 ) -> LayerShare:
-    """Split exact cores ``(t, k, k)`` into rank-p factors, record errors and Gram summaries.
+    """Split exact cores ``(t, k, k)`` into rank-p factors, record errors, Gram summaries of what is kept and
+    what the cut dropped.
 
     Leading batch dimensions are allowed (``(L, t, k, k)`` cores, ``(L, t)`` norms, ``(L, k, k)`` anchor):
     the result then holds stacked tensors, as :func:`merge_layers` uses it.
@@ -384,7 +399,7 @@ def _finish(
     if anchor is not None:
         approx = approx + present * anchor_each
     weights = _style_weights(norm, normalize)[..., None, None]
-    weighted = weights * cores
+    weighted = weights * approx
     return LayerShare(
         basis_out=basis_out,
         basis_in=basis_in,
@@ -394,6 +409,7 @@ def _finish(
         gram_in=(weighted.mT @ weighted).sum(-3),
         norm=norm,
         error=_relative_errors(cores, approx, norm),
+        truncated=(weights * (cores - approx)).pow(2).sum(dim=(-2, -1)),
         anchor=anchor,
         normalize=normalize,
     )
@@ -481,6 +497,7 @@ def empty_layer(
         gram_in=zeros(0, 0),
         norm=zeros(num_styles),
         error=zeros(num_styles),
+        truncated=zeros(num_styles),
         anchor=zeros(0, 0) if center else None,
         normalize=normalize,
     )
@@ -520,7 +537,7 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
         inner = torch.block_diag(old_gram, torch.diag((weight * entry.S) ** 2))  # (k + r, k + r)
         decomposition = principal_decomposition([old_basis, span], inner, orthonormalize_first=orthonormalize)
         if k_new is None:
-            total = _merged_energy(layer.norm, layer.normalize, torch.tensor(norm_new, **like), weight)
+            total = _merged_energy(layer.norm, layer.normalize, layer.truncated, torch.tensor(norm_new, **like), weight)
             k_new = rule.choose(decomposition.eigenvalues, cap=cap, total=float(total))
         basis, coordinates = decomposition.basis(k_new)
         bases.append(basis)
@@ -551,17 +568,17 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
     if anchor is not None and not bool(present.any()):  # the first style on a centred layer anchors it
         anchor = core_new.clone()
     finished = _finish(core_new[None], norm_tensor, basis_out, basis_in, p, anchor, layer.normalize)
-    gram_new = weight**2 * core_new @ core_new.T
-    gram_in_new = weight**2 * core_new.T @ core_new
     return LayerShare(
         basis_out=basis_out,
         basis_in=basis_in,
         core_out=torch.cat([core_out, finished.core_out]),
         core_in=torch.cat([core_in, finished.core_in]),
-        gram_out=rotate_out @ layer.gram_out @ rotate_out.T + gram_new,
-        gram_in=rotate_in @ layer.gram_in @ rotate_in.T + gram_in_new,
+        # The earlier styles' summaries turn with their cores (both were projected the same way).
+        gram_out=rotate_out @ layer.gram_out @ rotate_out.T + finished.gram_out,
+        gram_in=rotate_in @ layer.gram_in @ rotate_in.T + finished.gram_in,
         norm=torch.cat([layer.norm, norm_tensor]),
         error=torch.cat([error, finished.error]),
+        truncated=torch.cat([layer.truncated, finished.truncated]),
         anchor=anchor,
         normalize=layer.normalize,
     )
@@ -584,6 +601,7 @@ def append_absent_style(layer: LayerShare) -> LayerShare:
         gram_in=layer.gram_in,
         norm=torch.cat([layer.norm, torch.zeros(1, **like)]),
         error=torch.cat([layer.error, torch.zeros(1, **like)]),
+        truncated=torch.cat([layer.truncated, torch.zeros(1, **like)]),
         anchor=layer.anchor,
         normalize=layer.normalize,
     )
@@ -655,7 +673,7 @@ def merge_layers(
 
     core_out_old, core_in_old = stacked("core_out"), stacked("core_in")  # (L, t, k_old, p)
     gram_out_old, gram_in_old = stacked("gram_out"), stacked("gram_in")  # (L, k_old, k_old)
-    norm_old, error_old = stacked("norm"), stacked("error")  # (L, t)
+    norm_old, error_old, truncated_old = stacked("norm"), stacked("error"), stacked("truncated")  # (L, t)
     anchor_old = stacked("anchor") if first.anchor is not None else None  # (L, k_old, k_old)
     s = torch.stack([entry.S for entry in entries])  # (L, r)
     norm_new = (s**2).sum(-1).sqrt()  # (L,)
@@ -680,7 +698,7 @@ def merge_layers(
     if rule.rank is not None:  # a fixed k does not look at the spectrum
         ranks = [rule.choose(decompositions[0].eigenvalues[0], cap=cap)] * len(layers)
     else:
-        totals = _merged_energy(norm_old, normalize, norm_new, weight).tolist()
+        totals = _merged_energy(norm_old, normalize, truncated_old, norm_new, weight).tolist()
         ranks = [
             rule.choose(eigenvalues, cap=cap, total=total)
             for eigenvalues, total in zip(decompositions[0].eigenvalues, totals, strict=True)
@@ -706,6 +724,7 @@ def merge_layers(
             pick(gram_in_old),
             pick(norm_old),
             pick(error_old),
+            pick(truncated_old),
             pick(anchor_old) if anchor_old is not None else None,
             pick(s),
             pick(norm_new),
@@ -728,6 +747,7 @@ def _merge_stacked(
     gram_in_old: torch.Tensor,
     norm_old: torch.Tensor,
     error_old: torch.Tensor,
+    truncated_old: torch.Tensor,
     anchor_old: torch.Tensor | None,
     s: torch.Tensor,
     norm_new: torch.Tensor,
@@ -764,24 +784,33 @@ def _merge_stacked(
     if anchor is not None:  # the first style on a centred layer anchors it
         anchor = torch.where(present.any(-1)[:, None, None], anchor, core_new)
     finished = _finish(core_new.unsqueeze(1), norm_new.unsqueeze(1), basis_out, basis_in, p, anchor, normalize)
-    squared_weight = (weight**2)[:, None, None]
-    gram_new = squared_weight * core_new @ core_new.mT
-    gram_in_new = squared_weight * core_new.mT @ core_new
     return LayerShare(
         basis_out=basis_out,
         basis_in=basis_in,
         core_out=torch.cat([core_out, finished.core_out], dim=1),
         core_in=torch.cat([core_in, finished.core_in], dim=1),
-        gram_out=rotate_out @ gram_out_old @ rotate_out.mT + gram_new,
-        gram_in=rotate_in @ gram_in_old @ rotate_in.mT + gram_in_new,
+        gram_out=rotate_out @ gram_out_old @ rotate_out.mT + finished.gram_out,
+        gram_in=rotate_in @ gram_in_old @ rotate_in.mT + finished.gram_in,
         norm=torch.cat([norm_old, norm_new.unsqueeze(1)], dim=1),
         error=torch.cat([error, finished.error], dim=1),
+        truncated=torch.cat([truncated_old, finished.truncated], dim=1),
         anchor=anchor,
         normalize=normalize,
     )
 
 
-_LAYER_TENSORS = ("basis_out", "basis_in", "core_out", "core_in", "gram_out", "gram_in", "norm", "error", "anchor")
+_LAYER_TENSORS = (
+    "basis_out",
+    "basis_in",
+    "core_out",
+    "core_in",
+    "gram_out",
+    "gram_in",
+    "norm",
+    "error",
+    "truncated",
+    "anchor",
+)
 
 
 def _unstack(stacked: LayerShare, dtype: torch.dtype) -> list[LayerShare]:
@@ -808,7 +837,9 @@ def _unstack(stacked: LayerShare, dtype: torch.dtype) -> list[LayerShare]:
 
 
 def delete_from_layer(layer: LayerShare, index: int) -> LayerShare:
-    """Drop style ``index``: its cores and its share of the Gram summaries (as reconstructed at rank p).
+    """Drop style ``index``: its cores and its share of the Gram summaries (which hold it as stored, at rank p:
+    the summaries become those of the styles left, up to round-off; format-1 summaries of full cores keep
+    what the style's rank-p cut had dropped).
 
     The bases are kept as they are: the remaining styles' reconstructions do not change at all.
     """
@@ -829,10 +860,9 @@ def replace_in_layer(layer: LayerShare, index: int, core_out: torch.Tensor, core
     """Give style ``index`` new rank-p factors in the layer's fixed bases (the paper's Step 3 fine-tuning).
 
     ``core_out, core_in: (k, p)``. The bases and every other style stay exactly as they are. The style
-    becomes exactly what is stored, so its norm is its new core's and its error 0; its share of the
-    Gram summaries (as reconstructed at rank p, as :func:`delete_from_layer` removes it) is swapped
-    for the new core's, so later merges weigh the fine-tuned style. What the style's rank-p split
-    had dropped stays in the summaries, as after a delete, so ``explained_variance`` may then exceed 1.
+    becomes exactly what is stored, so its norm is its new core's, its error and ``truncated`` 0; its
+    share of the Gram summaries (as stored, as :func:`delete_from_layer` removes it) is swapped for the
+    new core's, so later merges weigh the fine-tuned style.
     """
     expected = (layer.k, layer.pseudo_rank)
     for side, core in (("core_out", core_out), ("core_in", core_in)):
@@ -852,8 +882,8 @@ def replace_in_layer(layer: LayerShare, index: int, core_out: torch.Tensor, core
     new_core = core_outs[index] @ core_ins[index].T
     if layer.anchor is not None and bool(layer.present[index]):
         new_core = new_core + layer.anchor
-    norm, error = layer.norm.clone(), layer.error.clone()
-    norm[index], error[index] = torch.linalg.matrix_norm(new_core), 0.0
+    norm, error, truncated = layer.norm.clone(), layer.error.clone(), layer.truncated.clone()
+    norm[index], error[index], truncated[index] = torch.linalg.matrix_norm(new_core), 0.0, 0.0
     new_weight = float(_style_weights(norm, layer.normalize)[index])
     return LayerShare(
         # The stored bases, not to_fit's re-orthonormalised ones: the other styles stay bit for bit.
@@ -869,6 +899,7 @@ def replace_in_layer(layer: LayerShare, index: int, core_out: torch.Tensor, core
         ),
         norm=norm,
         error=error,
+        truncated=truncated,
         anchor=layer.anchor,
         normalize=layer.normalize,
     )
@@ -899,6 +930,7 @@ def _convert(layer: LayerShare, dtype: torch.dtype | None, device: torch.device 
         gram_in=cast(layer.gram_in),
         norm=cast(layer.norm),
         error=cast(layer.error),
+        truncated=cast(layer.truncated),
         anchor=cast(layer.anchor),
         normalize=layer.normalize,
     )
