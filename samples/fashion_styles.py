@@ -45,7 +45,7 @@ def main() -> None:
     print(f"one batch of {len(images)} images, columns {[str(look) for look in looks]}: {workdir / 'batch.png'}")
 
     lora = pipe.export_style_as_lora("stripes", workdir / "stripes-lora.safetensors")
-    stock = FluxPipeline.from_pretrained(str(DEMO_PIPELINE_DIR), torch_dtype=torch.float32)
+    stock = FluxPipeline.from_pretrained(str(DEMO_PIPELINE_DIR))  # float32, as saved
     stock.set_progress_bar_config(disable=True)
     stock.load_lora_weights(str(lora))
     generator = torch.Generator().manual_seed(0)

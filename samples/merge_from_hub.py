@@ -29,7 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.model:
-        pipe = ShareFluxPipeline.from_pretrained(args.model, torch_dtype=torch.bfloat16)
+        pipe = ShareFluxPipeline.from_pretrained(args.model, dtype=torch.bfloat16)
     else:
         pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
     for index, spec in enumerate(args.lora):

@@ -37,6 +37,7 @@ from .core.block_weights import KNOWN_ALIASES, BlockLayout
 from .core.checkpoint import CONFIG_NAME, UnaddressableStyleNameWarning, checkpoint_files
 from .core.errors import LoraFormatError, ShapeMismatchError, ShareValueError
 from .core.similarity import (
+    GROUP_LABELS,
     NEAR_DUPLICATE_THRESHOLD,
     StyleSimilarity,
     kept_energy,
@@ -396,15 +397,22 @@ def _print_similarity(info: dict, layers: int) -> None:
     found = ", ".join(f"{a!r} ~ {b!r} ({pair['similarity']:.3f})" for pair in pairs for a, b in [pair["styles"]])
     print(f"near-duplicates (similarity >= {info['near_duplicate_threshold']:g}): {found or 'none'}")
     kept = info["kept_energy"]
-    groups = sorted({group for per_style in kept.values() for group in per_style})
+    groups = sorted({group for per_style in kept.values() for group in per_style}, key=_group_label)
     print("kept energy per layer group (share of each LoRA's energy the bank reproduces, 1 - rel. error^2)")
     width = max(len(name) for name in names)
-    print(f"  {'style':<{width}}" + "".join(f"  {group:>{max(len(group), 6)}}" for group in groups))
+    sizes = [max(len(_group_label(group)), 6) for group in groups]
+    header = (f"  {_group_label(group):>{size}}" for group, size in zip(groups, sizes, strict=True))
+    print(f"  {'style':<{width}}" + "".join(header))
     for name in names:
         cells = (
-            f"  {f'{kept[name][group]:.1%}' if group in kept[name] else '-':>{max(len(group), 6)}}" for group in groups
+            f"  {f'{kept[name][group]:.1%}' if group in kept[name] else '-':>{size}}"
+            for group, size in zip(groups, sizes, strict=True)
         )
         print(f"  {name:<{width}}" + "".join(cells))
+
+
+def _group_label(group: str) -> str:
+    return GROUP_LABELS.get(group, group)
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -508,7 +516,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     )
 
 
+def _image_format(path: Path) -> str:
+    """PIL's format name for an image file name, refused before any model loads when it has none we write."""
+    formats = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+    if path.suffix.lower() not in formats:
+        raise ValueError(f"-o {path}: name an image file ending in {', '.join(formats)}")
+    return formats[path.suffix.lower()]
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    _image_format(Path(args.output))
     style = parse_style(args.style)  # before the minutes a real model may take to load
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet, quantize=args.quantize)
     pipe.set_progress_bar_config(disable=args.quiet)
@@ -526,7 +543,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     ).images[0]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    image.save(output)
+    image.save(output, format=_image_format(output))
     print(f"wrote {output} ({image.width}x{image.height}, style {format_style(style)})")
 
 
@@ -624,7 +641,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint")
     export.add_argument("style", help=f"style name, a blend like 'ink=0.5,neon=0.5', or {_STYLE_BLOCKS_HELP}")
     export.add_argument(
-        "-o", "--output", required=True, help="FILE.safetensors (diffusers keys) or a folder (PEFT adapter)"
+        "-o",
+        "--output",
+        required=True,
+        help="FILE.safetensors, or a folder: DIR/pytorch_lora_weights.safetensors for a Flux checkpoint (what "
+        "pipe.load_lora_weights loads), a PEFT adapter folder for any other model",
     )
     export.set_defaults(func=cmd_export)
 
@@ -641,7 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--style-scale", type=float, default=1.0, help="overall style strength (default 1)")
     generate.add_argument("--prompt", required=True, help=f"e.g. '{DEFAULT_PROMPTS[0]}' on the demo model")
     generate.add_argument("-o", "--output", required=True, help="image file to write (.png)")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="of the initial noise (default 0)")
     generate.add_argument("--steps", type=int, default=None, help=f"denoising steps ({_defaults_help('steps')})")
     generate.add_argument("--height", type=int, default=None, help=f"pixels ({_defaults_help('height')})")
     generate.add_argument("--width", type=int, default=None, help=f"pixels ({_defaults_help('width')})")

@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import inspect
 
+import diffusers
 import torch
 from diffusers import FluxPipeline
+from packaging.version import Version
 
 from .loader import ShareLoaderMixin
 
 _FLUX_CALL = inspect.signature(FluxPipeline.__call__)
+# diffusers 0.40 renamed from_pretrained's torch_dtype to dtype (torch_dtype warns there; before, dtype is ignored).
+DIFFUSERS_TAKES_DTYPE = Version(diffusers.__version__).release >= (0, 40)
+
+
+def dtype_keyword(kwargs: dict) -> dict:
+    """``from_pretrained`` keyword arguments with the dtype under the name the installed diffusers reads.
+
+    Either ``dtype`` or ``torch_dtype`` may be given (not both): ``dtype`` is the name on diffusers 0.40 and
+    later, where ``torch_dtype`` warns; older releases read only ``torch_dtype``.
+    """
+    if "dtype" in kwargs and "torch_dtype" in kwargs:
+        raise TypeError("pass dtype= or torch_dtype=, not both")
+    given, wanted = ("torch_dtype", "dtype") if DIFFUSERS_TAKES_DTYPE else ("dtype", "torch_dtype")
+    if given not in kwargs:
+        return kwargs
+    kwargs = dict(kwargs)
+    kwargs[wanted] = kwargs.pop(given)
+    return kwargs
 
 
 class _DefaultStyle:
@@ -46,7 +66,7 @@ def _share_call_signature(flux_call: inspect.Signature) -> inspect.Signature:
 class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
     """``FluxPipeline`` plus :class:`ShareLoaderMixin`.
 
-        pipe = ShareFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell", torch_dtype=torch.bfloat16)
+        pipe = ShareFluxPipeline.from_pretrained("black-forest-labs/FLUX.1-schnell", dtype=torch.bfloat16)
         pipe.load_share_factors("someone/flux-share-styles")
         pipe.merge_lora("someone/spongebob-flux-lora", style_name="spongebob")
         images = pipe(prompt=["a castle", "a castle", "a cat"],
@@ -61,6 +81,12 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
     is under FluxPipeline's 512: a small model trained on short prompts (the embedded demo model) sees
     the padding it was trained with (Flux attends to padding tokens too).
     """
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``FluxPipeline.from_pretrained``, taking ``dtype=`` or ``torch_dtype=`` on every diffusers we support
+        (:func:`dtype_keyword`)."""
+        return super().from_pretrained(pretrained_model_name_or_path, **dtype_keyword(kwargs))
 
     @torch.no_grad()
     def __call__(self, *args, style=DEFAULT_STYLE, style_scale: float | None = None, **kwargs):

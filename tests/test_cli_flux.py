@@ -164,6 +164,14 @@ def flux_factors(tmp_path_factory):
     return pipe, root / "factors"
 
 
+def test_inspect_names_flux_block_groups_in_model_order(flux_factors, capsys):
+    capsys.readouterr()
+    assert main(["inspect", str(flux_factors[1]), "--similarity"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[lines.index(next(line for line in lines if line.startswith("kept energy"))) + 1]
+    assert header.split() == ["style", "double-stream", "blocks", "single-stream", "blocks"]
+
+
 @pytest.mark.parametrize(
     ("style", "output"),
     [("ink", "ink.safetensors"), ({"ink": 0.5, "sepia": 0.5}, "blend-folder")],
@@ -277,12 +285,13 @@ def test_generate_defaults_have_one_source(capsys):
         (["--model", "{tmp}"], "{tmp} holds no diffusers pipeline (model_index.json missing)"),
         (["--device", "nowhere:0"], "unknown torch device 'nowhere:0'; use e.g. cpu, cuda or cuda:1"),
         (["--quantize", "int4"], "unknown quantization 'int4': choose int8, float8, nf4 or a .gguf file"),
+        (["-o", "{tmp}/x"], "-o {tmp}/x: name an image file ending in .png, .jpg, .jpeg, .webp"),
         (
             ["--style", "ink=0.5[double=1]"],
             "blend entry 'ink=0.5[double=1]': give 'ink' a weight (ink=0.5) or per-block weights",
         ),
     ],
-    ids=["style", "missing-folder", "not-a-pipeline", "device", "quantize", "per-block-style"],
+    ids=["style", "missing-folder", "not-a-pipeline", "device", "quantize", "no-image-suffix", "per-block-style"],
 )
 def test_generate_refuses_bad_input_before_loading_in_one_line(tmp_path, capsys, extra, message):
     extra = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]

@@ -192,3 +192,20 @@ def test_styles_follow_positional_prompt_and_num_images_per_prompt(styled):
     assert by_position.shape[0] == 4 and torch.equal(by_position, by_keyword)
     assert not torch.equal(by_position[:2], base[:2])  # both images of the first prompt in "ink"
     assert torch.equal(by_position[2:], base[2:])  # both of the second in the base model
+
+
+@pytest.mark.parametrize("keyword", ["dtype", "torch_dtype"])
+def test_from_pretrained_takes_either_dtype_keyword_without_a_warning(tmp_path, keyword):
+    """diffusers 0.40 renamed torch_dtype to dtype (and warns on torch_dtype); older releases ignore dtype.
+    Our class takes both names on every diffusers we support."""
+    import warnings
+
+    from share_diffusers.tiny_flux import save_tiny_flux_pipeline
+
+    folder = save_tiny_flux_pipeline(str(tmp_path / "tiny"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        pipe = ShareFluxPipeline.from_pretrained(folder, **{keyword: torch.bfloat16})
+    assert pipe.transformer.dtype == pipe.vae.dtype == pipe.text_encoder.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="pass dtype= or torch_dtype=, not both"):
+        ShareFluxPipeline.from_pretrained(folder, dtype=torch.bfloat16, torch_dtype=torch.bfloat16)

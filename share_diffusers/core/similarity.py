@@ -157,6 +157,10 @@ def style_map(similarity: StyleSimilarity, dims: int = 2) -> StyleMap:
 _INDEX = re.compile(r"\d+")
 
 
+# Display names of the layer groups of FLUX.1's transformer (:func:`layer_group`), which also sort them in model order.
+GROUP_LABELS = {"transformer_blocks": "double-stream blocks", "single_transformer_blocks": "single-stream blocks"}
+
+
 def layer_group(layer_name: str) -> str:
     """The group a layer belongs to: its name up to the first numeric index, else its first component.
 

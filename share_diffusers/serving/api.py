@@ -201,7 +201,7 @@ def create_app(
     backend: Backend | None = None,
     *,
     max_batch: int = 8,
-    max_wait_ms: float = 10.0,
+    max_wait_ms: float = 20.0,
     max_queue: int = 64,
     admin_token: str | None = None,
     max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB,

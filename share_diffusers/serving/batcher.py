@@ -68,7 +68,7 @@ class DynamicBatcher:
         self,
         engine: ServingEngine,
         max_batch: int = 8,
-        max_wait_ms: float = 10.0,
+        max_wait_ms: float = 20.0,
         max_queue: int = 64,
         metrics: ServeMetrics | None = None,
     ):

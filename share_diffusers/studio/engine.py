@@ -26,6 +26,7 @@ from PIL import Image
 from ..core.block_weights import BlockLayout
 from ..core.factors import FactorsSnapshot
 from ..core.similarity import (
+    GROUP_LABELS,
     NEAR_DUPLICATE_THRESHOLD,
     StyleMap,
     StyleSimilarity,
@@ -98,10 +99,6 @@ def zip_folder(folder: str | Path, zip_path: str | Path) -> Path:
             if file.is_file():
                 archive.write(file, Path(folder.name) / file.relative_to(folder))
     return zip_path
-
-
-# Column titles of the layer groups of FLUX.1's transformer (share_diffusers.core.similarity.layer_group).
-GROUP_LABELS = {"transformer_blocks": "double-stream blocks", "single_transformer_blocks": "single-stream blocks"}
 
 
 @dataclass

@@ -502,7 +502,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--demo-styles",
-        "--share-demo-styles",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="start with demo styles: the shipped inverted/tint/stripes/outlines on the demo model, three random "
