@@ -195,7 +195,7 @@ def share_state_bytes(share: ShareModel) -> int:
     tensors = [b for layer in share.layers.values() for b in layer.buffers(recurse=False)]
     for layer in share.factors.layers.values():
         tensors += [getattr(layer, field) for field in ("basis_out", "basis_in", "core_out", "core_in")]
-        tensors += [layer.gram_out, layer.gram_in, layer.norm, layer.error]
+        tensors += [layer.gram_out, layer.gram_in, layer.norm, layer.error, layer.truncated]
         tensors += [layer.anchor] if layer.anchor is not None else []
     for tensor in tensors:
         storage = tensor.untyped_storage()

@@ -40,13 +40,14 @@ from .core.similarity import (
     GROUP_LABELS,
     NEAR_DUPLICATE_THRESHOLD,
     StyleSimilarity,
+    group_order,
     kept_energy,
     near_duplicate_message,
     near_duplicates,
     style_map,
     style_similarity,
 )
-from .lora_files import PICKLE_SUFFIXES, load_lora, read_safetensors, save_lora
+from .lora_files import PICKLE_SUFFIXES, load_lora, read_safetensors, save_lora, style_name_for
 from .runtime import (
     DEFAULT_PROMPTS,
     DEMO_DEFAULTS,
@@ -88,13 +89,13 @@ def read_lora_source(source: str, weight_name: str | None = None, revision: str 
     """
     from .hub import resolve_lora_file
 
-    import_diffusers_quietly()  # the PEFT path below reads configs through the loader, which imports diffusers
     path = Path(source)
     if path.is_dir() and (path / "adapter_config.json").is_file():
         return load_lora(path)
     file, provenance = resolve_lora_file(source, weight_name, revision=revision)
     tensors, metadata = read_safetensors(file)
     if _looks_like_flux(tensors):
+        import_diffusers_quietly()
         from .flux_lora import convert_flux_lora
 
         converted = convert_flux_lora(tensors, metadata, origin=file.name)
@@ -106,7 +107,7 @@ def read_lora_source(source: str, weight_name: str | None = None, revision: str 
                 file=sys.stderr,
             )
         return LoraAdapter(converted.transformer, source={**provenance, "format": "flux"})
-    from .loader import peft_adapter_config_path
+    from .hub import peft_adapter_config_path
 
     # A Hub repo's adapter_model.safetensors needs the adapter_config.json beside it there (lora_alpha).
     adapter = load_lora(file, config_path=peft_adapter_config_path(file, provenance))
@@ -123,12 +124,10 @@ def _looks_like_flux(tensors: dict) -> bool:
 def default_style_name(source: str, adapter: LoraAdapter) -> str:
     """The name ``ShareFluxPipeline.merge_lora`` gives a LoRA: a Hub repo's name, a file's stem, or its folder's
     name for the generic file names diffusers and PEFT write (``pytorch_lora_weights``, ``adapter_model``)."""
-    from .loader import _default_name
-
     path = Path(adapter.source.get("path") or source)
     if path.is_dir():  # a PEFT folder: named as the pipeline names its adapter_model.safetensors
         path = path / "adapter_model.safetensors"
-    return _default_name(source, path)
+    return style_name_for(source, path)
 
 
 def expand_lora_sources(sources: Sequence[str], quiet: bool = False) -> list[str]:
@@ -152,7 +151,7 @@ def expand_lora_sources(sources: Sequence[str], quiet: bool = False) -> list[str
                 found.append(entry)
             elif entry.is_dir() and _is_one_lora(entry):
                 found.append(entry)
-            elif entry.is_dir() and len(list(entry.glob("*.safetensors"))) > 1 and not quiet:
+            elif entry.is_dir() and len(_safetensors_files(entry)) > 1 and not quiet:
                 print(f"note: skipped {entry}: several .safetensors files; pass them one by one", file=sys.stderr)
         if not found:
             pickles = sorted(entry.name for entry in folder.iterdir() if entry.suffix.lower() in PICKLE_SUFFIXES)
@@ -167,14 +166,18 @@ def expand_lora_sources(sources: Sequence[str], quiet: bool = False) -> list[str
 
 def _is_one_lora(folder: Path) -> bool:
     """A PEFT adapter folder, or a folder with exactly one ``.safetensors`` file."""
-    return (folder / "adapter_config.json").is_file() or len(list(folder.glob("*.safetensors"))) == 1
+    return (folder / "adapter_config.json").is_file() or len(_safetensors_files(folder)) == 1
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    return [entry for entry in folder.iterdir() if entry.is_file() and entry.suffix.lower() == ".safetensors"]
 
 
 def cmd_compress(args: argparse.Namespace) -> None:
     given = args.sources
     args.sources = expand_lora_sources(given, quiet=args.quiet)
     if args.names is not None and len(args.names) != len(args.sources):
-        folders = " (the folders hold " + ", ".join(args.sources) + ")" if args.sources != given else ""
+        folders = " (with the folders expanded: " + ", ".join(args.sources) + ")" if args.sources != given else ""
         raise ValueError(f"got {len(args.sources)} LoRAs but {len(args.names)} names{folders}")
     out = Path(args.output)
     if (out / CONFIG_NAME).exists() and not args.overwrite:
@@ -397,7 +400,7 @@ def _print_similarity(info: dict, layers: int) -> None:
     found = ", ".join(f"{a!r} ~ {b!r} ({pair['similarity']:.3f})" for pair in pairs for a, b in [pair["styles"]])
     print(f"near-duplicates (similarity >= {info['near_duplicate_threshold']:g}): {found or 'none'}")
     kept = info["kept_energy"]
-    groups = sorted({group for per_style in kept.values() for group in per_style}, key=_group_label)
+    groups = sorted({group for per_style in kept.values() for group in per_style}, key=group_order)
     print("kept energy per layer group (share of each LoRA's energy the bank reproduces, 1 - rel. error^2)")
     width = max(len(name) for name in names)
     sizes = [max(len(_group_label(group)), 6) for group in groups]
@@ -661,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--style-scale", type=float, default=1.0, help="overall style strength (default 1)")
     generate.add_argument("--prompt", required=True, help=f"e.g. '{DEFAULT_PROMPTS[0]}' on the demo model")
-    generate.add_argument("-o", "--output", required=True, help="image file to write (.png)")
+    generate.add_argument("-o", "--output", required=True, help="image file to write (.png, .jpg or .webp)")
     generate.add_argument("--seed", type=int, default=0, help="of the initial noise (default 0)")
     generate.add_argument("--steps", type=int, default=None, help=f"denoising steps ({_defaults_help('steps')})")
     generate.add_argument("--height", type=int, default=None, help=f"pixels ({_defaults_help('height')})")

@@ -40,7 +40,7 @@ from huggingface_hub.utils import validate_repo_id
 from .core.checkpoint import CONFIG_NAME, read_document, save_factors
 from .core.errors import ShareError
 from .core.factors import ShareFactors
-from .lora_files import PICKLE_SUFFIXES, refuse_pickle
+from .lora_files import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLE_SUFFIXES, adapter_config_beside, refuse_pickle
 
 
 class HubError(ShareError, OSError):
@@ -463,3 +463,52 @@ def push_share_factors(
         )
     url = getattr(commit, "pr_url", None) if create_pr else None
     return str(url or getattr(commit, "commit_url", commit))
+
+
+def peft_adapter_config_path(path: Path, source: dict, hub: dict | None = None) -> Path | None:
+    """Where the ``adapter_config.json`` of PEFT adapter weights is: beside the local file, or downloaded from the
+    same Hub repo (``source`` is :func:`~share_diffusers.hub.resolve_lora_file`'s provenance; ``hub`` its
+    download options: token, local_files_only...).
+
+    None when there is none (the weights are then refused unless they carry ``.alpha`` tensors: PEFT keeps
+    ``lora_alpha`` only in that config).
+    """
+    if "repo_id" not in source:
+        return adapter_config_beside(path)
+    if PurePosixPath(source["weight_name"]).name != ADAPTER_WEIGHTS_NAME:
+        return None
+    name = str(PurePosixPath(source["weight_name"]).with_name(ADAPTER_CONFIG_NAME))
+    revision = source.get("commit", source.get("revision"))  # the weights' own commit
+    return _download_if_present(
+        source["repo_id"], name, subfolder=source.get("subfolder"), revision=revision, **(hub or {})
+    )
+
+
+def _download_if_present(repo_id: str, filename: str, *, subfolder: str | None, **kwargs) -> Path | None:
+    """One file of a Hub repo through the cache; None when the repo has no such file.
+
+    Any other failure (offline without the file cached, no such revision, no connection) raises
+    ``hub``'s one-line :class:`~share_diffusers.hub.HubError`: a config that exists but could not be
+    fetched must not be taken for a missing one.
+    """
+
+    def fetch(**call):
+        try:
+            return hf_hub_download(**call)
+        except EntryNotFoundError as error:
+            if isinstance(error, LocalEntryNotFoundError):  # not in the cache, and not looked up on the Hub
+                raise
+            return None
+
+    path = f"{subfolder}/{filename}" if subfolder else filename
+    what = repr(path)
+    kwargs["local_files_only"] = bool(kwargs.get("local_files_only"))
+    if kwargs["local_files_only"]:
+        # An earlier download that found no such file left a note of it in the cache: absent, not uncached.
+        cached = try_to_load_from_cache(
+            repo_id, path, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
+        )
+        if cached is _CACHED_NO_EXIST:
+            return None
+    found = _hub_call(fetch, repo_id, what, filename=filename, subfolder=subfolder, **kwargs)
+    return Path(found) if found is not None else None

@@ -14,9 +14,6 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-from huggingface_hub.file_download import _CACHED_NO_EXIST
 from torch import nn
 
 from .core import (
@@ -43,16 +40,16 @@ from .flux_lora import (
     is_peft_transformer_adapter,
     split_by_layers,
 )
-from .hub import _hub_call, check_size, push_share_factors, resolve_lora_file, resolve_share_factors
+from .hub import check_size, peft_adapter_config_path, push_share_factors, resolve_lora_file, resolve_share_factors
 from .lora_files import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     DIFFUSERS_LORA_NAME,
     MAX_ADAPTER_CONFIG_BYTES,
-    adapter_config_beside,
     read_adapter_config,
     read_safetensors,
     save_lora,
+    style_name_for,
 )
 
 logger = logging.getLogger(__name__)
@@ -249,7 +246,7 @@ class ShareLoaderMixin:
             cache_dir=cache_dir,
             local_files_only=local_files_only,
         )
-        name = style_name if style_name is not None else _default_name(repo_id_or_path, path)
+        name = style_name if style_name is not None else style_name_for(repo_id_or_path, path)
         try:
             validate_style_name(name, self.list_styles())
         except StyleError as error:
@@ -533,62 +530,6 @@ def _peft_adapter_config(path: Path, source: dict, hub: dict) -> dict | None:
     """The ``adapter_config.json`` of PEFT adapter weights (see :func:`peft_adapter_config_path`), read."""
     config_path = peft_adapter_config_path(path, source, hub)
     return read_adapter_config(config_path) if config_path is not None else None
-
-
-def peft_adapter_config_path(path: Path, source: dict, hub: dict | None = None) -> Path | None:
-    """Where the ``adapter_config.json`` of PEFT adapter weights is: beside the local file, or downloaded from the
-    same Hub repo (``source`` is :func:`~share_diffusers.hub.resolve_lora_file`'s provenance; ``hub`` its
-    download options: token, local_files_only...).
-
-    None when there is none (the weights are then refused unless they carry ``.alpha`` tensors: PEFT keeps
-    ``lora_alpha`` only in that config).
-    """
-    if "repo_id" not in source:
-        return adapter_config_beside(path)
-    if PurePosixPath(source["weight_name"]).name != ADAPTER_WEIGHTS_NAME:
-        return None
-    name = str(PurePosixPath(source["weight_name"]).with_name(ADAPTER_CONFIG_NAME))
-    revision = source.get("commit", source.get("revision"))  # the weights' own commit
-    return _download_if_present(
-        source["repo_id"], name, subfolder=source.get("subfolder"), revision=revision, **(hub or {})
-    )
-
-
-def _download_if_present(repo_id: str, filename: str, *, subfolder: str | None, **kwargs) -> Path | None:
-    """One file of a Hub repo through the cache; None when the repo has no such file.
-
-    Any other failure (offline without the file cached, no such revision, no connection) raises
-    ``hub``'s one-line :class:`~share_diffusers.hub.HubError`: a config that exists but could not be
-    fetched must not be taken for a missing one.
-    """
-
-    def fetch(**call):
-        try:
-            return hf_hub_download(**call)
-        except EntryNotFoundError as error:
-            if isinstance(error, LocalEntryNotFoundError):  # not in the cache, and not looked up on the Hub
-                raise
-            return None
-
-    path = f"{subfolder}/{filename}" if subfolder else filename
-    what = repr(path)
-    kwargs["local_files_only"] = bool(kwargs.get("local_files_only"))
-    if kwargs["local_files_only"]:
-        # An earlier download that found no such file left a note of it in the cache: absent, not uncached.
-        cached = try_to_load_from_cache(
-            repo_id, path, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision")
-        )
-        if cached is _CACHED_NO_EXIST:
-            return None
-    found = _hub_call(fetch, repo_id, what, filename=filename, subfolder=subfolder, **kwargs)
-    return Path(found) if found is not None else None
-
-
-def _default_name(repo_id_or_path, path: Path) -> str:
-    text = str(repo_id_or_path).rstrip("/")
-    if Path(text).exists():
-        return path.stem if path.stem not in ("pytorch_lora_weights", "adapter_model") else path.parent.name
-    return text.split("/")[-1]
 
 
 def _renamed(style, old: str, new: str):

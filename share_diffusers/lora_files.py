@@ -383,3 +383,13 @@ def _write_atomically(target: Path, tensors: dict, metadata: dict, config: dict 
         for leftover in (tmp, config_tmp) if config is not None else (tmp,):
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
+
+
+def style_name_for(repo_id_or_path: str | os.PathLike, path: Path) -> str:
+    """The name a LoRA gets as a style when none is given: a Hub repo's name, a local file's stem, or its
+    folder's name for the generic file names diffusers and PEFT write (``pytorch_lora_weights``,
+    ``adapter_model``). ``path`` is the weights file the source resolved to."""
+    text = str(repo_id_or_path).rstrip("/")
+    if Path(text).exists():
+        return path.stem if path.stem not in ("pytorch_lora_weights", "adapter_model") else path.parent.name
+    return text.split("/")[-1]

@@ -132,17 +132,27 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
 
 
 def test_commands_print_only_their_own_lines(tmp_path, peft_adapters):
-    """A fresh process (import notes come once a process) with the quant extra's torchao installed, as
+    """Fresh processes (import notes come once a process) with the quant extra's torchao installed, as
     setup.sh installs it: no other library's import notes on stderr (torchao kernels for other Pythons,
-    torch's pytree deprecation, diffusers' torchao note, transformers' PIL fallback)."""
-    result = subprocess.run(
-        [sys.executable, "-m", "share_diffusers.cli", "-q", "compress", *peft_adapters, "-o", str(tmp_path / "c")],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""
-    assert result.stdout.startswith("3 styles, 3 layers")
+    torch's pytree deprecation, diffusers' torchao note, transformers' PIL fallback). LoRAs of other models
+    do not import diffusers at all (seconds of imports); a Flux LoRA does, quietly."""
+    from flux_helpers import write_diffusers_lora
+
+    def compress(*sources, output):
+        script = (
+            "import sys; from share_diffusers.cli import main; "
+            f"code = main(['-q', 'compress', *{[str(source) for source in sources]!r}, '-o', {str(output)!r}]); "
+            "print('diffusers imported:', 'diffusers' in sys.modules); sys.exit(code)"
+        )
+        result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert result.stderr == ""
+        return result.stdout
+
+    out = compress(*peft_adapters, output=tmp_path / "c")
+    assert out.startswith("3 styles, 3 layers") and out.endswith("diffusers imported: False\n")
+    flux_lora = write_diffusers_lora(tmp_path / "ink", seed=1, rank=4, alpha=8)
+    assert compress(flux_lora, output=tmp_path / "flux").endswith("diffusers imported: True\n")
 
 
 @pytest.mark.parametrize(
@@ -393,7 +403,7 @@ def test_compress_a_folder_of_loras_equals_compressing_its_loras_one_by_one(tmp_
     # --names counts the folder's LoRAs, and says what the folder expanded to
     assert run_cli("-q", "compress", loras, "-o", tmp_path / "named", "--names", "a", "b") == 1
     err = capsys.readouterr().err
-    assert err.startswith("error: got 3 LoRAs but 2 names (the folders hold ") and str(loras / "ink") in err
+    assert err.startswith("error: got 3 LoRAs but 2 names (with the folders expanded: ") and str(loras / "ink") in err
     assert not (tmp_path / "named").exists()
 
 

@@ -320,17 +320,23 @@ def test_a_merge_spends_no_direction_on_what_earlier_cuts_dropped():
     assert factors.style_error("s2") == pytest.approx(tail, rel=1e-5)  # (full summaries: 0.558 for 0.530)
 
 
-def test_explained_variance_is_the_two_sided_projection_energy():
-    """What the bases keep of the LoRAs before the rank-p cut: the summaries (after the cut) plus ``truncated``."""
+@pytest.mark.parametrize("center", [False, True])
+def test_explained_variance_is_the_two_sided_projection_energy(center):
+    """What the bases keep of the LoRAs before the rank-p cut: the summaries (after the cut) plus ``truncated``
+    (with an anchor the cut is of the deviation: the cross term with the anchor counts too, else above 1)."""
     shapes = {"a": (48, 40)}
-    adapters = [random_adapter(shapes, 6, seed=seed) for seed in range(3)]
-    factors = ShareFactors.fit(adapters, ["s0", "s1", "s2"], ShareConfig(rank=10, pseudo_rank=3))
+    adapters = shared_adapters(4, shapes, rank=6, shared_rank=6, noise=0.0) if center else None
+    adapters = adapters or [random_adapter(shapes, 6, seed=seed) for seed in range(3)]
+    names = [f"s{i}" for i in range(len(adapters))]
+    config = ShareConfig(rank=24 if center else 10, pseudo_rank=2 if center else 3, center=center)
+    factors = ShareFactors.fit(adapters, names, config)
     layer = factors.layers["a"]
     basis_out, basis_in = layer.basis_out.double(), layer.basis_in.double()
     dense = [_dense(adapter, "a").double() for adapter in adapters]
     kept = sum(float((basis_out.T @ update @ basis_in).pow(2).sum()) for update in dense)
     total = sum(float(update.pow(2).sum()) for update in dense)
     assert factors.explained_variance()["a"] == pytest.approx(kept / total, rel=1e-5)
+    assert factors.explained_variance()["a"] <= 1.0 + 1e-9
     assert float(torch.trace(layer.gram_out)) < kept * 0.99  # the summaries alone: after the cut
 
 

@@ -506,7 +506,7 @@ def load_factors(
                 raise ShareCheckpointError(f"{weights_path.name}: tensor {key!r} has dtype {tensor.dtype}, not float")
             if not bool(torch.isfinite(tensor).all()):
                 raise ShareCheckpointError(f"{weights_path.name}: tensor {key!r} contains NaN or Inf")
-            if tensor_name in ("norm", "error", "truncated") and bool((tensor < 0).any()):
+            if tensor_name in ("norm", "error") and bool((tensor < 0).any()):
                 raise ShareCheckpointError(f"{weights_path.name}: tensor {key!r} holds a negative value")
             values[tensor_name] = tensor.to(STORE_DTYPE)
         anchor = values.pop("anchor", None)

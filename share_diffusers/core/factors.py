@@ -676,7 +676,7 @@ class ShareFactors:
 def _held_in(layer: LayerShare, dtype: torch.dtype) -> bool:
     """Whether every tensor of the layer has ``dtype``."""
     tensors = (layer.basis_out, layer.basis_in, layer.core_out, layer.core_in, layer.gram_out, layer.gram_in)
-    tensors += (layer.norm, layer.error) + ((layer.anchor,) if layer.anchor is not None else ())
+    tensors += (layer.norm, layer.error, layer.truncated) + ((layer.anchor,) if layer.anchor is not None else ())
     return all(tensor.dtype == dtype for tensor in tensors)
 
 

@@ -157,8 +157,15 @@ def style_map(similarity: StyleSimilarity, dims: int = 2) -> StyleMap:
 _INDEX = re.compile(r"\d+")
 
 
-# Display names of the layer groups of FLUX.1's transformer (:func:`layer_group`), which also sort them in model order.
+# Display names of the layer groups of FLUX.1's transformer (:func:`layer_group`), double-stream blocks first.
 GROUP_LABELS = {"transformer_blocks": "double-stream blocks", "single_transformer_blocks": "single-stream blocks"}
+
+
+def group_order(group: str) -> tuple[int, str]:
+    """Sort key of layer groups for display: FLUX.1's double-stream blocks, its single-stream ones, then any
+    other group by name."""
+    labelled = list(GROUP_LABELS)
+    return (labelled.index(group), "") if group in labelled else (len(labelled), group)
 
 
 def layer_group(layer_name: str) -> str:

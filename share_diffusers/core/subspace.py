@@ -90,18 +90,20 @@ class LayerShare:
         core_in: ``(t, k, p)``.
         gram_out: ``(k, k)``, running ``sum_i w_i^2 C_i C_i.T`` of the cores as stored (rank p, plus the
             anchor): the summary that lets a new adapter be merged without the old ones (DESIGN 3). What
-            the rank-p cut dropped is not in it: no later basis spends a direction on energy no style keeps,
-            and a delete or a fine-tuning takes a style's share out exactly. (Checkpoints of format 1
-            summed the full cores; they load as they are, with ``truncated`` 0.)
+            the rank-p cut dropped is not in it, so no later basis spends a direction on energy no style
+            keeps. Exact after a fit; a merge that truncates turns it with the bases (``R G R.T``), which
+            matches the re-projected cores only where the other side's change of basis is an isometry.
+            (Checkpoints of format 1 summed the full cores; they load as they are, with ``truncated`` 0.)
         gram_in: ``(k, k)``, running ``sum_i w_i^2 C_i.T C_i``.
         norm: ``(t,)``, ``||dW_i||_F`` of each style's source on this layer; 0 means the style does
             not touch the layer (its core is zero and it gets no anchor).
         error: ``(t,)``, relative Frobenius error ``||dW_i - dW_i_hat|| / ||dW_i||``; exact when the style
             was merged, an upper bound (triangle inequality) after later merges moved the bases.
-        truncated: ``(t,)``, ``w_i^2 ||C_i - C_i_hat||^2``: the weighted energy of each style's projected
-            core that its rank-p cut dropped when it was added (0 for a fine-tuned style, stored exactly).
-            The variance rule and ``explained_variance`` count it as kept by the bases, as they did when
-            the summaries held the full cores.
+        truncated: ``(t,)``, ``w_i^2 (||C_i||^2 - ||C_i_hat||^2)``: the weighted energy of each style's projected
+            core that its rank-p cut dropped when it was added (0 for a fine-tuned style, stored exactly; with an
+            anchor it may be slightly negative: the cut is of the deviation, not of the core). What the
+            summaries lack against the full cores: ``explained_variance`` adds it back, the variance rule takes
+            it out of the total it measures against (no basis can hold it any more).
         anchor: ``(k, k)``, the mean core added to every style present here (``center=True``), or None.
         normalize: whether each adapter is weighted to unit energy (``w_i = 1 / norm_i``) in the Gram.
     """
@@ -400,6 +402,12 @@ def _finish(
         approx = approx + present * anchor_each
     weights = _style_weights(norm, normalize)[..., None, None]
     weighted = weights * approx
+    dropped = cores - approx
+    # ||C||^2 - ||C_hat||^2 = ||C - C_hat||^2 + 2 <C_hat, C - C_hat>; the cross term vanishes for a plain rank-p
+    # cut (orthogonal to what it keeps) and is the anchor's otherwise: <anchor, D - D_p>.
+    lost = dropped.pow(2).sum(dim=(-2, -1))
+    if anchor is not None:
+        lost = lost + 2.0 * (approx * dropped).sum(dim=(-2, -1))
     return LayerShare(
         basis_out=basis_out,
         basis_in=basis_in,
@@ -409,7 +417,7 @@ def _finish(
         gram_in=(weighted.mT @ weighted).sum(-3),
         norm=norm,
         error=_relative_errors(cores, approx, norm),
-        truncated=(weights * (cores - approx)).pow(2).sum(dim=(-2, -1)),
+        truncated=weights[..., 0, 0] ** 2 * lost,
         anchor=anchor,
         normalize=normalize,
     )
@@ -837,9 +845,10 @@ def _unstack(stacked: LayerShare, dtype: torch.dtype) -> list[LayerShare]:
 
 
 def delete_from_layer(layer: LayerShare, index: int) -> LayerShare:
-    """Drop style ``index``: its cores and its share of the Gram summaries (which hold it as stored, at rank p:
-    the summaries become those of the styles left, up to round-off; format-1 summaries of full cores keep
-    what the style's rank-p cut had dropped).
+    """Drop style ``index``: its cores and its share of the Gram summaries as it is stored (rank p). After a fit
+    the summaries are then exactly those of the styles left; after merges that truncated, as close as the
+    summaries were (see ``LayerShare.gram_out``); format-1 summaries of full cores keep what the style's cut
+    had dropped.
 
     The bases are kept as they are: the remaining styles' reconstructions do not change at all.
     """

@@ -30,6 +30,7 @@ from ..core.similarity import (
     NEAR_DUPLICATE_THRESHOLD,
     StyleMap,
     StyleSimilarity,
+    group_order,
     kept_energy,
     style_map,
     style_similarity,
@@ -134,7 +135,7 @@ class StyleOverview:
         if not names:
             return "No styles held yet: merge a LoRA."
         groups = {group for per_style in self.kept_by_group.values() for group in per_style}
-        groups = sorted(groups, key=lambda group: GROUP_LABELS.get(group, group))
+        groups = sorted(groups, key=group_order)
         labels = [_escape(GROUP_LABELS.get(group, group)) for group in groups]
         lines = [
             "| style | kept | " + " | ".join(labels) + " | most similar |",
