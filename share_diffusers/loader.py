@@ -449,15 +449,20 @@ class ShareLoaderMixin:
 def same_base_model(recorded: str, loaded: str | None) -> bool:
     """Whether a checkpoint's recorded ``base_model`` names the pipeline's model (its ``_name_or_path``).
 
-    Equal strings; the same Hub repo id in another case; or a recorded relative folder that the loaded
-    folder's path ends with (a checkpoint made beside a model folder, loaded by another path to it).
+    Equal strings; the same Hub repo id in another case; two existing paths of one folder; or a recorded
+    relative folder that the loaded folder's path ends with (a checkpoint made beside a model folder, loaded
+    by another path to it).
     """
     if not loaded:
         return False
     if recorded == loaded or (recorded.lower() == loaded.lower() and "/" in recorded and not Path(loaded).exists()):
         return True
     recorded_path, loaded_path = Path(recorded), Path(loaded)
-    if recorded_path.is_absolute() or not loaded_path.exists():
+    if not loaded_path.exists():
+        return False
+    if recorded_path.exists() and recorded_path.resolve() == loaded_path.resolve():
+        return True
+    if recorded_path.is_absolute():
         return False
     parts = loaded_path.resolve().parts
     return len(recorded_path.parts) <= len(parts) and parts[-len(recorded_path.parts) :] == recorded_path.parts

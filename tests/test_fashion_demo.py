@@ -7,6 +7,7 @@ import argparse
 import gzip
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -217,6 +218,7 @@ def test_shipped_styles_are_recorded_for_the_shipped_model_wherever_it_is_loaded
         ("other/fashion-flux", str(DEMO_PIPELINE_DIR), False),
         (str(DEMO_PIPELINE_DIR.parent / "other"), str(DEMO_PIPELINE_DIR), False),
         ("share_diffusers/fashion/assets/fashion-flux", None, False),
+        (str(DEMO_PIPELINE_DIR), os.path.relpath(DEMO_PIPELINE_DIR), True),  # absolute recorded, relative loaded
     ],
 )
 def test_same_base_model(recorded, loaded, same):
