@@ -581,7 +581,7 @@ def merge_layer(layer: LayerShare, entry: CanonicalLora | None, rule: RankRule) 
         basis_in=basis_in,
         core_out=torch.cat([core_out, finished.core_out]),
         core_in=torch.cat([core_in, finished.core_in]),
-        # The earlier styles' summaries turn with their cores (both were projected the same way).
+        # The earlier styles' summaries turn with the bases (see LayerShare.gram_out for how closely).
         gram_out=rotate_out @ layer.gram_out @ rotate_out.T + finished.gram_out,
         gram_in=rotate_in @ layer.gram_in @ rotate_in.T + finished.gram_in,
         norm=torch.cat([layer.norm, norm_tensor]),
