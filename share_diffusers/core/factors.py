@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .adapters import FIT_DEVICE, LoraAdapter, all_finite, canonical_forms, resolve_fit_device
 from .errors import FactorValueError, ShapeMismatchError, ShareValueError, StyleError
 from .subspace import (
+    LAYER_TENSORS,
     STORE_DTYPE,
     LayerShare,
     RankRule,
@@ -282,18 +283,7 @@ def _check_storable(
     layer: LayerShare, layer_name: str, what: str, hint: str = "the LoRA's scale (alpha / rank) is out of range"
 ) -> LayerShare:
     """Refuse a layer state (in storage dtype) holding NaN or Inf; ``what`` says what produced it."""
-    for tensor_name in (
-        "basis_out",
-        "basis_in",
-        "core_out",
-        "core_in",
-        "gram_out",
-        "gram_in",
-        "norm",
-        "error",
-        "truncated",
-        "anchor",
-    ):
+    for tensor_name in LAYER_TENSORS:
         tensor = getattr(layer, tensor_name)
         if tensor is not None and not all_finite(tensor):
             raise FactorValueError(f"{layer_name}: {what} gives {tensor_name} values beyond float32's range; {hint}")
@@ -675,9 +665,8 @@ class ShareFactors:
 
 def _held_in(layer: LayerShare, dtype: torch.dtype) -> bool:
     """Whether every tensor of the layer has ``dtype``."""
-    tensors = (layer.basis_out, layer.basis_in, layer.core_out, layer.core_in, layer.gram_out, layer.gram_in)
-    tensors += (layer.norm, layer.error, layer.truncated) + ((layer.anchor,) if layer.anchor is not None else ())
-    return all(tensor.dtype == dtype for tensor in tensors)
+    tensors = [getattr(layer, name) for name in LAYER_TENSORS]
+    return all(tensor.dtype == dtype for tensor in tensors if tensor is not None)
 
 
 def _style_info(adapter: LoraAdapter, name: str) -> StyleInfo:

@@ -181,6 +181,20 @@ class LayerShare:
         )
 
 
+LAYER_TENSORS = (  # every tensor field of a LayerShare (anchor may be None)
+    "basis_out",
+    "basis_in",
+    "core_out",
+    "core_in",
+    "gram_out",
+    "gram_in",
+    "norm",
+    "error",
+    "truncated",
+    "anchor",
+)
+
+
 # ----------------------------------------------------------------------------------------------
 # Linear algebra shared by fitting and merging
 
@@ -807,20 +821,6 @@ def _merge_stacked(
     )
 
 
-_LAYER_TENSORS = (
-    "basis_out",
-    "basis_in",
-    "core_out",
-    "core_in",
-    "gram_out",
-    "gram_in",
-    "norm",
-    "error",
-    "truncated",
-    "anchor",
-)
-
-
 def _unstack(stacked: LayerShare, dtype: torch.dtype) -> list[LayerShare]:
     """Per-layer ``LayerShare`` of a stacked one, in ``dtype``, each tensor contiguous in storage of its own.
 
@@ -828,7 +828,7 @@ def _unstack(stacked: LayerShare, dtype: torch.dtype) -> list[LayerShare]:
     storage (safetensors refuses to save such tensors, and one layer would keep all of them alive).
     """
     converted = {}
-    for name in _LAYER_TENSORS:
+    for name in LAYER_TENSORS:
         tensor = getattr(stacked, name)
         if tensor is None:
             continue
