@@ -44,6 +44,7 @@ from .core.similarity import (
     kept_energy,
     near_duplicate_message,
     near_duplicates,
+    style_drift,
     style_map,
     style_similarity,
 )
@@ -207,9 +208,13 @@ def cmd_merge(args: argparse.Namespace) -> None:
     adapter = read_lora_source(args.source, args.weight_name, args.revision)
     check_adapter_fits(factors, adapter, args.source)
     name = args.name or default_style_name(args.source, adapter)
+    before = factors.snapshot()
     factors.merge(adapter, name, progress=not args.quiet)
     save_factors(factors, args.checkpoint)
-    print(f"merged {name!r} (error {factors.style_error(name):.4f}); {len(factors.styles)} styles in {args.checkpoint}")
+    print(
+        f"merged {name!r} (error {factors.style_error(name):.4f}); {len(factors.styles)} styles in {args.checkpoint}"
+        + _moved_text(style_drift(before, factors))
+    )
     # The merge stands (as merge_lora's NearDuplicateStyleWarning): the line says what to look at.
     for other, similarity in near_duplicates(factors, name).items():
         message = near_duplicate_message(name, other, similarity, NEAR_DUPLICATE_THRESHOLD)
@@ -217,6 +222,14 @@ def cmd_merge(args: argparse.Namespace) -> None:
             f"warning: {message}; 'share-diffusers inspect {args.checkpoint} --similarity' compares all pairs",
             file=sys.stderr,
         )
+
+
+def _moved_text(moved: dict[str, float]) -> str:
+    """How far the merge moved the styles held before (it turns the shared bases): the most moved one."""
+    if not moved:
+        return ""
+    most = max(moved, key=moved.__getitem__)
+    return f"; the others moved at most {moved[most]:.1%} ({most!r})"
 
 
 def check_adapter_fits(factors: ShareFactors, adapter: LoraAdapter, source: str) -> None:

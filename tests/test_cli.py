@@ -469,3 +469,24 @@ def test_push_uploads_the_checkpoint_with_its_options(tmp_path, peft_adapters, m
 
     assert run_cli("push", tmp_path / "missing", "me/styles") == 1
     assert capsys.readouterr().err == f"error: no Share checkpoint folder at {tmp_path / 'missing'}\n"
+
+
+def test_merge_says_how_far_the_other_styles_moved(tmp_path, peft_adapters, capsys):
+    """k too small for all three LoRAs: the merge turns the bases, and the line names the most moved style and
+    by how much (the relative change of its dense update, the studio's "moved")."""
+    out = tmp_path / "ckpt"
+    assert run_cli("-q", "compress", *peft_adapters[:2], "-o", out, "-k", 4, "-p", 4, "--names", "ink", "neon") == 0
+    before = load_factors(out)
+    capsys.readouterr()
+    assert run_cli("-q", "merge", out, peft_adapters[2], "--name", "sepia") == 0
+    after = load_factors(out)
+    moved = {}
+    for name in ("ink", "neon"):
+        old = torch.cat([before.delta_weight(layer, name).flatten() for layer in before.layers]).double()
+        new = torch.cat([after.delta_weight(layer, name).flatten() for layer in after.layers]).double()
+        moved[name] = float((new - old).norm() / old.norm())
+    most = max(moved, key=moved.get)
+    assert moved[most] > 0.01  # the case moves something
+    line = capsys.readouterr().out
+    assert line.startswith(f"merged 'sepia' (error {after.style_error('sepia'):.4f}); 3 styles in {out}")
+    assert line.endswith(f"; the others moved at most {moved[most]:.1%} ({most!r})\n"), (line, moved)
