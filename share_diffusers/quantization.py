@@ -62,6 +62,8 @@ def load_quantized_transformer(model: str, quantize: str, dtype: torch.dtype):
     """
     from diffusers import FluxTransformer2DModel
 
+    from .pipeline_flux import dtype_keyword
+
     check_quantize(quantize)
     if quantize.endswith(".gguf"):
         try:
@@ -75,14 +77,14 @@ def load_quantized_transformer(model: str, quantize: str, dtype: torch.dtype):
             config=model,
             subfolder="transformer",
             quantization_config=GGUFQuantizationConfig(compute_dtype=dtype),
-            torch_dtype=dtype,
+            **dtype_keyword({"dtype": dtype}),
         )
     return FluxTransformer2DModel.from_pretrained(
         model,
         subfolder="transformer",
         quantization_config=quantization_config(quantize, dtype),
-        torch_dtype=dtype,
         use_safetensors=True,  # never unpickle: a repo holding only .bin weights is refused
+        **dtype_keyword({"dtype": dtype}),
     )
 
 

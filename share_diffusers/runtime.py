@@ -17,7 +17,6 @@ import contextlib
 import logging
 import math
 import numbers
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -439,8 +438,7 @@ def import_diffusers_quietly() -> None:
 
 @contextlib.contextmanager
 def _quiet_loading(progress: bool) -> Iterator[None]:
-    """Our own ``from_pretrained`` calls without diffusers' ``torch_dtype`` FutureWarning (only the newest
-    diffusers accept ``dtype``; the older ones we support do not), and without loading bars unless ``progress``."""
+    """Our own ``from_pretrained`` calls without loading bars unless ``progress``."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
@@ -452,9 +450,7 @@ def _quiet_loading(progress: bool) -> Iterator[None]:
     for module in bars:
         module.disable_progress_bar()
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"`torch_dtype` is deprecated", category=FutureWarning)
-            yield
+        yield
     finally:
         for module in bars:
             module.enable_progress_bar()
@@ -514,11 +510,15 @@ def load_pipeline(
 
 
 def _from_pretrained(pipeline_class, model: str, torch_dtype: torch.dtype, quantize: str | None):
+    from .pipeline_flux import dtype_keyword
+
     # use_safetensors=True: weights only as .bin (pickle, read with torch.load) are refused, never loaded.
     if quantize is None:
-        return pipeline_class.from_pretrained(model, torch_dtype=torch_dtype, use_safetensors=True)
+        return pipeline_class.from_pretrained(model, use_safetensors=True, **dtype_keyword({"dtype": torch_dtype}))
     transformer = load_quantized_transformer(model, quantize, torch_dtype)
-    return pipeline_class.from_pretrained(model, transformer=transformer, torch_dtype=torch_dtype, use_safetensors=True)
+    return pipeline_class.from_pretrained(
+        model, transformer=transformer, use_safetensors=True, **dtype_keyword({"dtype": torch_dtype})
+    )
 
 
 def _check_model_source(model: str) -> None:

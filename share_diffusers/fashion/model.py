@@ -85,11 +85,12 @@ def build_fashion_flux_components(seed: int = 0) -> dict:
 def load_demo_pipeline(path: str | Path = DEMO_PIPELINE_DIR, pipeline_class=None):
     """The trained demo pipeline (``ShareFluxPipeline`` unless ``pipeline_class``), float32 on CPU.
 
-    Loaded as :func:`share_diffusers.runtime.load_pipeline` loads it: without diffusers' ``torch_dtype``
-    FutureWarning, transformers' image-processor notes, or loading bars.
+    Loaded as :func:`share_diffusers.runtime.load_pipeline` loads it: without transformers' image-processor
+    notes or loading bars, the dtype under the name the installed diffusers reads.
     """
     import torch
 
+    from ..pipeline_flux import dtype_keyword
     from ..runtime import _quiet_loading, import_diffusers_quietly  # runtime imports this module: not at the top
 
     if not (Path(path) / "model_index.json").is_file():
@@ -98,6 +99,6 @@ def load_demo_pipeline(path: str | Path = DEMO_PIPELINE_DIR, pipeline_class=None
     with _quiet_loading(progress=False):
         if pipeline_class is None:
             from ..pipeline_flux import ShareFluxPipeline as pipeline_class
-        pipe = pipeline_class.from_pretrained(str(path), torch_dtype=torch.float32)
+        pipe = pipeline_class.from_pretrained(str(path), **dtype_keyword({"dtype": torch.float32}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
