@@ -126,7 +126,8 @@ class _Recorder:
 
 @pytest.mark.parametrize("config", list(CONFIGS.values()), ids=list(CONFIGS))
 @pytest.mark.parametrize("stored", [True, False], ids=["float32-stored", "float64"])
-def test_merge_layers_equals_merge_layer_in_float64(config, stored):
+@pytest.mark.parametrize("turn_group", [None, 1, 2], ids=["held-cores-together", "one-by-one", "in-pairs"])
+def test_merge_layers_equals_merge_layer_in_float64(config, stored, turn_group, monkeypatch):
     shapes = {f"l{i}": (40, 32) for i in range(5)}
     held = [random_adapter(shapes, rank, None, seed) for seed, rank in enumerate([4, 5, 3])]
     # Fitted with the config's k (a variance rule's layers with a fixed k, so that they form one class).
@@ -139,10 +140,13 @@ def test_merge_layers_equals_merge_layer_in_float64(config, stored):
     new = _rank_deficient(random_adapter(shapes, 4, 2.0, seed=21), ["l2"])
     entries = [new.layers[name].canonical() for name in shapes]
     expected = [merge_layer(layer, entry, config.rule) for layer, entry in zip(layers, entries, strict=True)]
+    if turn_group is not None:  # the held cores turned in groups of this many layers (the last one short)
+        monkeypatch.setattr(subspace_module, "TURN_GROUP_BYTES", turn_group * layers[0].core_out[0].numel() * 3 * 8)
     actual = merge_layers(layers, entries, config.rule)
     for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
         _assert_same_layer(want, got, 1e-10, f"layer {index}: ")
-        assert got.basis_out.is_contiguous() and got.basis_out.untyped_storage().nbytes() == got.basis_out.nbytes
+        for tensor in (got.basis_out, got.core_out, got.core_in, got.gram_out):
+            assert tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes
 
 
 def test_variance_rule_gives_layers_of_one_class_different_k_and_still_agrees():
