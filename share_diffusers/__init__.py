@@ -31,8 +31,16 @@ __all__ = [
 ]
 
 
+_NEED_DIFFUSERS = ("ShareFluxPipeline", "ShareLoaderMixin", "MergeReport", "build_tiny_flux_pipeline")
+
+
 def __getattr__(name: str):
-    # diffusers is heavy to import: the pipeline classes load on first use only.
+    # diffusers is heavy to import: the pipeline classes load on first use only, without the one-time import
+    # notes other libraries print along the way (see runtime.import_diffusers_quietly).
+    if name in _NEED_DIFFUSERS:
+        from .runtime import import_diffusers_quietly
+
+        import_diffusers_quietly()
     if name == "ShareFluxPipeline":
         from .pipeline_flux import ShareFluxPipeline
 

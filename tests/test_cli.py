@@ -155,6 +155,17 @@ def test_commands_print_only_their_own_lines(tmp_path, peft_adapters):
     assert compress(flux_lora, output=tmp_path / "flux").endswith("diffusers imported: True\n")
 
 
+@pytest.mark.parametrize("name", ["ShareFluxPipeline", "build_tiny_flux_pipeline", "MergeReport"])
+def test_importing_the_pipeline_prints_nothing(name):
+    """README's first line, ``from share_diffusers import ShareFluxPipeline``, in a fresh process: printed seven
+    lines of torchao, torch and transformers import notes."""
+    script = f"import share_diffusers, sys; print('diffusers' in sys.modules); share_diffusers.{name}; print('ok')"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "False\nok\n"  # the package itself does not import diffusers
+    assert result.stderr == ""
+
+
 @pytest.mark.parametrize(
     ("error", "line"),
     [
