@@ -239,7 +239,14 @@ def _check_raw_keys(tensors: dict[str, torch.Tensor], origin: str) -> list[str]:
     """
     dropped = []
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        whole_alpha = key.endswith(".alpha") and tensor.numel() == 1 and tensor.dtype != torch.bool
+        if not tensor.is_floating_point() and not (whole_alpha and not tensor.is_complex()):
+            # A quantized or corrupt file: its integers (or complex numbers, bools) would be read as weights.
+            raise LoraFormatError(
+                f"{origin}: tensor {key!r} holds {str(tensor.dtype).removeprefix('torch.')} values; a LoRA's "
+                "factors and alphas are floating point"
+            )
+        if not bool(torch.isfinite(tensor).all()):
             if key.endswith(".alpha"):
                 raise LoraFormatError(
                     f"{origin}: tensor {key!r} holds a NaN or Inf alpha; an alpha must be a finite number"

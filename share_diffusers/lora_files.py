@@ -53,9 +53,16 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
-            return {key: handle.get_tensor(key) for key in handle.keys()}, metadata
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise LoraFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    # float8 LoRA files exist; most of torch (isfinite, diffusers' converters' arithmetic) has no float8 kernels,
+    # and bfloat16 holds every float8 value exactly.
+    return {key: _widened(tensor) for key, tensor in tensors.items()}, metadata
+
+
+def _widened(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to(torch.bfloat16) if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
 def load_lora(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> LoraAdapter:

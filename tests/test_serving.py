@@ -907,3 +907,126 @@ def test_hub_merges_of_a_peft_adapter_and_of_a_file_over_the_limit(admin_engine,
     finally:
         if "peft-moss" in admin_engine.style_names:
             admin_engine.delete_style("peft-moss")
+
+
+# -- hostile and odd requests (found by trying them) ------------------------------------------------
+
+
+def test_bodies_starlette_refuses_get_our_error_body_and_are_counted(admin_engine):
+    """Invalid UTF-8, integers past Python's digit limit, JSON nested past the recursion limit, broken multipart
+    and unknown paths were answered with FastAPI's ``{"detail": ...}`` and left out of the metrics."""
+    json_type = {"content-type": "application/json"}
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def scenario():
+        replies = {}
+        async with serving(create_app(admin_engine, admin_token=TOKEN, max_wait_ms=1)) as client:
+            post = client.post
+            replies["utf8"] = await post(ENDPOINT, content=b'{"prompt": "\xff"}', headers=json_type)
+            replies["digits"] = await post(ENDPOINT, content=b'{"prompt": "a", "seed": ' + b"9" * 5000 + b"}")
+            replies["nested"] = await post(
+                ENDPOINT, content=b'{"prompt": "a", "style": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+            )
+            replies["multipart"] = await post(
+                "/v1/styles", content=b"garbage", headers={**headers, "content-type": "multipart/form-data; boundary=z"}
+            )
+            replies["nested-admin"] = await post(
+                "/v1/styles", content=b'{"hub_id": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", headers=headers
+            )
+            replies["unknown-path"] = await client.get("/v1/nothing-here")
+            replies["metrics"] = await client.get("/metrics")
+        return replies
+
+    replies = asyncio.run(scenario())
+    for key in ("utf8", "digits", "nested", "multipart", "nested-admin"):
+        reply = replies[key]
+        assert reply.status_code == 400, (key, reply.text)
+        assert reply.json()["error"]["type"] == "invalid_request_error" and reply.json()["error"]["message"], key
+    assert replies["nested-admin"].json()["error"]["param"] == "hub_id"
+    assert replies["unknown-path"].status_code == 404 and "error" in replies["unknown-path"].json()
+    metrics = replies["metrics"].text
+    assert 'share_requests_total{endpoint="/v1/images/generations",status="400"} 3.0' in metrics
+    assert 'share_requests_total{endpoint="(no route)",status="404"} 1.0' in metrics  # not a label per path
+    assert 'share_errors_total{reason="not_found"} 1.0' in metrics
+
+
+def test_odd_uploads_get_a_400_and_a_slashed_name_can_be_deleted(admin_engine, tmp_path):
+    from safetensors.torch import load_file, save
+
+    lora = write_demo_lora(admin_engine.pipe.transformer, tmp_path / "ocean", seed=31, rank=4, alpha=4.0)
+    tensors = load_file(str(lora))
+    fp8 = save({key: value.to(torch.float8_e4m3fn) for key, value in tensors.items()})
+    integers = save({key: (value * 100).to(torch.int8) for key, value in tensors.items()})
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def scenario():
+        replies = {}
+        async with serving(create_app(admin_engine, admin_token=TOKEN, max_wait_ms=1)) as client:
+            post = client.post
+            replies["name-as-file"] = await post(
+                "/v1/styles", headers=headers, files={"name": ("name.txt", b"ocean")}, data={"file": "x"}
+            )
+            replies["int8"] = await post("/v1/styles", headers=headers, files={"file": ("q.safetensors", integers)})
+            replies["fp8"] = await post(
+                "/v1/styles", headers=headers, files={"file": ("f.safetensors", fp8)}, data={"name": "team/ocean"}
+            )
+            replies["corrupt"] = await post(
+                "/v1/styles", headers=headers, files={"file": ("z.safetensors", lora.read_bytes()[:-100])}
+            )
+            replies["delete"] = await client.delete("/v1/styles/team/ocean", headers=headers)
+        return replies
+
+    replies = asyncio.run(scenario())
+    assert replies["name-as-file"].status_code == 400 and replies["name-as-file"].json()["error"]["param"] == "name"
+    message = replies["int8"].json()["error"]["message"]
+    assert replies["int8"].status_code == 400 and "holds int8 values" in message and "q.safetensors" in message
+    assert replies["fp8"].status_code == 201, replies["fp8"].text  # float8 LoRAs exist: read as the numbers they hold
+    corrupt = replies["corrupt"].json()["error"]["message"]
+    assert replies["corrupt"].status_code == 400 and corrupt.startswith("z.safetensors") and "/tmp" not in corrupt
+    assert replies["delete"].status_code == 200 and replies["delete"].json()["deleted"] == "team/ocean"
+    assert admin_engine.style_names == ["ink", "neon", "sepia"]
+
+
+def test_a_request_over_the_models_work_limit_is_refused(engine):
+    """n=8 at 256x256 and 100 steps passed every per-field limit: 25x the work the studio allows a call."""
+    steps = engine.defaults.max_work // (8 * 256 * 256)
+    fits = ImageRequest(prompt="a cat", n=8, size="256x256", num_inference_steps=steps)
+    assert engine.validate(fits).n == 8  # exactly at the limit
+    with pytest.raises(Exception, match="too much work for one request: n=8 x 100 steps x 256x256 pixels"):
+        engine.validate(fits.model_copy(update={"num_inference_steps": 100}))
+    with pytest.raises(Exception, match=f"n=8 x {steps + 1} steps"):
+        engine.validate(fits.model_copy(update={"num_inference_steps": steps + 1}))
+
+
+def test_a_queued_request_is_not_served_by_another_lora_under_its_styles_name(admin_engine, tmp_path):
+    """Deleted and merged again while the request waited: 409, as for a style deleted; not the new LoRA's images."""
+    transformer = admin_engine.pipe.transformer
+    first = write_demo_lora(transformer, tmp_path / "a", seed=31, rank=4, alpha=4.0).read_bytes()
+    second = write_demo_lora(transformer, tmp_path / "b", seed=77, rank=4, alpha=4.0).read_bytes()
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    request = body(style="ocean", seed=5)
+
+    async def scenario():
+        app = create_app(admin_engine, admin_token=TOKEN, max_wait_ms=3000)
+        backend = app.state.backend
+        async with serving(app) as client:
+            await client.post("/v1/styles", headers=headers, files={"file": ("ocean.safetensors", first)})
+            async with pipeline_held(backend):
+                queued = asyncio.ensure_future(client.post(ENDPOINT, json=request))
+                await until(lambda: backend.queued_images >= 1)
+                delete = asyncio.ensure_future(client.delete("/v1/styles/ocean", headers=headers))
+                await asyncio.sleep(0.1)
+                merge = asyncio.ensure_future(
+                    client.post("/v1/styles", headers=headers, files={"file": ("ocean.safetensors", second)})
+                )
+                await asyncio.sleep(0.3)
+            replies = await delete, await merge, await queued
+            again = await client.post(ENDPOINT, json=request)  # sent again: the new LoRA's images
+            await client.delete("/v1/styles/ocean", headers=headers)
+        return (*replies, again)
+
+    deleted, merged, queued, again = asyncio.run(scenario())
+    assert deleted.status_code == 200 and merged.status_code == 201
+    assert queued.status_code == 409 and "merged again while the request waited" in queued.json()["error"]["message"]
+    assert again.status_code == 200
+    assert admin_engine.style_names == ["ink", "neon", "sepia"]

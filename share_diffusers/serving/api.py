@@ -34,7 +34,7 @@ from typing import Any, Protocol
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from starlette.exceptions import HTTPException
 
 from ..core.errors import ShareError
 from ..lora_files import PICKLE_SUFFIXES
@@ -263,8 +263,15 @@ def create_app(
     )
 
     def endpoint_of(request: Request) -> str:
-        route = request.scope.get("route")
-        return getattr(route, "path", request.url.path)
+        # Not the path itself when no route matched: every path a scanner tries would be a metrics label.
+        return getattr(request.scope.get("route"), "path", "(no route)")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, error: HTTPException):
+        # Starlette's own refusals (a body it cannot parse as JSON or multipart, an unknown path or method) in the
+        # same error body and metrics as ours, instead of FastAPI's {"detail": ...}.
+        reason = {400: "validation", 404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http")
+        return failure(endpoint_of(request), error.status_code, str(error.detail), reason, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(request: Request, error: RequestValidationError):
@@ -379,7 +386,7 @@ def create_app(
     async def _merge_from_hub(request: Request):
         try:
             body = MergeRequest.model_validate(json.loads(await request.body() or b"null"))
-        except (json.JSONDecodeError, ValidationError) as error:
+        except (ValueError, RecursionError) as error:  # not JSON (or nested past Python's limit), or not its shape
             raise _Refused(
                 f"give JSON {{'hub_id': 'user/name', 'name': ...}} or upload a .safetensors file as multipart "
                 f"form field 'file' ({error_line(error)})",
@@ -423,8 +430,10 @@ def create_app(
             )
         form = await request.form(max_files=1, max_fields=4)
         try:
-            upload = form.get("file")
-            name = (form.get("name") or "").strip() or None
+            upload, name = form.get("file"), form.get("name")
+            if name is not None and not isinstance(name, str):
+                raise _Refused("give the style name as a plain form field 'name', not a file", "name")
+            name = (name or "").strip() or None
             if upload is None or isinstance(upload, str):
                 raise _Refused("upload the LoRA as multipart form field 'file'", "file")
             filename = Path(upload.filename or "upload.safetensors").name
@@ -448,18 +457,22 @@ def create_app(
                 await upload.seek(0)
                 with path.open("wb") as out:
                     await asyncio.to_thread(shutil.copyfileobj, upload.file, out)
-                return await backend.run_exclusive(
-                    engine.merge_lora,
-                    str(path),
-                    style_name=name or stem,
-                    provenance={"upload": filename, "bytes": size},
-                )
+                try:
+                    return await backend.run_exclusive(
+                        engine.merge_lora,
+                        str(path),
+                        style_name=name or stem,
+                        provenance={"upload": filename, "bytes": size},
+                    )
+                except (ShareError, ValueError, OSError) as error:  # named by the upload, not the server's temp path
+                    message = error_line(error).replace(f"{folder}/", "")
+                    raise _Refused(message, "file", reason="merge_failed") from None
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         finally:
             await form.close()
 
-    @app.delete("/v1/styles/{name}")
+    @app.delete("/v1/styles/{name:path}")  # a style name may hold "/" ("team/ocean")
     async def delete_style(name: str, request: Request):
         endpoint = "/v1/styles/{name}"
         refused = check_admin(request, endpoint)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import logging
 import math
 import re
@@ -79,15 +80,22 @@ class ImageJob:
     seeds: tuple[int, ...]
     key: BatchKey
     response_format: str = "b64_json"
+    # (name, id) of each style named, as the bank held it at validation: a style deleted and merged again under
+    # the same name while the job waited is another style (see ServingEngine._stale).
+    style_ids: tuple[tuple[str, int], ...] = ()
 
     @property
     def n(self) -> int:
         return len(self.seeds)
 
     def style_names(self) -> set[str]:
-        if self.style is None:
-            return set()
-        return {self.style} if isinstance(self.style, str) else set(self.style)
+        return _names_of(self.style)
+
+
+def _names_of(style: StyleSpec) -> set[str]:
+    if style is None:
+        return set()
+    return {style} if isinstance(style, str) else set(style)
 
 
 @dataclass
@@ -195,6 +203,8 @@ class ServingEngine:
         self.lock = threading.RLock()
         self._catalog: list[dict] = []
         self._names: frozenset[str] = frozenset()
+        self._style_ids: dict[str, int] = {}  # a new id whenever a name comes into the bank
+        self._next_id = itertools.count()
         self._layers: list[str] = []
         self._layout: BlockLayout | None = None
         self.refresh_catalog()
@@ -231,6 +241,9 @@ class ServingEngine:
                 )
         self._catalog = catalog
         self._names = frozenset(entry["name"] for entry in catalog)
+        # A name kept keeps its id (a whole checkpoint rolled out with the same names serves queued requests with
+        # the new revision); a name that left the bank and came back gets a new one.
+        self._style_ids = {name: self._style_ids.get(name, next(self._next_id)) for name in self._names}
         # What per-block weights are checked against, off the pipeline (validation never waits for a batch).
         share = self.pipe.share
         self._layers = list(share.layers) if share is not None else []
@@ -282,7 +295,7 @@ class ServingEngine:
     def delete_style(self, name: str) -> None:
         if name not in self._names:
             known = ", ".join(sorted(self._names)) or "none"
-            raise RequestError(f"unknown style {name!r}; styles held: {known}", "name", status=404)
+            raise RequestError(f"unknown style {_shown(name)}; styles held: {known}", "name", status=404)
         with self.lock:
             try:
                 self.pipe.delete_style(name)
@@ -321,15 +334,26 @@ class ServingEngine:
             raise RequestError(
                 f"guidance_scale must be from 0 to {self.max_guidance}, got {guidance}", "guidance_scale"
             )
+        work = request.n * steps * width * height
+        if work > defaults.max_work:  # the studio's limit too: one request must not hold the pipeline for minutes
+            raise RequestError(
+                f"too much work for one request: n={request.n} x {steps} steps x {width}x{height} pixels = "
+                f"{work:,} pixel-steps, over this model's limit of {defaults.max_work:,}; ask for fewer images or "
+                "steps or a smaller size",
+                None,
+            )
         style = self._check_style(request.style, request.style_scale)
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - self.max_images)
         if not 0 <= seed <= MAX_SEED:
             raise RequestError(f"seed must be from 0 to {MAX_SEED}, got {seed}", "seed")
+        style_ids = self._style_ids
         return ImageJob(
             prompt=request.prompt,
             style=style,
             seeds=tuple(seed + index for index in range(request.n)),
             key=BatchKey(width, height, steps, guidance),
+            # -1: deleted since _check_style (a bank change on another thread); _stale then refuses the job.
+            style_ids=tuple(sorted((name, style_ids.get(name, -1)) for name in _names_of(style))),
             response_format=request.response_format,
         )
 
@@ -349,7 +373,7 @@ class ServingEngine:
             names = style
         for name, weight in names.items():
             if name not in self._names:
-                raise RequestError(f"unknown style {name!r}; styles held: {known}", "style")
+                raise RequestError(f"unknown style {_shown(name)}; styles held: {known}", "style")
             try:
                 if is_block_weight(weight):
                     if self._layout is None:
@@ -396,7 +420,15 @@ class ServingEngine:
         """
         gone = sorted(job.style_names() - self._names)
         if gone:
-            return RequestError(f"style {gone[0]!r} was deleted while the request waited", "style", 409)
+            return RequestError(f"style {_shown(gone[0])} was deleted while the request waited", "style", 409)
+        replaced = [name for name, style_id in job.style_ids if self._style_ids.get(name) != style_id]
+        if replaced:
+            return RequestError(
+                f"style {_shown(replaced[0])} was deleted and merged again while the request waited: another LoRA "
+                "under the same name; send the request again to use it",
+                "style",
+                409,
+            )
         try:
             self._check_style(job.style, 1.0)  # the job's style has its scale folded in already
         except RequestError as error:
