@@ -384,8 +384,9 @@ def _write_atomically(target: Path, tensors: dict, metadata: dict, config: dict 
         os.replace(tmp, target)
         if config is not None:
             os.replace(config_tmp, config_path)
-    except OSError as error:
-        raise ShareIOError(f"cannot write the LoRA to {target} ({error.strerror or error})") from None
+    except (OSError, SafetensorError) as error:  # a full disk while safetensors writes is a SafetensorError
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+        raise ShareIOError(f"cannot write the LoRA to {target} ({reason})") from None
     finally:
         for leftover in (tmp, config_tmp) if config is not None else (tmp,):
             with contextlib.suppress(OSError):

@@ -17,6 +17,7 @@ from share_diffusers.core import (
     ShareCheckpointError,
     ShareConfig,
     ShareFactors,
+    ShareIOError,
     StyleError,
     load_factors,
     save_factors,
@@ -474,3 +475,71 @@ def test_concurrent_saves_into_one_folder_leave_a_loadable_checkpoint(tmp_path, 
     assert errors == []
     assert load_factors(tmp_path).style_names == ["ink", "neon"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["share_config.json", _weights_file(tmp_path).name]
+
+
+# -- found by trying to break it: concurrent edits, a full disk, look-alike names, hostile JSON --------------------
+
+
+def test_two_edits_of_one_checkpoint_at_once_do_not_lose_one(tmp_path, factors):
+    """Two ``share-diffusers merge`` of one folder: each loaded, edited and saved, and the second save dropped the
+    first one's style with both commands reporting success."""
+    save_factors(factors, tmp_path)
+    first, second = load_factors(tmp_path), load_factors(tmp_path)
+    first.merge(random_adapter(SHAPES, 2, seed=7), "ocean")
+    save_factors(first, tmp_path)
+    save_factors(first, tmp_path)  # the same factors saved again: their own save is the version on disk
+    second.merge(random_adapter(SHAPES, 2, seed=8), "forest")
+    committed = _weights_file(tmp_path).read_bytes()
+    with pytest.raises(ShareIOError, match="another save changed it after these factors were loaded"):
+        save_factors(second, tmp_path)
+    assert _weights_file(tmp_path).read_bytes() == committed
+    assert load_factors(tmp_path).style_names == ["ink", "neon", "ocean"]
+    save_factors(second, tmp_path / "elsewhere")  # another folder: nothing to lose there
+    assert load_factors(tmp_path / "elsewhere").style_names == ["ink", "neon", "forest"]
+
+
+def test_a_full_disk_while_writing_tensors_is_one_line_and_changes_nothing(tmp_path, factors, monkeypatch):
+    from safetensors import SafetensorError
+
+    from share_diffusers.core import style_as_lora
+    from share_diffusers.lora_files import save_lora
+
+    save_factors(factors, tmp_path)
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", full)
+    with pytest.raises(ShareIOError, match=r"No space left on device.*; the previous one is unchanged"):
+        save_factors(load_factors(tmp_path), tmp_path)
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    monkeypatch.setattr("safetensors.torch.save_file", full)
+    with pytest.raises(ShareIOError, match=r"cannot write the LoRA to .*out.safetensors \(.*No space left"):
+        save_lora(style_as_lora(factors, "ink"), tmp_path / "out.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("ink\u200b", "invisible or non-UTF-8 character '\\\\u200b'"),
+        ("caf\udce9", "invisible or non-UTF-8 character '\\\\udce9'"),
+        ("ne\u0301on", "the same text in another Unicode form"),  # NFD of an NFC name held
+    ],
+)
+def test_look_alike_and_unwritable_style_names_are_refused(factors, name, message):
+    factors.rename_style("neon", "néon")
+    with pytest.raises(StyleError, match=message):
+        factors.merge(random_adapter(SHAPES, 2, seed=7), name)
+    assert factors.style_names == ["ink", "néon"]
+    assert factors.style_index("ne\u0301on") == 1  # typed in the other form, still found
+
+
+@pytest.mark.parametrize(
+    "text", ['{"format": ' + "[" * 100_000 + "]" * 100_000 + "}", '{"format_version": ' + "9" * 5000 + "}"]
+)
+def test_hostile_json_is_a_checkpoint_error(tmp_path, factors, text):
+    save_factors(factors, tmp_path)
+    (tmp_path / "share_config.json").write_text(text)
+    with pytest.raises(ShareCheckpointError, match="share_config.json is not valid JSON"):
+        load_factors(tmp_path)

@@ -153,10 +153,28 @@ def save_factors(factors: ShareFactors, directory: str | os.PathLike, dtype: tor
             f"cannot save the checkpoint: cannot create {directory} ({error.strerror or error})"
         ) from None
     with _folder_lock(directory):  # saves into one folder take turns: the cleanup must not race a commit
+        _refuse_lost_update(factors, directory)
         _write(directory, tensors, document, weights_file)
         factors.storage_dtype = storage_dtype  # committed: the factors now mirror what is on disk
+        factors.checkpoint_version = (directory.resolve(), weights_file)
         _remove_leftovers(directory)
     return directory / CONFIG_NAME
+
+
+def _refuse_lost_update(factors: ShareFactors, directory: Path) -> None:
+    """Two edits of one checkpoint at once (two ``share-diffusers merge`` of one folder): each loads, edits and
+    saves, and the second save would silently drop the first edit. A save into the folder the factors came from
+    goes ahead only if that folder still holds the checkpoint they came from."""
+    if factors.checkpoint_version is None:
+        return
+    folder, loaded = factors.checkpoint_version
+    current = _current_weights_file(directory)
+    if folder == directory.resolve() and current is not None and current != loaded:
+        raise ShareIOError(
+            f"cannot save the checkpoint to {directory}: another save changed it after these factors were loaded "
+            f"from it (its tensor file is now {current}, was {loaded}); load it again and redo the change. The "
+            "checkpoint on disk is unchanged"
+        )
 
 
 def _write(directory: Path, tensors: dict[str, torch.Tensor], document: dict, weights_file: str) -> None:
@@ -175,9 +193,11 @@ def _write(directory: Path, tensors: dict[str, torch.Tensor], document: dict, we
         if _current_weights_file(directory) != weights_file:
             with contextlib.suppress(OSError):
                 (directory / weights_file).unlink(missing_ok=True)
-        if isinstance(error, OSError):  # the previous checkpoint is intact: say so in one line
+        # A full disk while safetensors writes is its SafetensorError, not an OSError.
+        if isinstance(error, (OSError, SafetensorError)):  # the previous checkpoint is intact: say so in one line
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
             raise ShareIOError(
-                f"cannot save the checkpoint to {directory} ({error.strerror or error}); the previous one is unchanged"
+                f"cannot save the checkpoint to {directory} ({reason}); the previous one is unchanged"
             ) from None
         raise
 
@@ -352,8 +372,8 @@ def read_document(config_path: str | os.PathLike) -> dict:
         raise ShareCheckpointError(f"no Share checkpoint at {config_path.parent}: {CONFIG_NAME} is missing")
     try:
         document = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ShareCheckpointError(f"{config_path} is not valid JSON ({error})") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8 JSON, a number past 4300 digits, nested too deep
+        raise ShareCheckpointError(f"{config_path} is not valid JSON ({str(error)[:200]})") from None
     except OSError as error:
         raise ShareCheckpointError(f"{config_path} cannot be read ({error.strerror or error})") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT_NAME:
@@ -519,6 +539,8 @@ def load_factors(
     conv_layers = {name for name, info in document["layers"].items() if info.get("conv")}
     factors = ShareFactors(config, layers, styles, base_model=recorded, conv_layers=conv_layers)
     factors.storage_dtype = storage_dtype
+    if weights_path == directory / document["weights_file"]:
+        factors.checkpoint_version = (directory.resolve(), document["weights_file"])
     return factors
 
 

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -250,13 +251,30 @@ def validate_style_name(name: object, taken: Sequence[str]) -> str:
             f"style name {name!r} contains {bad!r}; names cannot hold '=', ',', '[', ']' or control characters "
             "(the style syntax is 'name=weight,name2=weight2', per-block weights 'name[double=1]')"
         )
+    # Invisible characters (zero-width space, BOM...) would make two names that look the same; a lone surrogate
+    # (a file name that was not UTF-8) cannot be written to the checkpoint's JSON or an exported LoRA.
+    hidden = next((c for c in name if unicodedata.category(c) in ("Cf", "Cs")), None)
+    if hidden is not None:
+        raise StyleError(
+            f"style name {name!r} contains the invisible or non-UTF-8 character {hidden!r}; use visible text"
+        )
     if name.strip().lower() == "none":
         raise StyleError(f"style name {name!r} is reserved: the style syntax reads it as no style")
     if name != name.strip():
         raise StyleError(f"style name {name!r} starts or ends with whitespace; use {name.strip()!r}")
     if name in taken:
         raise StyleError(f"a style named {name!r} already exists; pick another name or delete it first")
+    same = next((other for other in taken if _same_text(other, name)), None)
+    if same is not None:  # e.g. a macOS file name (NFD) against the same name typed (NFC)
+        raise StyleError(
+            f"a style named {same!r} already exists (the same text in another Unicode form); pick another name"
+        )
     return name
+
+
+def _same_text(first: str, second: str) -> bool:
+    """The same characters once composed (Unicode NFC): 'café' typed and 'café' from a macOS file name."""
+    return unicodedata.normalize("NFC", first) == unicodedata.normalize("NFC", second)
 
 
 def _is_real(value: object) -> bool:
@@ -311,6 +329,9 @@ class ShareFactors:
         self.base_model = base_model
         self.conv_layers = set(conv_layers or ())  # 1x1 convolutions: exported LoRAs use (a, b, 1, 1) kernels
         self.storage_dtype = torch.float32  # dtype of bases and cores on disk (see save_factors)
+        # (folder, tensor file) of the checkpoint these factors were loaded from or last saved to: a save into that
+        # folder refuses to overwrite a checkpoint another process saved meanwhile (see save_factors).
+        self.checkpoint_version: tuple[Path, str] | None = None
 
     # -- construction ---------------------------------------------------------------------------
 
@@ -409,6 +430,9 @@ class ShareFactors:
         for index, style in enumerate(self.styles):
             if style.name == name:
                 return index
+        composed = [index for index, style in enumerate(self.styles) if _same_text(style.name, name)]
+        if len(composed) == 1:  # the name typed in another Unicode form than the one held
+            return composed[0]
         known = ", ".join(repr(n) for n in self.style_names) or "none"
         raise StyleError(f"unknown style {name!r}; styles held: {known}")
 
