@@ -218,6 +218,8 @@ def resolve_lora_file(
     repo_id = str(repo_id_or_path)
     if repo_id.count("/") != 1 or repo_id.startswith(("/", ".")):
         raise HubError(f"{repo_id!r} is neither an existing file or folder nor a Hub repo id like 'user/name'")
+    if repo_id.lower().endswith(".safetensors"):  # 'loras/typo.safetensors': a path mistyped, not a repository
+        raise HubError(f"no such file: {repo_id} (a Hub repo id names a repository; give a file in one as weight_name)")
     if weight_name is None:
         if local_files_only:
             raise HubError(f"pass weight_name=... to load {repo_id} from the cache without listing the repo")

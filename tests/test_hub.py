@@ -141,8 +141,20 @@ def test_merge_lora_by_hub_id_records_provenance(published, hub, tmp_path):
             lambda p, c: p.merge_lora("not a repo id", cache_dir=c),
             "neither an existing file or folder nor a Hub repo id",
         ),
+        (  # was tried as a Hub repo: "could not reach the Hub for the file list of loras/typo.safetensors"
+            lambda p, c: p.merge_lora("loras/typo.safetensors", cache_dir=c),
+            r"^no such file: loras/typo.safetensors \(a Hub repo id names a repository",
+        ),
     ],
-    ids=["missing-repo", "missing-file", "missing-revision", "missing-subfolder", "offline-no-cache", "bad-id"],
+    ids=[
+        "missing-repo",
+        "missing-file",
+        "missing-revision",
+        "missing-subfolder",
+        "offline-no-cache",
+        "bad-id",
+        "mistyped-relative-path",
+    ],
 )
 def test_hub_errors_are_specific_and_change_nothing(published, tmp_path, call, message):
     pipe = fresh_pipe()
