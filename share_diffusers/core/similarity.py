@@ -227,28 +227,32 @@ def style_drift(before, after) -> dict[str, float]:
 
     ``before``, ``after``: :class:`ShareFactors` or :class:`~.factors.FactorsSnapshot` of one model (anything
     with ``layers`` and ``style_names``). Per style, ``sqrt(sum_l ||R'_l - R_l||^2) / sqrt(sum_l ||R_l||^2)``,
-    ``R_l = basis_out C_l basis_in.T`` its reconstruction on layer ``l`` before and ``R'_l`` after: with
-    orthonormal bases ``||R' - R||^2 = ||C'||^2 + ||C||^2 - 2 <C', (B'_out.T B_out) C (B_in.T B'_in)>``, so only
-    ``k x k`` products. This is what a merge does to the other styles' pictures; their stored errors after it
-    are only upper bounds (DESIGN 3). A style with no update before gets 0.
+    ``R_l = basis_out C_l basis_in.T`` its reconstruction on layer ``l`` before and ``R'_l`` after:
+    ``||R' - R||^2 = ||R'||^2 + ||R||^2 - 2 <C', (B'_out.T B_out) C (B_in.T B'_in)>`` with ``||R||^2`` from the
+    bases' Grams (:func:`_reconstruction_energy`), so only ``k x k`` products. This is what a merge does to the
+    other styles' pictures; their stored errors after it are only upper bounds (DESIGN 3). A style with no
+    update before gets 0.
     """
     names = [name for name in after.style_names if name in before.style_names]
     old_rows = torch.tensor([before.style_names.index(name) for name in names], dtype=torch.long)
     new_rows = torch.tensor([after.style_names.index(name) for name in names], dtype=torch.long)
     moved = torch.zeros(len(names), dtype=torch.float64)
     energy = torch.zeros(len(names), dtype=torch.float64)
+    half_before, half_after = (
+        getattr(bank, "storage_dtype", torch.float32) != torch.float32 for bank in (before, after)
+    )
     for layer_name in sorted(set(before.layers) | set(after.layers)):
         old, new = before.layers.get(layer_name), after.layers.get(layer_name)
         old_cores = old.cores()[old_rows].to(torch.float64) if old is not None and old.k > 0 else None
         new_cores = new.cores()[new_rows].to(torch.float64) if new is not None and new.k > 0 else None
-        old_energy = (old_cores**2).sum(dim=(1, 2)) if old_cores is not None else 0.0
-        new_energy = (new_cores**2).sum(dim=(1, 2)) if new_cores is not None else 0.0
+        old_energy = _reconstruction_energy(old, old_cores, half_before) if old_cores is not None else 0.0
+        new_energy = _reconstruction_energy(new, new_cores, half_after) if new_cores is not None else 0.0
         moved += old_energy + new_energy
         energy += old_energy
         if old_cores is not None and new_cores is not None:
-            # The n-sized products in the stored dtype (float32: ~0.1 s at FLUX.1 size, a tenth of a merge); the
-            # round-off then puts a floor of ~5e-4 under the drift, well below what is shown (0.1%).
-            dtype = torch.promote_types(new.basis_out.dtype, old.basis_out.dtype)
+            # The n-sized products in the stored dtype, at least float32 (float32: ~0.1 s at FLUX.1 size, a tenth
+            # of a merge); the round-off then puts a floor of ~5e-4 under the drift, below what is shown (0.1%).
+            dtype = torch.promote_types(torch.promote_types(new.basis_out.dtype, old.basis_out.dtype), torch.float32)
             to_new_out = (new.basis_out.to(dtype).T @ old.basis_out.to(dtype)).to(torch.float64)  # (k', k)
             to_new_in = (old.basis_in.to(dtype).T @ new.basis_in.to(dtype)).to(torch.float64)  # (k, k')
             moved -= 2 * (new_cores * (to_new_out @ old_cores @ to_new_in)).sum(dim=(1, 2))
@@ -256,6 +260,22 @@ def style_drift(before, after) -> dict[str, float]:
         name: math.sqrt(max(float(moved[i]), 0.0) / float(energy[i])) if float(energy[i]) > 0 else 0.0
         for i, name in enumerate(names)
     }
+
+
+def _reconstruction_energy(layer, cores: torch.Tensor, from_half: bool) -> torch.Tensor:
+    """``||basis_out C basis_in.T||^2`` of each ``(k, k)`` core, ``(t,)``: ``||C||^2`` for orthonormal bases.
+
+    Bases read back from a bfloat16 / float16 checkpoint (``from_half``) are orthonormal only to their rounding
+    (Grams off the identity by up to 8e-4), and the drift, a square root of a difference of such energies, then
+    showed 1-2% for styles that had moved 0.05%: there ``<C, G_out C G_in>`` with the bases' Grams (two more
+    n-sized products a layer, which float32 banks do not pay).
+    """
+    if not from_half:
+        return (cores**2).sum(dim=(1, 2))
+    dtype = torch.promote_types(layer.basis_out.dtype, torch.float32)
+    gram_out = (layer.basis_out.to(dtype).T @ layer.basis_out.to(dtype)).to(torch.float64)
+    gram_in = (layer.basis_in.to(dtype).T @ layer.basis_in.to(dtype)).to(torch.float64)
+    return (cores * (gram_out @ cores @ gram_in)).sum(dim=(1, 2))
 
 
 def near_duplicates(
