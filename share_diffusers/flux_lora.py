@@ -239,7 +239,9 @@ def _check_raw_keys(tensors: dict[str, torch.Tensor], origin: str) -> list[str]:
     """
     dropped = []
     for key, tensor in tensors.items():
-        whole_alpha = key.endswith(".alpha") and tensor.numel() == 1 and tensor.dtype != torch.bool
+        if key.endswith(".alpha") and tensor.numel() != 1:
+            raise LoraFormatError(f"{origin}: tensor {key!r} holds {tensor.numel()} values; an alpha is one number")
+        whole_alpha = key.endswith(".alpha") and tensor.dtype != torch.bool
         if not tensor.is_floating_point() and not (whole_alpha and not tensor.is_complex()):
             # A quantized or corrupt file: its integers (or complex numbers, bools) would be read as weights.
             raise LoraFormatError(

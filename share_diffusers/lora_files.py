@@ -211,7 +211,9 @@ def lora_layers_from_state_dict(
         match = _LORA_KEY.match(name)
         if match:
             pairs.setdefault(match["layer"], {})[match["which"]] = tensor
-        elif name.endswith(".alpha") and tensor.numel() == 1:
+        elif name.endswith(".alpha"):
+            if tensor.numel() != 1:
+                raise LoraFormatError(f"{origin}: tensor {key!r} holds {tensor.numel()} values; an alpha is one number")
             alpha = float(tensor.double().item())
             if not math.isfinite(alpha):
                 raise LoraFormatError(f"{origin}: tensor {key!r} holds alpha {alpha}; an alpha must be a finite number")

@@ -512,3 +512,27 @@ def test_loras_without_flux_transformer_layers_say_what_they_hold(pipe, foreign,
         pipe.merge_lora(foreign[case], style_name="bad")
     assert "\n" not in str(caught.value) and "'no transformer layer'" not in str(caught.value)
     _assert_unchanged(pipe, before)
+
+
+def test_an_alpha_of_several_values_is_refused_by_key(tmp_path):
+    """A vector ``alpha`` was ignored by the plain reader (the LoRA merged at scale 1) and gave torch's bare
+    "only one element tensors can be converted to Python scalars" in the Flux reader."""
+    from share_diffusers.flux_lora import convert_flux_lora
+    from share_diffusers.lora_files import load_lora
+
+    generator = torch.Generator().manual_seed(0)
+    path = tmp_path / "lora.safetensors"
+    tensors = {
+        "blocks.0.to_q.lora_A.weight": torch.randn(2, 24, generator=generator),
+        "blocks.0.to_q.lora_B.weight": torch.randn(32, 2, generator=generator),
+        "blocks.0.to_q.alpha": torch.tensor([4.0, 4.0, 4.0]),
+    }
+    save_file(tensors, str(path))
+    message = r"lora.safetensors: tensor 'blocks.0.to_q.alpha' holds 3 values; an alpha is one number"
+    with pytest.raises(LoraFormatError, match=message):
+        load_lora(path)
+    flux = load_file(str(write_diffusers_lora(tmp_path / "ink", seed=1, rank=4, alpha=8)))
+    alpha_key = next(key for key in flux if key.endswith(".lora_A.weight")).removesuffix(".lora_A.weight") + ".alpha"
+    flux[alpha_key] = torch.tensor([8.0, 8.0])
+    with pytest.raises(LoraFormatError, match=f"ink.safetensors: tensor '{alpha_key}' holds 2 values; an alpha is"):
+        convert_flux_lora(flux, origin="ink.safetensors")
