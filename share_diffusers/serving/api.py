@@ -466,7 +466,7 @@ def create_app(
                     )
                 except (ShareError, ValueError, OSError) as error:  # named by the upload, not the server's temp path
                     message = error_line(error).replace(f"{folder}/", "")
-                    raise _Refused(message, "file", reason="merge_failed") from None
+                    raise _Refused(message, None, reason="merge_failed") from None
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
         finally:
