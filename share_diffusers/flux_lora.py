@@ -21,7 +21,13 @@ from diffusers.utils.peft_utils import get_peft_kwargs
 from .core.adapters import LoraLayer
 from .core.errors import FactorValueError, LoraFormatError
 from .core.factors import map_layers
-from .lora_files import check_supported_key, is_peft_state_dict, lora_layers_from_state_dict, peft_lora_layers
+from .lora_files import (
+    check_alpha_size,
+    check_supported_key,
+    is_peft_state_dict,
+    lora_layers_from_state_dict,
+    peft_lora_layers,
+)
 
 # The attention linears of FLUX.1 (paper's and DESIGN's default Share targets).
 FLUX_ATTENTION_TARGETS = (
@@ -239,10 +245,10 @@ def _check_raw_keys(tensors: dict[str, torch.Tensor], origin: str) -> list[str]:
     """
     dropped = []
     for key, tensor in tensors.items():
-        if key.endswith(".alpha") and tensor.numel() != 1:
-            raise LoraFormatError(f"{origin}: tensor {key!r} holds {tensor.numel()} values; an alpha is one number")
-        whole_alpha = key.endswith(".alpha") and tensor.dtype != torch.bool
-        if not tensor.is_floating_point() and not (whole_alpha and not tensor.is_complex()):
+        if key.endswith(".alpha"):
+            check_alpha_size(key, tensor, origin)
+        integer_alpha = key.endswith(".alpha") and not tensor.is_complex() and tensor.dtype != torch.bool
+        if not tensor.is_floating_point() and not integer_alpha:
             # A quantized or corrupt file: its integers (or complex numbers, bools) would be read as weights.
             raise LoraFormatError(
                 f"{origin}: tensor {key!r} holds {str(tensor.dtype).removeprefix('torch.')} values; a LoRA's "

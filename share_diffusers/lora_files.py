@@ -65,6 +65,12 @@ def _widened(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to(torch.bfloat16) if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
+def check_alpha_size(key: str, tensor: torch.Tensor, origin: str) -> None:
+    """Refuse an ``.alpha`` tensor of several values (``origin``: the file, for the message)."""
+    if tensor.numel() != 1:
+        raise LoraFormatError(f"{origin}: tensor {key!r} holds {tensor.numel()} values; an alpha is one number")
+
+
 def load_lora(path: str | os.PathLike, config_path: str | os.PathLike | None = None) -> LoraAdapter:
     """Read a LoRA from a PEFT adapter folder or a ``.safetensors`` file.
 
@@ -212,8 +218,7 @@ def lora_layers_from_state_dict(
         if match:
             pairs.setdefault(match["layer"], {})[match["which"]] = tensor
         elif name.endswith(".alpha"):
-            if tensor.numel() != 1:
-                raise LoraFormatError(f"{origin}: tensor {key!r} holds {tensor.numel()} values; an alpha is one number")
+            check_alpha_size(key, tensor, origin)
             alpha = float(tensor.double().item())
             if not math.isfinite(alpha):
                 raise LoraFormatError(f"{origin}: tensor {key!r} holds alpha {alpha}; an alpha must be a finite number")

@@ -243,7 +243,9 @@ class ServingEngine:
         self._names = frozenset(entry["name"] for entry in catalog)
         # A name kept keeps its id (a whole checkpoint rolled out with the same names serves queued requests with
         # the new revision); a name that left the bank and came back gets a new one.
-        self._style_ids = {name: self._style_ids.get(name, next(self._next_id)) for name in self._names}
+        self._style_ids = {
+            name: self._style_ids[name] if name in self._style_ids else next(self._next_id) for name in self._names
+        }
         # What per-block weights are checked against, off the pipeline (validation never waits for a batch).
         share = self.pipe.share
         self._layers = list(share.layers) if share is not None else []
