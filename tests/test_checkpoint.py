@@ -118,6 +118,11 @@ def _corrupt_tensor(path, key, value):
         (lambda d, w: _edit_json(d, format_version="one"), "unknown format_version 'one'"),
         (lambda d, w: _edit_json(d, format="something-else"), "not a share-diffusers checkpoint"),
         (lambda d, w: (d / "share_config.json").unlink(), "share_config.json is missing"),
+        (
+            lambda d, w: _edit_json(d, dtype="bfloat16"),
+            "'blocks.0.to_q.basis_out' has dtype torch.float32, but share_config.json says the bases and cores are "
+            "stored in bfloat16",
+        ),
     ],
     ids=[
         "shape",
@@ -130,6 +135,7 @@ def _corrupt_tensor(path, key, value):
         "unknown-version",
         "not-ours",
         "no-config",
+        "dtype-not-as-described",
     ],
 )
 def test_corrupt_checkpoints_are_refused(tmp_path, factors, damage, message):

@@ -305,6 +305,12 @@ INVALID = [
     (body(style={"ink": 10**400}), "style", "the weight of style 'ink' must be a number"),  # float() overflows
     (body(style={"ink": {"double": 10**400}}), "style", "block weight 'double' of style 'ink' must be a number"),
     (body(stlye="ink"), "stlye", "Extra inputs are not permitted"),
+    # JSON types as written: pydantic's lax mode read these as 1, 2, 3 and 1.0.
+    (body(n=True), "n", "Input should be a valid integer"),
+    (body(n="2"), "n", "Input should be a valid integer"),
+    (body(seed=3.0), "seed", "Input should be a valid integer"),
+    (body(style_scale=True), "style_scale", "Input should be a valid number"),
+    (body(guidance_scale="3"), "guidance_scale", "Input should be a valid number"),
     (
         body(style={"ink": {"double.7": 1.0}}),
         "style",

@@ -524,6 +524,12 @@ def load_factors(
                 )
             if not tensor.is_floating_point():
                 raise ShareCheckpointError(f"{weights_path.name}: tensor {key!r} has dtype {tensor.dtype}, not float")
+            if tensor_name in FACTOR_NAMES and tensor.dtype != storage_dtype:
+                # A later save writes the document's dtype: loading on would change the numbers unannounced.
+                raise ShareCheckpointError(
+                    f"{weights_path.name}: tensor {key!r} has dtype {tensor.dtype}, but {CONFIG_NAME} says the "
+                    f"bases and cores are stored in {document.get('dtype', 'float32')}"
+                )
             if not bool(torch.isfinite(tensor).all()):
                 raise ShareCheckpointError(f"{weights_path.name}: tensor {key!r} contains NaN or Inf")
             if tensor_name in ("norm", "error") and bool((tensor < 0).any()):

@@ -48,9 +48,11 @@ the pipeline's output before PNG rounding, for clients that compare images exact
 
 class ImageRequest(BaseModel):
     """The body of ``POST /v1/images/generations``. Unknown fields are refused (a typo is not ignored),
-    except OpenAI's ``model``, ``user`` and ``quality``, which are accepted and ignored: one model is served."""
+    except OpenAI's ``model``, ``user`` and ``quality``, which are accepted and ignored: one model is served.
+    Types are strict, as JSON writes them: ``"n": true`` or ``"n": "2"`` is refused, not read as 1 or 2
+    (a number where a number is meant; an integer is a float)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: str = Field(min_length=1, max_length=4000, description="what to draw")
     n: int | None = Field(default=1, ge=1, description="images to make (1 if null); image i uses seed + i")
@@ -169,7 +171,7 @@ class StyleList(BaseModel):
 class MergeRequest(BaseModel):
     """``POST /v1/styles`` with a JSON body: merge a LoRA from the Hub (an upload goes as multipart instead)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     hub_id: str = Field(min_length=3, description="Hub repo id of the LoRA, user/name")
     name: str | None = Field(default=None, description="the new style's name (default: the repo's name)")
