@@ -9,7 +9,7 @@ What is timed, in interleaved rounds (A B C A B C ...; medians, and min-max), af
 - Share, per layer: ``ShareFactors.merge(..., batch_layers=False)``, every layer on its own
   (``subspace.merge_layer``) on the thread pool;
 - Share, batched: ``ShareFactors.merge`` as it runs by default, layers of one class merged together with batched
-  linear algebra (``subspace.merge_layers``) in chunks on the thread pool;
+  linear algebra (``batched_merge.merge_layers``) in chunks on the thread pool;
 - PEFT: ``FluxTransformer2DModel.load_lora_adapter`` of the same LoRA (the same tensors, as a diffusers state
   dict) into a transformer with random bf16 weights, built on the meta device, then ``to_empty`` and filled on
   the CPU. The adapter is deleted again after each round (not timed).

@@ -15,10 +15,12 @@ from launch_helpers import run_benchmark
 
 from share_diffusers.core import LoraAdapter, LoraLayer, ShareConfig, ShareFactors
 from share_diffusers.core import adapters as adapters_module
+from share_diffusers.core import batched_merge as batched_merge_module
 from share_diffusers.core import factors as factors_module
 from share_diffusers.core import subspace as subspace_module
+from share_diffusers.core.batched_merge import merge_layers
 from share_diffusers.core.errors import FactorValueError
-from share_diffusers.core.subspace import LAYER_TENSORS, fit_layer, merge_layer, merge_layers, to_storage
+from share_diffusers.core.subspace import LAYER_TENSORS, fit_layer, merge_layer, to_storage
 
 # Held by the bank: three classes (a*, b*, and c alone); n* are new to the bank.
 HELD = {**{f"a{i}": (40, 32) for i in range(4)}, **{f"b{i}": (24, 36) for i in range(3)}, "c": (48, 20)}
@@ -141,7 +143,8 @@ def test_merge_layers_equals_merge_layer_in_float64(config, stored, turn_group, 
     entries = [new.layers[name].canonical() for name in shapes]
     expected = [merge_layer(layer, entry, config.rule) for layer, entry in zip(layers, entries, strict=True)]
     if turn_group is not None:  # the held cores turned in groups of this many layers (the last one short)
-        monkeypatch.setattr(subspace_module, "TURN_GROUP_BYTES", turn_group * layers[0].core_out[0].numel() * 3 * 8)
+        group_bytes = turn_group * layers[0].core_out[0].numel() * 3 * 8
+        monkeypatch.setattr(batched_merge_module, "TURN_GROUP_BYTES", group_bytes)
     actual = merge_layers(layers, entries, config.rule)
     for index, (want, got) in enumerate(zip(expected, actual, strict=True)):
         _assert_same_layer(want, got, 1e-10, f"layer {index}: ")
@@ -297,14 +300,14 @@ def test_a_bad_layer_in_a_batch_is_named_and_nothing_changes(damage, message):
 def test_batched_merge_work_does_not_grow_with_styles_held(monkeypatch):
     shapes = {f"l{i}": (64, 48) for i in range(3)}
     calls = []
-    original = subspace_module._decompose_stack
+    original = batched_merge_module._decompose_stack
 
     def recording(stack, inner, orthonormalize_first):
         calls.append(tuple(stack.shape))
         return original(stack, inner, orthonormalize_first)
 
     factors = ShareFactors.fit([random_adapter(shapes, 4, seed=0)], ["s0"], ShareConfig(rank=8, pseudo_rank=2))
-    monkeypatch.setattr(subspace_module, "_decompose_stack", recording)
+    monkeypatch.setattr(batched_merge_module, "_decompose_stack", recording)
     sizes = {}
     for count in range(1, 20):
         calls.clear()

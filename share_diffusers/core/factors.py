@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .adapters import FIT_DEVICE, LoraAdapter, all_finite, canonical_forms, resolve_fit_device
+from .batched_merge import merge_class_key, merge_layers
 from .errors import FactorValueError, ShapeMismatchError, ShareValueError, StyleError
 from .subspace import (
     LAYER_TENSORS,
@@ -39,9 +40,7 @@ from .subspace import (
     delete_from_layer,
     empty_layer,
     fit_layer,
-    merge_class_key,
     merge_layer,
-    merge_layers,
     on_device,
     replace_in_layer,
     to_fit,
@@ -454,7 +453,7 @@ class ShareFactors:
         for the earlier styles. The adapter's factors may be on any device and in any dtype.
 
         ``batch_layers`` (default) merges the layers of one shape class together with batched linear
-        algebra (:func:`~.subspace.merge_layers`, the same maths as one layer at a time to float64
+        algebra (:func:`~.batched_merge.merge_layers`, the same maths as one layer at a time to float64
         rounding) in chunks spread over the threads; False merges every layer on its own
         (:func:`~.subspace.merge_layer`, the reference the batched path is tested against).
 
