@@ -59,6 +59,8 @@ from .runtime import (
     TINY_RANDOM_DEFAULTS,
     USER_ERRORS,
     call_arguments,
+    check_guidance,
+    check_seed,
     defaults_for,
     error_line,
     format_style,
@@ -542,6 +544,9 @@ def _image_format(path: Path) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     _image_format(Path(args.output))
+    check_seed(args.seed)
+    if args.guidance is not None:
+        check_guidance(args.guidance)
     style = parse_style(args.style)  # before the minutes a real model may take to load
     pipe = load_pipeline(args.model, args.device, args.dtype, progress=not args.quiet, quantize=args.quantize)
     pipe.set_progress_bar_config(disable=args.quiet)

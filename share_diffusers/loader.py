@@ -342,6 +342,8 @@ class ShareLoaderMixin:
                     f"style {share.fused_style!r} is fused; unfuse_style() before choosing a default style"
                 )
             share.weights_for(style, style_scale)  # validate now, not at call time
+            # Names as the bank spells them, so that a rename or delete finds them (another Unicode form resolves).
+            style = _as_held(style, share.factors)
         self._default_style, self._default_style_scale = style, style_scale
 
     def snapshot_share(self) -> FactorsSnapshot | None:
@@ -372,14 +374,21 @@ class ShareLoaderMixin:
             self._default_style = None
 
     def delete_style(self, name: str) -> None:
-        self._require_share().delete_style(name)
-        if _mentions(self._default_style, name):
+        share = self._require_share()
+        share.delete_style(name)
+        held = {style.name for style in share.factors.styles}
+        if self._default_style is not None and not _only_mentions(self._default_style, held):
             self._default_style = None
 
     def rename_style(self, old: str, new: str) -> None:
         """Rename a style; the default style from :meth:`set_style` follows the new name."""
-        self._require_share().rename_style(old, new)
-        self._default_style = _renamed(self._default_style, old, new)
+        share = self._require_share()
+        names = [style.name for style in share.factors.styles]
+        share.rename_style(old, new)
+        # The names as the bank spells them before and after (either may have been typed in another Unicode form).
+        index = next((i for i, style in enumerate(share.factors.styles) if style.name != names[i]), None)
+        if index is not None:
+            self._default_style = _renamed(self._default_style, names[index], share.factors.styles[index].name)
 
     def fuse_style(self, style: StyleSpec, style_scale: float = 1.0, exact: bool = True) -> None:
         """Fuse a style or blend into the transformer weights: base-model speed; undo with ``unfuse_style``.
@@ -537,6 +546,15 @@ def _peft_adapter_config(path: Path, source: dict, hub: dict) -> dict | None:
     return read_adapter_config(config_path) if config_path is not None else None
 
 
+def _as_held(style, factors):
+    """``style`` (a spec or list of specs) with every name spelt as the bank holds it."""
+    if isinstance(style, list | tuple):
+        return type(style)(_as_held(item, factors) for item in style)
+    if isinstance(style, dict):
+        return {factors.styles[factors.style_index(name)].name: weight for name, weight in style.items()}
+    return factors.styles[factors.style_index(style)].name if isinstance(style, str) else style
+
+
 def _renamed(style, old: str, new: str):
     """``style`` (a spec or list of specs) with the style ``old`` called ``new``."""
     if isinstance(style, list | tuple):
@@ -553,9 +571,3 @@ def _only_mentions(style, names: set[str]) -> bool:
     if isinstance(style, dict):
         return all(name in names for name in style)
     return style is None or style in names
-
-
-def _mentions(style, name: str) -> bool:
-    if isinstance(style, list | tuple):
-        return any(_mentions(item, name) for item in style)
-    return style == name or (isinstance(style, dict) and name in style)

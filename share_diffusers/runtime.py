@@ -40,6 +40,9 @@ __all__ = [
     "TINY_RANDOM",
     "TINY_RANDOM_DEFAULTS",
     "USER_ERRORS",
+    "MAX_SEED",
+    "check_seed",
+    "check_guidance",
     "BlockWeight",
     "GenerationDefaults",
     "StyleSpec",
@@ -67,6 +70,17 @@ DEFAULT_PROMPTS = tuple(prompt_for(CLASS_NAMES.index(name)) for name in ("sneake
 
 USER_ERRORS = (ShareError, ValueError, OSError)
 """What bad input raises (a file, a name, a number, a Hub id): shown as one line, never as a traceback."""
+
+MAX_SEED = 2**32 - 1
+"""Largest seed the studio, the server and ``generate`` take (numpy's range, what most image UIs show)."""
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, refused unless a whole number from 0 to :data:`MAX_SEED` (torch's generator
+    takes only what fits in 64 bits, and a bool or a float is a mistake, not a seed)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+    return int(seed)
 
 
 def error_line(error: BaseException) -> str:
@@ -284,17 +298,23 @@ class GenerationDefaults:
     # The random tiny pipeline: 4 images of 256x256 at 16 steps (2**22) took 8 s on 2 CPU cores; half that.
     max_work: int = 2**21
     pixel_art: bool = True
+    max_guidance: float = 30.0
 
-    def check_call(self, images: int, steps: int, width: int, height: int) -> None:
+    def check_call(self, images: int, steps: int, width: int, height: int, guidance: float | None = None) -> None:
         """Refuse a call outside the limits, with a one-line message that says what to change.
 
         Raises:
-            ValueError: more than ``max_batch`` images, steps outside ``1..max_steps``, a side that is not a
-                multiple of ``size_step`` from ``size_step`` to ``max_size`` (the pipeline would silently
-                resize it), or more than ``max_work`` pixel-steps in all.
+            ValueError: more than ``max_batch`` images, steps not a whole number from 1 to ``max_steps``, a side
+                that is not a multiple of ``size_step`` from ``size_step`` to ``max_size`` (the pipeline would
+                silently resize it), more than ``max_work`` pixel-steps in all, or a guidance (if given) that
+                is not from 0 to ``max_guidance``.
         """
         if images > self.max_batch:
             raise ValueError(f"at most {self.max_batch} images per call, got {images}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise ValueError(f"steps must be a whole number, got {steps!r}")
+        if guidance is not None and not 0.0 <= _finite_or_nan(guidance) <= self.max_guidance:
+            raise ValueError(f"guidance must be from 0 to {self.max_guidance:g}, got {guidance!r}")
         if not 1 <= steps <= self.max_steps:
             raise ValueError(f"steps must be from 1 to {self.max_steps}, got {steps}")
         step, largest = self.size_step, self.max_size
@@ -374,12 +394,31 @@ def call_arguments(
     """
     from .pipeline_flux import guidance_arguments
 
+    if guidance is not None:
+        check_guidance(guidance)
     return dict(
         num_inference_steps=defaults.steps if steps is None else steps,
         width=defaults.width if width is None else width,
         height=defaults.height if height is None else height,
         **guidance_arguments(pipe, defaults.guidance if guidance is None else guidance, batch_size),
     )
+
+
+def check_guidance(guidance) -> None:
+    """Refuse a guidance that is not a finite number from 0 (NaN or inf draws a black image, silently)."""
+    if not 0.0 <= _finite_or_nan(guidance):
+        raise ValueError(f"guidance must be a finite number from 0, got {guidance!r}")
+
+
+def _finite_or_nan(value) -> float:
+    """``value`` as a float when it is a finite real number, else NaN (which every comparison refuses)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return math.nan
+    try:
+        value = float(value)
+    except OverflowError:  # an integer of hundreds of digits
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 # -- loading ------------------------------------------------------------------------------------

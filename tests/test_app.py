@@ -215,9 +215,34 @@ def test_pick_seed():
         pick_seed(None, False)
     with pytest.raises(ValueError, match="the seed must be a whole number from 0 to 4294967295, got 1.5"):
         pick_seed(1.5, False)
-    for seed in (float("inf"), float("nan"), -1, 2**32):
+    for seed in (float("inf"), float("nan"), -1, 2**32, True):
         with pytest.raises(ValueError, match="the seed must be a whole number"):
             pick_seed(seed, False)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(guidance=float("nan")), "guidance must be a finite number from 0, got nan"),  # drew a black image
+        (dict(guidance=float("inf")), "guidance must be a finite number from 0, got inf"),
+        (dict(guidance=-1.0), "guidance must be a finite number from 0, got -1.0"),
+        (dict(guidance=31), "guidance must be from 0 to 30, got 31"),
+        (dict(steps=2.5), "steps must be a whole number, got 2.5"),  # torch's TypeError from inside diffusers
+        (dict(seed=2**64), "the seed must be a whole number from 0 to 4294967295, got 18446744073709551616"),
+        (dict(seed=-1), "the seed must be a whole number from 0 to 4294967295, got -1"),
+        (dict(seed=1.0), "the seed must be a whole number from 0 to 4294967295, got 1.0"),
+    ],
+)
+def test_studio_generate_refuses_bad_settings_from_python(settings, message, monkeypatch):
+    studio = tiny_studio()
+
+    def no_call(*args, **kwargs):
+        raise AssertionError("the pipeline ran")
+
+    monkeypatch.setattr(ShareFluxPipeline, "__call__", no_call)
+    call = dict(seed=0, steps=2, width=32, height=32) | settings
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        studio.generate(["a cat"], ["ink"], **call)
 
 
 def test_default_prompts_are_what_the_demo_model_draws():

@@ -290,8 +290,22 @@ def test_generate_defaults_have_one_source(capsys):
             ["--style", "ink=0.5[double=1]"],
             "blend entry 'ink=0.5[double=1]': give 'ink' a weight (ink=0.5) or per-block weights",
         ),
+        (["--seed", "-1"], "the seed must be a whole number from 0 to 4294967295, got -1"),
+        (["--seed", str(2**64)], "the seed must be a whole number from 0 to 4294967295, got 18446744073709551616"),
+        (["--guidance", "nan"], "guidance must be a finite number from 0, got nan"),  # drew a black image
     ],
-    ids=["style", "missing-folder", "not-a-pipeline", "device", "quantize", "no-image-suffix", "per-block-style"],
+    ids=[
+        "style",
+        "missing-folder",
+        "not-a-pipeline",
+        "device",
+        "quantize",
+        "no-image-suffix",
+        "per-block-style",
+        "negative-seed",
+        "huge-seed",
+        "nan-guidance",
+    ],
 )
 def test_generate_refuses_bad_input_before_loading_in_one_line(tmp_path, capsys, extra, message):
     extra = [arg.replace("{tmp}", str(tmp_path)) for arg in extra]

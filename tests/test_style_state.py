@@ -290,3 +290,59 @@ def test_restore_refuses_a_snapshot_of_another_model_and_a_fused_style():
     share.unfuse_style()
     share.restore(bank)
     assert share.style_names == NAMES
+
+
+def test_a_style_named_twice_in_a_blend_is_refused():
+    """Two Unicode spellings of one name are one style: added (plain) or dropped (next to per-block) before."""
+    pipe, share = _flux_with_styles()
+    share.rename_style("ink", "caf\u00e9")  # composed é
+    decomposed = "cafe\u0301"
+    share.set_style("neon")
+    before = share.selection.weights.clone()
+    for blend in ({"caf\u00e9": 0.5, decomposed: 0.5}, {"caf\u00e9": 0.5, decomposed: {"*": 0.5}}):
+        with pytest.raises(
+            StyleError, match=r"style 'café' appears twice in a blend, spelt 'caf\\xe9' and 'cafe\\u0301'"
+        ):
+            share.set_style(blend)
+    assert torch.equal(share.selection.weights, before)  # the refused blends changed nothing
+    share.set_style({decomposed: 0.5})  # one spelling alone is the style
+    assert share.selection.weights[0, share.factors.style_index("caf\u00e9")] == 0.5
+
+
+def test_a_bank_edit_inside_a_styles_block_is_kept_and_a_users_error_is_not_replaced():
+    pipe, share = _flux_with_styles(num_styles=2)
+    shapes = {name: (layer.out_features, layer.in_features) for name, layer in share.layers.items()}
+    inputs = transformer_inputs(batch=1)
+    share.set_style("neon")
+    with share.styles("ink"):  # the merge clears the selection: the one before selected another bank's styles
+        share.merge(random_adapter(shapes, rank=4, seed=30), "sepia")
+    assert share.selection.weights is None
+    share.set_style("neon")
+    with pytest.raises(KeyboardInterrupt, match="the user's own"):
+        with share.styles("ink"):
+            share.delete_style("sepia")
+            raise KeyboardInterrupt("the user's own")
+    assert share.selection.weights is None
+    base = run_transformer(pipe.transformer, inputs)
+    share.set_style("neon")
+    with share.styles("ink"):  # a style fused inside the block is not styled once more after it
+        share.fuse_style("ink")
+    assert share.selection.weights is None
+    fused = run_transformer(pipe.transformer, inputs)
+    share.unfuse_style()
+    with share.styles("ink"):
+        assert torch.allclose(run_transformer(pipe.transformer, inputs), fused, atol=1e-5)
+    assert not torch.allclose(fused, base)
+
+
+def test_the_default_style_follows_a_rename_and_a_delete_in_any_unicode_form():
+    pipe, share = _flux_with_styles()
+    share.rename_style("ink", "caf\u00e9")
+    decomposed = "cafe\u0301"
+    pipe.set_style(decomposed)  # resolves to the style held as "café" (composed)
+    pipe.rename_style(decomposed, "ink")
+    assert pipe._default_style == "ink"
+    pipe.rename_style("ink", decomposed)  # stored as given... and followed as stored
+    pipe.set_style({decomposed: 0.5, "neon": 0.5})
+    pipe.delete_style("caf\u00e9")
+    assert pipe._default_style is None  # a default naming a deleted style is dropped

@@ -85,11 +85,16 @@ def style_weights(
         if isinstance(spec, str):
             row[factors.style_index(spec)] = float(scale)
         elif isinstance(spec, dict):
+            named = {}  # style index: the name the blend gave it
             for name, weight in spec.items():
                 index = factors.style_index(name)
+                if index in named:  # two spellings of one name (Unicode forms): one weight each would be ambiguous
+                    raise StyleError(
+                        f"style {factors.styles[index].name!r} appears twice in a blend, spelt {ascii(named[index])} "
+                        f"and {ascii(name)} (one name in two Unicode forms); give it one weight"
+                    )
+                named[index] = name
                 if is_block_weight(weight):
-                    if index in per_layer:
-                        raise StyleError(f"style {name!r} appears twice in a blend with per-block weights")
                     per_layer[index] = _per_layer(name, weight, scale, layers, layout)
                 elif not _is_number(weight) or not math.isfinite(weight):
                     raise StyleError(
@@ -171,6 +176,7 @@ class ShareModel:
         self.block_layout = BlockLayout.of(model)
         # request -> (rows, t) or (layers, rows, t) weights, or None; valid until the bank changes
         self._weights_cache: dict = {}
+        self._selection_resets = 0  # edits of the bank or the weights that invalidated the selection
         model._share_model = self  # ShareModel.of(model) finds it; removed by remove()
 
     @staticmethod
@@ -291,12 +297,20 @@ class ShareModel:
             with ShareModel.of(pipe.transformer).styles(["ink", "neon"], repeat=2):
                 images = pipe(prompt=["a cat", "a dog"], num_images_per_prompt=2).images
         """
-        previous = self.selection.weights
+        previous, resets = self.selection.weights, self._selection_resets
         self.set_style(style, scale, batch_size, repeat)
         try:
             yield self
         finally:
-            self.selection.set_checked(previous)
+            # A merge, delete, restore or fuse inside the block cleared the selection: the one before it
+            # selects styles of another bank (or would apply a style on top of a fused one), so none is restored.
+            if self._selection_resets == resets:
+                self.selection.set_checked(previous)
+
+    def _reset_selection(self) -> None:
+        """No style selected, because the bank or the weights changed under the selection."""
+        self._selection_resets += 1
+        self.selection.clear()
 
     def merge(
         self, adapter: LoraAdapter, name: str, progress: bool = False, device: torch.device | str | None = None
@@ -313,7 +327,7 @@ class ShareModel:
                 f"{unknown[0]!r}; widen target_modules when creating the subspace"
             )
         self.factors.merge(adapter, name, progress=progress, device=device)
-        self.selection.clear()
+        self._reset_selection()
         self.refresh()
 
     def snapshot(self) -> FactorsSnapshot:
@@ -335,7 +349,7 @@ class ShareModel:
                 f"{unknown[0]!r}: it comes from another model"
             )
         self.factors.restore(snapshot)
-        self.selection.clear()
+        self._reset_selection()
         self.refresh()
 
     def replace_style(
@@ -349,7 +363,7 @@ class ShareModel:
     def delete_style(self, name: str) -> None:
         self._check_unfused("delete a style")
         self.factors.delete_style(name)
-        self.selection.clear()
+        self._reset_selection()
         self.refresh()
 
     def rename_style(self, old: str, new: str) -> None:
@@ -389,6 +403,7 @@ class ShareModel:
             self.selection.set_checked(previous)
             raise
         self.fused_style = style
+        self._selection_resets += 1  # a selection from before would style the fused weights a second time
 
     def unfuse_style(self) -> None:
         for layer in self.layers.values():

@@ -30,12 +30,11 @@ from ..core.block_weights import BlockLayout, is_block_weight
 from ..core.errors import StyleError
 from ..core.factors import check_style_weight
 from ..core.model import StyleSpec
-from ..runtime import GenerationDefaults, call_arguments, defaults_for, load_pipeline, load_styles
+from ..runtime import MAX_SEED, GenerationDefaults, call_arguments, defaults_for, load_pipeline, load_styles
 from .schema import ImageRequest
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**32 - 1
 DEFAULT_MAX_UPLOAD_MB = 512  # largest LoRA file that POST /v1/styles takes, uploaded or from the Hub (--max-upload-mb)
 # ASCII digits only (str.isdigit takes "²", which int() refuses) and at most 5 of them (int() refuses
 # thousands); the bounds check below gives the real limits.

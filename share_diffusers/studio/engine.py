@@ -38,11 +38,18 @@ from ..core.similarity import (
 from ..hub import HubFileTooLargeError
 from ..loader import MergeReport, prefetch_lora
 from ..lora_files import refuse_pickle
-from ..runtime import DEFAULT_PROMPTS, GenerationDefaults, StyleSpec, call_arguments, style_caption
+from ..runtime import (
+    DEFAULT_PROMPTS,
+    MAX_SEED,
+    GenerationDefaults,
+    StyleSpec,
+    call_arguments,
+    check_seed,
+    style_caption,
+)
 
 PREVIEW_PROMPT = DEFAULT_PROMPTS[0]
 PREVIEW_SEED = 0
-MAX_SEED = 2**32 - 1
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _GENERIC_FILE_NAMES = ("pytorch_lora_weights", "adapter_model")
 READ_ONLY_MESSAGE = "this studio is read-only: merging and deleting styles are turned off (started with --read-only)"
@@ -63,7 +70,7 @@ def pick_seed(seed: float | None, randomize: bool) -> int:
         return random.randint(0, MAX_SEED)
     if seed is None:
         raise ValueError("enter a seed, or tick 'Randomize seed'")
-    if not math.isfinite(seed) or seed != int(seed) or not 0 <= seed <= MAX_SEED:
+    if isinstance(seed, bool) or not math.isfinite(seed) or seed != int(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
     return int(seed)
 
@@ -290,11 +297,13 @@ class StyleStudio:
         """
         if len(styles) != len(prompts):
             raise ValueError(f"got {len(styles)} styles for {len(prompts)} prompts")
+        seed = check_seed(seed)
         arguments = call_arguments(
             self.pipe, self.defaults, len(prompts), steps=steps, width=width, height=height, guidance=guidance
         )
         total = arguments["num_inference_steps"]
-        self.defaults.check_call(len(prompts), total, arguments["width"], arguments["height"])
+        guidance = self.defaults.guidance if guidance is None else guidance
+        self.defaults.check_call(len(prompts), total, arguments["width"], arguments["height"], guidance)
         # All-None must be passed as None: a pipeline with no styles loaded refuses any style list.
         style = None if all(spec is None for spec in styles) else list(styles)
 
