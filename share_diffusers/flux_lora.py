@@ -315,6 +315,7 @@ def _no_transformer_layers(origin: str, tensors: dict, state_dict: dict) -> Lora
 
 def _transformer_lora_config(transformer_sd: dict, alphas: dict, file_metadata: dict | None, origin: str) -> dict:
     """The ``LoraConfig`` kwargs stock diffusers would build for the transformer part."""
+    transformer_alphas = {k.removeprefix("transformer."): v for k, v in alphas.items() if k.startswith("transformer.")}
     if file_metadata and file_metadata.get(_METADATA_KEY):
         try:
             metadata = json.loads(file_metadata[_METADATA_KEY])
@@ -323,9 +324,15 @@ def _transformer_lora_config(transformer_sd: dict, alphas: dict, file_metadata: 
         if isinstance(metadata, dict):
             prefixed = {k.removeprefix("transformer."): v for k, v in metadata.items() if k.startswith("transformer.")}
             if prefixed:
+                if transformer_alphas:  # two scales for one layer: stock diffusers refuses such a file too
+                    example = next(iter(transformer_alphas))
+                    raise LoraFormatError(
+                        f"{origin} gives its layers' scale twice: '.alpha' tensors (e.g. 'transformer.{example}' "
+                        f"= {transformer_alphas[example]:g}) and adapter metadata ({_METADATA_KEY}: transformer."
+                        f"lora_alpha = {prefixed.get('lora_alpha')!r}); stock diffusers refuses it as well. Keep one"
+                    )
                 _check_metadata_alphas(prefixed, origin)
                 return prefixed
-    transformer_alphas = {k.removeprefix("transformer."): v for k, v in alphas.items() if k.startswith("transformer.")}
     return _alpha_config(transformer_sd, transformer_alphas)
 
 

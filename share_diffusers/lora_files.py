@@ -34,6 +34,10 @@ _LORA_KEY = re.compile(r"^(?P<layer>.+?)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[
 _PEFT_PREFIX = "base_model.model."
 _DORA_MARKERS = ("lora_magnitude_vector", ".dora_scale")  # PEFT's and kohya's names for DoRA magnitudes
 _BIAS_SUFFIXES = (".lora_B.bias", ".diff_b")  # PEFT's lora_bias (diffusers' format) and kohya's / ComfyUI's
+# LyCORIS factors (LoKr: Kronecker products; LoHa: Hadamard products of two low-rank pairs; LoCon's Tucker middle
+# core; OFT: rotations), in kohya's and PEFT's spellings.
+_LYCORIS_KEY = re.compile(r"(?:^|\.)(?P<kind>lokr|hada|lora_mid|oft)[_.]")  # searched in a key's last two parts
+_LYCORIS_NAMES = {"lokr": "LoKr", "hada": "LoHa", "lora_mid": "LoCon (Tucker)", "oft": "OFT"}
 
 
 def refuse_pickle(path: Path) -> None:
@@ -180,8 +184,17 @@ def check_supported_key(key: str, tensor: torch.Tensor, origin: str) -> bool:
     DoRA rescales each column of ``W0 + dW`` by a learned magnitude, and a LoRA bias adds a vector to
     the layer's output: neither is part of the low-rank update ``lora_B @ lora_A`` that the Share
     subspace stores, so merging the rest would give another style than stock diffusers or PEFT.
-    Checked on a file's own keys: diffusers' converters drop ``dora_scale`` and ``diff_b`` keys.
+    Checked on a file's own keys: diffusers' converters drop ``dora_scale`` and ``diff_b`` keys. LyCORIS
+    factors (LoKr, LoHa) describe updates that are no ``lora_B @ lora_A`` either; diffusers drops them beside
+    plain LoRA layers or fails on them.
     """
+    lycoris = _LYCORIS_KEY.search(".".join(key.split(".")[-2:]))
+    if lycoris:
+        kind = _LYCORIS_NAMES[lycoris["kind"]]
+        raise LoraFormatError(
+            f"{origin}: {key!r} is a LyCORIS {kind} factor; LyCORIS adapters are not supported (Share holds the "
+            "low-rank update lora_B @ lora_A only; expected a plain LoRA)"
+        )
     if any(marker in key for marker in _DORA_MARKERS):
         raise LoraFormatError(
             f"{origin}: {key!r} is a DoRA magnitude vector; DoRA adapters are not supported (Share holds the "
@@ -210,12 +223,16 @@ def lora_layers_from_state_dict(
     config = config or {}
     _check_config(config, origin)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    keys_of: dict[str, dict[str, str]] = {}  # layer -> factor -> the key it came from
     alphas: dict[str, float] = {}
     ignored = []
     for key, tensor in tensors.items():
         name = key.removeprefix(_PEFT_PREFIX)
         match = _LORA_KEY.match(name)
         if match:
+            seen = keys_of.setdefault(match["layer"], {})
+            _check_one_adapter(match, key, seen, origin)
+            seen[match["which"]] = key
             pairs.setdefault(match["layer"], {})[match["which"]] = tensor
         elif name.endswith(".alpha"):
             check_alpha_size(key, tensor, origin)
@@ -288,6 +305,23 @@ def _check_config(config: dict, origin: str) -> None:
                 raise LoraFormatError(f"{origin}: {key} {pattern!r} is not a valid pattern ({error})") from None
 
 
+def _check_one_adapter(match: re.Match, key: str, seen: dict[str, str], origin: str) -> None:
+    """Refuse a second ``lora_A``/``lora_B`` for a layer (two PEFT adapter names, or one key with and without
+    the ``base_model.model.`` prefix): pairing them would merge one adapter, or one's A with another's B."""
+    factor = f"lora_{match['which']}"
+    for other in seen.values():
+        other_adapter = _LORA_KEY.match(other.removeprefix(_PEFT_PREFIX))["adapter"]
+        if other_adapter != match["adapter"]:
+            raise LoraFormatError(
+                f"{origin}: layer {match['layer']!r} holds factors of two adapters ({other!r} and {key!r}); "
+                "save one adapter per file (PEFT: save_pretrained(selected_adapters=[name]))"
+            )
+    if match["which"] in seen:
+        raise LoraFormatError(
+            f"{origin}: layer {match['layer']!r} has {factor} twice ({seen[match['which']]!r} and {key!r})"
+        )
+
+
 def _as_matrix(tensor: torch.Tensor) -> torch.Tensor | None:
     """A LoRA factor as a matrix; 1x1 convolution kernels ``(a, b, 1, 1)`` become ``(a, b)``."""
     if tensor.ndim == 2:
@@ -298,9 +332,11 @@ def _as_matrix(tensor: torch.Tensor) -> torch.Tensor | None:
 
 
 def _pattern_value(config: dict, pattern_key: str, layer_name: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern``: the value of the first key the layer name ends with."""
+    """PEFT's ``rank_pattern`` / ``alpha_pattern``: the value of the first key (a regex) that matches the layer
+    name or a dotted tail of it, by PEFT's own rule (``peft.utils.other.get_pattern_key``), so that
+    ``"attn\\.to_q"`` or ``"to_q|to_k"`` select the layers PEFT gives those values."""
     for pattern, value in (config.get(pattern_key) or {}).items():
-        if layer_name == pattern or layer_name.endswith("." + pattern) or re.fullmatch(pattern, layer_name):
+        if re.match(rf"(.*\.)?({pattern})$", layer_name):
             return value
     return default
 

@@ -197,6 +197,26 @@ REFUSED_KEYS = {
         r"diffusers-bias.safetensors: 'transformer.transformer_blocks.0.attn.\w+.lora_B.bias' is a LoRA bias; "
         r"Share holds the low-rank update lora_B @ lora_A only and would drop it",
     ),
+    # LyCORIS next to plain LoRA layers: diffusers failed on the kohya one and dropped the diffusers-format one.
+    "kohya-lokr": (
+        "kohya",
+        lambda tensors: {
+            "lora_unet_double_blocks_0_img_attn_proj.lokr_w1": torch.rand(4, 4),
+            "lora_unet_double_blocks_0_img_attn_proj.lokr_w2": torch.rand(8, 8),
+        },
+        r"kohya-lokr.safetensors: 'lora_unet_double_blocks_0_img_attn_proj.lokr_w1' is a LyCORIS LoKr factor; "
+        r"LyCORIS adapters are not supported",
+    ),
+    "diffusers-loha": (
+        "diffusers",
+        lambda tensors: {
+            f"transformer.transformer_blocks.0.attn.to_q.hada_w{side}_{part}": torch.rand(4, 4)
+            for side in (1, 2)
+            for part in "ab"
+        },
+        r"diffusers-loha.safetensors: 'transformer.transformer_blocks.0.attn.to_q.hada_w1_a' is a LyCORIS LoHa "
+        r"factor; LyCORIS adapters are not supported",
+    ),
     "kohya-diff_b": (
         "kohya",
         lambda tensors: {"lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.ones(32)},
@@ -369,3 +389,104 @@ def test_cli_checkpoint_of_a_peft_file_keeps_its_scale(peft_adapter, tmp_path):
     )
     factors = load_factors(tmp_path / "ck")
     assert relative_error(_peft_delta(peft_adapter, "to_v"), factors.delta_weight("to_v", "ink")) < 1e-5
+
+
+# -- 4. files whose scale or pairing is ambiguous ------------------------------------------------------------
+
+PATTERN_LAYERS = [
+    "transformer_blocks.0.attn.to_q",
+    "transformer_blocks.0.attn.to_k",
+    "transformer_blocks.0.attn.add_q_proj",
+    "single_transformer_blocks.0.attn.to_q",
+]
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "to_q",
+        "attn\\.to_q",
+        "to_q|to_k",
+        "transformer_blocks.0.attn.to_q",
+        "transformer_blocks\\.0\\.attn\\.to_.",
+        "add_q_proj",
+    ],
+)
+def test_alpha_and_rank_patterns_select_the_layers_peft_selects(pattern):
+    """A pattern is a regex matched against the name or a dotted tail of it (PEFT's rule): an escaped dot or an
+    alternation selected nothing before, and those layers merged at lora_alpha / r instead of their own alpha."""
+    from peft.utils.other import get_pattern_key
+
+    from share_diffusers.lora_files import lora_layers_from_state_dict
+
+    rank, alpha, special = 4, 4, 16
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name in PATTERN_LAYERS:
+        r = 2 if get_pattern_key([pattern], name) == pattern else rank  # rank_pattern: the layers it selects
+        tensors[f"{name}.lora_A.weight"] = torch.randn(r, 32, generator=generator)
+        tensors[f"{name}.lora_B.weight"] = torch.randn(32, r, generator=generator)
+    config = {"r": rank, "lora_alpha": alpha, "alpha_pattern": {pattern: special}, "rank_pattern": {pattern: 2}}
+    layers, _ = lora_layers_from_state_dict(tensors, config, "patterns")
+    selected = 0
+    for name in PATTERN_LAYERS:
+        chosen = get_pattern_key([pattern], name) == pattern  # PEFT's own function
+        selected += chosen
+        expected = (special / 2) if chosen else (alpha / rank)
+        assert layers[name].scale == expected, (pattern, name, layers[name].scale, expected)
+    assert selected > 0  # every pattern here selects some layer
+
+
+def test_alpha_tensors_beside_adapter_metadata_are_refused(tmp_path):
+    """Two scales for one layer (stock diffusers refuses the file: 'Both network_alphas and metadata')."""
+    name = "transformer.transformer_blocks.0.attn.to_q"
+    path = tmp_path / "both.safetensors"
+    tensors = {f"{name}.lora_A.weight": torch.rand(4, 32), f"{name}.lora_B.weight": torch.rand(32, 4)}
+    tensors[f"{name}.alpha"] = torch.tensor(8.0)
+    metadata = {"lora_adapter_metadata": json.dumps({"transformer.r": 4, "transformer.lora_alpha": 16})}
+    save_file(tensors, str(path), metadata=metadata)
+    pipe = _pipe()
+    message = (
+        r"both.safetensors gives its layers' scale twice: '.alpha' tensors \(e.g. "
+        r"'transformer.transformer_blocks.0.attn.to_q.alpha' = 8\) and adapter metadata "
+        r"\(lora_adapter_metadata: transformer.lora_alpha = 16\)"
+    )
+    with pytest.raises(LoraFormatError, match=message):
+        pipe.merge_lora(path, style_name="both", config=EXACT)
+    assert pipe.share is None
+    del tensors[f"{name}.alpha"]  # the metadata alone is the scale: 16 / 4
+    save_file(tensors, str(path), metadata=metadata)
+    pipe.merge_lora(path, style_name="both", config=EXACT)
+    adapter = pipe.share.factors
+    assert adapter.style_names == ["both"]
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (
+            ("lora_A.one", "lora_B.one", "lora_A.two", "lora_B.two"),
+            r"layer 'transformer_blocks.0.attn.to_q' holds factors of two adapters "
+            r"\('transformer_blocks.0.attn.to_q.lora_A.one.weight' and "
+            r"'transformer_blocks.0.attn.to_q.lora_A.two.weight'\)",
+        ),
+        (
+            ("lora_A", "lora_B", "lora_B"),
+            r"layer 'transformer_blocks.0.attn.to_q' has lora_B twice",
+        ),
+    ],
+    ids=["two-adapters", "a-factor-twice"],
+)
+def test_a_layer_with_two_sets_of_factors_is_refused(tmp_path, keys, message):
+    """Only the last adapter's factors were merged before, and nothing said so."""
+    name = "transformer_blocks.0.attn.to_q"
+    tensors = {}
+    for index, key in enumerate(keys):
+        # the repeated factor comes once with PEFT's prefix, as a state dict saved twice over would hold it
+        prefix = "base_model.model." if index == 2 and key == "lora_B" else ""
+        shape = (4, 32) if "lora_A" in key else (32, 4)
+        tensors[f"{prefix}{name}.{key}.weight"] = torch.rand(*shape)
+    from share_diffusers.lora_files import lora_layers_from_state_dict
+
+    with pytest.raises(LoraFormatError, match=message):
+        lora_layers_from_state_dict(tensors, {"r": 4, "lora_alpha": 4}, "two.safetensors")
