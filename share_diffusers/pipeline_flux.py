@@ -100,13 +100,18 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
         trained_length = getattr(self.tokenizer_2, "model_max_length", 512) if self.tokenizer_2 is not None else 512
         if "max_sequence_length" not in given and trained_length < 512:
             given["max_sequence_length"] = trained_length
-        if style is DEFAULT_STYLE:
+        explicit = style is not DEFAULT_STYLE
+        if not explicit:
             style = self._default_style
             style_scale = self._default_style_scale if style_scale is None else style_scale
         style_scale = 1.0 if style_scale is None else style_scale
         if style is None or self._share is None:
             if style is not None:
                 self._require_share()  # raises: styles requested but none loaded
+            if explicit and self._share is not None and self._share.selection.weights is not None:
+                # style=None is the base model even inside `with pipe.share.styles(...)` or after its set_style
+                with self._share.styles(None):
+                    return super().__call__(*call.args[1:], **call.kwargs)
             return super().__call__(*call.args[1:], **call.kwargs)
         if given.get("prompt") is not None:
             prompt = given["prompt"]

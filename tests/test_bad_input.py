@@ -290,6 +290,36 @@ def test_set_style_is_refused_while_a_style_is_fused(pipe):
     pipe.set_style("ink")
 
 
+def test_fuse_is_refused_while_a_default_style_is_set(pipe):
+    """As set_style is refused while a style is fused: every call would have failed until an unfuse."""
+    pipe.set_style("ink")
+    before = _state(pipe)
+    weights = {name: layer.base_layer.weight.clone() for name, layer in pipe.share.layers.items()}
+    with pytest.raises(ShareStateError, match=r"the default style 'ink' \(set_style\) would apply to every call"):
+        pipe.fuse_style("ink")
+    assert pipe.share.fused_style is None
+    _assert_unchanged(pipe, before)
+    assert all(torch.equal(layer.base_layer.weight, weights[name]) for name, layer in pipe.share.layers.items())
+    pipe.set_style(None)
+    pipe.fuse_style("ink")
+    assert pipe.share.fused_style == "ink"
+
+
+@pytest.mark.parametrize("name", [None, 3, 1.5])
+def test_a_style_name_that_is_no_string_is_a_style_error(pipe, tmp_path, name):
+    """unicodedata's bare TypeError ("normalize() argument 2 must be str") before: not a ShareError."""
+    message = rf"a style name is a string, got {name!r} \({type(name).__name__}\)"
+    for call in (
+        lambda: generate(pipe, ["a cat"], style={name: 1.0}),
+        lambda: pipe.delete_style(name),
+        lambda: pipe.rename_style(name, "x"),
+        lambda: pipe.export_style_as_lora({name: 1.0}, tmp_path / "x.safetensors"),
+    ):
+        with pytest.raises(StyleError, match=message):
+            call()
+    assert pipe.list_styles() == ["ink"]
+
+
 def test_refusals_are_share_errors_and_builtin_kinds():
     """The CLI and the app catch ShareError; code that caught ValueError / RuntimeError still does."""
     assert issubclass(LoraFormatError, ShareError) and issubclass(LoraFormatError, ValueError)

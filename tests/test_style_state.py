@@ -6,6 +6,7 @@ recomputed) are held here on the CPU by counting the ATen operations a forward d
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import TINY_SHAPES, TinyNet, random_adapter, relative_error
@@ -346,3 +347,45 @@ def test_the_default_style_follows_a_rename_and_a_delete_in_any_unicode_form():
     pipe.set_style({decomposed: 0.5, "neon": 0.5})
     pipe.delete_style("caf\u00e9")
     assert pipe._default_style is None  # a default naming a deleted style is dropped
+
+
+def test_the_models_state_dict_and_save_pretrained_stay_the_base_models(tmp_path):
+    """ShareLinear's wrapping left `<layer>.base_layer.weight` keys: a stock reload of a saved model dropped every
+    attention weight (left on the meta device, a logger line only)."""
+    from diffusers import FluxTransformer2DModel
+
+    stock = build_tiny_flux_pipeline(0).transformer
+    pipe, share = _flux_with_styles()
+    saved = {key: value.clone() for key, value in pipe.transformer.state_dict().items()}  # not the live weights
+    assert list(saved) == list(stock.state_dict())  # same names, same order
+    assert all(torch.equal(saved[key], value) for key, value in stock.state_dict().items())
+    inputs = transformer_inputs(batch=1)
+    share.set_style("ink")
+    styled = run_transformer(pipe.transformer, inputs)
+    share.set_style(None)
+    share.fuse_style("ink")  # a fused style is saved in the weights, as stock diffusers reads them
+    pipe.transformer.save_pretrained(tmp_path / "fused")
+    share.unfuse_style()
+    reloaded = FluxTransformer2DModel.from_pretrained(tmp_path / "fused")
+    assert relative_error(styled, run_transformer(reloaded, inputs)) < 1e-5
+    # and back: a stock state dict (here: the fused one) loads into the wrapped layers, strictly
+    base = run_transformer(pipe.transformer, inputs)
+    pipe.transformer.load_state_dict(reloaded.state_dict(), strict=True)
+    assert relative_error(styled, run_transformer(pipe.transformer, inputs)) < 1e-5
+    pipe.transformer.load_state_dict(saved, strict=True)
+    assert torch.equal(run_transformer(pipe.transformer, inputs), base)
+
+
+def test_an_explicit_style_none_is_the_base_model_whatever_is_selected():
+    """``pipe(style=None)`` inside ``with pipe.share.styles(...)`` or after ``share.set_style`` drew the selection."""
+    from flux_helpers import generate
+
+    pipe, share = _flux_with_styles()
+    pipe.set_progress_bar_config(disable=True)
+    base = generate(pipe, ["a cat"], style=None)
+    share.set_style("ink")
+    assert np.array_equal(generate(pipe, ["a cat"], style=None), base)
+    assert not np.allclose(generate(pipe, ["a cat"]), base)  # left out: the selection, as documented
+    with share.styles("neon"):
+        assert np.array_equal(generate(pipe, ["a cat"], style=None), base)
+    assert share.selection.weights is not None  # the call put the selection back

@@ -426,6 +426,8 @@ class ShareFactors:
         self.storage_dtype = snapshot.storage_dtype
 
     def style_index(self, name: str) -> int:
+        if not isinstance(name, str):  # a blend's key or an argument of another type (None, 3, a tensor)
+            raise StyleError(f"a style name is a string, got {name!r} ({type(name).__name__})")
         for index, style in enumerate(self.styles):
             if style.name == name:
                 return index

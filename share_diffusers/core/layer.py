@@ -209,10 +209,12 @@ class ShareLinear(nn.Module):
             quanto: ``core.quantized``); its parameters are left untouched (frozen).
         selection: the model-wide :class:`StyleSelection` this layer reads (it registers itself).
 
-    The Share tensors are non-persistent buffers on the base layer's device, so the model's own
-    ``state_dict`` stays that of the base model. The bases are in the base layer's compute dtype
-    (its weight's dtype, or a quantized layer's ``compute_dtype``: what the forward multiplies
-    with); the cores stay float32 (tiny, and blends and fusing are computed from them).
+    The Share tensors are non-persistent buffers on the base layer's device, and the base layer's entries
+    keep their own names (``to_q.weight``, not ``to_q.base_layer.weight``, both ways: see
+    :func:`_base_layer_keys_as_stock`), so the model's ``state_dict`` and ``save_pretrained`` stay those of
+    the base model (with a fused style in its weights, if one is fused) that stock diffusers loads. The bases
+    are in the base layer's compute dtype (its weight's dtype, or a quantized layer's ``compute_dtype``: what
+    the forward multiplies with); the cores stay float32 (tiny, and blends and fusing are computed from them).
     """
 
     def __init__(self, base_layer: nn.Linear | nn.Conv2d, selection: StyleSelection):
@@ -252,6 +254,8 @@ class ShareLinear(nn.Module):
         self._unfused_weight: torch.Tensor | None = None
         self.pseudo_rank = 1
         selection.attach(self)
+        self.register_state_dict_post_hook(_base_layer_keys_as_stock)
+        self.register_load_state_dict_pre_hook(_stock_keys_to_base_layer)
 
     @property
     def num_styles(self) -> int:
@@ -458,3 +462,27 @@ class ShareLinear(nn.Module):
     def extra_repr(self) -> str:
         k = self.basis_out.shape[1]
         return f"in_features={self.in_features}, out_features={self.out_features}, k={k}, styles={self.num_styles}"
+
+
+_BASE = "base_layer."
+
+
+def _base_layer_keys_as_stock(module: ShareLinear, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``<prefix>base_layer.<name>`` entries renamed ``<prefix><name>``, in place and in order: the wrapper
+    leaves no trace in a saved model (a stock reload dropped every attention weight it did not find)."""
+    inner = prefix + _BASE
+    if not any(key.startswith(inner) for key in state_dict):
+        return
+    # This layer's entries are the last ones written: re-adding them after the others keeps the order.
+    for key in [key for key in state_dict if key.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _stock_keys_to_base_layer(
+    module: ShareLinear, state_dict: dict, prefix: str, local_metadata, strict, missing_keys, unexpected_keys, errors
+) -> None:
+    """The inverse on load: a stock ``<prefix><name>`` entry goes to the wrapped layer (``base_layer.<name>``)."""
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if not rest.startswith((_BASE, "trainable.")):
+            state_dict[prefix + _BASE + rest] = state_dict.pop(key)
