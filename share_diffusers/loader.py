@@ -397,13 +397,7 @@ class ShareLoaderMixin:
         for bit (4.7 GiB for FLUX.1 in bf16); ``exact=False`` saves that memory and unfuses by
         subtraction, as PEFT's ``unfuse_lora`` does (within bf16 rounding).
         """
-        share = self._require_share()
-        if self._default_style is not None:  # as set_style is refused while a style is fused
-            raise ShareStateError(
-                f"the default style {self._default_style!r} (set_style) would apply to every call on top of the "
-                "fused one; set_style(None) before fusing a style"
-            )
-        share.fuse_style(style, style_scale, exact=exact)
+        self._require_share().fuse_style(style, style_scale, exact=exact)
 
     def unfuse_style(self) -> None:
         if self._share is not None:

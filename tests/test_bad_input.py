@@ -290,21 +290,6 @@ def test_set_style_is_refused_while_a_style_is_fused(pipe):
     pipe.set_style("ink")
 
 
-def test_fuse_is_refused_while_a_default_style_is_set(pipe):
-    """As set_style is refused while a style is fused: every call would have failed until an unfuse."""
-    pipe.set_style("ink")
-    before = _state(pipe)
-    weights = {name: layer.base_layer.weight.clone() for name, layer in pipe.share.layers.items()}
-    with pytest.raises(ShareStateError, match=r"the default style 'ink' \(set_style\) would apply to every call"):
-        pipe.fuse_style("ink")
-    assert pipe.share.fused_style is None
-    _assert_unchanged(pipe, before)
-    assert all(torch.equal(layer.base_layer.weight, weights[name]) for name, layer in pipe.share.layers.items())
-    pipe.set_style(None)
-    pipe.fuse_style("ink")
-    assert pipe.share.fused_style == "ink"
-
-
 @pytest.mark.parametrize("name", [None, 3, 1.5])
 def test_a_style_name_that_is_no_string_is_a_style_error(pipe, tmp_path, name):
     """unicodedata's bare TypeError ("normalize() argument 2 must be str") before: not a ShareError."""
