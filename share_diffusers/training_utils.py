@@ -324,9 +324,28 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
         )
 
 
-def clear_outputs(accelerator: Accelerator, output_dir: Path, patterns: tuple[str, ...]) -> None:
+def clear_outputs(
+    accelerator: Accelerator, output_dir: Path, patterns: tuple[str, ...], inputs: dict[str, str | None] | None = None
+) -> None:
     """``--overwrite_output_dir``: the main process deletes what the trainer writes (``patterns``, globbed in
-    ``output_dir``) and leaves anything else; every process waits for it."""
+    ``output_dir``) and leaves anything else; every process waits for it.
+
+    Raises:
+        UsageError: an input of the run (``inputs``: argument name -> path, e.g. ``--share_factors``) lies in
+            what would be deleted (``--share_factors out/factors --output_dir out`` deleted the factors it was
+            about to load); checked on every process before anything is deleted.
+    """
+    doomed = [path.resolve() for pattern in patterns for path in output_dir.glob(pattern)]
+    for argument, value in (inputs or {}).items():
+        if value is None or not Path(value).exists():
+            continue  # a Hub id, or nothing given
+        source = Path(value).resolve()
+        for path in doomed:
+            if source == path or path in source.parents:
+                raise UsageError(
+                    f"--overwrite_output_dir would delete {path}, which holds {argument} {value}; "
+                    "write to another --output_dir"
+                )
     if accelerator.is_main_process and output_dir.is_dir():
         for pattern in patterns:
             for path in sorted(output_dir.glob(pattern)):

@@ -673,6 +673,25 @@ def test_overwrite_output_dir_replaces_what_an_earlier_run_wrote(train, tmp_path
     assert load_factors(out / "factors").style_names == ["ink", "red-square"]
 
 
+def test_overwrite_output_dir_never_deletes_the_factors_it_adds_to(setup, tmp_path, capsys, forbid_loading):
+    """``--share_factors out/factors --output_dir out --overwrite_output_dir`` (styles added one run after another)
+    deleted the factors before loading them, then failed with a Hub error."""
+    import shutil
+
+    out = tmp_path / "o"
+    shutil.copytree(setup / "factors", out / "factors")
+    before = sorted(path.name for path in (out / "factors").iterdir())
+    extra = ("--share_factors", out / "factors", "--overwrite_output_dir")
+    returncode, stderr = refused(setup, out, *extra, capsys=capsys)
+    assert returncode == 1
+    assert (
+        f"error: --overwrite_output_dir would delete {(out / 'factors').resolve()}, which holds --share_factors "
+        f"{out / 'factors'}; write to another --output_dir" in stderr
+    ), stderr
+    assert sorted(path.name for path in (out / "factors").iterdir()) == before
+    assert load_factors(out / "factors").style_names == ["ink"]
+
+
 def test_a_run_stopped_by_an_error_tears_its_process_group_down(setup, tmp_path, capsys):
     """Ended by an error (no end_training), the command line still destroys the process group: left to the
     interpreter's exit, gloo's teardown can hang a multi-process run. A one-process group stands in for it."""

@@ -329,7 +329,8 @@ def main(argv=None) -> int:
     accelerator = make_accelerator(args, output_dir)
     check_whole_global_batches(len(dataset), args.train_batch_size, accelerator.num_processes, "images")
     if args.overwrite_output_dir:
-        clear_outputs(accelerator, output_dir, OUTPUTS)
+        inputs = {"--share_factors": args.share_factors, "--instance_data_dir": args.instance_data_dir}
+        clear_outputs(accelerator, output_dir, OUTPUTS, inputs)
     checkpoint_trainable_parameters_only(accelerator)  # not the frozen transformer: 24 GB at FLUX.1 size
     set_seed(args.seed)
 
