@@ -383,12 +383,10 @@ class ShareLoaderMixin:
     def rename_style(self, old: str, new: str) -> None:
         """Rename a style; the default style from :meth:`set_style` follows the new name."""
         share = self._require_share()
-        names = [style.name for style in share.factors.styles]
+        index = share.factors.style_index(old)
+        held = share.factors.styles[index].name  # as the bank spells it (old may be typed in another Unicode form)
         share.rename_style(old, new)
-        # The names as the bank spells them before and after (either may have been typed in another Unicode form).
-        index = next((i for i, style in enumerate(share.factors.styles) if style.name != names[i]), None)
-        if index is not None:
-            self._default_style = _renamed(self._default_style, names[index], share.factors.styles[index].name)
+        self._default_style = _renamed(self._default_style, held, share.factors.styles[index].name)
 
     def fuse_style(self, style: StyleSpec, style_scale: float = 1.0, exact: bool = True) -> None:
         """Fuse a style or blend into the transformer weights: base-model speed; undo with ``unfuse_style``.

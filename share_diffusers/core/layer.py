@@ -471,8 +471,6 @@ def _base_layer_keys_as_stock(module: ShareLinear, state_dict: dict, prefix: str
     """``<prefix>base_layer.<name>`` entries renamed ``<prefix><name>``, in place and in order: the wrapper
     leaves no trace in a saved model (a stock reload dropped every attention weight it did not find)."""
     inner = prefix + _BASE
-    if not any(key.startswith(inner) for key in state_dict):
-        return
     # This layer's entries are the last ones written: re-adding them after the others keeps the order.
     for key in [key for key in state_dict if key.startswith(inner)]:
         state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
