@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import re
 import shutil
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from safetensors import safe_open
 from torch.utils.data import Sampler
 
 from share_diffusers.core import ShareError
+from share_diffusers.runtime import MAX_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -207,6 +209,36 @@ def checkpoint_extras(path: Path) -> dict:
     return extras
 
 
+def run_identity(args, names: tuple[str, ...]) -> dict:
+    """The values of the options ``names`` that a checkpoint must share with the run that resumes it (saved in its
+    ``extras`` as ``"run"``); a local path counts by where it is, not how it was typed."""
+    identity = {}
+    for name in names:
+        value = getattr(args, name)
+        if isinstance(value, str) and Path(value).exists():
+            value = str(Path(value).resolve())
+        identity[name] = value
+    return identity
+
+
+def check_run_identity(path: Path, identity: dict) -> None:
+    """Refuses to resume from ``path`` when it was saved by a run with other values of ``identity``'s options (a
+    checkpoint saved without them, by an older version, is taken as it is).
+
+    Raises:
+        ResumeError: naming the checkpoint, the first option that differs and both values.
+    """
+    saved = checkpoint_extras(path).get("run")
+    if not isinstance(saved, dict):
+        return
+    for name, value in identity.items():
+        if name in saved and saved[name] != value:
+            raise ResumeError(
+                f"{path} was saved by a run with --{name} {saved[name]!r}, this run has {value!r}: its trained "
+                "tensors belong to that run; resume with its settings, or start in another --output_dir"
+            )
+
+
 def load_checkpoint(accelerator: Accelerator, path: Path) -> int:
     """Restores every object registered with ``accelerator`` from ``path``; returns its global step."""
     accelerator.load_state(str(path))
@@ -278,15 +310,11 @@ def check_common_arguments(args) -> None:
     Raises:
         UsageError: the first bad value or combination, in one line naming the flags.
     """
-    for flag, low in (
-        ("max_train_steps", 1),
-        ("train_batch_size", 1),
-        ("gradient_accumulation_steps", 1),
-        ("lr_warmup_steps", 0),
-        ("checkpointing_steps", 0),
-    ):
-        if getattr(args, flag) < low:
-            raise UsageError(f"--{flag} must be at least {low}, got {getattr(args, flag)}")
+    check_at_least(args, max_train_steps=1, train_batch_size=1, gradient_accumulation_steps=1)
+    check_at_least(args, lr_warmup_steps=0, checkpointing_steps=0)
+    check_positive_rates(args, "learning_rate")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
     if args.lr_scheduler not in LR_SCHEDULERS:
         raise UsageError(f"--lr_scheduler {args.lr_scheduler!r} is not one of {', '.join(LR_SCHEDULERS)}")
     if args.lr_warmup_steps and args.lr_scheduler in SCHEDULERS_WITHOUT_WARMUP:
@@ -304,6 +332,30 @@ def check_common_arguments(args) -> None:
         raise UsageError(
             "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from; pass one"
         )
+
+
+def check_at_least(args, **lows: int) -> None:
+    """Each ``--name`` of ``lows`` (option name -> least value) is at least that.
+
+    Raises:
+        UsageError: naming the first option below its least value.
+    """
+    for name, low in lows.items():
+        if getattr(args, name) < low:
+            raise UsageError(f"--{name} must be at least {low}, got {getattr(args, name)}")
+
+
+def check_positive_rates(args, *names: str) -> None:
+    """Each ``--name`` (a learning rate) is a finite number above 0: 0 trains nothing, a negative rate climbs the
+    loss and NaN fills the weights with NaN, none of which a run should find out after its first step.
+
+    Raises:
+        UsageError: naming the first such option.
+    """
+    for name in names:
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{name} must be a finite number above 0, got {value}")
 
 
 def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
@@ -324,19 +376,17 @@ def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
         )
 
 
-def clear_outputs(
-    accelerator: Accelerator, output_dir: Path, patterns: tuple[str, ...], inputs: dict[str, str | None] | None = None
-) -> None:
-    """``--overwrite_output_dir``: the main process deletes what the trainer writes (``patterns``, globbed in
-    ``output_dir``) and leaves anything else; every process waits for it.
+def check_inputs_survive(output_dir: Path, patterns: tuple[str, ...], inputs: dict[str, str | None]) -> None:
+    """``--overwrite_output_dir``: refuses a run whose input lies in what :func:`clear_outputs` would delete
+    (``--share_factors out/factors --output_dir out`` deleted the factors it was about to load). Call it before
+    any model loads; it deletes nothing.
 
     Raises:
-        UsageError: an input of the run (``inputs``: argument name -> path, e.g. ``--share_factors``) lies in
-            what would be deleted (``--share_factors out/factors --output_dir out`` deleted the factors it was
-            about to load); checked on every process before anything is deleted.
+        UsageError: naming the output that would go and the argument (``inputs``: argument name -> path, e.g.
+            ``--share_factors``; a Hub id or None is skipped) it holds.
     """
     doomed = [path.resolve() for pattern in patterns for path in output_dir.glob(pattern)]
-    for argument, value in (inputs or {}).items():
+    for argument, value in inputs.items():
         if value is None or not Path(value).exists():
             continue  # a Hub id, or nothing given
         source = Path(value).resolve()
@@ -346,6 +396,19 @@ def clear_outputs(
                     f"--overwrite_output_dir would delete {path}, which holds {argument} {value}; "
                     "write to another --output_dir"
                 )
+
+
+def clear_outputs(
+    accelerator: Accelerator, output_dir: Path, patterns: tuple[str, ...], inputs: dict[str, str | None] | None = None
+) -> None:
+    """``--overwrite_output_dir``: the main process deletes what the trainer writes (``patterns``, globbed in
+    ``output_dir``) and leaves anything else; every process waits for it.
+
+    Raises:
+        UsageError: an input of the run lies in what would be deleted (:func:`check_inputs_survive`), checked on
+            every process before anything is deleted.
+    """
+    check_inputs_survive(output_dir, patterns, inputs or {})
     if accelerator.is_main_process and output_dir.is_dir():
         for pattern in patterns:
             for path in sorted(output_dir.glob(pattern)):

@@ -253,8 +253,22 @@ def test_vision_backbone_with_share_on_1x1_convolutions(tmp_path):
         (lambda d: (d / "animals" / "train.jsonl").write_text('{"text": "x"}\n'), "train.jsonl line 1: needs"),
         (lambda d: (d / "animals" / "test.jsonl").write_text('{"text": "x", "label": "fish"}\n'), "never seen"),
         (lambda d: (d / "animals" / "train.jsonl").write_text("{oops\n"), "train.jsonl line 1: not JSON"),
+        (
+            lambda d: (d / "animals" / "train.jsonl").write_text('{"text": 5, "label": "cat"}\n'),
+            "train.jsonl line 1: 'text' must be a string, got 5",
+        ),
+        (
+            lambda d: (d / "animals" / "test.jsonl").write_text('{"text": "a cat", "label": null}\n'),
+            "test.jsonl line 1: 'label' must be a name or a number, got None",
+        ),
+        (
+            lambda d: (d / "animals" / "train.jsonl").write_bytes(
+                '{"text": "caf\u00e9", "label": "cat"}\n'.encode("latin-1")
+            ),
+            "train.jsonl is not UTF-8 text",
+        ),
     ],
-    ids=["no-folder", "no-test-split", "no-label", "unseen-label", "not-json"],
+    ids=["no-folder", "no-test-split", "no-label", "unseen-label", "not-json", "text-not-str", "null-label", "latin-1"],
 )
 def test_bad_task_data_fails_before_any_model_work(text, tmp_path, break_it, message, capsys):
     shutil.copytree(Path(text["animals"]).parent, tmp_path / "tasks")
@@ -348,6 +362,14 @@ def test_every_epoch_sees_every_example_under_gradient_accumulation(text, tmp_pa
         (["--lr_scheduler", "exponential"], "--lr_scheduler 'exponential' is not one of linear, cosine, "),
         (["--resume_from_checkpoint", "/no/such/checkpoint-3"], "/no/such/checkpoint-3: no such checkpoint folder"),
         (["--checkpoints_total_limit", 1], "--checkpoints_total_limit needs --checkpointing_steps"),
+        (["--eval_batch_size", 0], "--eval_batch_size must be at least 1, got 0"),
+        (["--max_length", 0], "--max_length must be at least 1, got 0"),
+        (["--max_eval_samples", 0], "--max_eval_samples must be at least 1, got 0"),
+        (["--head_learning_rate", -1], "--head_learning_rate must be a finite number above 0, got -1.0"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number above 0, got nan"),
+        (["--seed", -1], "--seed must be from 0 to 4294967295, got -1"),
+        (["--method", "lora", "--lora_rank", 0], "--lora_rank must be at least 1, got 0"),
+        (["--method", "lora", "--lora_alpha", "-2"], "--lora_alpha must be a finite number above 0, got -2.0"),
     ],
     ids=[
         "lora-rank",
@@ -357,6 +379,14 @@ def test_every_epoch_sees_every_example_under_gradient_accumulation(text, tmp_pa
         "scheduler",
         "resume",
         "limit",
+        "eval-batch-0",
+        "max-length-0",
+        "max-eval-samples-0",
+        "negative-head-lr",
+        "nan-lr",
+        "negative-seed",
+        "lora-rank-0",
+        "negative-lora-alpha",
     ],
 )
 def test_bad_arguments_are_refused_before_any_model_loads(text, tmp_path, extra, message, capsys, forbid_loading):
@@ -389,6 +419,31 @@ def test_tasks_that_do_not_fill_whole_global_batches_are_refused(text, tmp_path,
     )
     with pytest.raises(ModelLoaded):  # past the check
         run_cli_in_process(SCRIPT, _arguments(text, ["colors"], tmp_path / "out", "--train_batch_size", 4), capsys)
+
+
+@pytest.mark.parametrize(
+    ("backbone", "extra", "message"),
+    [
+        ("missing", [], "missing: no transformers model loads from it ("),
+        ("mobilenet", [], "mobilenet is a mobilenet_v2 model, which takes pixel_values; text tasks need a backbone"),
+        ("bert", ["--target_modules", "query", "qeury"], "--target_modules 'qeury' matches no linear or convolution"),
+    ],
+    ids=["missing", "vision-backbone-for-text", "misspelt-target"],
+)
+def test_a_backbone_that_does_not_fit_is_refused_before_the_overwrite_deletes_anything(
+    text, tmp_path, capsys, backbone, extra, message
+):
+    models = {"bert": text["bert"], "missing": tmp_path / "missing", "mobilenet": tmp_path / "mobilenet"}
+    if backbone == "mobilenet":
+        write_tiny_mobilenet(models["mobilenet"])
+    out = tmp_path / "out"
+    (out / "after-task-1").mkdir(parents=True)  # an earlier run's, which --overwrite_output_dir would delete
+    arguments = _arguments(text, ["colors"], out, "--overwrite_output_dir", *extra)
+    arguments[arguments.index("--model_name_or_path") + 1] = str(models[backbone])
+    returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+    last = stderr.strip().splitlines()[-1]
+    assert returncode == 1 and last.startswith("error: --") and message in last, stderr
+    assert (out / "after-task-1").is_dir()
 
 
 def test_a_non_empty_output_dir_is_refused_and_overwrite_replaces_the_earlier_run(text, tmp_path, capsys, train):

@@ -3,6 +3,7 @@ mixed precision, cached latents and gradient checkpointing (in process, CUDA whe
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -300,8 +301,22 @@ def test_a_non_finite_gradient_stops_training_before_it_reaches_the_factors(setu
         (lambda d: None, "holds no images"),
         (lambda d: Image.new("RGB", (8, 8)).save(d / "a.png"), "have no caption file, e.g. a.png"),
         (lambda d: ((d / "b.png").write_bytes(b"not an image"), (d / "b.txt").write_text("x")), "not a readable image"),
+        (
+            lambda d: (
+                Image.new("RGB", (8, 8)).save(d / "c.png"),
+                (d / "c.txt").write_bytes("caf\xe9".encode("cp1252")),
+            ),
+            "c.txt is not UTF-8 text",
+        ),
+        (
+            lambda d: (
+                Image.new("RGB", (8, 8)).save(d / "d.png"),
+                (d / "metadata.jsonl").write_text('{"file_name": "d.png", "text": null}\n'),
+            ),
+            "metadata.jsonl line 1: 'text' must be a string, got None",
+        ),
     ],
-    ids=["empty", "no-captions", "unreadable"],
+    ids=["empty", "no-captions", "unreadable", "caption-not-utf8", "null-text"],
 )
 def test_bad_data_fails_before_training(setup, tmp_path, prepare, message, capsys):
     data = tmp_path / "bad"
@@ -614,6 +629,18 @@ def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
         (["--validation_steps", 5], "--validation_steps needs --validation_prompt"),
         (["--validation_inference_steps", 0], "--validation_inference_steps must be at least 1, got 0"),
         (["--overwrite_output_dir", "--resume_from_checkpoint", "latest"], "--overwrite_output_dir deletes the"),
+        (["--style_name", "ink=1"], "--style_name: style name 'ink=1' contains '='"),
+        (["--phi", 0], "--phi must be at least 1, got 0"),
+        (["--pseudo_rank", 0], "--pseudo_rank must be at least 1, got 0"),
+        (["--learning_rate", 0], "--learning_rate must be a finite number above 0, got 0.0"),
+        (["--max_sequence_length", 513], "--max_sequence_length must be at most 512 (Flux's T5 limit), got 513"),
+        (["--num_validation_images", 0], "--num_validation_images must be at least 1, got 0"),
+        (["--validation_steps", -5], "--validation_steps must be at least 0, got -5"),
+        (["--seed", -1], "--seed must be from 0 to 4294967295, got -1"),
+        (["--dataloader_num_workers", -1], "--dataloader_num_workers must be at least 0, got -1"),
+        (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number, at least 0, got nan"),
+        (["--guidance_scale", "-1"], "--guidance_scale must be a finite number, at least 0, got -1.0"),
+        (["--resolution", 0], "--resolution must be at least 1, got 0"),
     ],
     ids=[
         "scheduler",
@@ -629,6 +656,18 @@ def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
         "validation-steps-without-prompt",
         "no-validation-steps",
         "overwrite-and-resume",
+        "style-name-syntax",
+        "phi-0",
+        "pseudo-rank-0",
+        "learning-rate-0",
+        "long-sequence",
+        "no-validation-images",
+        "negative-validation-steps",
+        "negative-seed",
+        "negative-workers",
+        "nan-grad-norm",
+        "negative-guidance",
+        "resolution-0",
     ],
 )
 def test_bad_arguments_are_refused_before_any_model_loads(setup, tmp_path, extra, message, capsys, forbid_loading):
@@ -704,3 +743,56 @@ def test_a_run_stopped_by_an_error_tears_its_process_group_down(setup, tmp_path,
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def test_a_resolution_the_model_cannot_pack_is_refused_and_the_overwrite_deletes_nothing(setup, tmp_path, capsys):
+    """The tiny model packs latents of 2 x 2 patches of its VAE's 2x downsampling: sides are multiples of 4."""
+    (tmp_path / "o" / "factors").mkdir(parents=True)  # an earlier run's
+    returncode, stderr = refused(setup, tmp_path / "o", "--resolution", 30, "--overwrite_output_dir", capsys=capsys)
+    assert returncode == 1
+    assert stderr.strip().splitlines()[-1] == "error: --resolution must be a multiple of 4 for this model, got 30"
+    assert (tmp_path / "o" / "factors").is_dir()
+
+
+def test_a_checkpoint_of_another_run_is_refused_before_any_model_loads(setup, tmp_path, capsys, forbid_loading):
+    """A checkpoint saved for another style (or mode, or ranks) holds tensors of that run; resuming from it
+    would train on from them (or fail in the optimizer's state when their count differs)."""
+    from share_diffusers.training_utils import CHECKPOINT_EXTRAS
+
+    checkpoint = tmp_path / "o" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    saved = {"run": {"style_name": "another-style", "pseudo_rank": 4}}
+    (checkpoint / CHECKPOINT_EXTRAS).write_text(json.dumps(saved))
+    returncode, stderr = refused(setup, tmp_path / "o", "--resume_from_checkpoint", "latest", capsys=capsys)
+    assert returncode == 1
+    assert stderr.strip() == (
+        f"error: {checkpoint} was saved by a run with --style_name 'another-style', this run has 'red-square': its "
+        "trained tensors belong to that run; resume with its settings, or start in another --output_dir"
+    )
+    saved["run"]["style_name"] = "red-square"  # the same run: past the check, to the model
+    (checkpoint / CHECKPOINT_EXTRAS).write_text(json.dumps(saved))
+    with pytest.raises(ModelLoaded):
+        refused(setup, tmp_path / "o", "--resume_from_checkpoint", "latest", capsys=capsys)
+
+
+def test_sixteen_bit_and_rotated_images_train_as_they_look(tmp_path):
+    """A 16-bit grayscale PNG is scaled to 8 bits (Pillow's convert("RGB") clipped it to white), and a photo
+    with an EXIF orientation is turned upright, as diffusers' training scripts do."""
+    module = _script()
+    ramp = np.linspace(0, 255, 32, dtype=np.float64)[None, :].repeat(32, 0)
+    Image.fromarray(np.round(ramp * 257).astype(np.uint16)).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    Image.fromarray(np.round(ramp).astype(np.uint8)).save(tmp_path / "flat.png")
+    tall = np.zeros((32, 16, 3), dtype=np.uint8)
+    tall[8:12, :4] = 255  # a white corner at the top left of the upright image's center square
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned 90 degrees: viewers rotate it back clockwise
+    Image.fromarray(tall).transpose(Image.Transpose.ROTATE_90).save(tmp_path / "photo.jpg", exif=exif, quality=100)
+    Image.fromarray(tall).save(tmp_path / "upright.png")
+    for name in ("deep", "flat", "photo", "upright"):
+        (tmp_path / f"{name}.txt").write_text(name)
+    data = module.CaptionedImages(str(tmp_path), 16)
+    pixels = {caption: image for image, caption, _ in (data[index] for index in range(len(data)))}
+    assert torch.equal(pixels["deep"], pixels["flat"])
+    assert (pixels["photo"] - pixels["upright"]).abs().max() < 0.1
+    assert pixels["upright"][:, :4, :4].min() > 0.9 and pixels["upright"][:, 6:, 6:].max() < -0.9

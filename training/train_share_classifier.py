@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from share_diffusers.continual import ContinualClassifier, TaskDataError, accuracy_table, default_targets, load_task
-from share_diffusers.continual.classifier import BatchEncoder, load_backbone
+from share_diffusers.continual.classifier import BatchEncoder, check_targets, load_backbone
 from share_diffusers.continual.report import matrix_summary
 from share_diffusers.core import ShareConfig, ShareError, ShareModel, load_factors, save_factors
 from share_diffusers.core.adapters import LoraAdapter
@@ -50,8 +50,10 @@ from share_diffusers.training_utils import (
     LR_SCHEDULERS,
     EpochShuffle,
     UsageError,
+    check_at_least,
     check_common_arguments,
     check_output_dir,
+    check_positive_rates,
     check_whole_global_batches,
     checkpoint_extras,
     checkpoint_step,
@@ -131,6 +133,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     """
     if not args.evaluate:
         check_common_arguments(args)
+        check_at_least(args, eval_batch_size=1, max_length=1, resolution=1)
+        if args.max_eval_samples is not None:
+            check_at_least(args, max_eval_samples=1)
+        check_positive_rates(args, "head_learning_rate")
         ignored = [f"--{name}" for name, (methods, _) in METHOD_OPTIONS.items() if args.method not in methods]
         ignored = [flag for flag in ignored if getattr(args, flag[2:]) is not None]
         if args.coefficients_only and args.method != "share":
@@ -142,6 +148,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     for name, (_, default) in METHOD_OPTIONS.items():
         if getattr(args, name) is None:
             setattr(args, name, default)
+    if not args.evaluate:
+        check_at_least(args, rank=1, pseudo_rank=1, phi=1, lora_rank=1)
+        if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+            raise UsageError(f"--lora_alpha must be a finite number above 0, got {args.lora_alpha}")
 
 
 def parse_task_specs(specs: list[str]) -> list[tuple[str, str]]:
@@ -323,11 +333,11 @@ def main(argv=None) -> int:
         check_whole_global_batches(
             len(task.train), args.train_batch_size, accelerator.num_processes, f"training examples of {task.name!r}"
         )
-    if args.overwrite_output_dir:
-        clear_outputs(accelerator, output_dir, OUTPUTS)
     checkpoint_trainable_parameters_only(accelerator)  # adapters and head, not the frozen backbone (all: full)
     set_seed(args.seed)
-    model, encoder, targets = build_model(args, tasks)
+    model, encoder, targets = build_model(args, tasks)  # refuses a backbone that does not fit before any deletion
+    if args.overwrite_output_dir:
+        clear_outputs(accelerator, output_dir, OUTPUTS)
     method = METHODS[args.method](model, targets, args)
     record = {"method": args.method, "tasks": [t.name for t in tasks], "rows": [], "losses": [], "trainable": []}
 
@@ -378,6 +388,8 @@ def build_model(args, tasks):
     model.requires_grad_(False)
     model.eval()  # no dropout: updates depend on the global batch only (process count, resume)
     encoder = BatchEncoder(tasks[0].modality, tokenizer, args.max_length, args.resolution)
+    if args.target_modules:
+        check_targets(backbone, args.target_modules)
     return model, encoder, args.target_modules or default_targets(backbone)
 
 

@@ -33,12 +33,13 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 from diffusers.training_utils import free_memory, offload_models
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
 from share_diffusers.core import ShapeMismatchError, ShareError, StyleError
+from share_diffusers.core.factors import validate_style_name
 from share_diffusers.core.inject import find_targets
 from share_diffusers.core.trainable import (
     attach_style_cores,
@@ -62,8 +63,11 @@ from share_diffusers.training_utils import (
     LR_SCHEDULERS,
     EpochShuffle,
     UsageError,
+    check_at_least,
     check_common_arguments,
+    check_inputs_survive,
     check_output_dir,
+    check_run_identity,
     check_whole_global_batches,
     checkpoint_trainable_parameters_only,
     clear_outputs,
@@ -73,6 +77,7 @@ from share_diffusers.training_utils import (
     load_checkpoint,
     make_accelerator,
     make_lr_scheduler,
+    run_identity,
     save_checkpoint,
 )
 
@@ -82,6 +87,20 @@ OUTPUTS = ("checkpoint-*", "factors", "validation", "logs")  # what a run writes
 # Defaults of the options that only some modes use: None on the command line means "not given", so a mode
 # that would ignore one refuses it instead (check_arguments).
 MODE_DEFAULTS = {"rank": 32, "pseudo_rank": 8, "phi": 8, "target_modules": "attention"}
+MAX_T5_TOKENS = 512  # FluxPipeline refuses a longer max_sequence_length
+# What a checkpoint must have been saved with for this run to continue it: the trained tensors mean something
+# else (or have other shapes) under any other value.
+RUN_IDENTITY = (
+    "pretrained_model_name_or_path",
+    "share_factors",
+    "style_name",
+    "fine_tune_style",
+    "coefficients_only",
+    "rank",
+    "pseudo_rank",
+    "phi",
+    "target_modules",
+)
 
 
 class DataError(ValueError):
@@ -206,6 +225,21 @@ def check_arguments(args: argparse.Namespace) -> None:
         UsageError: the first bad value or combination, naming the flags.
     """
     check_common_arguments(args)
+    try:
+        validate_style_name(args.style_name, [])
+    except StyleError as error:
+        raise UsageError(f"--style_name: {error}") from None
+    check_at_least(
+        args, resolution=1, num_validation_images=1, validation_steps=0, dataloader_num_workers=0, max_sequence_length=1
+    )
+    if args.max_sequence_length > MAX_T5_TOKENS:
+        raise UsageError(
+            f"--max_sequence_length must be at most {MAX_T5_TOKENS} (Flux's T5 limit), got {args.max_sequence_length}"
+        )
+    for name in ("max_grad_norm", "guidance_scale"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name} must be a finite number, at least 0, got {value}")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         raise UsageError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.fine_tune_style:
@@ -231,6 +265,8 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--validation_steps needs --validation_prompt")
     if args.validation_inference_steps < 1:
         raise UsageError(f"--validation_inference_steps must be at least 1, got {args.validation_inference_steps}")
+    given = {name: getattr(args, name) for name in ("rank", "pseudo_rank", "phi") if getattr(args, name) is not None}
+    check_at_least(argparse.Namespace(**given), **dict.fromkeys(given, 1))
     for name, value in MODE_DEFAULTS.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -266,12 +302,25 @@ class CaptionedImages(Dataset):
         if not self.load_pixels:
             return None, caption, index
         with Image.open(path) as image:
-            image = image.convert("RGB")
+            image = upright_rgb(image)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side)).resize((self.resolution,) * 2, Image.BICUBIC)
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
         return pixels, caption, index
+
+
+def upright_rgb(image: Image.Image) -> Image.Image:
+    """``image`` turned upright by its EXIF orientation (as diffusers' training scripts do), as 8-bit RGB.
+
+    16-bit grayscale (``I;16``: 16-bit PNGs) is scaled to 8 bits first: Pillow's ``convert("RGB")`` clips its
+    values at 255, which turns nearly every pixel of such an image white.
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode.startswith("I;16"):
+        levels = np.asarray(image, dtype=np.float64) / 257.0  # 65535 -> 255
+        image = Image.fromarray(np.round(levels).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def _caption_file_items(root: Path) -> list[tuple[Path, str]]:
@@ -282,21 +331,32 @@ def _caption_file_items(root: Path) -> list[tuple[Path, str]]:
             f"{len(missing)} image(s) in {root} have no caption file, e.g. {missing[0]} (expected "
             f"{Path(missing[0]).with_suffix('.txt').name}, or a metadata.jsonl)"
         )
-    return [(p, p.with_suffix(".txt").read_text(encoding="utf-8").strip()) for p in images]
+    return [(p, _read_text(p.with_suffix(".txt")).strip()) for p in images]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text ({error}); save it as UTF-8") from None
 
 
 def _metadata_items(root: Path) -> list[tuple[Path, str]]:
     items = []
-    for number, line in enumerate((root / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
+    metadata = root / "metadata.jsonl"
+    for number, line in enumerate(_read_text(metadata).splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            items.append((root / record["file_name"], str(record["text"])))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(
-                f'{root / "metadata.jsonl"} line {number}: needs {{"file_name": ..., "text": ...}}'
-            ) from None
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or not {"file_name", "text"} <= set(record):
+            raise DataError(f'{metadata} line {number}: needs {{"file_name": ..., "text": ...}}')
+        for key in ("file_name", "text"):
+            if not isinstance(record[key], str):
+                raise DataError(f"{metadata} line {number}: {key!r} must be a string, got {record[key]!r}")
+        items.append((root / record["file_name"], record["text"]))
     return items
 
 
@@ -325,12 +385,15 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, resuming=checkpoint is not None, overwrite=args.overwrite_output_dir)
+    identity = run_identity(args, RUN_IDENTITY)
+    if checkpoint is not None:
+        check_run_identity(checkpoint, identity)
+    inputs = {"--share_factors": args.share_factors, "--instance_data_dir": args.instance_data_dir}
+    if args.overwrite_output_dir:
+        check_inputs_survive(output_dir, OUTPUTS, inputs)
     dataset = CaptionedImages(args.instance_data_dir, args.resolution)  # data errors before any model work
     accelerator = make_accelerator(args, output_dir)
     check_whole_global_batches(len(dataset), args.train_batch_size, accelerator.num_processes, "images")
-    if args.overwrite_output_dir:
-        inputs = {"--share_factors": args.share_factors, "--instance_data_dir": args.instance_data_dir}
-        clear_outputs(accelerator, output_dir, OUTPUTS, inputs)
     checkpoint_trainable_parameters_only(accelerator)  # not the frozen transformer: 24 GB at FLUX.1 size
     set_seed(args.seed)
 
@@ -338,6 +401,9 @@ def main(argv=None) -> int:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     pipe = ShareFluxPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype)
     pipe.set_progress_bar_config(disable=True)
+    multiple = pipe.vae_scale_factor * 2  # latents are packed in 2 x 2 patches
+    if args.resolution % multiple:
+        raise UsageError(f"--resolution must be a multiple of {multiple} for this model, got {args.resolution}")
     pipe.to(accelerator.device)
     if args.share_factors:
         pipe.load_share_factors(args.share_factors)  # refuses factors that do not fit this transformer
@@ -354,6 +420,8 @@ def main(argv=None) -> int:
             target_modules=_target_modules(pipe.transformer, args.target_modules),
             config=ShareConfig(rank=args.rank, pseudo_rank=args.pseudo_rank),
         )
+    if args.overwrite_output_dir:  # after every check the model and factors make: a refused run deletes nothing
+        clear_outputs(accelerator, output_dir, OUTPUTS, inputs)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
         module.requires_grad_(False)
     if args.fine_tune_style:
@@ -434,7 +502,7 @@ def main(argv=None) -> int:
                 logger.debug("step %d: loss %.9g, gradient norm %.4g", step, logs["loss"], grad_norm)
                 accelerator.log({**logs, "grad_norm": grad_norm}, step=step)
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit)
+                    save_checkpoint(accelerator, output_dir, step, args.checkpoints_total_limit, {"run": identity})
                 if args.validation_steps and step % args.validation_steps == 0:
                     _validate(pipe, args, accelerator, step, idle)
                 if step >= args.max_train_steps:

@@ -15,6 +15,8 @@ from PIL import Image
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
+from ..core import ShareError
+
 # Attention projections of BERT-like encoders; the 1x1 convolutions of MobileNetV2 blocks.
 TEXT_TARGETS = ["query", "key", "value", "attention.output.dense"]
 CONV_TARGETS = ["expand_1x1.convolution", "reduce_1x1.convolution"]
@@ -27,12 +29,58 @@ def default_targets(backbone: nn.Module) -> list[str]:
     return CONV_TARGETS if getattr(backbone.config, "model_type", "") == "mobilenet_v2" else TEXT_TARGETS
 
 
+class BackboneError(ShareError, ValueError):
+    """The backbone does not load, does not take the tasks' kind of input, or lacks the layers to adapt."""
+
+
 def load_backbone(path: str, modality: str):
-    """``(backbone, tokenizer or None)`` from a transformers folder or repo id (weights as stored)."""
-    config = AutoConfig.from_pretrained(path)
-    backbone = AutoModel.from_pretrained(path, config=config)
-    tokenizer = AutoTokenizer.from_pretrained(path) if modality == "text" else None
+    """``(backbone, tokenizer or None)`` from a transformers folder or repo id (weights as stored).
+
+    Raises:
+        BackboneError: ``path`` does not load (transformers' first line of why), or the model takes other input
+            than ``modality``'s (token ids for text, pixel values for images).
+    """
+    try:
+        config = AutoConfig.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path, config=config)
+    except (OSError, ValueError) as error:
+        reason = _first_line(error)
+        raise BackboneError(f"--model_name_or_path {path}: no transformers model loads from it ({reason})") from None
+    wanted = {"text": "input_ids", "image": "pixel_values"}[modality]
+    if backbone.main_input_name != wanted:
+        raise BackboneError(
+            f"--model_name_or_path {path} is a {config.model_type} model, which takes {backbone.main_input_name}; "
+            f"{modality} tasks need a backbone that takes {wanted}"
+        )
+    tokenizer = None
+    if modality == "text":
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as error:
+            reason = _first_line(error)
+            raise BackboneError(f"--model_name_or_path {path}: its tokenizer does not load ({reason})") from None
     return backbone, tokenizer
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def check_targets(backbone: nn.Module, targets: Sequence[str]) -> None:
+    """Each of ``targets`` (PEFT's rule for a list: a whole module name or a suffix after a dot) names at least
+    one linear or convolution of ``backbone``; PEFT would drop a misspelt one silently if another matched.
+
+    Raises:
+        BackboneError: naming the target and an example of the names there are.
+    """
+    names = [name for name, module in backbone.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            example = names[0] if names else "none"
+            raise BackboneError(
+                f"--target_modules {target!r} matches no linear or convolution of the backbone (a module name or "
+                f"its ending after a dot; the backbone has {len(names)}, e.g. {example!r})"
+            )
 
 
 class ContinualClassifier(nn.Module):

@@ -66,8 +66,12 @@ def load_task(name: str, folder: str | Path, max_test: int | None = None) -> Tas
 def _read_split(path: Path, name: str) -> list[dict]:
     if not path.is_file():
         raise TaskDataError(f"task {name!r}: {path} is missing (one JSON object per line: input and 'label')")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise TaskDataError(f"{path} is not UTF-8 text ({error})") from None
     records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -76,6 +80,11 @@ def _read_split(path: Path, name: str) -> list[dict]:
             raise TaskDataError(f"{path} line {number}: not JSON ({error.msg})") from None
         if not isinstance(record, dict) or "label" not in record or not ({"text", "image"} & set(record)):
             raise TaskDataError(f'{path} line {number}: needs {{"text" or "image": ..., "label": ...}}')
+        for key in ("text", "image"):
+            if key in record and not isinstance(record[key], str):
+                raise TaskDataError(f"{path} line {number}: {key!r} must be a string, got {record[key]!r}")
+        if record["label"] is None or isinstance(record["label"], (dict, list)):
+            raise TaskDataError(f"{path} line {number}: 'label' must be a name or a number, got {record['label']!r}")
         record["label"] = str(record["label"])
         records.append(record)
     if not records:
