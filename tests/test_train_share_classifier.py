@@ -484,3 +484,25 @@ def test_a_checkpoint_of_other_settings_is_refused_and_the_process_group_torn_do
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def test_a_checkpoint_saved_with_another_step_count_is_refused(text, tmp_path, capsys, forbid_loading):
+    """The task a global step belongs to follows from --max_train_steps: a checkpoint saved under 6 steps a task,
+    resumed under 4, would continue task 1's tensors as task 2's."""
+    from share_diffusers.training_utils import CHECKPOINT_EXTRAS
+
+    checkpoint = tmp_path / "out" / "checkpoint-5"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / CHECKPOINT_EXTRAS).write_text(json.dumps({"task_losses": [], "run": {"max_train_steps": 6}}))
+    arguments = _arguments(
+        text, ["colors"], tmp_path / "out", "--max_train_steps", 4, "--resume_from_checkpoint", "latest"
+    )
+    returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+    assert returncode == 1
+    assert (
+        stderr.strip()
+        .splitlines()[-1]
+        .startswith(
+            f"error: {checkpoint} was saved by a run with --max_train_steps 6, this run has 4: its trained tensors"
+        )
+    )

@@ -54,6 +54,7 @@ from share_diffusers.training_utils import (
     check_common_arguments,
     check_output_dir,
     check_positive_rates,
+    check_run_identity,
     check_whole_global_batches,
     checkpoint_extras,
     checkpoint_step,
@@ -64,12 +65,28 @@ from share_diffusers.training_utils import (
     find_checkpoint,
     make_accelerator,
     make_lr_scheduler,
+    run_identity,
     save_checkpoint,
 )
 
 logger = logging.getLogger("train_share_classifier")
 BYTES_PER_NUMBER = 4  # counts are for float32 storage
 OUTPUTS = ("checkpoint-*", "after-task-*", "results.json", "results.md", "logs")  # what a run writes
+# What a checkpoint must have been saved with for this run to continue it (the task of a global step follows
+# from --max_train_steps; the trained tensors mean something else under any other value of the rest).
+RUN_IDENTITY = (
+    "model_name_or_path",
+    "task",
+    "method",
+    "max_train_steps",
+    "rank",
+    "pseudo_rank",
+    "phi",
+    "lora_rank",
+    "lora_alpha",
+    "coefficients_only",
+    "target_modules",
+)
 # The options only some methods use, and their defaults: None on the command line means "not given", so a
 # method that would ignore one refuses it instead (check_arguments).
 METHOD_OPTIONS = {
@@ -324,6 +341,8 @@ def main(argv=None) -> int:
     output_dir = Path(args.output_dir)
     checkpoint = find_checkpoint(args.resume_from_checkpoint, output_dir)
     check_output_dir(output_dir, resuming=checkpoint is not None, overwrite=args.overwrite_output_dir)
+    if checkpoint is not None:
+        check_run_identity(checkpoint, run_identity(args, RUN_IDENTITY))
     tasks = [load_task(name, folder, args.max_eval_samples) for name, folder in parse_task_specs(args.task)]
     modalities = {task.modality for task in tasks}
     if len(modalities) > 1:
@@ -447,7 +466,8 @@ def train_task(accelerator, model, task, index, parameters, encoder, args, resum
                     Path(args.output_dir),
                     offset + step,
                     args.checkpoints_total_limit,
-                    extras={"task_losses": history},  # a resumed run reports the losses of the whole task
+                    # a resumed run reports the losses of the whole task, and continues only the run that saved it
+                    extras={"task_losses": history, "run": run_identity(args, RUN_IDENTITY)},
                 )
             if step >= args.max_train_steps:
                 break
