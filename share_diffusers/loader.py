@@ -30,7 +30,7 @@ from .core.errors import FactorValueError, ShapeMismatchError, ShareStateError, 
 from .core.factors import validate_style_name
 from .core.inject import find_targets, remove_share
 from .core.layer import ShareLinear
-from .core.model import StyleSpec, check_factors_fit
+from .core.model import StyleSpec, check_factors_fit, renamed_in_spec, spelt_as_held
 from .core.similarity import style_drift, warn_near_duplicates
 from .flux_lora import (
     ALL_LORA_LAYERS,
@@ -343,7 +343,7 @@ class ShareLoaderMixin:
                 )
             share.weights_for(style, style_scale)  # validate now, not at call time
             # Names as the bank spells them, so that a rename or delete finds them (another Unicode form resolves).
-            style = _as_held(style, share.factors)
+            style = spelt_as_held(style, share.factors)
         self._default_style, self._default_style_scale = style, style_scale
 
     def snapshot_share(self) -> FactorsSnapshot | None:
@@ -386,7 +386,7 @@ class ShareLoaderMixin:
         index = share.factors.style_index(old)
         held = share.factors.styles[index].name  # as the bank spells it (old may be typed in another Unicode form)
         share.rename_style(old, new)
-        self._default_style = _renamed(self._default_style, held, share.factors.styles[index].name)
+        self._default_style = renamed_in_spec(self._default_style, held, share.factors.styles[index].name)
 
     def fuse_style(self, style: StyleSpec, style_scale: float = 1.0, exact: bool = True) -> None:
         """Fuse a style or blend into the transformer weights: base-model speed; undo with ``unfuse_style``.
@@ -542,24 +542,6 @@ def _peft_adapter_config(path: Path, source: dict, hub: dict) -> dict | None:
     """The ``adapter_config.json`` of PEFT adapter weights (see :func:`peft_adapter_config_path`), read."""
     config_path = peft_adapter_config_path(path, source, hub)
     return read_adapter_config(config_path) if config_path is not None else None
-
-
-def _as_held(style, factors):
-    """``style`` (a spec or list of specs) with every name spelt as the bank holds it."""
-    if isinstance(style, list | tuple):
-        return type(style)(_as_held(item, factors) for item in style)
-    if isinstance(style, dict):
-        return {factors.styles[factors.style_index(name)].name: weight for name, weight in style.items()}
-    return factors.styles[factors.style_index(style)].name if isinstance(style, str) else style
-
-
-def _renamed(style, old: str, new: str):
-    """``style`` (a spec or list of specs) with the style ``old`` called ``new``."""
-    if isinstance(style, list | tuple):
-        return type(style)(_renamed(item, old, new) for item in style)
-    if isinstance(style, dict):
-        return {new if name == old else name: weight for name, weight in style.items()}
-    return new if style == old else style
 
 
 def _only_mentions(style, names: set[str]) -> bool:

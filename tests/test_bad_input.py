@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 
 import numpy as np
@@ -288,6 +289,20 @@ def test_set_style_is_refused_while_a_style_is_fused(pipe):
     pipe.set_style(None)  # the base (here: the fused weights) is always allowed
     pipe.unfuse_style()
     pipe.set_style("ink")
+
+
+def test_a_style_renamed_while_fused_is_named_by_its_new_name(pipe):
+    """The refusals while a style is fused name it; after a rename (typed in another Unicode form: the bank's
+    spelling is what is stored) they named the old name, which no longer exists."""
+    pipe.rename_style("ink", "encre caf\u00e9")
+    pipe.fuse_style({"encre cafe\u0301": 0.5})  # decomposed: the same style
+    pipe.rename_style("encre cafe\u0301", "ink v2")
+    with pytest.raises(ShareStateError, match=re.escape("style {'ink v2': 0.5} is fused; unfuse_style()")):
+        pipe.set_style("ink v2")
+    with pytest.raises(ShareStateError, match=re.escape("while style {'ink v2': 0.5} is fused")):
+        pipe.delete_style("ink v2")
+    pipe.unfuse_style()
+    pipe.set_style("ink v2")
 
 
 @pytest.mark.parametrize("name", [None, 3, 1.5])

@@ -34,6 +34,25 @@ StyleSpec = str | dict[str, BlockWeight] | None
 """One sample's style: None (base model), a style name, or a blend ``{name: weight}``."""
 
 
+def spelt_as_held(style, factors: ShareFactors):
+    """``style`` (a spec or a list of specs) with every name spelt as ``factors`` holds it (a name may be typed
+    in another Unicode form: :meth:`ShareFactors.style_index`)."""
+    if isinstance(style, list | tuple):
+        return type(style)(spelt_as_held(item, factors) for item in style)
+    if isinstance(style, dict):
+        return {factors.styles[factors.style_index(name)].name: weight for name, weight in style.items()}
+    return factors.styles[factors.style_index(style)].name if isinstance(style, str) else style
+
+
+def renamed_in_spec(style, old: str, new: str):
+    """``style`` (a spec or a list of specs, spelt as held) with the style ``old`` called ``new``."""
+    if isinstance(style, list | tuple):
+        return type(style)(renamed_in_spec(item, old, new) for item in style)
+    if isinstance(style, dict):
+        return {new if name == old else name: weight for name, weight in style.items()}
+    return new if style == old else style
+
+
 def style_weights(
     factors: ShareFactors,
     style: StyleSpec | Sequence[StyleSpec],
@@ -367,8 +386,11 @@ class ShareModel:
         self.refresh()
 
     def rename_style(self, old: str, new: str) -> None:
+        index = self.factors.style_index(old)
+        held = self.factors.styles[index].name
         self.factors.rename_style(old, new)
         self._weights_cache.clear()
+        self.fused_style = renamed_in_spec(self.fused_style, held, self.factors.styles[index].name)
 
     def fuse_style(self, style: StyleSpec, scale: float = 1.0, exact: bool = True) -> None:
         """Fuse one style or blend into the base weights, on their device (zero per-step overhead).
@@ -402,7 +424,7 @@ class ShareModel:
                 layer.unfuse()
             self.selection.set_checked(previous)
             raise
-        self.fused_style = style
+        self.fused_style = spelt_as_held(style, self.factors)  # so that a rename finds it
         self._selection_resets += 1  # a selection from before would style the fused weights a second time
 
     def unfuse_style(self) -> None:
