@@ -552,16 +552,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     pipe.set_progress_bar_config(disable=args.quiet)
     load_styles(pipe, args.model, args.factors)
     defaults = defaults_for(pipe, args.model)
+    call = call_arguments(
+        pipe, defaults, 1, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance
+    )
+    # The studio's and the server's limits: the demo model draws only at its training size, and a side that is
+    # no multiple of the size step would be resized by the pipeline without a word.
+    defaults.check_call(1, call["num_inference_steps"], call["width"], call["height"], args.guidance)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    image = pipe(
-        prompt=args.prompt,
-        style=style,
-        style_scale=args.style_scale,
-        **call_arguments(
-            pipe, defaults, 1, steps=args.steps, width=args.width, height=args.height, guidance=args.guidance
-        ),
-        generator=generator,
-    ).images[0]
+    image = pipe(prompt=args.prompt, style=style, style_scale=args.style_scale, **call, generator=generator).images[0]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     image.save(output, format=_image_format(output))
@@ -631,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     rename = commands.add_parser("rename", help="give a style a new name (old checkpoints' unusable names too)")
     rename.add_argument("checkpoint")
     rename.add_argument("old", help="the style's name as the checkpoint holds it (taken literally, not as a blend)")
-    rename.add_argument("new", help="the new name (no '=', ',' or control characters)")
+    rename.add_argument("new", help="the new name (no '=', ',', '[', ']' or control characters)")
     rename.set_defaults(func=cmd_rename)
 
     delete = commands.add_parser("delete", help="remove styles from a checkpoint (the others do not change)")

@@ -9,6 +9,7 @@ import torch
 from diffusers import FluxPipeline
 from packaging.version import Version
 
+from .core.errors import ShareStateError
 from .loader import ShareLoaderMixin
 
 _FLUX_CALL = inspect.signature(FluxPipeline.__call__)
@@ -158,7 +159,7 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
     def load_lora_weights(self, *args, **kwargs):
         """Stock diffusers LoRA loading; refused while Share layers are in the transformer."""
         if self._share is not None:
-            raise RuntimeError(
+            raise ShareStateError(
                 "this pipeline holds Share styles; merge the LoRA as a style with merge_lora(...), or call "
                 "remove_share() before load_lora_weights(...)"
             )

@@ -16,6 +16,7 @@ prompt, with no patching of the base; only fusing a style into it is refused.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,14 +27,33 @@ TORCHAO_KINDS = ("int8", "float8")
 QUANTIZATIONS = (*TORCHAO_KINDS, "nf4")
 
 
+# The package each kind needs, and how to get it (bitsandbytes is no extra of ours: it wants CUDA).
+_NEEDS = {
+    "int8": ("torchao", "pip install 'share-diffusers[quant]'"),
+    "float8": ("torchao", "pip install 'share-diffusers[quant]'"),
+    "nf4": ("bitsandbytes", "pip install bitsandbytes, on a machine with a CUDA GPU"),
+    "gguf": ("gguf", "pip install 'share-diffusers[quant]'"),
+}
+
+
 def check_quantize(quantize: str | None) -> None:
-    """Raise ``ValueError`` (naming the choices) unless ``quantize`` is None, a known kind or a ``.gguf`` file."""
-    if quantize is None or quantize in QUANTIZATIONS:
+    """Refuse ``quantize`` unless it is None, a known kind or a ``.gguf`` file, and its package is installed;
+    checked before any model loads.
+
+    Raises:
+        ValueError: an unknown kind (naming the choices), or one whose package is not installed (naming it and
+            how to install it: a bad option, as the command lines report it). FileNotFoundError: no such file.
+    """
+    if quantize is None:
         return
-    if not quantize.endswith(".gguf"):
-        raise ValueError(f"unknown quantization {quantize!r}: choose {', '.join(QUANTIZATIONS)} or a .gguf file")
-    if not Path(quantize).expanduser().is_file():
-        raise FileNotFoundError(f"no GGUF file at {quantize}")
+    if quantize not in QUANTIZATIONS:
+        if not quantize.endswith(".gguf"):
+            raise ValueError(f"unknown quantization {quantize!r}: choose {', '.join(QUANTIZATIONS)} or a .gguf file")
+        if not Path(quantize).expanduser().is_file():
+            raise FileNotFoundError(f"no GGUF file at {quantize}")
+    package, install = _NEEDS.get(quantize, _NEEDS["gguf"])
+    if importlib.util.find_spec(package) is None:
+        raise ValueError(f"quantize={quantize!r} needs {package}, which is not installed: {install}")
 
 
 def _torchao_config(kind: str):

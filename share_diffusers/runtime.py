@@ -42,6 +42,7 @@ __all__ = [
     "USER_ERRORS",
     "MAX_SEED",
     "check_seed",
+    "check_server_options",
     "check_guidance",
     "BlockWeight",
     "GenerationDefaults",
@@ -429,10 +430,31 @@ def resolve_device(device: str | None = None) -> str:
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        torch.device(device)
+        parsed = torch.device(device)
     except RuntimeError:
         raise ValueError(f"unknown torch device {device!r}; use e.g. cpu, cuda or cuda:1") from None
+    if parsed.type == "cuda":  # torch says "Torch not compiled with CUDA enabled" only when a tensor moves
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise ValueError(f"device {device!r}: {why}; use cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: Apple's MPS is not available here; use cpu")
     return device
+
+
+def check_server_options(port: int | None, max_upload_mb: float) -> None:
+    """The options the studio and the server share, checked before a model loads.
+
+    Raises:
+        ValueError: a port outside 1..65535 (uvicorn took 70000 and listened on 70000 - 65536 = 4464), or an
+            upload limit that is not a number of MiB above 0.
+    """
+    if port is not None and not 1 <= port <= 65535:
+        raise ValueError(f"--port must be from 1 to 65535, got {port}")
+    if not (math.isfinite(max_upload_mb) and max_upload_mb > 0):
+        raise ValueError(f"--max-upload-mb must be a number above 0, got {max_upload_mb}")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
@@ -598,7 +620,16 @@ def load_styles(pipe, model: str | None, factors: str | None = None, demo_styles
 
     Returns:
         The merge reports of the random demo LoRAs (empty otherwise).
+
+    Raises:
+        ValueError: ``demo_styles`` True with ``factors`` on the demo model, whose demo styles are a Share
+            checkpoint of their own (one pipeline holds one; the flag was ignored before).
     """
+    if demo_styles and factors and model is None:
+        raise ValueError(
+            "--demo-styles with --factors: the demo model's styles are a Share checkpoint of their own and a "
+            "pipeline holds one; start with one of them (and merge LoRAs into it)"
+        )
     if demo_styles is None:
         demo_styles = not factors
     if factors:

@@ -293,6 +293,12 @@ def test_generate_defaults_have_one_source(capsys):
         (["--seed", "-1"], "the seed must be a whole number from 0 to 4294967295, got -1"),
         (["--seed", str(2**64)], "the seed must be a whole number from 0 to 4294967295, got 18446744073709551616"),
         (["--guidance", "nan"], "guidance must be a finite number from 0, got nan"),  # drew a black image
+        # torch's own "Torch not compiled with CUDA enabled" came as an AssertionError traceback, after loading
+        pytest.param(
+            ["--device", "cuda:0"],
+            "device 'cuda:0': this torch is a CPU build; use cpu",
+            marks=pytest.mark.skipif(torch.version.cuda is not None, reason="a CUDA build of torch"),
+        ),
     ],
     ids=[
         "style",
@@ -305,6 +311,7 @@ def test_generate_defaults_have_one_source(capsys):
         "negative-seed",
         "huge-seed",
         "nan-guidance",
+        "cuda-on-a-cpu-build",
     ],
 )
 def test_generate_refuses_bad_input_before_loading_in_one_line(tmp_path, capsys, extra, message):
@@ -312,6 +319,21 @@ def test_generate_refuses_bad_input_before_loading_in_one_line(tmp_path, capsys,
     assert main(["-q", "generate", "--prompt", "a photo of a bag", "-o", str(tmp_path / "x.png"), *extra]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: " + message.replace("{tmp}", str(tmp_path))) and err.count("\n") == 1, err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--height", "48"], "the height must be from 4 to 32 pixels on this model, got 48"),
+        (["--width", "30"], "the width must be a multiple of 4 (this model's size step), got 30: use 28 or 32"),
+    ],
+    ids=["past-the-demo-size", "resized-silently"],
+)
+def test_generate_holds_the_studio_limits(tmp_path, capsys, extra, message):
+    """The demo model draws only at its training size (README); generate wrote a 32x48 image before."""
+    assert main(["-q", "generate", "--prompt", "a photo of a bag", "-o", str(tmp_path / "x.png"), *extra]) == 1
+    assert capsys.readouterr().err == f"error: {message}\n"
     assert not (tmp_path / "x.png").exists()
 
 
@@ -471,3 +493,16 @@ def test_pipelines_load_with_use_safetensors(monkeypatch):
             runtime.load_pipeline("someone/flux-model", "cpu", "float32", progress=False, quantize=quantize)
     assert [model for model, _ in calls] == ["someone/flux-model"] * 2
     assert all(kwargs["use_safetensors"] is True for _, kwargs in calls)
+
+
+def test_demo_styles_with_factors_on_the_demo_model_is_refused(tmp_path):
+    """``app --demo-styles --factors X`` on the demo model started with X alone, the flag ignored (on
+    tiny-random the random demo LoRAs are merged into X)."""
+    from share_diffusers.runtime import load_styles
+
+    class Untouched:
+        def __getattr__(self, name):
+            pytest.fail(f"the pipeline was used ({name})")
+
+    with pytest.raises(ValueError, match=r"--demo-styles with --factors: the demo model's styles are a Share"):
+        load_styles(Untouched(), None, str(tmp_path), demo_styles=True)

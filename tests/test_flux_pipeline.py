@@ -18,7 +18,7 @@ from flux_helpers import (
 from safetensors.torch import load_file, save_file
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
-from share_diffusers.core import LoraFormatError, ShapeMismatchError, ShareLinear, StyleError
+from share_diffusers.core import LoraFormatError, ShapeMismatchError, ShareLinear, ShareStateError, StyleError
 from share_diffusers.flux_lora import ALL_LORA_LAYERS
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline, save_tiny_flux_pipeline
 
@@ -174,7 +174,7 @@ def test_fuse_equals_unfused_and_unfuse_restores(share_pipe):
     base = generate(share_pipe, prompts)
     share_pipe.fuse_style("ink")
     assert relative(unfused, generate(share_pipe, prompts)) < 1e-4
-    with pytest.raises(RuntimeError, match="fused"):
+    with pytest.raises(ShareStateError, match="fused"):
         generate(share_pipe, prompts, style="sepia")
     share_pipe.unfuse_style()
     assert relative(base, generate(share_pipe, prompts)) < 1e-6
@@ -277,7 +277,7 @@ def test_failed_first_merge_leaves_a_plain_transformer(loras, tmp_path):
 
 
 def test_diffusers_lora_api_and_share_refuse_to_mix(share_pipe, loras):
-    with pytest.raises(RuntimeError, match="holds Share styles"):
+    with pytest.raises(ShareStateError, match="holds Share styles"):
         share_pipe.load_lora_weights(str(loras["ink"]))
     plain = build_tiny_flux_pipeline(0, ShareFluxPipeline)
     plain.load_lora_weights(str(loras["ink"]), adapter_name="ink")

@@ -117,7 +117,7 @@ def test_fuse_equals_unfused_and_unfuse_restores(kind, dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     assert relative_error(unfused, fused) < tolerance
     selection.set(weights)
-    with pytest.raises(RuntimeError, match="fused"):
+    with pytest.raises(ShareStateError, match="fused"):
         layer(x)
     selection.set(None)
     layer.unfuse()
@@ -236,7 +236,7 @@ def test_style_requests_are_validated(tiny_net):
     with pytest.raises(ValueError, match="3 styles for a batch of 2"):
         share.set_style(["ink", "neon", None], batch_size=2)
     share.fuse_style({"ink": 0.5})
-    with pytest.raises(RuntimeError, match="fused"):
+    with pytest.raises(ShareStateError, match="fused"):
         share.set_style("neon")
     share.unfuse_style()
 

@@ -269,6 +269,23 @@ def test_load_pipeline_from_a_gguf_transformer_file(tiny_dir, tmp_path):
     assert is_quantized(layer) and "Q8_0" in quantization_name(layer)
 
 
+def test_a_quantization_whose_package_is_missing_is_refused_before_loading(monkeypatch):
+    """bitsandbytes missing gave importlib's bare PackageNotFoundError traceback from inside diffusers."""
+    import importlib.util
+
+    from share_diffusers import quantization
+    from share_diffusers.runtime import load_pipeline
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    monkeypatch.setattr(quantization, "load_quantized_transformer", lambda *a: pytest.fail("loaded"))
+    message = "quantize='nf4' needs bitsandbytes, which is not installed: pip install bitsandbytes, on a machine"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_pipeline(None, "cpu", "float32", progress=False, quantize="nf4")
+
+
 @pytest.mark.parametrize(
     ("quantize", "error", "message"),
     [

@@ -828,6 +828,11 @@ def test_command_line_defaults_and_errors(capsys):
     assert capsys.readouterr().err.strip() == (
         "error: unknown quantization 'int4': choose int8, float8, nf4 or a .gguf file"
     )
+    # uvicorn took port 70000 and listened on 70000 - 65536 = 4464
+    assert main(["--model", TINY_RANDOM, "--port", "70000"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --port must be from 1 to 65535, got 70000"
+    assert main(["--model", TINY_RANDOM, "--max-upload-mb", "0"]) == 1  # every upload refused, silently
+    assert capsys.readouterr().err.strip() == "error: --max-upload-mb must be a number above 0, got 0.0"
     help_text = subprocess.run(
         [sys.executable, "-m", "share_diffusers.serving", "--help"], capture_output=True, text=True, cwd=ROOT
     )

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import QuantizedBaseError, ShapeMismatchError, ShareValueError
+from .errors import QuantizedBaseError, ShapeMismatchError, ShareStateError, ShareValueError
 from .quantized import compute_dtype, is_quantized, quantization_name
 from .subspace import LayerShare
 
@@ -281,7 +281,7 @@ class ShareLinear(nn.Module):
         Call ``selection.refresh()`` after loading layers, so that blends are recomputed.
         """
         if self.fused_weights is not None:
-            raise RuntimeError("cannot change the Share factors of a layer with a fused style; unfuse_style() first")
+            raise ShareStateError("cannot change the Share factors of a layer with a fused style; unfuse_style() first")
         device, dtype = self.base_layer.weight.device, compute_dtype(self.base_layer)
         self.selection.invalidate()
         self.blended_cores = None
@@ -325,7 +325,7 @@ class ShareLinear(nn.Module):
         if not styled and self.trainable is None:
             return result
         if styled and self.fused_weights is not None:
-            raise RuntimeError("a style is fused into this layer; unfuse_style() before selecting styles per batch")
+            raise ShareStateError("a style is fused into this layer; unfuse_style() before selecting styles per batch")
         same_dtype = result.dtype == x.dtype == self.basis_out.dtype
         if styled and self.trainable is None and not self._is_conv and same_dtype:
             return self._add_styles(x, result)
@@ -414,7 +414,7 @@ class ShareLinear(nn.Module):
                 dtype (for bf16, a few units of 2^-8 relative on the entries the delta moved).
         """
         if self.fused_weights is not None:
-            raise RuntimeError("a style is already fused into this layer; unfuse_style() first")
+            raise ShareStateError("a style is already fused into this layer; unfuse_style() first")
         self.check_fusable()
         if self.basis_out.shape[1] > 0:
             original = self.base_layer.weight.detach().clone() if exact else None

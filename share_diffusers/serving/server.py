@@ -17,7 +17,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ..runtime import DTYPES, TINY_RANDOM, USER_ERRORS, error_line
+from ..runtime import DTYPES, TINY_RANDOM, USER_ERRORS, check_server_options, error_line
 from .engine import DEFAULT_MAX_UPLOAD_MB
 
 ADMIN_TOKEN_ENV = "SHARE_ADMIN_TOKEN"
@@ -110,6 +110,7 @@ def build_server_app(args: argparse.Namespace):
 
     if args.max_batch < 1 or args.max_queue < args.max_batch:
         raise ValueError(f"need 1 <= --max-batch <= --max-queue, got {args.max_batch} and {args.max_queue}")
+    check_server_options(args.port, args.max_upload_mb)
     token = admin_token_of(args)  # before the model loads: a bad option fails at once
     engine = ServingEngine.from_model(
         args.model,

@@ -37,6 +37,7 @@ from ..runtime import (
     TINY_RANDOM,
     USER_ERRORS,
     GenerationDefaults,
+    check_server_options,
     defaults_for,
     error_line,
     load_pipeline,
@@ -505,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="start with demo styles: the shipped inverted/tint/stripes/outlines on the demo model, three random "
-        f"LoRAs on {TINY_RANDOM} (default: on unless --factors)",
+        f"LoRAs on {TINY_RANDOM}, merged into --factors if given (default: on unless --factors; the demo model's "
+        "cannot go with --factors)",
     )
     return parser
 
@@ -537,6 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.max_queue < 1:
             raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
+        check_server_options(args.port, args.max_upload_mb)
         studio, description = load_studio(args)
         demo = build_demo(studio, description, max_queue=args.max_queue)
         _, url, _ = demo.launch(
