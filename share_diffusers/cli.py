@@ -148,10 +148,18 @@ def expand_lora_sources(sources: Sequence[str], quiet: bool = False) -> list[str
         if not folder.is_dir() or (folder / "adapter_config.json").is_file():
             expanded.append(source)
             continue
+        if (folder / CONFIG_NAME).is_file():
+            raise ValueError(
+                f"{folder} is a Share checkpoint, not a LoRA; export its styles as LoRAs first (share-diffusers "
+                "export) to merge them into other factors"
+            )
         found = []
         for entry in sorted(folder.iterdir()):
             if entry.is_file() and entry.suffix.lower() == ".safetensors":
                 found.append(entry)
+            elif entry.is_dir() and (entry / CONFIG_NAME).is_file():
+                if not quiet:  # its one .safetensors file is factors, not a LoRA ("holds no LoRA tensors")
+                    print(f"note: skipped {entry}: a Share checkpoint, not a LoRA", file=sys.stderr)
             elif entry.is_dir() and _is_one_lora(entry):
                 found.append(entry)
             elif entry.is_dir() and len(_safetensors_files(entry)) > 1 and not quiet:

@@ -431,6 +431,20 @@ def test_compress_a_folder_without_loras_names_the_pickles_it_will_not_read(tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_share_checkpoint_is_no_lora_of_a_folder(tmp_path, peft_adapters, capsys):
+    """A checkpoint holds one .safetensors file, so it passed for a one-LoRA subfolder and failed with "holds
+    no LoRA tensors"; beside LoRAs it is skipped with a note, given itself it is refused by name."""
+    loras = tmp_path / "loras"
+    shutil.copytree(peft_adapters[0], loras / "ink")
+    assert run_cli("-q", "compress", peft_adapters[1], "-o", loras / "earlier-factors", "-k", 10, "-p", 4) == 0
+    assert run_cli("compress", loras, "-o", tmp_path / "out", "-k", 10, "-p", 4) == 0
+    assert f"note: skipped {loras / 'earlier-factors'}: a Share checkpoint, not a LoRA" in capsys.readouterr().err
+    assert load_factors(tmp_path / "out").style_names == ["ink"]
+    assert run_cli("-q", "compress", loras / "earlier-factors", "-o", tmp_path / "again") == 1
+    assert capsys.readouterr().err.startswith(f"error: {loras / 'earlier-factors'} is a Share checkpoint, not a LoRA;")
+    assert not (tmp_path / "again").exists()
+
+
 def test_delete_removes_styles_and_leaves_the_others_bit_for_bit(tmp_path, peft_adapters, capsys):
     out = tmp_path / "ckpt"
     names = ["ink", "neon", "sepia"]
