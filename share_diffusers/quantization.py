@@ -139,9 +139,24 @@ def _without_float32_int8_advice(quantize: str, dtype: torch.dtype) -> Iterator[
 
 
 def quantize_in_place(transformer: torch.nn.Module, kind: str) -> None:
-    """torchao weight-only quantization of every linear of an already built transformer (``int8``/``float8``)."""
+    """torchao weight-only quantization of every linear of an already built transformer (``int8``/``float8``).
+
+    Styles injected before stay unfused beside the quantized layers.
+
+    Raises:
+        ShareStateError: a style is fused into the transformer (it would be quantized into the base for good,
+            and unfusing would fail on the quantized weights); nothing is quantized.
+    """
+    from .core.errors import ShareStateError
+    from .core.model import ShareModel
+
     if kind not in TORCHAO_KINDS:
         raise ValueError(f"only {' and '.join(TORCHAO_KINDS)} quantize a model built in memory, not {kind!r}")
+    share = ShareModel.of(transformer)
+    if share is not None and share.fused_style is not None:
+        raise ShareStateError(
+            f"style {share.fused_style!r} is fused into the transformer; unfuse_style() before quantizing it"
+        )
     from torchao.quantization import quantize_
 
     quantize_(transformer, _torchao_config(kind))

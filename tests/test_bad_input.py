@@ -172,8 +172,14 @@ def test_huge_scale_is_refused_in_the_core_with_factors_unchanged():
         factors.merge(random_adapter(SHAPES, 3, alpha=3 * 4e34, seed=1), "huge")
     assert factors.style_names == ["ink"]
     assert all(torch.equal(layer.gram_out, before[name]) for name, layer in factors.layers.items())
-    with pytest.raises(FactorValueError, match="fitting the LoRAs gives"):
-        ShareFactors.fit([random_adapter(SHAPES, 3, alpha=3 * 4e34, seed=1)], ["huge"])
+    # with several LoRAs the message names the one at fault (it said "the LoRA's scale is out of range")
+    fine = [random_adapter(SHAPES, 3, seed=seed) for seed in (2, 3)]
+    with pytest.raises(FactorValueError, match=r"blocks\.0\.to_q: style 'huge': its update's energy \|\|dW\|\|\^2 = "):
+        ShareFactors.fit([fine[0], random_adapter(SHAPES, 3, alpha=3 * 4e34, seed=1), fine[1]], ["a", "huge", "b"])
+    broken = random_adapter(SHAPES, 3, seed=4)
+    broken.layers["blocks.0.to_q"].up[0, 0] = float("nan")
+    with pytest.raises(FactorValueError, match=r"blocks\.0\.to_q: style 'nan': the LoRA's up \(lora_B\) factor"):
+        ShareFactors.fit([fine[0], broken, fine[1]], ["a", "nan", "b"])
     with pytest.raises(FactorValueError, match="scale .* must be a finite number"):
         random_adapter(SHAPES, 3, alpha=float("nan"))
 

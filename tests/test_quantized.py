@@ -191,6 +191,44 @@ def test_fuse_on_quantized_base_is_refused_and_changes_nothing(kind, tiny_dir, s
         assert not torch.equal(run_transformer(quantized, inputs), before)
 
 
+def test_quantizing_with_a_fused_style_is_refused_and_unfusing_a_quantized_weight_says_why(tiny_dir, share_pipe):
+    """Quantized with a style fused, the style went into the int8 weights for good and unfuse_style /
+    remove_share died in torchao ('Tensor' object has no attribute 'qdata'), fused_style still set."""
+    from torchao.quantization import quantize_
+
+    from share_diffusers.core.errors import ShareStateError
+    from share_diffusers.quantization import quantize_in_place
+
+    transformer = FluxTransformer2DModel.from_pretrained(tiny_dir, subfolder="transformer")
+    share = with_factors(transformer, share_pipe.share_factors)
+    share.fuse_style("s0")
+    weight = transformer.transformer_blocks[0].attn.to_q.base_layer.weight.clone()
+    with pytest.raises(ShareStateError, match=re.escape("style 's0' is fused into the transformer; unfuse_style()")):
+        quantize_in_place(transformer, "int8")
+    assert torch.equal(transformer.transformer_blocks[0].attn.to_q.base_layer.weight, weight)  # not quantized
+    quantize_(transformer, Int8WeightOnlyConfig())  # torchao itself does not know about Share
+    with pytest.raises(QuantizedBaseError, match="the style is part of the quantized weight now and cannot be taken"):
+        share.unfuse_style()
+    with pytest.warns(UserWarning, match=r"layers \(e\.g\. transformer_blocks\.0\.attn\.to_q\) were quantized with a "):
+        share.remove()  # the way out: the stock layers back, the style in them as quantized
+    assert type(transformer.transformer_blocks[0].attn.to_q) is torch.nn.Linear
+    assert is_quantized(transformer.transformer_blocks[0].attn.to_q)
+
+
+def test_bases_take_the_compute_dtype_of_diffusers_layerwise_casting(loras):
+    """Weights stored in float8 and cast to bf16 for each forward: the bases were float32 (twice the memory,
+    and a cast in every forward), or bf16 when the casting came after the merge."""
+    from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    torch.nn.Module.to(pipe.transformer, dtype=torch.bfloat16)
+    pipe.transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.bfloat16)
+    pipe.merge_lora(str(loras[0]), style_name="s0")
+    layer = pipe.share.layers["transformer_blocks.0.attn.to_q"]
+    assert layer.base_layer.weight.dtype == torch.float8_e4m3fn
+    assert layer.basis_out.dtype == layer.basis_in.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize(("kind", "lost_at_least"), [("Q8_0", 0.3), ("Q4_0", 0.9)])
 def test_requantizing_a_fused_style_loses_it(kind, lost_at_least):
     """Why fusing is refused: requantizing ``W + dW`` rounds a LoRA-sized ``dW`` away (measured, not assumed).

@@ -28,7 +28,7 @@ from typing import TypeVar
 import torch
 from tqdm.auto import tqdm
 
-from .adapters import FIT_DEVICE, LoraAdapter, all_finite, canonical_forms, resolve_fit_device
+from .adapters import FIT_DEVICE, CanonicalLora, LoraAdapter, all_finite, canonical_forms, resolve_fit_device
 from .batched_merge import merge_class_key, merge_layers
 from .errors import FactorValueError, ShapeMismatchError, ShareValueError, StyleError
 from .subspace import (
@@ -46,6 +46,8 @@ from .subspace import (
     to_fit,
     to_storage,
 )
+
+FLOAT32_MAX = torch.finfo(torch.float32).max  # the stored summaries' range
 
 # Layers are merged in parallel: at FLUX.1 width a layer is a few skinny QRs (n x 48) and small products
 # that several cores barely speed up, so the layers themselves are the parallelism. The cap is because
@@ -296,6 +298,24 @@ def check_style_weight(name: str, weight: object, scale: float = 1.0) -> float:
     return value
 
 
+def _canonical_of_style(adapter: LoraAdapter, name: str, layer_name: str) -> CanonicalLora | None:
+    """The style ``name``'s update on ``layer_name`` (None where its LoRA has none), refused naming the style
+    when it holds NaN or Inf or its energy ``||dW||^2`` is beyond float32 (the summaries the bank stores would
+    overflow, and with several LoRAs "the LoRA's scale is out of range" did not say which one)."""
+    if layer_name not in adapter.layers:
+        return None
+    try:
+        entry = adapter.layers[layer_name].canonical()
+    except FactorValueError as error:
+        raise FactorValueError(f"style {name!r}: {error}") from None
+    if entry.energy > FLOAT32_MAX:
+        raise FactorValueError(
+            f"style {name!r}: its update's energy ||dW||^2 = {entry.energy:.3g} is beyond float32's range; "
+            "the LoRA's scale (alpha / rank) is out of range"
+        )
+    return entry
+
+
 def _check_storable(
     layer: LayerShare, layer_name: str, what: str, hint: str = "the LoRA's scale (alpha / rank) is out of range"
 ) -> LayerShare:
@@ -366,10 +386,8 @@ class ShareFactors:
 
         def fit_one(layer_name: str) -> LayerShare:
             with _naming_layer(layer_name):
-                entries = [
-                    adapter.layers[layer_name].canonical() if layer_name in adapter.layers else None
-                    for adapter in adapters
-                ]
+                pairs = zip(adapters, names, strict=True)
+                entries = [_canonical_of_style(adapter, name, layer_name) for adapter, name in pairs]
                 if all(entry is None or entry.energy == 0 for entry in entries):
                     n_out, d_in = shapes[layer_name]
                     layer = empty_layer(n_out, d_in, len(adapters), config.pseudo_rank, config.center, config.normalize)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 
 from torch import nn
 
-from .errors import ShapeMismatchError, ShareStateError
+from .errors import QuantizedBaseError, ShapeMismatchError, ShareStateError
 from .layer import ShareLinear, StyleSelection
 
 
@@ -82,12 +83,23 @@ def wrap_modules(model: nn.Module, names: Sequence[str], selection: StyleSelecti
 def remove_share(model: nn.Module) -> list[str]:
     """Put every wrapped module back; the model's module tree is exactly the original again.
 
-    A fused layer is unfused first. Returns the names restored.
+    A fused layer is unfused first; one whose weight was quantized after the fuse cannot be (the style is part of
+    its quantized weight now) and is put back as it is, with a warning. Returns the names restored.
     """
-    restored = []
+    restored, kept_fused = [], []
     for name, module in list(model.named_modules()):
         if isinstance(module, ShareLinear):
-            module.unfuse()
+            try:
+                module.unfuse()
+            except QuantizedBaseError:
+                module.drop_fused_state()
+                kept_fused.append(name)
             _set_submodule(model, name, module.base_layer)
             restored.append(name)
+    if kept_fused:
+        warnings.warn(
+            f"{len(kept_fused)} layers (e.g. {kept_fused[0]}) were quantized with a style fused into them and keep "
+            "it: load the base model again for its own weights",
+            stacklevel=2,
+        )
     return restored

@@ -436,11 +436,22 @@ class ShareLinear(nn.Module):
         """Restore the base weight: bit for bit after an exact fuse, within the dtype's rounding otherwise."""
         if self.fused_weights is None:
             return
+        if is_quantized(self.base_layer):  # quantized after the fuse (quantize_in_place refuses; torchao does not)
+            raise QuantizedBaseError(
+                f"its weight was quantized ({quantization_name(self.base_layer)}) with a style fused into it: the "
+                "style is part of the quantized weight now and cannot be taken out; load the base model again"
+            )
         if self._unfused_weight is not None:
             with torch.no_grad():
                 self.base_layer.weight.copy_(self._unfused_weight)
         elif self.basis_out.shape[1] > 0:
             self._add_delta(self.fused_weights, sign=-1.0)
+        self._unfused_weight = None
+        self.fused_weights = None
+
+    def drop_fused_state(self) -> None:
+        """Forget the fuse without touching the weight (and free the exact copy): for a base quantized after the
+        fuse, where :meth:`unfuse` cannot take the style out."""
         self._unfused_weight = None
         self.fused_weights = None
 

@@ -33,7 +33,8 @@ def quantization_name(layer: nn.Module) -> str:
 def compute_dtype(layer: nn.Module) -> torch.dtype:
     """The dtype in which ``layer`` computes its output: the dtype the Share bases and blends use.
 
-    GGUF and bitsandbytes 4-bit layers name it (``compute_dtype``); torchao and quanto weights are
+    GGUF and bitsandbytes 4-bit layers name it (``compute_dtype``), as does diffusers' layerwise-casting hook
+    (weights stored in float8, cast for each forward); torchao and quanto weights are
     tensor subclasses that report the original floating dtype; otherwise the bias's dtype, and
     float32 for an integer weight without either (bitsandbytes 8-bit: the forward casts the delta
     to the output's dtype).
@@ -41,6 +42,11 @@ def compute_dtype(layer: nn.Module) -> torch.dtype:
     named = getattr(layer, "compute_dtype", None)
     if isinstance(named, torch.dtype):
         return named
+    # diffusers' enable_layerwise_casting stores weights in float8 and casts them for each forward
+    hooks = getattr(layer, "_diffusers_hook", None)
+    casting = hooks.get_hook("layerwise_casting") if hooks is not None else None
+    if isinstance(getattr(casting, "compute_dtype", None), torch.dtype):
+        return casting.compute_dtype
     weight = layer.weight
     if weight.dtype.is_floating_point and weight.dtype.itemsize >= 2:
         return weight.dtype
