@@ -184,6 +184,25 @@ def test_huge_scale_is_refused_in_the_core_with_factors_unchanged():
         random_adapter(SHAPES, 3, alpha=float("nan"))
 
 
+def test_factors_that_are_no_real_tensors_are_refused_by_name():
+    """Complex factors lost their imaginary part with a torch warning only; meta tensors gave torch's "Cannot
+    copy out of meta tensor"; a dict for an adapter gave an AttributeError."""
+    from share_diffusers.core import LoraLayer
+
+    with pytest.raises(FactorValueError, match=r"up \(lora_B\) factor must be a real floating-point tensor, got "):
+        LoraLayer(torch.randn(8, 2, dtype=torch.complex64), torch.randn(2, 6, dtype=torch.complex64))
+    with pytest.raises(FactorValueError, match=r"down \(lora_A\) factor must be a real floating-point tensor, got "):
+        LoraLayer(torch.randn(8, 2), torch.ones(2, 6, dtype=torch.int64))
+    with pytest.raises(FactorValueError, match=r"factor has no data \(it is on the meta device\)"):
+        LoraLayer(torch.randn(8, 2, device="meta"), torch.randn(2, 6, device="meta"))
+    factors = ShareFactors.fit([random_adapter(SHAPES, 3, seed=0)], ["ink"], ShareConfig(rank=6, pseudo_rank=3))
+    with pytest.raises(ShareValueError, match="merge takes a LoraAdapter .*, got dict"):
+        factors.merge({"blocks.0.to_q": 1}, "x")
+    with pytest.raises(ShareValueError, match="fit takes LoraAdapters .*, got dict"):
+        ShareFactors.fit([{"blocks.0.to_q": 1}], ["x"])
+    assert factors.style_names == ["ink"]
+
+
 def test_zero_lora_is_refused_in_the_core():
     factors = ShareFactors.fit([random_adapter(SHAPES, 3, seed=0)], ["ink"], ShareConfig(rank=6, pseudo_rank=3))
     zero = random_adapter(SHAPES, 3, seed=1)

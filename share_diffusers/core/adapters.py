@@ -80,6 +80,12 @@ class LoraLayer:
     _canonical: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        for factor, tensor in (("up (lora_B)", self.up), ("down (lora_A)", self.down)):
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise FactorValueError(f"the LoRA's {factor} factor must be a real floating-point tensor, got {kind}")
+            if tensor.is_meta:
+                raise FactorValueError(f"the LoRA's {factor} factor has no data (it is on the meta device)")
         if self.up.ndim != 2 or self.down.ndim != 2 or self.up.shape[1] != self.down.shape[0]:
             raise ShapeMismatchError(
                 f"LoRA factors must be up (n_out, r) and down (r, d_in); got up {tuple(self.up.shape)} "

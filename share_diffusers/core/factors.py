@@ -382,6 +382,9 @@ class ShareFactors:
         taken: list[str] = []
         for name in names:
             taken.append(validate_style_name(name, taken))
+        strays = [type(adapter).__name__ for adapter in adapters if not isinstance(adapter, LoraAdapter)]
+        if strays:
+            raise ShareValueError(f"fit takes LoraAdapters (lora_files.load_lora), got {strays[0]}")
         shapes = _layer_shapes(adapters, names)
 
         def fit_one(layer_name: str) -> LayerShare:
@@ -485,6 +488,8 @@ class ShareFactors:
         if fit_device != FIT_DEVICE:
             workers = 1  # one stream of kernels; threads would only contend for the GIL
         validate_style_name(name, self.style_names)
+        if not isinstance(adapter, LoraAdapter):
+            raise ShareValueError(f"merge takes a LoraAdapter (lora_files.load_lora), got {type(adapter).__name__}")
         if not adapter.layers:
             raise ShareValueError(f"adapter for style {name!r} has no layers")
         for layer_name, lora in adapter.layers.items():
