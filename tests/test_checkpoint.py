@@ -222,6 +222,51 @@ def test_bfloat16_storage_halves_the_bulk_and_reloads_close(tmp_path, factors):
         save_factors(factors, tmp_path / "int", dtype=torch.int8)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("center", [False, True], ids=["plain", "centered"])
+def test_a_half_precision_save_counts_its_rounding_in_the_stored_errors(tmp_path, dtype, center):
+    """A lossless bank saved in bfloat16 stored errors of 2e-8 for styles 3.6e-3 off as read (float16: 3.7e-4),
+    and later merges started their bound from there. The stored error now bounds the style both as the layer
+    applies it (the bases as read) and as a merge starts from it (re-orthonormalised), tightly."""
+    from share_diffusers.core.subspace import to_fit
+
+    shapes = {"a": (40, 32), "b": (24, 36)}
+    adapters = [random_adapter(shapes, 4, seed=seed) for seed in range(3)]
+    factors = ShareFactors.fit(adapters[:2], ["s0", "s1"], ShareConfig(rank=16, pseudo_rank=16, center=center))
+    assert max(float(layer.error.max()) for layer in factors.layers.values()) < 1e-6
+    save_factors(factors, tmp_path / "half", dtype=dtype)
+    loaded = load_factors(tmp_path / "half")
+    summary = {
+        style["name"]: style["error"]
+        for style in json.loads((tmp_path / "half" / checkpoint_module.CONFIG_NAME).read_text())["styles"]
+    }
+
+    def applied(bank, layer_name, index, fit=False):
+        layer = to_fit(bank.layers[layer_name]) if fit else bank.layers[layer_name]
+        return layer.basis_out.double() @ layer.cores().double()[index] @ layer.basis_in.double().T
+
+    for index, name in enumerate(["s0", "s1"]):
+        for layer_name in shapes:
+            truth = adapters[index].layers[layer_name].delta_weight()
+            stored = float(loaded.layers[layer_name].error[index])
+            for fit in (False, True):
+                actual = float((applied(loaded, layer_name, index, fit) - truth).norm() / truth.norm())
+                # 1e-7: the float32 floor the fit's own stored error has (its bases stored in float32)
+                assert actual - 1e-7 <= stored <= 2 * actual + 1e-6, (name, layer_name, fit, stored, actual)
+        assert summary[name] == pytest.approx(loaded.style_error(name), rel=1e-6) and summary[name] > 1e-4
+    loaded.merge(adapters[2], "s2")  # the bound carries through a merge
+    for index in range(2):
+        for layer_name in shapes:
+            truth = adapters[index].layers[layer_name].delta_weight()
+            actual = float((applied(loaded, layer_name, index) - truth).norm() / truth.norm())
+            assert actual - 1e-7 <= float(loaded.layers[layer_name].error[index])
+    save_factors(loaded, tmp_path / "float32", dtype=torch.float32)  # no rounding: the errors as they are
+    assert all(
+        torch.equal(layer.error, loaded.layers[name].error)
+        for name, layer in load_factors(tmp_path / "float32").layers.items()
+    )
+
+
 # -- a checkpoint folder is a closed world (issue 19) -------------------------------------------------
 
 

@@ -340,3 +340,28 @@ def test_the_error_names_the_first_bad_layer_in_layer_order(workers):
     for batch_layers in (False, True):
         with pytest.raises(FactorValueError, match=r"^a1: merging style 'new' gives"):
             factors.merge(adapter, "new", workers=workers, batch_layers=batch_layers)
+
+
+def test_k_counts_only_directions_that_hold_energy(monkeypatch):
+    """One rank-4 LoRA merged five more times spans 4 directions; k grew to 24, twenty of them round-off
+    (eigenvalues 1e-16 of the largest), each costing k (n + d) stored numbers and forward work."""
+    recorder = _Recorder(monkeypatch)
+    shapes = {f"a{i}": (40, 32) for i in range(3)}
+    ink = random_adapter(shapes, 4, seed=0)
+    config = ShareConfig(rank=32, pseudo_rank=4)
+    fitted = ShareFactors.fit([ink] * 6, [f"copy{i}" for i in range(6)], config)
+    assert {layer.k for layer in fitted.layers.values()} == {4}
+    merged = ShareFactors.fit([ink], ["copy0"], config)
+    per_layer = _copy(merged)
+    for i in range(1, 6):
+        per_layer.merge(ink, f"copy{i}", batch_layers=False)
+        merged.merge(ink, f"copy{i}")
+    assert max(recorder.sizes) > 1  # the batched path ran
+    for bank in (merged, per_layer):
+        assert {layer.k for layer in bank.layers.values()} == {4}
+        for name in shapes:
+            for style in bank.style_names:  # every copy is still the LoRA itself
+                assert relative_error(ink.layers[name].delta_weight(), bank.delta_weight(name, style)) < 1e-6
+    # a second, independent LoRA still opens its own directions
+    merged.merge(random_adapter(shapes, 3, seed=1), "other")
+    assert {layer.k for layer in merged.layers.values()} == {7}

@@ -118,8 +118,8 @@ def merge_layers(
         decompositions.append(_decompose_stack(stack, inner, k_old if orthonormalize else None))
 
     cap = min(k_old + rank, n_out, d_in)
-    if rule.rank is not None:  # a fixed k does not look at the spectrum
-        ranks = [rule.choose(decompositions[0].eigenvalues[0], cap=cap)] * len(layers)
+    if rule.rank is not None:  # a fixed k looks at the spectrum only for its numerical rank
+        ranks = [rule.choose(eigenvalues, cap=cap) for eigenvalues in decompositions[0].eigenvalues]
     else:
         totals = _merged_energy(norm_old, normalize, truncated_old, norm_new, weight).tolist()
         ranks = [

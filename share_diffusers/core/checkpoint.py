@@ -27,6 +27,8 @@ the mode the umask gives new files (``0644`` under the usual ``022``), like any 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +45,7 @@ from safetensors.torch import save_file
 
 from .errors import FactorValueError, ShareCheckpointError, ShareIOError, ShareValueError, StyleError
 from .factors import ShareConfig, ShareFactors, StyleInfo, validate_style_name
-from .subspace import STORE_DTYPE, LayerShare
+from .subspace import STORE_DTYPE, LayerShare, to_fit
 
 FORMAT_NAME = "share-diffusers"
 FORMAT_VERSION = 2
@@ -132,8 +134,10 @@ def save_factors(factors: ShareFactors, directory: str | os.PathLike, dtype: tor
         raise ShareValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)}, not {dtype}")
     storage_dtype = dtype if dtype is not None else factors.storage_dtype
     _check_style_names([style.name for style in factors.styles], "cannot save", StyleError)
+    as_stored = copy.copy(factors)  # the errors of the factors as the file holds them, for the JSON's summary
+    as_stored.layers = {name: with_rounding_error(layer, storage_dtype) for name, layer in factors.layers.items()}
     tensors = {}
-    for name, layer in factors.layers.items():
+    for name, layer in as_stored.layers.items():
         for tensor_name in TENSOR_NAMES:
             stored = storage_dtype if tensor_name in FACTOR_NAMES else STORE_DTYPE
             tensors[f"{name}.{tensor_name}"] = getattr(layer, tensor_name).to(stored).contiguous()
@@ -145,7 +149,7 @@ def save_factors(factors: ShareFactors, directory: str | os.PathLike, dtype: tor
             raise FactorValueError(f"cannot save: tensor {key!r} holds NaN or Inf in {tensor.dtype}{hint}")
     directory = Path(directory)
     weights_file = f"{WEIGHTS_PREFIX}-{secrets.token_hex(4)}.safetensors"
-    document = describe(factors, weights_file, storage_dtype)
+    document = describe(as_stored, weights_file, storage_dtype)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -159,6 +163,50 @@ def save_factors(factors: ShareFactors, directory: str | os.PathLike, dtype: tor
         factors.checkpoint_version = (directory.resolve(), weights_file)
         _remove_leftovers(directory)
     return directory / CONFIG_NAME
+
+
+def with_rounding_error(layer: LayerShare, storage_dtype: torch.dtype) -> LayerShare:
+    """``layer`` whose per-style ``error`` also counts what rounding its factors to ``storage_dtype`` moves each
+    style: ``error + ||R' - R|| / norm`` (the triangle inequality, so an upper bound, as the stored error is after
+    a merge), ``R' `` the reconstruction from the rounded file both as the layer applies it (its bases as read,
+    orthonormal only to their rounding) and as a merge starts from it (the bases re-orthonormalised,
+    :func:`~.subspace.to_fit`), whichever moved more. ``layer`` itself when the rounding changes nothing
+    (float32, or factors read from such a file).
+
+    ``||R' - R||^2 = <C', G'_out C' G'_in> + <C, G_out C G_in> - 2 <C', (B'_out.T B_out) C (B_in.T B'_in)>`` in
+    float64, from ``k x k`` products once the bases' ``n x k`` ones are made.
+    """
+    rounded = {
+        name: getattr(layer, name).to(storage_dtype).to(getattr(layer, name).dtype)
+        for name in FACTOR_NAMES
+        if getattr(layer, name) is not None
+    }
+    if layer.k == 0 or all(torch.equal(tensor, getattr(layer, name)) for name, tensor in rounded.items()):
+        return layer
+    as_read = dataclasses.replace(layer, **rounded)
+    before = _as_float64(layer)
+    moved = torch.maximum(_moved(before, _as_float64(as_read)), _moved(before, to_fit(as_read)))
+    norm = layer.norm.to(torch.float64)
+    relative = torch.where(norm > 0, moved.sqrt() / norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return dataclasses.replace(layer, error=(layer.error.to(torch.float64) + relative).to(layer.error.dtype))
+
+
+def _as_float64(layer: LayerShare) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(basis_out, cores (t, k, k), basis_in)`` in float64, as they are (no re-orthonormalisation)."""
+    return layer.basis_out.to(torch.float64), layer.cores().to(torch.float64), layer.basis_in.to(torch.float64)
+
+
+def _moved(before, after) -> torch.Tensor:
+    """``||R'_i - R_i||^2`` per style, ``(t,)``, from ``(basis_out, cores, basis_in)`` of each (float64)."""
+    if isinstance(after, LayerShare):
+        after = (after.basis_out, after.cores(), after.basis_in)
+    (out, cores, inn), (out_r, cores_r, inn_r) = before, after
+
+    def energy(cores: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+        return (cores * ((left.T @ left) @ cores @ (right.T @ right))).sum(dim=(1, 2))
+
+    cross = (cores_r * ((out_r.T @ out) @ cores @ (inn.T @ inn_r))).sum(dim=(1, 2))
+    return (energy(cores, out, inn) + energy(cores_r, out_r, inn_r) - 2 * cross).clamp_min(0)
 
 
 def _refuse_lost_update(factors: ShareFactors, directory: Path) -> None:
