@@ -505,7 +505,13 @@ class ShareFactors:
             with _naming_layer(layer_name):
                 layer = self._layer_or_empty(layer_name, adapter, t, fit_device)
                 lora = adapter.layers.get(layer_name)
-                merged = to_storage(merge_layer(layer, lora.canonical(fit_device) if lora else None, rule))
+                entry = lora.canonical(fit_device) if lora else None
+                if entry is not None and entry.energy > FLOAT32_MAX:  # 1e200 gave "linalg.eigh failed to converge"
+                    raise FactorValueError(
+                        f"merging style {name!r}: its update's energy ||dW||^2 = {entry.energy:.3g} is beyond "
+                        "float32's range; the LoRA's scale (alpha / rank) is out of range"
+                    )
+                merged = to_storage(merge_layer(layer, entry, rule))
             # The stored (float32) state must be finite, or the checkpoint could never be loaded or merged into.
             return _check_storable(merged, layer_name, f"merging style {name!r}")
 
