@@ -35,7 +35,11 @@ pytest.importorskip("torchao")
 from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig, TorchAoConfig  # noqa: E402
 from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig  # noqa: E402
 
-GGUF_TYPES = {"Q8_0": gguf.GGMLQuantizationType.Q8_0, "Q4_0": gguf.GGMLQuantizationType.Q4_0}
+GGUF_TYPES = {
+    "Q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "Q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "BF16": gguf.GGMLQuantizationType.BF16,
+}
 
 
 def write_gguf(transformer: torch.nn.Module, path, quant_type) -> None:
@@ -174,14 +178,20 @@ def test_pipeline_from_pretrained_with_quantization_config(tiny_dir, loras):
     np.testing.assert_allclose(together[1], alone[0], atol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "int8"])
+@pytest.mark.parametrize("kind", ["Q4_0", "int8", "BF16"])
 def test_fuse_on_quantized_base_is_refused_and_changes_nothing(kind, tiny_dir, share_pipe, tmp_path):
+    """A GGUF BF16 file is not quantized but held as packed bytes: refused too, without the requantizing story."""
     quantized = load_quantized(kind, tiny_dir, tmp_path)
     share = with_factors(quantized, share_pipe.share_factors)
     inputs = transformer_inputs(batch=1)
     before = run_transformer(quantized, inputs)
     state = {key: quantized_bits(value) for key, value in quantized.state_dict().items()}
-    with pytest.raises(QuantizedBaseError, match=r"cannot fuse a style into transformer_blocks\.0\.attn\.to_q: its "):
+    why = {"BF16": "held as the GGUF file's packed BF16 bytes", "Q4_0": r"quantized \(GGUF Q4_0\)"}
+    why["int8"] = r"quantized \(Int8Tensor\)"
+    with pytest.raises(
+        QuantizedBaseError,
+        match=rf"cannot fuse a style into transformer_blocks\.0\.attn\.to_q: its weight is {why[kind]}",
+    ):
         share.fuse_style("s0")
     assert share.fused_style is None
     for key, value in quantized.state_dict().items():

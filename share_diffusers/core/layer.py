@@ -424,6 +424,11 @@ class ShareLinear(nn.Module):
 
     def check_fusable(self) -> None:
         """Raise :class:`QuantizedBaseError` if the base weight is quantized (see :meth:`fuse`'s policy)."""
+        if is_quantized(self.base_layer) and quantization_name(self.base_layer) == "GGUF BF16":
+            raise QuantizedBaseError(  # not quantized, but held as packed GGUF bytes that diffusers decodes per call
+                "its weight is held as the GGUF file's packed BF16 bytes, which cannot be written in place. Apply the "
+                "style unfused instead (style=...), or load the base from a safetensors model to fuse"
+            )
         if is_quantized(self.base_layer):
             raise QuantizedBaseError(
                 f"its weight is quantized ({quantization_name(self.base_layer)}): requantizing W + dW rounds a "
