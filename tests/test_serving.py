@@ -299,6 +299,8 @@ INVALID = [
     (body(prompt="   "), "prompt", "prompt must not be blank"),
     (body(prompt=""), "prompt", "at least 1 character"),
     (body(seed=-1), "seed", "seed must be from 0 to"),
+    # image 2 would use seed 2**32, which no request alone may ask for
+    (body(seed=2**32 - 1, n=2), "seed", "seed + n - 1 must be at most 4294967295 (image i uses seed + i), got seed"),
     (body(num_inference_steps=0), "num_inference_steps", "from 1 to 100"),
     (body(guidance_scale=-1.0), "guidance_scale", "from 0 to 30"),
     (body(style_scale=float("inf")), "style_scale", "finite"),

@@ -27,7 +27,7 @@ from share_diffusers.demo_styles import write_demo_lora  # noqa: E402
 from share_diffusers.hub import HubError  # noqa: E402
 from share_diffusers.runtime import TINY_RANDOM  # noqa: E402
 from share_diffusers.serving.engine import ServingEngine  # noqa: E402
-from share_diffusers.serving.ray_app import pinned_revision, serve_config  # noqa: E402
+from share_diffusers.serving.ray_app import ShareFluxDeployment, build_app, pinned_revision, serve_config  # noqa: E402
 from share_diffusers.serving.schema import ImageRequest  # noqa: E402
 
 STEPS = 2
@@ -176,8 +176,57 @@ def test_hub_checkpoint_revision_is_pinned_to_its_commit(fake_hub, tmp_path):
     asked = len(fake_hub.requests)
     commit = "0123456789abcdef0123456789abcdef01234567"
     assert pinned_revision("someone/styles", commit) == commit  # a commit already: the Hub is not asked
-    assert user_config(str(tmp_path)) == {"factors": str(tmp_path), "revision": None}  # a local folder
+    assert pinned_revision(str(tmp_path), None) is None  # a local folder (serve_config checks it loads)
     assert pinned_revision(None, None) is None
     assert len(fake_hub.requests) == asked
     with pytest.raises(HubError, match=r"could not resolve revision 'v3' of the Hub checkpoint 'someone/styles'"):
         pinned_revision("someone/styles", "v3")
+
+
+def test_a_checkpoint_that_does_not_load_is_refused_before_any_replica_is_touched(tmp_path):
+    """A rollout to a missing or half-written folder stopped every replica (each failed to load it in
+    reconfigure, and Ray replaced them with replicas failing alike): an outage until the old config came back."""
+    from share_diffusers import ShareFluxPipeline
+    from share_diffusers.core import ShareCheckpointError
+    from share_diffusers.tiny_flux import build_tiny_flux_pipeline
+
+    with pytest.raises(ValueError, match="'/no/such/bank' is neither a local Share checkpoint folder nor a Hub"):
+        serve_config(TINY_RANDOM, "/no/such/bank")
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.merge_lora(write_demo_lora(pipe.transformer, tmp_path / "ocean", 21, 4, 4.0), style_name="ocean")
+    pipe.save_share_factors(tmp_path / "half-written")
+    weights = next((tmp_path / "half-written").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for make in (serve_config, build_app):
+        with pytest.raises(ShareCheckpointError, match="half-written"):
+            make(TINY_RANDOM, str(tmp_path / "half-written"))
+    with pytest.raises(ValueError, match="max_batch must be a whole number of at least 1, got 0"):
+        build_app(TINY_RANDOM, max_batch=0)  # Ray said "max_ongoing_requests: Input should be greater than 0"
+    with pytest.raises(ValueError, match="max_wait_ms must be a finite number of at least 0, got -5"):
+        serve_config(TINY_RANDOM, max_wait_ms=-5)  # Ray took it
+
+
+def test_a_replica_keeps_its_bank_when_a_new_checkpoint_fails_to_load(caplog):
+    """The folder can break between the config check and a replica's load: the replica goes on serving the bank
+    it holds (raising would make Ray stop it); a replica with no bank yet cannot serve and raises."""
+    import asyncio
+
+    from share_diffusers.core import ShareCheckpointError
+
+    class Replica:
+        checkpoint = ("/styles/v1", None)
+
+        async def run_exclusive(self, function, *args):
+            return function(*args)
+
+        def _load_checkpoint(self, factors, revision):
+            raise ShareCheckpointError(f"{factors}: the weights file is cut short")
+
+    replica = Replica()
+    reconfigure = ShareFluxDeployment.func_or_class.reconfigure
+    asyncio.run(reconfigure(replica, {"factors": "/styles/v2", "revision": None}))
+    assert replica.checkpoint == ("/styles/v1", None)
+    assert "did not load: /styles/v2: the weights file is cut short" in caplog.text
+    replica.checkpoint = None
+    with pytest.raises(ShareCheckpointError, match="cut short"):
+        asyncio.run(reconfigure(replica, {"factors": "/styles/v2", "revision": None}))

@@ -347,6 +347,11 @@ class ServingEngine:
         seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED - self.max_images)
         if not 0 <= seed <= MAX_SEED:
             raise RequestError(f"seed must be from 0 to {MAX_SEED}, got {seed}", "seed")
+        if seed + request.n - 1 > MAX_SEED:  # image i uses seed + i, a seed no single request may ask for
+            raise RequestError(
+                f"seed + n - 1 must be at most {MAX_SEED} (image i uses seed + i), got seed {seed} and n {request.n}",
+                "seed",
+            )
         style_ids = self._style_ids
         return ImageJob(
             prompt=request.prompt,

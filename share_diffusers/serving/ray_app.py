@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,7 +48,7 @@ from typing import Any
 
 from ray import serve
 
-from ..runtime import error_line
+from ..runtime import USER_ERRORS, error_line
 from .api import create_app
 from .batcher import BatchedResult
 from .engine import ImageJob, JobResult, ServingEngine
@@ -128,7 +129,20 @@ class ShareFluxDeployment:
         wanted = (user_config.get("factors"), user_config.get("revision"))
         if wanted == self.checkpoint:
             return
-        await self.run_exclusive(self._load_checkpoint, *wanted)
+        try:
+            await self.run_exclusive(self._load_checkpoint, *wanted)
+        except USER_ERRORS as error:
+            if self.checkpoint is None:
+                raise  # a replica that holds no bank yet cannot serve
+            # Raising would make Ray stop this replica (and start others that fail alike): an outage for a
+            # typo. The engine kept the bank it held; the replica goes on serving it and says why in its log.
+            logger.error(
+                "kept styles %s: checkpoint %s (revision %s) did not load: %s",
+                self.checkpoint,
+                *wanted,
+                error_line(error),
+            )
+            return
         self.checkpoint = wanted
         logger.info("replica holds styles %s (factors %s, revision %s)", self.engine.style_names, *wanted)
 
@@ -226,6 +240,23 @@ def pinned_revision(factors: str | None, revision: str | None) -> str | None:
         ) from None
 
 
+def checked_checkpoint(factors: str | None, revision: str | None) -> str | None:
+    """The ``user_config`` revision of ``factors`` (:func:`pinned_revision`), after checking that a local folder
+    holds a checkpoint that loads: a rollout to a missing or half-written folder stopped every replica (each
+    failed to load it) until the previous config was deployed again.
+
+    Raises:
+        ShareCheckpointError / HubError / ValueError: naming the folder or repo and what is wrong.
+    """
+    if factors and not _is_hub_id(factors):
+        from ..core import load_factors
+
+        if not Path(factors).is_dir():
+            raise ValueError(f"factors {factors!r} is neither a local Share checkpoint folder nor a Hub repo id")
+        load_factors(factors)  # every replica will load it: a broken folder fails here, before any is touched
+    return pinned_revision(factors, revision)
+
+
 def _is_hub_id(factors: str) -> bool:
     """``user/name`` and no local folder of that name (as :func:`share_diffusers.hub.resolve_share_factors` tells)."""
     return not Path(factors).is_dir() and factors.count("/") == 1 and not factors.startswith(("/", "."))
@@ -269,6 +300,7 @@ def build_app(
             batch can fill while the previous one computes).
         max_queued_requests: requests waiting at the router beyond that; more get HTTP 503.
     """
+    check_batching(max_batch, max_wait_ms)
     replica_args = dict(
         model=model,
         device=device,
@@ -284,9 +316,18 @@ def build_app(
         ray_actor_options=ray_actor_options or {"num_cpus": 1},
         max_ongoing_requests=max_ongoing_requests or 4 * max_batch,
         max_queued_requests=max_queued_requests,
-        user_config={"factors": factors, "revision": pinned_revision(factors, revision)},
+        user_config={"factors": factors, "revision": checked_checkpoint(factors, revision)},
     )
     return deployment.bind(**replica_args)
+
+
+def check_batching(max_batch: int, max_wait_ms: float) -> None:
+    """Refuse what Ray would take (a negative wait) or refuse in its own words (max_ongoing_requests -8 for a
+    max_batch of -2), naming our arguments."""
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be a whole number of at least 1, got {max_batch!r}")
+    if not (isinstance(max_wait_ms, int | float) and math.isfinite(max_wait_ms) and max_wait_ms >= 0):
+        raise ValueError(f"max_wait_ms must be a finite number of at least 0, got {max_wait_ms!r}")
 
 
 _INTEGER_ARGS = ("num_replicas", "max_batch", "max_ongoing_requests", "max_queued_requests")
@@ -337,6 +378,7 @@ def serve_config(
                          ray_actor_options={'num_gpus': 1}, dtype='bfloat16')))" > share.yaml
         serve deploy share.yaml
     """
+    check_batching(replica_args.get("max_batch", 8), replica_args.get("max_wait_ms", 20.0))
     args = {key: value for key, value in dict(model=model, **replica_args).items() if value is not None}
     return {
         "http_options": {"host": host, "port": port},
@@ -351,7 +393,7 @@ def serve_config(
                         "name": name,
                         "num_replicas": num_replicas,
                         "ray_actor_options": ray_actor_options or {"num_cpus": 1},
-                        "user_config": {"factors": factors, "revision": pinned_revision(factors, revision)},
+                        "user_config": {"factors": factors, "revision": checked_checkpoint(factors, revision)},
                     }
                 ],
             }
