@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")
 # piecewise_constant needs step rules, which the trainers do not take
+POLYNOMIAL_LR_END = 1e-7  # diffusers.optimization.get_polynomial_decay_schedule_with_warmup's lr_end
 LR_SCHEDULERS = [kind.value for kind in SchedulerType if kind is not SchedulerType.PIECEWISE_CONSTANT]
 SCHEDULERS_WITHOUT_WARMUP = ("constant",)
 
@@ -313,6 +314,12 @@ def check_common_arguments(args) -> None:
     check_at_least(args, max_train_steps=1, train_batch_size=1, gradient_accumulation_steps=1)
     check_at_least(args, lr_warmup_steps=0, checkpointing_steps=0)
     check_positive_rates(args, "learning_rate")
+    if args.lr_scheduler == "polynomial" and args.learning_rate <= POLYNOMIAL_LR_END:
+        raise UsageError(
+            f"--lr_scheduler polynomial decays to {POLYNOMIAL_LR_END:g} (diffusers' lr_end): --learning_rate must be "
+            f"above it, got {args.learning_rate:g}"
+        )
+    check_report_to(args.report_to)
     if not 0 <= args.seed <= MAX_SEED:
         raise UsageError(f"--seed must be from 0 to {MAX_SEED}, got {args.seed}")
     if args.lr_scheduler not in LR_SCHEDULERS:
@@ -332,6 +339,26 @@ def check_common_arguments(args) -> None:
         raise UsageError(
             "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from; pass one"
         )
+
+
+def check_report_to(report_to: str | None) -> None:
+    """``--report_to``: one of accelerate's trackers, installed (accelerate raised a traceback for an unknown
+    name and only warned for a missing package, then trained to the end logging nothing).
+
+    Raises:
+        UsageError: naming the tracker and the choices or the package to install.
+    """
+    if report_to is None:
+        return
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    known = [kind.value for kind in LoggerType]
+    if report_to not in known:
+        raise UsageError(f"--report_to {report_to!r} is not one of accelerate's trackers: {', '.join(known)}")
+    available = [str(getattr(kind, "value", kind)) for kind in get_available_trackers()]
+    if report_to != "all" and report_to not in available:
+        raise UsageError(f"--report_to {report_to}: its package is not installed (pip install {report_to})")
 
 
 def check_at_least(args, **lows: int) -> None:
@@ -359,11 +386,16 @@ def check_positive_rates(args, *names: str) -> None:
 
 
 def check_output_dir(output_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """Refuses to write into a folder that holds anything, unless the run resumes or may overwrite.
+    """Refuses a path that is a file (or lies under one), and a folder that holds anything, unless the run
+    resumes or may overwrite.
 
     Raises:
-        UsageError: naming the folder, one of its entries and the two ways on.
+        UsageError: naming the folder, one of its entries and the two ways on; or the file in the way (found
+            only when the first output was written, after the whole training, before).
     """
+    blocking = next((path for path in (output_dir, *output_dir.parents) if path.exists() and not path.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--output_dir {output_dir}: {blocking} is a file, not a folder")
     if resuming or overwrite or not output_dir.is_dir():
         return
     entries = sorted(path.name for path in output_dir.iterdir())

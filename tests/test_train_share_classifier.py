@@ -506,3 +506,30 @@ def test_a_checkpoint_saved_with_another_step_count_is_refused(text, tmp_path, c
             f"error: {checkpoint} was saved by a run with --max_train_steps 6, this run has 4: its trained tensors"
         )
     )
+
+
+def test_evaluate_takes_fewer_test_examples_and_refuses_other_task_names(text, tmp_path, capsys, train):
+    """--max_eval_samples was overwritten by the saved run's (None); task names other than the saved ones gave
+    a state-dict traceback from the heads."""
+    out = tmp_path / "out"
+    train(["colors", "animals"], out, "--max_train_steps", 2)
+    saved = out / "after-task-2"
+
+    def evaluate(*extra) -> tuple[int, str, str]:
+        capsys.readouterr()
+        returncode = _script().cli(["--evaluate", str(saved), *map(str, extra)])
+        captured = capsys.readouterr()
+        return returncode, captured.err, captured.out
+
+    returncode, _, printed = evaluate()
+    full = json.loads(printed.strip().splitlines()[-1])["accuracy"]
+    returncode, _, printed = evaluate("--max_eval_samples", 3)
+    few = json.loads(printed.strip().splitlines()[-1])["accuracy"]
+    assert returncode == 0 and all(round(value * 3) == value * 3 for value in few)  # thirds: 3 examples each
+    assert few != full  # measured: [0.67, 0.67] on 3 examples, [0.5, 0.33] on all 24
+    returncode, stderr, _ = evaluate("--task", f"a={text['colors']}", "--task", f"b={text['animals']}")
+    assert returncode == 1
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: --task names ['a', 'b'] are not the tasks {saved} learned, in order: ['colors', 'animals']; give "
+        "NAME=DIR for each of them, or leave --task out to use the saved folders"
+    )

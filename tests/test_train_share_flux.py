@@ -641,6 +641,9 @@ def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
         (["--max_grad_norm", "nan"], "--max_grad_norm must be a finite number, at least 0, got nan"),
         (["--guidance_scale", "-1"], "--guidance_scale must be a finite number, at least 0, got -1.0"),
         (["--resolution", 0], "--resolution must be at least 1, got 0"),
+        (["--report_to", "nonsense"], "--report_to 'nonsense' is not one of accelerate's trackers: all, aim, "),
+        (["--report_to", "dvclive"], "--report_to dvclive: its package is not installed (pip install dvclive)"),
+        (["--lr_scheduler", "polynomial", "--learning_rate", "1e-8"], "--learning_rate must be above it, got 1e-08"),
     ],
     ids=[
         "scheduler",
@@ -668,6 +671,9 @@ def test_bf16_training_on_cuda(setup, train, tmp_path, extra):
         "nan-grad-norm",
         "negative-guidance",
         "resolution-0",
+        "unknown-tracker",
+        "tracker-not-installed",
+        "polynomial-below-its-end",
     ],
 )
 def test_bad_arguments_are_refused_before_any_model_loads(setup, tmp_path, extra, message, capsys, forbid_loading):
@@ -796,3 +802,23 @@ def test_sixteen_bit_and_rotated_images_train_as_they_look(tmp_path):
     assert torch.equal(pixels["deep"], pixels["flat"])
     assert (pixels["photo"] - pixels["upright"]).abs().max() < 0.1
     assert pixels["upright"][:, :4, :4].min() > 0.9 and pixels["upright"][:, 6:, 6:].max() < -0.9
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_any_model_loads(setup, tmp_path, capsys, forbid_loading):
+    """It failed when the factors were saved, after the whole training (or at the first checkpoint)."""
+    (tmp_path / "notes").write_text("mine")
+    for out in (tmp_path / "notes", tmp_path / "notes" / "run"):
+        returncode, stderr = refused(setup, out, capsys=capsys)
+        assert returncode == 1
+        assert stderr.strip() == f"error: --output_dir {out}: {tmp_path / 'notes'} is a file, not a folder"
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
+def test_a_checkpoint_past_max_train_steps_is_refused(setup, tmp_path, capsys, forbid_loading):
+    """Resuming from checkpoint-9 with --max_train_steps 3 saved the step-9 state as the 3-step run's."""
+    (tmp_path / "o" / "checkpoint-9").mkdir(parents=True)
+    returncode, stderr = refused(
+        setup, tmp_path / "o", "--max_train_steps", 3, "--resume_from_checkpoint", "latest", capsys=capsys
+    )
+    assert returncode == 1
+    assert stderr.strip().startswith(f"error: {tmp_path / 'o' / 'checkpoint-9'} is past --max_train_steps 3: resume")

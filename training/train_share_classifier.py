@@ -542,8 +542,16 @@ def evaluate_saved(args) -> int:
         raise ShareError(f"{folder} is not a saved task state (no progress.json)")
     settings = json.loads((folder / "progress.json").read_text())["settings"]
     for key, value in settings.items():
-        if key != "task" or not args.task:
-            setattr(args, key, value)
+        if key in ("task", "max_eval_samples") and getattr(args, key):
+            continue  # given on this command line: the tasks' folders elsewhere, fewer test examples
+        setattr(args, key, value)
+    trained = [name for name, _ in parse_task_specs(settings["task"])]
+    named = [name for name, _ in parse_task_specs(args.task)]
+    if named != trained:  # the heads are saved by task name (a state-dict traceback before)
+        raise ShareError(
+            f"--task names {named} are not the tasks {folder} learned, in order: {trained}; give NAME=DIR for each "
+            "of them, or leave --task out to use the saved folders"
+        )
     tasks = [load_task(name, path, args.max_eval_samples) for name, path in parse_task_specs(args.task)]
     model, encoder, targets = build_model(args, tasks)
     method = METHODS[args.method](model, targets, args)

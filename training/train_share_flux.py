@@ -69,6 +69,7 @@ from share_diffusers.training_utils import (
     check_output_dir,
     check_run_identity,
     check_whole_global_batches,
+    checkpoint_step,
     checkpoint_trainable_parameters_only,
     clear_outputs,
     destroy_process_group,
@@ -388,6 +389,11 @@ def main(argv=None) -> int:
     identity = run_identity(args, RUN_IDENTITY)
     if checkpoint is not None:
         check_run_identity(checkpoint, identity)
+        if checkpoint_step(checkpoint) > args.max_train_steps:  # it would save that later state as asked for
+            raise UsageError(
+                f"{checkpoint} is past --max_train_steps {args.max_train_steps}: resume with at least "
+                f"{checkpoint_step(checkpoint)} steps, or from an earlier checkpoint"
+            )
     inputs = {"--share_factors": args.share_factors, "--instance_data_dir": args.instance_data_dir}
     if args.overwrite_output_dir:
         check_inputs_survive(output_dir, OUTPUTS, inputs)
