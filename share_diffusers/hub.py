@@ -445,6 +445,7 @@ def push_share_factors(
         create_pr: open a pull request with the upload instead of committing (to ``revision`` if given); the
             pull request's URL is returned.
     """
+    check_online_for_upload(repo_id)
     api = HfApi(token=token)
     _hub_call(api.create_repo, repo_id, "the repo", private=private, exist_ok=True)
     if revision is not None and not revision.startswith("refs/pr/"):  # as transformers' push_to_hub does
@@ -465,6 +466,19 @@ def push_share_factors(
         )
     url = getattr(commit, "pr_url", None) if create_pr else None
     return str(url or getattr(commit, "commit_url", commit))
+
+
+def check_online_for_upload(repo_id: str) -> None:
+    """Refuse an upload under ``huggingface_hub``'s offline mode (``HF_HUB_OFFLINE=1``), whose error spoke of
+    downloads and the local cache; a trainer calls it before training.
+
+    Raises:
+        HubError: naming the repo and the variable.
+    """
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(f"cannot push to {repo_id}: huggingface_hub's offline mode is on (HF_HUB_OFFLINE=1); unset it")
 
 
 def peft_adapter_config_path(path: Path, source: dict, hub: dict | None = None) -> Path | None:

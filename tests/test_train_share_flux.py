@@ -822,3 +822,17 @@ def test_a_checkpoint_past_max_train_steps_is_refused(setup, tmp_path, capsys, f
     )
     assert returncode == 1
     assert stderr.strip().startswith(f"error: {tmp_path / 'o' / 'checkpoint-9'} is past --max_train_steps 3: resume")
+
+
+def test_push_to_hub_in_offline_mode_is_refused_before_any_model_loads(
+    setup, tmp_path, capsys, forbid_loading, monkeypatch
+):
+    """It failed after the whole training, saying the repo "is not in the local cache and downloading is off"."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    returncode, stderr = refused(setup, tmp_path / "o", "--push_to_hub", "--hub_model_id", "me/styles", capsys=capsys)
+    assert returncode == 1
+    assert stderr.strip() == (
+        "error: cannot push to me/styles: huggingface_hub's offline mode is on (HF_HUB_OFFLINE=1); unset it"
+    )

@@ -59,6 +59,7 @@ from share_diffusers.flux_training import (
     flow_matching_loss,
     sample_latents,
 )
+from share_diffusers.hub import check_online_for_upload
 from share_diffusers.training_utils import (
     LR_SCHEDULERS,
     EpochShuffle,
@@ -397,6 +398,8 @@ def main(argv=None) -> int:
     inputs = {"--share_factors": args.share_factors, "--instance_data_dir": args.instance_data_dir}
     if args.overwrite_output_dir:
         check_inputs_survive(output_dir, OUTPUTS, inputs)
+    if args.push_to_hub:  # the upload comes after the whole training
+        check_online_for_upload(args.hub_model_id or output_dir.name)
     dataset = CaptionedImages(args.instance_data_dir, args.resolution)  # data errors before any model work
     accelerator = make_accelerator(args, output_dir)
     check_whole_global_batches(len(dataset), args.train_batch_size, accelerator.num_processes, "images")
