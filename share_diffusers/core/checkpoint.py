@@ -185,7 +185,7 @@ def with_rounding_error(layer: LayerShare, storage_dtype: torch.dtype) -> LayerS
         return layer
     as_read = dataclasses.replace(layer, **rounded)
     before = _as_float64(layer)
-    moved = torch.maximum(_moved(before, _as_float64(as_read)), _moved(before, to_fit(as_read)))
+    moved = torch.maximum(_moved(before, _as_float64(as_read)), _moved(before, _as_float64(to_fit(as_read))))
     norm = layer.norm.to(torch.float64)
     relative = torch.where(norm > 0, moved.sqrt() / norm.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
     return dataclasses.replace(layer, error=(layer.error.to(torch.float64) + relative).to(layer.error.dtype))
@@ -198,8 +198,6 @@ def _as_float64(layer: LayerShare) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def _moved(before, after) -> torch.Tensor:
     """``||R'_i - R_i||^2`` per style, ``(t,)``, from ``(basis_out, cores, basis_in)`` of each (float64)."""
-    if isinstance(after, LayerShare):
-        after = (after.basis_out, after.cores(), after.basis_in)
     (out, cores, inn), (out_r, cores_r, inn_r) = before, after
 
     def energy(cores: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:

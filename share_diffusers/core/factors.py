@@ -308,9 +308,15 @@ def _canonical_of_style(adapter: LoraAdapter, name: str, layer_name: str) -> Can
         entry = adapter.layers[layer_name].canonical()
     except FactorValueError as error:
         raise FactorValueError(f"style {name!r}: {error}") from None
+    return _storable_energy(entry, f"style {name!r}")
+
+
+def _storable_energy(entry: CanonicalLora, who: str) -> CanonicalLora:
+    """``entry``, refused (``who``: what the message starts with) when its energy ``||dW||^2`` is beyond float32:
+    the summaries the bank stores would overflow (and at 1e200 linalg.eigh failed to converge)."""
     if entry.energy > FLOAT32_MAX:
         raise FactorValueError(
-            f"style {name!r}: its update's energy ||dW||^2 = {entry.energy:.3g} is beyond float32's range; "
+            f"{who}: its update's energy ||dW||^2 = {entry.energy:.3g} is beyond float32's range; "
             "the LoRA's scale (alpha / rank) is out of range"
         )
     return entry
@@ -505,12 +511,7 @@ class ShareFactors:
             with _naming_layer(layer_name):
                 layer = self._layer_or_empty(layer_name, adapter, t, fit_device)
                 lora = adapter.layers.get(layer_name)
-                entry = lora.canonical(fit_device) if lora else None
-                if entry is not None and entry.energy > FLOAT32_MAX:  # 1e200 gave "linalg.eigh failed to converge"
-                    raise FactorValueError(
-                        f"merging style {name!r}: its update's energy ||dW||^2 = {entry.energy:.3g} is beyond "
-                        "float32's range; the LoRA's scale (alpha / rank) is out of range"
-                    )
+                entry = _storable_energy(lora.canonical(fit_device), f"merging style {name!r}") if lora else None
                 merged = to_storage(merge_layer(layer, entry, rule))
             # The stored (float32) state must be finite, or the checkpoint could never be loaded or merged into.
             return _check_storable(merged, layer_name, f"merging style {name!r}")

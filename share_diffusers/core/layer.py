@@ -424,18 +424,20 @@ class ShareLinear(nn.Module):
 
     def check_fusable(self) -> None:
         """Raise :class:`QuantizedBaseError` if the base weight is quantized (see :meth:`fuse`'s policy)."""
-        if is_quantized(self.base_layer) and quantization_name(self.base_layer) == "GGUF BF16":
-            raise QuantizedBaseError(  # not quantized, but held as packed GGUF bytes that diffusers decodes per call
+        if not is_quantized(self.base_layer):
+            return
+        name = quantization_name(self.base_layer)
+        if name == "GGUF BF16":  # not quantized, but held as packed GGUF bytes that diffusers decodes per call
+            raise QuantizedBaseError(
                 "its weight is held as the GGUF file's packed BF16 bytes, which cannot be written in place. Apply the "
                 "style unfused instead (style=...), or load the base from a safetensors model to fuse"
             )
-        if is_quantized(self.base_layer):
-            raise QuantizedBaseError(
-                f"its weight is quantized ({quantization_name(self.base_layer)}): requantizing W + dW rounds a "
-                "LoRA-sized delta away (one of 1% of |W| loses about half of itself through Q8_0, all of it "
-                "through Q4_0) and re-rounds the base on every fuse/unfuse. Apply the style unfused instead "
-                "(style=...: exact, three small products a layer), or load the base unquantized to fuse"
-            )
+        raise QuantizedBaseError(
+            f"its weight is quantized ({name}): requantizing W + dW rounds a "
+            "LoRA-sized delta away (one of 1% of |W| loses about half of itself through Q8_0, all of it "
+            "through Q4_0) and re-rounds the base on every fuse/unfuse. Apply the style unfused instead "
+            "(style=...: exact, three small products a layer), or load the base unquantized to fuse"
+        )
 
     def unfuse(self) -> None:
         """Restore the base weight: bit for bit after an exact fuse, within the dtype's rounding otherwise."""
