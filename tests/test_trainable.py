@@ -104,6 +104,25 @@ def test_attach_twice_and_coefficients_only_without_basis_are_refused(tiny_net):
     assert empty.layers["to_q"].trainable.basis_out.shape == (24, 3)
 
 
+def test_a_refused_attach_leaves_every_layer_untouched(tiny_net):
+    # The check used to come layer by layer: layers before the refused one kept trainable factors.
+    shapes = {name: shape for name, shape in TINY_SHAPES.items() if name != "mix"}
+    factors = ShareFactors.fit([random_adapter(shapes, 3)], ["a"], ShareConfig(rank=8, pseudo_rank=2))
+    share = ShareModel.inject(tiny_net, factors, target_modules=["to_q", "to_v", "mix"])
+    assert list(share.layers) == ["to_q", "to_v", "mix"]  # "mix" is wrapped but holds no basis
+    with pytest.raises(ValueError, match="^mix has no basis yet"):
+        attach_trainable(share.layers, pseudo_rank=2, coefficients_only=True)
+    assert all(layer.trainable is None for layer in share.layers.values())
+    attach_trainable({"to_v": share.layers["to_v"]}, pseudo_rank=2)
+    for attach in (
+        lambda: attach_trainable(share.layers, pseudo_rank=2),
+        lambda: attach_style_cores(share.layers, share.factors, "a"),
+    ):
+        with pytest.raises(RuntimeError, match="^to_v already has factors being trained"):
+            attach()
+        assert share.layers["to_q"].trainable is None
+
+
 def test_fine_tuning_a_held_style_starts_from_it_and_replaces_only_it(tiny_net):
     share, adapters = _share(tiny_net)
     x = torch.randn(6, 24)

@@ -92,15 +92,16 @@ def attach_trainable(
             (or none yet) are completed with random orthonormal directions.
         coefficients_only: freeze the bases; train only the ``(k, p)`` cores.
     """
+    _check_free(layers)
+    if coefficients_only:
+        for name, layer in layers.items():
+            if layer.basis_out.shape[1] == 0:
+                raise ShareValueError(f"{name} has no basis yet: coefficients-only training needs an existing subspace")
     generator = torch.Generator().manual_seed(seed)
     attached = {}
     for name, layer in layers.items():
-        if layer.trainable is not None:
-            raise ShareStateError(f"{name} already has factors being trained; detach_trainable() first")
         k = layer.basis_out.shape[1]
         width = k if coefficients_only else (phi if phi is not None else max(1, k // 4))
-        if coefficients_only and k == 0:
-            raise ShareValueError(f"{name} has no basis yet: coefficients-only training needs an existing subspace")
         basis_out = _directions(layer.basis_out, width, generator)
         basis_in = _directions(layer.basis_in, width, generator)
         trainable = TrainableFactors(
@@ -121,13 +122,17 @@ def attach_style_cores(layers: dict[str, ShareLinear], factors: ShareFactors, na
     index = factors.style_index(name)
     if any(state.anchor is not None for state in factors.layers.values()):
         raise StyleError("fine-tuning a style of centred factors (center=True) is not supported")
+    touched = {
+        layer_name: layer
+        for layer_name, layer in layers.items()
+        if layer_name in factors.layers and bool(factors.layers[layer_name].present[index])
+    }
+    if not touched:
+        raise StyleError(f"style {name!r} touches none of the model's Share layers")
+    _check_free(touched)
     attached = {}
-    for layer_name, layer in layers.items():
-        state = factors.layers.get(layer_name)
-        if state is None or not bool(state.present[index]):
-            continue
-        if layer.trainable is not None:
-            raise ShareStateError(f"{layer_name} already has factors being trained; detach_trainable() first")
+    for layer_name, layer in touched.items():
+        state = factors.layers[layer_name]
         trainable = TrainableFactors(
             state.basis_out.float(),
             state.basis_in.float(),
@@ -137,9 +142,14 @@ def attach_style_cores(layers: dict[str, ShareLinear], factors: ShareFactors, na
         )
         layer.trainable = trainable.to(device=layer.base_layer.weight.device)
         attached[layer_name] = layer.trainable
-    if not attached:
-        raise StyleError(f"style {name!r} touches none of the model's Share layers")
     return attached
+
+
+def _check_free(layers: dict[str, ShareLinear]) -> None:
+    """Refuse before attaching anything, so a refused call leaves every layer as it was."""
+    for name, layer in layers.items():
+        if layer.trainable is not None:
+            raise ShareStateError(f"{name} already has factors being trained; detach_trainable() first")
 
 
 def trained_cores(layers: dict[str, ShareLinear]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
