@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from share_diffusers.continual import accuracy_table, matrix_summary
+from share_diffusers.continual import TaskDataError, accuracy_table, load_task, matrix_summary
 from share_diffusers.core import load_factors
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -394,6 +394,17 @@ def test_bad_arguments_are_refused_before_any_model_loads(text, tmp_path, extra,
     assert returncode == 1 and stderr.strip().splitlines() == [stderr.strip()], stderr
     assert stderr.startswith("error: ") and message in stderr, stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("broken", ["missing", "corrupt"])
+def test_every_image_of_a_task_is_checked_before_training(tmp_path, broken):
+    """Only the first training and test image were opened: a later one failed in the middle of training."""
+    folder = write_shape_tasks(tmp_path / "tasks", count=6)["side"]
+    last = folder / "images" / "train-5.png"
+    last.unlink() if broken == "missing" else last.write_bytes(b"not a png")
+    with pytest.raises(TaskDataError, match=rf"^task 'side': {re.escape(str(last))} is not a readable image \("):
+        load_task("side", folder)
+    assert len(load_task("side", write_shape_tasks(tmp_path / "good", count=6)["side"]).train) == 6
 
 
 def test_tasks_that_do_not_fill_whole_global_batches_are_refused(text, tmp_path, capsys, monkeypatch, forbid_loading):

@@ -57,10 +57,11 @@ def load_task(name: str, folder: str | Path, max_test: int | None = None) -> Tas
             return [(record["text"], index[record["label"]]) for record in records]
         return [(str(root / record["image"]), index[record["label"]]) for record in records]
 
-    test = examples(test_records)
-    if modality == "image":
-        _check_images([path for path, _ in examples(train_records)[:1] + test[:1]])
-    return TaskData(name, labels, examples(train_records), test[:max_test] if max_test else test, modality)
+    train, test = examples(train_records), examples(test_records)
+    test = test[:max_test] if max_test else test
+    if modality == "image":  # every one: fail before training, not at step 900
+        _check_images([path for path, _ in train + test], name)
+    return TaskData(name, labels, train, test, modality)
 
 
 def _read_split(path: Path, name: str) -> list[dict]:
@@ -99,10 +100,10 @@ def _modality(records: list[dict], root: Path, name: str) -> str:
     return kinds.pop()
 
 
-def _check_images(paths: list[str]) -> None:
+def _check_images(paths: list[str], name: str) -> None:
     for path in paths:
         try:
             with Image.open(path) as image:
                 image.verify()
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-            raise TaskDataError(f"{path} is not a readable image ({error})") from None
+        except (UnidentifiedImageError, OSError) as error:
+            raise TaskDataError(f"task {name!r}: {path} is not a readable image ({error})") from None
