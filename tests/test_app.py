@@ -543,6 +543,28 @@ def test_a_size_off_the_size_step_is_refused_not_resized(width, height, message)
     assert page_error(handlers.generate, SNEAKER, "ink", 1.0, 0, False, 2, width, height, 3.5) == message
 
 
+@pytest.mark.parametrize(
+    "steps, width, height, guidance, message",
+    [
+        (2.5, 32, 32, 3.5, "steps must be a whole number, got 2.5"),  # ran 2 steps, captioned as asked
+        (2, 32.5, 32, 3.5, "the width must be a whole number, got 32.5"),
+        (2, 32, float("nan"), 3.5, "the height must be a whole number, got nan"),
+        (None, 32, 32, 3.5, "steps must be a whole number, got None"),  # was "TypeError: int() argument must be..."
+    ],
+)
+def test_page_settings_that_are_not_whole_numbers_are_refused_not_cut(steps, width, height, guidance, message):
+    """A slider sends floats (the API any number): a fraction of a step or pixel is refused, never truncated."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.studio.ui import Handlers
+
+    handlers = Handlers(tiny_studio())
+    settings = (1.0, 0, False, steps, width, height, guidance)
+    assert page_error(handlers.generate, SNEAKER, "ink", *settings) == message
+    assert page_error(handlers.compare, SNEAKER, ["ink"], *settings) == message
+    gallery, _ = handlers.generate(SNEAKER, "ink", 1.0, 0, False, 2.0, 32.0, 32.0, 3)  # whole floats are fine
+    assert len(gallery) == 1
+
+
 class _SetAfter:
     """A stop event that reads as set from its ``calls``-th look on (the studio looks once before the first
     step, then after every step)."""

@@ -10,6 +10,7 @@ size and their product) and can be stopped between denoising steps.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 import re
 import shutil
@@ -73,6 +74,22 @@ def pick_seed(seed: float | None, randomize: bool) -> int:
     if isinstance(seed, bool) or not math.isfinite(seed) or seed != int(seed) or not 0 <= seed <= MAX_SEED:
         raise ValueError(f"the seed must be a whole number from 0 to {MAX_SEED}, got {seed}")
     return int(seed)
+
+
+def page_settings(steps: float, width: float, height: float, guidance: float) -> dict:
+    """The page's steps, width, height and guidance as :meth:`StyleStudio.generate` takes them: steps and sides
+    as ints, each refused unless a whole number (a slider sends floats; ``2.5`` steps must not run 2), guidance
+    as given (checked by the call)."""
+    sides = dict(width=_whole(width, "the width"), height=_whole(height, "the height"))
+    return dict(steps=_whole(steps, "steps"), **sides, guidance=guidance)
+
+
+def _whole(value: float, what: str) -> int:
+    """``value`` as an int when it is a whole real number; else refused, naming ``what``."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if not real or value != int(value):
+        raise ValueError(f"{what} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def merge_source(hub_id: str | None, upload: str | None, style_name: str | None) -> tuple[str, str | None]:

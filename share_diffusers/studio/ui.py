@@ -47,7 +47,15 @@ from ..runtime import (
     resolve_dtype,
     style_caption,
 )
-from .engine import DEFAULT_MAX_MERGE_MB, MAX_SEED, READ_ONLY_MESSAGE, StyleStudio, merge_source, pick_seed
+from .engine import (
+    DEFAULT_MAX_MERGE_MB,
+    MAX_SEED,
+    READ_ONLY_MESSAGE,
+    StyleStudio,
+    merge_source,
+    page_settings,
+    pick_seed,
+)
 from .plots import style_map_figure
 from .text import blend_text, parse_prompts, parse_single_prompt, parse_style_lines, style_choices
 
@@ -134,7 +142,7 @@ class Handlers:
         prompt_list = parse_prompts(prompts)
         specs = parse_style_lines(styles, len(prompt_list))
         seed = pick_seed(seed, randomize)
-        settings = dict(steps=int(steps), width=int(width), height=int(height), guidance=float(guidance))
+        settings = page_settings(steps, width, height, guidance)
         with self._stoppable(request) as stop:
             images = self.studio.generate(prompt_list, specs, seed, style_scale=style_scale, stop=stop, **settings)
         captions = [
@@ -160,7 +168,7 @@ class Handlers:
         prompt = parse_single_prompt(prompt)
         specs = [parse_style(text) for text in styles or []]
         seed = pick_seed(seed, randomize)
-        settings = dict(steps=int(steps), width=int(width), height=int(height), guidance=float(guidance))
+        settings = page_settings(steps, width, height, guidance)
         with self._stoppable(request) as stop:
             return self.studio.compare(prompt, specs, seed, style_scale=style_scale, stop=stop, **settings), seed
 
