@@ -98,6 +98,8 @@ def test_style_lines_reject(text, prompts, message):
         ([("ink", 0.5), ("neon", 0.5), ("none", 1.0)], "ink=0.5,neon=0.5"),
         ([("ink", 0.6), ("neon", 0.0), ("sepia", 0.4)], "ink=0.6,sepia=0.4"),
         ([("ink", 1.0), ("ink", 0.5)], "ink=1.5"),
+        ([("ink", 0.3), ("ink", 0.6)], "ink=0.9"),  # the sum as the sliders mean it, not ink=0.8999999999999999
+        ([("ink", 0.1), ("neon", 0.5), ("ink", 0.2)], "ink=0.3,neon=0.5"),  # not ink=0.30000000000000004
         ([(None, 1.0), ("none", 1.0)], "none"),
         ([], "none"),
     ],

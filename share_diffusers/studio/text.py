@@ -60,9 +60,9 @@ def blend_text(
 
     ``blocks``, optional, is what goes inside the style's brackets (``double=1,single=0.3``,
     ``double.0-9=1,*=0``, or one value per block), each value multiplied by the weight. Empty or zero
-    slots are left out; a style in two plain slots adds up its weights. A vector keeps the layers
-    outside every block at weight 1, so at a slot weight other than 1 it is written as the mapping it
-    stands for (``layout``, the model's blocks, names them: ``ink[double.0-18=0.5,single.0-37=0.4,*=0.5]``).
+    slots are left out; a style in two plain slots adds up its weights (``0.3 + 0.6`` is written ``0.9``). A
+    vector keeps the layers outside every block at weight 1, so at a slot weight other than 1 it is written as the
+    mapping it stands for (``layout``, the model's blocks, names them: ``ink[double.0-18=0.5,single.0-37=0.4,*=0.5]``).
 
     ``[("ink", 1.0)]`` -> ``"ink"``; ``[("ink", 0.5), ("neon", 0.5)]`` -> ``"ink=0.5,neon=0.5"``;
     ``[("ink", 0.5, "double=1,single=0.3")]`` -> ``"ink[double=0.5,single=0.15]"``; nothing chosen -> ``"none"``.
@@ -85,7 +85,7 @@ def blend_text(
         elif isinstance(blend.get(name, 0.0), dict | list):
             raise ValueError(f"style {name!r} is in two blend slots, one with per-block weights; keep one slot")
         else:
-            blend[name] = blend.get(name, 0.0) + float(weight)
+            blend[name] = _decimal(blend.get(name, 0.0) + float(weight))
     return format_style(blend or None)
 
 
@@ -99,7 +99,12 @@ def _times(
         if layout is None:
             raise ValueError(f"the block vector of {name!r} needs slot weight 1: scale its values instead")
         blocks = layout.vector_as_mapping(name, blocks)
-    return {key: float(f"{value * weight:.12g}") for key, value in blocks.items()}
+    return {key: _decimal(value * weight) for key, value in blocks.items()}
+
+
+def _decimal(value: float) -> float:
+    """``value`` without float noise, as the slots' decimal weights mean it (0.3 + 0.6: 0.9, not 0.8999999999999999)."""
+    return float(f"{value:.12g}")
 
 
 def style_choices(styles: Sequence[str]) -> list[str]:
