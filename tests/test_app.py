@@ -470,6 +470,22 @@ def test_overview_of_a_bank_whose_last_style_was_deleted():
     assert Handlers(studio).style_gallery(**NO_PROGRESS) == []
 
 
+def test_the_compare_menu_keeps_typed_blends_of_styles_still_held():
+    """After a merge, undo or delete the style menus are refreshed: the Compare selection keeps its blends (they
+    were dropped, being no menu choice) and loses only what names a deleted style."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.studio.ui import Handlers
+
+    studio = tiny_studio()
+    handlers = Handlers(studio)
+    selection = ["none", "ink", "ink=0.5,neon=0.5", "neon[double=1]", "sepia=0.5,ink=0.5", "sepia", "ink,neon"]
+    assert handlers.style_menus(selection)[3]["value"] == selection[:-1]  # "ink,neon" does not parse
+    studio.delete("sepia")
+    update = handlers.style_menus(selection)[3]
+    assert update["choices"] == ["none", "ink", "neon"]
+    assert update["value"] == ["none", "ink", "ink=0.5,neon=0.5", "neon[double=1]"]
+
+
 def test_demo_limits_are_what_the_demo_model_draws():
     """The demo model draws at its training size only (32x32; at 48 it tiles, at 64 it draws next to
     nothing), and one call's work is bounded; the page's sliders follow the limits."""

@@ -110,3 +110,17 @@ def _decimal(value: float) -> float:
 def style_choices(styles: Sequence[str]) -> list[str]:
     """Dropdown choices: ``none`` first, then the styles held."""
     return [NONE, *styles]
+
+
+def held_selection(selection: Sequence[str] | None, styles: Sequence[str]) -> list[str]:
+    """The entries of the Compare menu that still hold: a style, ``none`` or a typed blend (``ink=0.5,neon=0.5``,
+    ``ink[double=1]``) whose every style is in ``styles``; an entry naming a deleted style is dropped."""
+    return [entry for entry in selection or [] if _names_held(entry, set(styles))]
+
+
+def _names_held(entry: str, styles: set[str]) -> bool:
+    try:
+        spec = parse_style(entry)
+    except ValueError:
+        return False
+    return spec is None or ({spec} if isinstance(spec, str) else set(spec)) <= styles

@@ -57,7 +57,7 @@ from .engine import (
     pick_seed,
 )
 from .plots import style_map_figure
-from .text import blend_text, parse_prompts, parse_single_prompt, parse_style_lines, style_choices
+from .text import blend_text, held_selection, parse_prompts, parse_single_prompt, parse_style_lines, style_choices
 
 BLEND_SLOTS = 3
 CSS = ".pixel-art img { image-rendering: pixelated; } #style-table td { white-space: nowrap; }"
@@ -223,10 +223,10 @@ class Handlers:
         return figure, overview.markdown()
 
     def style_menus(self, compare_selection):
-        """New choices for every style menu; the compare selection keeps the styles still held."""
+        """New choices for every style menu; the compare selection keeps its styles and typed blends still held."""
         styles = self.studio.styles()
         choices = style_choices(styles)
-        kept = [name for name in compare_selection or [] if name in choices]
+        kept = held_selection(compare_selection, styles)
         slots = [gr.update(choices=choices) for _ in range(BLEND_SLOTS)]
         return *slots, gr.update(choices=choices, value=kept), gr.update(choices=styles, value=None)
 
