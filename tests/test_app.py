@@ -1081,3 +1081,30 @@ def test_undo_of_the_merge_that_created_the_subspace_removes_it(tmp_path):
     assert studio.undo_merge() == "first"
     assert pipe.share is None and studio.styles() == []
     assert studio.generate(["a cat"], [None], seed=0, steps=1)[0].tobytes() == base.tobytes()
+
+
+def test_a_studio_without_styles_says_so_in_its_own_words(tmp_path):
+    """No bank yet (started without styles, or the first merge undone): generate with a style, delete and save say
+    what to do in the page (they gave the Python API's "call load_share_factors(...) or merge_lora(...) first")."""
+    pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
+    from share_diffusers.runtime import TINY_RANDOM, defaults_for
+    from share_diffusers.studio.engine import StyleStudio
+    from share_diffusers.studio.ui import Handlers
+
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    pipe.set_progress_bar_config(disable=True)
+    studio = StyleStudio(pipe, defaults_for(pipe, TINY_RANDOM))
+    handlers = Handlers(studio)
+    for undone in (False, True):
+        if undone:
+            studio.merge(str(write_demo_lora(pipe.transformer, tmp_path / "first", seed=8, rank=4, alpha=4.0)), "first")
+            studio.undo_merge()
+        settings = (1.0, 0, False, 1, 32, 32, 3.5)
+        message = "no styles held yet: merge a LoRA first (or use the style none)"
+        assert page_error(handlers.generate, SNEAKER, "first", *settings) == message
+        assert page_error(handlers.compare, SNEAKER, ["none", "first=0.5"], *settings) == message
+        held = "no styles held yet: merge a LoRA first"
+        assert page_error(handlers.delete_style, "first") == f"unknown style 'first'; {held}"
+        assert page_error(handlers.save_factors) == f"nothing to save: {held}"
+        gallery, _ = handlers.generate(SNEAKER, "none", *settings)  # no style still draws
+        assert len(gallery) == 1 and pipe.share is None

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 
 from ..core.block_weights import BlockLayout
+from ..core.errors import StyleError
 from ..core.factors import FactorsSnapshot
 from ..core.similarity import (
     GROUP_LABELS,
@@ -58,6 +59,9 @@ _ERROR_CHANGES_SHOWN = 6  # styles named in a merge report's error changes; the 
 UNDO_NOTHING_MESSAGE = (
     "nothing to undo: only a merge can be undone, while it is the bank's last change (no delete since)"
 )
+# The page's words for the pipeline's "no Share factors loaded: call load_share_factors(...)" (no bank yet: a studio
+# started without styles, or after undoing the merge that created the bank).
+NO_STYLES_MESSAGE = "no styles held yet: merge a LoRA first"
 DEFAULT_MAX_MERGE_MB = 200  # largest LoRA file the studio merges, uploaded or from the Hub (--max-upload-mb)
 
 
@@ -332,6 +336,8 @@ class StyleStudio:
         with self._lock:
             if stop is not None and stop.is_set():  # stopped while it waited for the pipeline
                 raise GenerationStopped("stopped before it started")
+            if style is not None and self.pipe.share_factors is None:
+                raise StyleError(f"{NO_STYLES_MESSAGE} (or use the style none)")
             return self.pipe(
                 prompt=list(prompts),
                 style=style,
@@ -438,6 +444,8 @@ class StyleStudio:
         if not name:
             raise ValueError("choose a style to delete")
         with self._lock:
+            if self.pipe.share_factors is None:
+                raise StyleError(f"unknown style {name!r}; {NO_STYLES_MESSAGE}")
             self.pipe.delete_style(name)
             self._bank_version += 1
             self._last_merge = None  # no longer undoable: free the bank it kept
@@ -450,6 +458,8 @@ class StyleStudio:
         makes the next save replace it. The unzipped folder is removed once zipped.
         """
         with self._lock:
+            if self.pipe.share_factors is None:
+                raise StyleError(f"nothing to save: {NO_STYLES_MESSAGE}")
             key = (self._bank_version, tuple(self.styles()))
             if self._saved is not None and self._saved[0] == key and self._saved[1].is_file():
                 return self._saved[1]
