@@ -63,7 +63,10 @@ def _hub_call(function, repo_id: str, what: str, **kwargs):
         raise HubError(f"no Hub repo {repo_id!r} (or it is private: pass token=...)") from None
     except RevisionNotFoundError:
         raise HubError(f"{repo_id} has no revision {revision!r}") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):  # before EntryNotFoundError: a subclass of it
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:  # before EntryNotFoundError: a subclass of it
+        if isinstance(error.__cause__, HfHubHTTPError):
+            # The Hub answered (403 without access, 429, 5xx) and no copy is cached: what it said, not "offline".
+            raise HubError(f"the Hub refused {what} of {repo_id}{at}: {_one_line(error.__cause__)}") from None
         raise HubError(
             f"{what} of {repo_id}{at} is not in the local cache and downloading is off or failed (offline mode, "
             "local_files_only=True, or no connection to the Hub); connect once or point at a local folder"

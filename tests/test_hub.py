@@ -163,6 +163,31 @@ def test_hub_errors_are_specific_and_change_nothing(published, tmp_path, call, m
     assert pipe.share_factors is None
 
 
+def test_a_refused_download_says_what_the_hub_answered(published, hub, tmp_path, monkeypatch):
+    """A token without access to the repo (403; a 5xx or 429 goes the same way): huggingface_hub reports it as a
+    file missing from the local cache, said to be offline; the message says what the Hub answered."""
+    serve = hub._files
+
+    def files(handler, repo_id, revision):
+        if repo_id == "artist/refusing":
+            hub._send(handler, 403, b"", True, {})
+            return None
+        return serve(handler, repo_id, revision)
+
+    monkeypatch.setattr(hub, "_files", files)
+    pipe = fresh_pipe()
+    calls = [
+        lambda: pipe.merge_lora("artist/refusing", weight_name="pytorch_lora_weights.safetensors", cache_dir=tmp_path),
+        lambda: pipe.load_share_factors("artist/refusing", cache_dir=tmp_path),
+    ]
+    refused = r"^the Hub refused '\S+' of artist/refusing: 403 Forbidden.*correct permissions"
+    for call in calls:
+        with pytest.raises(HubError, match=refused) as caught:
+            call()
+        assert "local cache" not in str(caught.value)
+    assert pipe.share_factors is None
+
+
 def test_offline_mode_without_cache(published, tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     pipe = fresh_pipe()
