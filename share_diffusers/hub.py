@@ -19,6 +19,7 @@ from huggingface_hub import (
     HfApi,
     ModelCard,
     ModelCardData,
+    constants,
     get_hf_file_metadata,
     hf_hub_download,
     hf_hub_url,
@@ -226,6 +227,11 @@ def resolve_lora_file(
     if weight_name is None:
         if local_files_only:
             raise HubError(f"pass weight_name=... to load {repo_id} from the cache without listing the repo")
+        if constants.HF_HUB_OFFLINE:  # whether or not its files are cached: the list comes from the Hub only
+            raise HubError(
+                f"the file list of {repo_id} is not in the local cache and huggingface_hub's offline mode "
+                "(HF_HUB_OFFLINE=1) is on; pass weight_name=... to load a file of it from the cache"
+            )
         candidates = list_safetensors(repo_id, subfolder=subfolder, revision=revision, token=token)
         weight_name = _pick_weight(candidates, repo_id, candidates)
     if max_bytes is not None and not local_files_only:
@@ -478,8 +484,6 @@ def check_online_for_upload(repo_id: str) -> None:
     Raises:
         HubError: naming the repo and the variable.
     """
-    from huggingface_hub import constants
-
     if constants.HF_HUB_OFFLINE:
         raise HubError(f"cannot push to {repo_id}: huggingface_hub's offline mode is on (HF_HUB_OFFLINE=1); unset it")
 

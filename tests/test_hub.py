@@ -195,6 +195,19 @@ def test_offline_mode_without_cache(published, tmp_path, monkeypatch):
         pipe.merge_lora("artist/ink-flux-lora", weight_name="pytorch_lora_weights.safetensors", cache_dir=tmp_path)
 
 
+def test_offline_mode_with_a_cached_lora_asks_for_its_weight_name(published, tmp_path, monkeypatch):
+    """The file list needs the Hub; the message said the LoRA was not cached (it is), as local_files_only's does not."""
+    fresh_pipe().merge_lora("artist/ink-flux-lora", cache_dir=tmp_path)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    pipe = fresh_pipe()
+    asks = r"^the file list of artist/ink-flux-lora .* \(HF_HUB_OFFLINE=1\) is on; pass weight_name=\.\.\. to load"
+    with pytest.raises(HubError, match=asks):
+        pipe.merge_lora("artist/ink-flux-lora", cache_dir=tmp_path)
+    assert pipe.share_factors is None
+    pipe.merge_lora("artist/ink-flux-lora", weight_name="pytorch_lora_weights.safetensors", cache_dir=tmp_path)
+    assert pipe.list_styles() == ["ink-flux-lora"]
+
+
 def test_pickle_weight_name_is_refused_before_download(published, fake_hub, tmp_path):
     fake_hub.requests.clear()
     with pytest.raises(LoraFormatError, match="never unpickles"):
