@@ -383,9 +383,10 @@ def _python_string(text: str) -> str:
 
 def _table_cell(text: str) -> str:
     """``text`` as one Markdown table cell: line breaks and control characters as spaces; ``|``, backticks,
-    ``*``, ``<``, ``>`` and backslashes escaped (a name cannot end the cell, open code, emphasis or HTML)."""
+    ``*``, ``_``, ``~``, brackets, ``<``, ``>``, ``&`` and backslashes escaped (a name cannot end the cell, open
+    code, emphasis, strikethrough, a link or image, HTML or a character reference)."""
     text = "".join(" " if unicodedata.category(char) in ("Cc", "Zl", "Zp") else char for char in text)
-    return re.sub(r"([\\`*|<>])", r"\\\1", text)
+    return re.sub(r"([\\`*_~\[\]|<>&])", r"\\\1", text)
 
 
 def _source_text(source: dict) -> str:

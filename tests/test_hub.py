@@ -111,8 +111,11 @@ def test_merge_lora_by_hub_id_records_provenance(published, hub, tmp_path):
     sepia_commit = hub.commit("artist/sepia-flux-lora", "v2")
     assert pipe.share_factors.styles[1].source["commit"] == sepia_commit
     card = model_card(pipe.share_factors, "me/styles").content
-    assert f"artist/sepia-flux-lora (pytorch_lora_weights.safetensors@v2, commit {sepia_commit[:10]})" in card
-    assert "| sepia |" in card
+    rows = [_table_cells(line) for line in card.splitlines() if line.startswith("| ") and "e-" in line]
+    assert rows[1][:2] == [
+        "sepia",
+        f"artist/sepia-flux-lora (pytorch_lora_weights.safetensors@v2, commit {sepia_commit[:10]})",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -281,6 +284,22 @@ def test_push_publishes_no_local_paths_and_escapes_style_names(published, tmp_pa
     # the local checkpoint keeps its provenance
     assert factors.base_model == str(secret / "my-local-flux")
     assert [style.source for style in factors.styles] == sources
+
+
+def test_model_card_table_renders_style_names_as_they_are(published):
+    """Names with Markdown in them (emphasis, strikethrough, a link, an image, an entity) show as typed in the
+    rendered card; ``_ink_`` showed as an italic ``ink``, ``![x](url)`` as an image."""
+    markdown_it = pytest.importorskip("markdown_it")
+    factors = load_factors(published["root"] / "two-styles")
+    names = ["_ink_ ~~v1~~ [site](http://x) &amp;", "![sepia](http://x/a.png) __b__ | `c` <i>"]
+    for style, name in zip(factors.styles, names, strict=True):
+        style.name = name
+    content = model_card(factors, "me/styles").content
+    table = "\n".join(line for line in content.splitlines() if line.startswith("| "))
+    tokens = markdown_it.MarkdownIt("commonmark").enable(["table", "strikethrough"]).parse(table)
+    first_column = [tokens[i + 1] for i, token in enumerate(tokens) if token.type == "td_open"][::4]  # (rows,)
+    assert [[child.type for child in cell.children] for cell in first_column] == [["text"], ["text"]]
+    assert [cell.children[0].content for cell in first_column] == names
 
 
 def test_model_card_of_a_hub_base_model_and_an_old_style_name(published):
