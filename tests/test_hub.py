@@ -211,6 +211,15 @@ def test_offline_mode_with_a_cached_lora_asks_for_its_weight_name(published, tmp
     assert pipe.list_styles() == ["ink-flux-lora"]
 
 
+def test_merge_lora_of_a_share_checkpoint_says_what_it_is(published, tmp_path):
+    """Its one .safetensors file was read as a LoRA: "no LoRA layers in a known layout; first keys: ...basis_in"."""
+    pipe = fresh_pipe()
+    for source in ("studio/flux-share-styles", published["root"] / "one-style"):
+        with pytest.raises(LoraFormatError, match=r"^share_factors-\w+\.safetensors is the tensor file of a Share "):
+            pipe.merge_lora(source, cache_dir=tmp_path)
+        assert pipe.share_factors is None
+
+
 def test_pickle_weight_name_is_refused_before_download(published, fake_hub, tmp_path):
     fake_hub.requests.clear()
     with pytest.raises(LoraFormatError, match="never unpickles"):
