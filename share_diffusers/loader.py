@@ -26,10 +26,8 @@ from .core import (
     save_factors,
     style_as_lora,
 )
-from .core.checkpoint import FORMAT_NAME
 from .core.errors import (
     FactorValueError,
-    LoraFormatError,
     ShapeMismatchError,
     ShareStateError,
     ShareValueError,
@@ -267,11 +265,6 @@ class ShareLoaderMixin:
         # Everything about the file is checked before the pipeline changes: its layout and values (finite
         # factors and alphas), its fit to the transformer, and its canonical forms (cached, reused by the merge).
         tensors, metadata = read_safetensors(path)
-        if metadata.get("format") == FORMAT_NAME:
-            raise LoraFormatError(
-                f"{path.name} is the tensor file of a Share checkpoint, not a LoRA: load it with load_share_factors, "
-                "or export its styles with export_style_as_lora and merge those"
-            )
         hub = dict(token=token, cache_dir=cache_dir, local_files_only=local_files_only)
         adapter_config = _peft_adapter_config(path, source, hub) if is_peft_transformer_adapter(tensors) else None
         converted = convert_flux_lora(tensors, metadata, origin=path.name, adapter_config=adapter_config)

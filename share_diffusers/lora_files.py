@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .core.adapters import LoraAdapter, LoraLayer, lora_scale
-from .core.checkpoint import create_empty_file, set_file_mode
+from .core.checkpoint import FORMAT_NAME, create_empty_file, set_file_mode
 from .core.errors import LoraFormatError, ShareIOError, ShareValueError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -49,7 +49,8 @@ def refuse_pickle(path: Path) -> None:
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the metadata of a safetensors file, with a clear error if it is not one."""
+    """All tensors and the metadata of a LoRA's safetensors file, with a clear error if it is not one (or is the
+    tensor file of a Share checkpoint)."""
     path = Path(path)
     refuse_pickle(path)
     if not path.is_file():
@@ -60,6 +61,12 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise LoraFormatError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from None
+    if metadata.get("format") == FORMAT_NAME:  # its keys (basis_in, ...) would read as "no known layout"
+        raise LoraFormatError(
+            f"{path.name} is the tensor file of a Share checkpoint, not a LoRA: load its folder as Share factors "
+            "(load_share_factors), or export its styles as LoRAs (export_style_as_lora, share-diffusers export) "
+            "and merge those"
+        )
     # float8 LoRA files exist; most of torch (isfinite, diffusers' converters' arithmetic) has no float8 kernels,
     # and bfloat16 holds every float8 value exactly.
     return {key: _widened(tensor) for key, tensor in tensors.items()}, metadata

@@ -443,6 +443,11 @@ def test_a_share_checkpoint_is_no_lora_of_a_folder(tmp_path, peft_adapters, caps
     assert run_cli("-q", "compress", loras / "earlier-factors", "-o", tmp_path / "again") == 1
     assert capsys.readouterr().err.startswith(f"error: {loras / 'earlier-factors'} is a Share checkpoint, not a LoRA;")
     assert not (tmp_path / "again").exists()
+    # Its tensor file given by path (or a Hub repo of one) read as a LoRA in "no known layout", listing basis keys.
+    (tensor_file,) = (loras / "earlier-factors").glob("*.safetensors")
+    assert run_cli("-q", "compress", tensor_file, "-o", tmp_path / "again") == 1
+    assert capsys.readouterr().err.startswith(f"error: {tensor_file.name} is the tensor file of a Share checkpoint")
+    assert not (tmp_path / "again").exists()
 
 
 def test_delete_removes_styles_and_leaves_the_others_bit_for_bit(tmp_path, peft_adapters, capsys):
