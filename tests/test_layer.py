@@ -162,6 +162,27 @@ def test_conv_wrapper_refuses_non_pointwise_convolutions():
         ShareLinear(nn.Conv2d(4, 4, kernel_size=3), StyleSelection())
 
 
+def test_a_padded_pointwise_conv_is_no_target_and_a_refused_inject_changes_nothing():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = nn.Conv2d(4, 8, kernel_size=1)
+            self.padded = nn.Conv2d(8, 8, kernel_size=1, padding=1)  # not linear over channels: a border of bias
+
+    net = Net()
+    share = ShareModel.inject(net, target_modules=["plain", "padded"], config=ShareConfig(rank=2, pseudo_rank=1))
+    assert set(share.layers) == {"plain"} and type(net.padded) is nn.Conv2d
+    share.remove()
+    factors = ShareFactors.fit(
+        [random_adapter({"plain": (8, 4), "padded": (8, 8)}, 2)], ["ink"], ShareConfig(rank=2, pseudo_rank=1)
+    )
+    message = r"no nn.Linear or 1x1 nn.Conv2d \(groups=1, no padding\) named 'padded'"
+    with pytest.raises(ShapeMismatchError, match=message):
+        ShareModel.inject(net, factors)
+    assert type(net.plain) is nn.Conv2d and type(net.padded) is nn.Conv2d  # nothing wrapped before the refusal
+    assert ShareModel.of(net) is None
+
+
 def test_inject_and_remove_restore_the_module_tree(tiny_net):
     factors, adapters = _factors()
     x = torch.randn(5, 24)

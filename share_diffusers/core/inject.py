@@ -9,13 +9,14 @@ from collections.abc import Sequence
 from torch import nn
 
 from .errors import QuantizedBaseError, ShapeMismatchError, ShareStateError
-from .layer import ShareLinear, StyleSelection
+from .layer import ShareLinear, StyleSelection, is_pointwise_conv
 
 
 def _is_wrappable(module: nn.Module) -> bool:
+    """What ``ShareLinear`` wraps: an ``nn.Linear`` or a 1x1 ``nn.Conv2d`` with ``groups=1`` and no padding."""
     if isinstance(module, nn.Linear):
         return True
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+    return isinstance(module, nn.Conv2d) and is_pointwise_conv(module)
 
 
 def matches_target(name: str, target_modules: str | Sequence[str]) -> bool:
@@ -44,7 +45,9 @@ def layer_shapes(model: nn.Module, names: Sequence[str]) -> dict[str, tuple[int,
         if isinstance(module, ShareLinear):
             module = module.base_layer
         if module is None or not _is_wrappable(module):
-            raise ShapeMismatchError(f"the model has no nn.Linear or 1x1 nn.Conv2d named {name!r}")
+            raise ShapeMismatchError(
+                f"the model has no nn.Linear or 1x1 nn.Conv2d (groups=1, no padding) named {name!r}"
+            )
         if isinstance(module, nn.Linear):
             shapes[name] = (module.out_features, module.in_features)
         else:
@@ -71,7 +74,9 @@ def wrap_modules(model: nn.Module, names: Sequence[str], selection: StyleSelecti
         if isinstance(module, ShareLinear):
             raise ShareStateError(f"{name!r} already carries Share factors; remove_share() first")
         if not _is_wrappable(module):
-            raise ShapeMismatchError(f"{name!r} is a {type(module).__name__}, not an nn.Linear or 1x1 nn.Conv2d")
+            raise ShapeMismatchError(
+                f"{name!r} is a {type(module).__name__}, not an nn.Linear or 1x1 nn.Conv2d (groups=1, no padding)"
+            )
     wrapped = {}
     for name in names:
         layer = ShareLinear(modules[name], selection)

@@ -197,6 +197,12 @@ class _LayerGroup:
             layer.blended_cores = view
 
 
+def is_pointwise_conv(conv: nn.Conv2d) -> bool:
+    """Whether a ``Conv2d`` is a linear map over channels at each (strided) pixel, as ``ShareLinear`` needs: a
+    1x1 kernel, ``groups=1`` and no padding (a padded one adds a border of bias-only pixels)."""
+    return conv.kernel_size == (1, 1) and conv.groups == 1 and conv.padding in ((0, 0), "valid")
+
+
 _EXACT_BUFFERS = ("cores_out", "cores_in", "anchor", "present")  # ShareLinear's float32 style bank
 
 
@@ -220,11 +226,7 @@ class ShareLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear | nn.Conv2d, selection: StyleSelection):
         super().__init__()
         if isinstance(base_layer, nn.Conv2d):
-            if (
-                base_layer.kernel_size != (1, 1)
-                or base_layer.groups != 1
-                or base_layer.padding not in ((0, 0), "valid")
-            ):
+            if not is_pointwise_conv(base_layer):
                 raise ShapeMismatchError(
                     f"ShareLinear wraps only 1x1 convolutions with groups=1 and no padding; got kernel "
                     f"{base_layer.kernel_size}, groups {base_layer.groups}, padding {base_layer.padding}"
