@@ -159,3 +159,27 @@ def test_fine_tuning_refuses_unknown_styles_and_centred_factors(tiny_net):
     with pytest.raises(StyleError, match="centred factors"):
         attach_style_cores(share.layers, share.factors, "a")
     assert all(layer.trainable is None for layer in share.layers.values())
+
+
+def test_a_first_style_learned_on_a_conv_exports_as_a_peft_conv_lora(tiny_net, tmp_path):
+    from peft import PeftModel
+
+    from share_diffusers.core import style_as_lora
+    from share_diffusers.lora_files import save_lora
+
+    share = ShareModel.inject(tiny_net, target_modules=["to_q", "mix"], config=ShareConfig(rank=4, pseudo_rank=2))
+    trainables = attach_trainable(share.layers, pseudo_rank=2, phi=2, seed=0)
+    with torch.no_grad():
+        for trainable in trainables.values():
+            trainable.core_out.normal_(generator=torch.Generator().manual_seed(1))
+    x = torch.randn(5, 24)
+    learned = tiny_net(x).detach()
+    adapter = trained_adapter(share.layers)
+    assert adapter.layers["mix"].conv and not adapter.layers["to_q"].conv
+    detach_trainable(share.layers)
+    share.merge(adapter, "learned")
+    assert share.factors.conv_layers == {"mix"}
+    # exported with (r, d, 1, 1) kernels for the 1x1 conv: stock PEFT loads it (2-D ones were a size mismatch)
+    save_lora(style_as_lora(share.factors, "learned"), tmp_path / "peft")
+    peft_model = PeftModel.from_pretrained(TinyNet(), tmp_path / "peft")
+    assert relative_error(learned, peft_model(x).detach()) < 1e-5

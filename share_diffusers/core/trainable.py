@@ -69,12 +69,13 @@ class TrainableFactors(nn.Module):
         hidden = (x @ self.basis_in) @ self.core_in  # (..., p)
         return (hidden @ self.core_out.T) @ self.basis_out.T
 
-    def to_lora(self) -> LoraLayer:
-        """The learned update as rank-p LoRA factors (float32, scale 1)."""
+    def to_lora(self, conv: bool = False) -> LoraLayer:
+        """The learned update as rank-p LoRA factors (float32, scale 1); ``conv``: the layer is a 1x1 ``Conv2d``
+        (an export then writes ``(a, b, 1, 1)`` kernels, as PEFT's conv LoRAs have)."""
         with torch.no_grad():
             up = (self.basis_out @ self.core_out).float()  # (n_out, p)
             down = (self.basis_in @ self.core_in).float().T  # (p, d_in)
-        return LoraLayer(up=up.cpu(), down=down.cpu(), scale=1.0)
+        return LoraLayer(up=up.cpu(), down=down.cpu(), scale=1.0, conv=conv)
 
 
 def attach_trainable(
@@ -177,7 +178,10 @@ def trained_adapter(layers: dict[str, ShareLinear], source: dict | None = None) 
     missing = [name for name, layer in layers.items() if layer.trainable is None]
     if missing:
         raise ShareStateError(f"no factors are being trained on {missing[0]!r}")
-    return LoraAdapter({name: layer.trainable.to_lora() for name, layer in layers.items()}, source=source or {})
+    return LoraAdapter(
+        {name: layer.trainable.to_lora(conv=isinstance(layer.base_layer, nn.Conv2d)) for name, layer in layers.items()},
+        source=source or {},
+    )
 
 
 def detach_trainable(layers: dict[str, ShareLinear]) -> None:
