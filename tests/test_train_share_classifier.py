@@ -457,6 +457,24 @@ def test_a_backbone_that_does_not_fit_is_refused_before_the_overwrite_deletes_an
     assert (out / "after-task-1").is_dir()
 
 
+def test_share_targets_selecting_a_3x3_convolution_are_refused_before_training(tmp_path, capsys):
+    """The first task's PEFT LoRA trained on the 3x3 stem convolution, then its merge into the subspace failed
+    ("PEFT LoRA: layer ... has lora_A (4, 3, 3, 3)"): the task's whole training lost. A LoRA may train it."""
+    model = write_tiny_mobilenet(tmp_path / "mobilenet")
+    folders = write_shape_tasks(tmp_path / "tasks", count=8)
+    tasks = [item for name, folder in folders.items() for item in ("--task", f"{name}={folder}")]
+    targets = ["--target_modules", "first_conv.convolution", "expand_1x1.convolution"]
+    arguments = ["--model_name_or_path", model, *tasks, "--output_dir", tmp_path / "out", *SMALL["share"], *targets]
+    returncode, stderr = run_cli_in_process(SCRIPT, [*map(str, arguments), "--resolution", "32"], capsys)
+    assert returncode == 1 and "task 1/2" not in stderr, stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "error: --target_modules 'first_conv.convolution' selects 'conv_stem.first_conv.convolution', a 3x3 Conv2d "
+        "(groups=1, padding=(1, 1)); Share holds only linears and 1x1 convolutions (groups=1, no padding): choose "
+        "targets that select only those"
+    )
+    assert not (tmp_path / "out" / "after-task-1").exists()
+
+
 def test_a_non_empty_output_dir_is_refused_and_overwrite_replaces_the_earlier_run(text, tmp_path, capsys, train):
     out = tmp_path / "out"
     for folder in ("after-task-1", "after-task-2", "checkpoint-6", "checkpoint-9.tmp"):

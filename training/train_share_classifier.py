@@ -408,7 +408,7 @@ def build_model(args, tasks):
     model.eval()  # no dropout: updates depend on the global batch only (process count, resume)
     encoder = BatchEncoder(tasks[0].modality, tokenizer, args.max_length, args.resolution)
     if args.target_modules:
-        check_targets(backbone, args.target_modules)
+        check_targets(backbone, args.target_modules, share=args.method == "share")
     return model, encoder, args.target_modules or default_targets(backbone)
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 from ..core import ShareError
+from ..core.inject import find_targets, matches_target
 
 # Attention projections of BERT-like encoders; the 1x1 convolutions of MobileNetV2 blocks.
 TEXT_TARGETS = ["query", "key", "value", "attention.output.dense"]
@@ -66,12 +67,16 @@ def _first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
-def check_targets(backbone: nn.Module, targets: Sequence[str]) -> None:
+def check_targets(backbone: nn.Module, targets: Sequence[str], share: bool = False) -> None:
     """Each of ``targets`` (PEFT's rule for a list: a whole module name or a suffix after a dot) names at least
     one linear or convolution of ``backbone``; PEFT would drop a misspelt one silently if another matched.
 
+    ``share``: the targets carry a Share subspace, so every module they select must be one ``ShareLinear`` wraps
+    (an ``nn.Linear``, or a 1x1 ``nn.Conv2d`` with ``groups=1`` and no padding): the first task's PEFT LoRA on a
+    3x3 convolution could not be merged into the subspace once trained.
+
     Raises:
-        BackboneError: naming the target and an example of the names there are.
+        BackboneError: naming the target and an example of the names there are (or the module Share cannot hold).
     """
     names = [name for name, module in backbone.named_modules() if isinstance(module, (nn.Linear, nn.Conv2d))]
     for target in targets:
@@ -81,6 +86,30 @@ def check_targets(backbone: nn.Module, targets: Sequence[str]) -> None:
                 f"--target_modules {target!r} matches no linear or convolution of the backbone (a module name or "
                 f"its ending after a dot; the backbone has {len(names)}, e.g. {example!r})"
             )
+        if share:
+            wrappable = set(find_targets(backbone, [target]))
+            other = next(
+                (
+                    (name, module)
+                    for name, module in backbone.named_modules()
+                    if matches_target(name, [target]) and name not in wrappable
+                ),
+                None,
+            )
+            if other is not None:
+                name, module = other
+                raise BackboneError(
+                    f"--target_modules {target!r} selects {name!r}, a {_described(module)}; Share holds only linears "
+                    "and 1x1 convolutions (groups=1, no padding): choose targets that select only those"
+                )
+
+
+def _described(module: nn.Module) -> str:
+    """A module for a message: ``3x3 Conv2d (groups=1, padding=(1, 1))``, or its class name."""
+    if not isinstance(module, nn.Conv2d):
+        return type(module).__name__
+    height, width = module.kernel_size
+    return f"{height}x{width} Conv2d (groups={module.groups}, padding={module.padding})"
 
 
 class ContinualClassifier(nn.Module):
