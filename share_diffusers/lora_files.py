@@ -6,8 +6,9 @@ Accepted here: a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.
 through diffusers' converters in the pipeline loader. Pickle files (``.bin``, ``.pt``, ``.ckpt``)
 are refused without being opened: unpickling runs arbitrary code.
 
-What Share cannot hold is refused by key, never dropped in silence: DoRA magnitudes and LoRA biases
-(a low-rank subspace stores ``lora_B @ lora_A`` only), and PEFT weights whose ``lora_alpha`` is unknown.
+What Share cannot hold is refused by key, never dropped in silence: DoRA magnitudes, LoRA biases and LoRAs of
+embedding layers (a low-rank subspace of linear layers stores ``lora_B @ lora_A`` only), and PEFT weights whose
+``lora_alpha`` is unknown.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DIFFUSERS_LORA_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers' 
 _LORA_KEY = re.compile(r"^(?P<layer>.+?)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
 _PEFT_PREFIX = "base_model.model."
 _DORA_MARKERS = ("lora_magnitude_vector", ".dora_scale")  # PEFT's and kohya's names for DoRA magnitudes
+_EMBEDDING_FACTORS = ("lora_embedding_A", "lora_embedding_B")  # PEFT's LoRA of an nn.Embedding (then an adapter name)
 _BIAS_SUFFIXES = (".lora_B.bias", ".diff_b")  # PEFT's lora_bias (diffusers' format) and kohya's / ComfyUI's
 # LyCORIS factors (LoKr: Kronecker products; LoHa: Hadamard products of two low-rank pairs; LoCon's Tucker middle
 # core; OFT: rotations), in kohya's and PEFT's spellings.
@@ -201,6 +203,12 @@ def check_supported_key(key: str, tensor: torch.Tensor, origin: str) -> bool:
         raise LoraFormatError(
             f"{origin}: {key!r} is a LyCORIS {kind} factor; LyCORIS adapters are not supported (Share holds the "
             "low-rank update lora_B @ lora_A only; expected a plain LoRA)"
+        )
+    if any(part in _EMBEDDING_FACTORS for part in key.split(".")[-2:]):
+        raise LoraFormatError(
+            f"{origin}: {key!r} is a LoRA factor of an embedding layer (PEFT's lora_embedding_A/B); Share holds "
+            "LoRAs of linear layers and 1x1 convolutions only and would drop it (train the LoRA without the "
+            "embedding in target_modules)"
         )
     if any(marker in key for marker in _DORA_MARKERS):
         raise LoraFormatError(

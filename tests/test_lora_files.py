@@ -490,3 +490,29 @@ def test_a_layer_with_two_sets_of_factors_is_refused(tmp_path, keys, message):
 
     with pytest.raises(LoraFormatError, match=message):
         lora_layers_from_state_dict(tensors, {"r": 4, "lora_alpha": 4}, "two.safetensors")
+
+
+def test_a_peft_lora_of_an_embedding_layer_is_refused_by_key(tmp_path):
+    """PEFT's lora_embedding_A/B were ignored: the style kept only the linears' part, inspect said error 0."""
+    from peft import LoraConfig, get_peft_model
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 8)
+            self.proj = torch.nn.Linear(8, 8)
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["embed", "proj"], init_lora_weights=False)
+    get_peft_model(Net(), config).save_pretrained(tmp_path / "adapter")
+    message = (
+        r"adapter_model.safetensors: 'base_model.model.embed.lora_embedding_A' is a LoRA factor of an embedding "
+        r"layer \(PEFT's lora_embedding_A/B\); Share holds LoRAs of linear layers and 1x1 convolutions only"
+    )
+    with pytest.raises(LoraFormatError, match=message):
+        load_lora(tmp_path / "adapter")
+    # the same key with PEFT's adapter name after it, as an in-memory state dict has it
+    tensors = {"embed.lora_embedding_B.default": torch.ones(8, 2), "proj.lora_A.weight": torch.ones(2, 8)}
+    save_file(tensors, str(tmp_path / "named.safetensors"))
+    with pytest.raises(LoraFormatError, match="'embed.lora_embedding_B.default' is a LoRA factor of an embedding"):
+        load_lora(tmp_path / "named.safetensors")
