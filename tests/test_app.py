@@ -276,6 +276,45 @@ def test_merge_source_rejects(hub_id, upload, name, message):
     assert str(error.value) == message
 
 
+def test_a_hub_merge_advises_in_the_page_s_words(tmp_path, fake_hub, monkeypatch):
+    """The library's advice named Python arguments the page does not have ("pass weight_name=...", "pass
+    token=..."); a file named for a Hub repo beside an upload was ignored and the upload merged."""
+    import gradio as gr
+    from huggingface_hub import constants
+
+    from share_diffusers.studio.ui import Handlers
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    pipe = build_tiny_flux_pipeline(0)
+    for name in ("a", "b"):
+        write_demo_lora(pipe.transformer, tmp_path / "two" / name, seed=3, rank=2, alpha=2.0).rename(
+            tmp_path / "two" / f"{name}.safetensors"
+        )
+    fake_hub.add_folder("artist/two", tmp_path / "two")
+    studio = tiny_studio()
+    handlers = Handlers(studio)
+    quiet = dict(progress=lambda *args, **kwargs: None)
+    with pytest.raises(gr.Error) as error:
+        handlers.merge_lora("artist/two", "", None, "x", **quiet)
+    assert error.value.message.endswith(
+        "holds several .safetensors files (a.safetensors, b.safetensors); name one in 'File in the repo'"
+    )
+    with pytest.raises(gr.Error) as error:
+        handlers.merge_lora("artist/nothing-here", "", None, "x", **quiet)
+    assert error.value.message == (
+        "no Hub repo 'artist/nothing-here' (or it is private: the studio reads HF_TOKEN from where it runs)"
+    )
+    upload = tmp_path / "two" / "a.safetensors"
+    with pytest.raises(gr.Error) as error:
+        handlers.merge_lora("", "b.safetensors", str(upload), "x", **quiet)
+    assert (
+        error.value.message
+        == "'File in the repo' ('b.safetensors') picks a file of a Hub repo; clear it to merge the upload"
+    )
+    assert studio.styles() == ["ink", "neon", "sepia"]
+    assert handlers.merge_lora("artist/two", " b.safetensors ", None, "b", **quiet).startswith("merged")
+
+
 def test_merge_source_refuses_pickles_by_name():
     with pytest.raises(LoraFormatError, match="is a pickle file"):
         merge_source(None, "/x/style.bin", "s")

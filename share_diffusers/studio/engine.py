@@ -96,15 +96,22 @@ def _whole(value: float, what: str) -> int:
     return int(value)
 
 
-def merge_source(hub_id: str | None, upload: str | None, style_name: str | None) -> tuple[str, str | None]:
+def merge_source(
+    hub_id: str | None, upload: str | None, style_name: str | None, weight_name: str | None = None
+) -> tuple[str, str | None]:
     """``(Hub id or uploaded file path, style name or None for the library's default)`` of a merge request.
 
     The Hub box takes Hub ids only, never paths on the server; an upload must be ``.safetensors``.
+    ``weight_name`` (the "File in the repo" box) picks a file of the Hub repo, so it is refused beside an upload.
     """
     hub_id = (hub_id or "").strip()
     name = (style_name or "").strip() or None
     if hub_id and upload:
         raise ValueError("give a Hub repo id or upload a file, not both")
+    if upload and (weight_name or "").strip():
+        raise ValueError(
+            f"'File in the repo' ({weight_name.strip()!r}) picks a file of a Hub repo; clear it to merge the upload"
+        )
     if upload:
         path = Path(upload)
         refuse_pickle(path)

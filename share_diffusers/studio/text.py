@@ -124,3 +124,17 @@ def _names_held(entry: str, styles: set[str]) -> bool:
     except ValueError:
         return False
     return spec is None or ({spec} if isinstance(spec, str) else set(spec)) <= styles
+
+
+# The library's advice names Python arguments; the page has a box (or the server's environment) for each.
+_PAGE_TERMS = {
+    "pass weight_name=...": "name one in 'File in the repo'",
+    "pass token=...": "the studio reads HF_TOKEN from where it runs",
+}
+
+
+def in_page_terms(message: str) -> str:
+    """A Hub error's ``message`` with its advice in the page's words (``pass weight_name=...`` -> the box)."""
+    for python, page in _PAGE_TERMS.items():
+        message = message.replace(python, page)
+    return message

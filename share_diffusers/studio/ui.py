@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import gradio as gr
 
+from ..hub import HubError
 from ..runtime import (
     DEFAULT_PROMPTS,
     DTYPES,
@@ -57,7 +58,15 @@ from .engine import (
     pick_seed,
 )
 from .plots import style_map_figure
-from .text import blend_text, held_selection, parse_prompts, parse_single_prompt, parse_style_lines, style_choices
+from .text import (
+    blend_text,
+    held_selection,
+    in_page_terms,
+    parse_prompts,
+    parse_single_prompt,
+    parse_style_lines,
+    style_choices,
+)
 
 BLEND_SLOTS = 3
 CSS = ".pixel-art img { image-rendering: pixelated; } #style-table td { white-space: nowrap; }"
@@ -185,9 +194,12 @@ class Handlers:
 
     @user_errors
     def _merge_lora(self, hub_id, weight_name, upload, style_name, progress):
-        source, name = merge_source(hub_id, upload, style_name)
+        source, name = merge_source(hub_id, upload, style_name, weight_name)
         progress(0, desc="merging the LoRA")
-        return str(self.studio.merge(source, name, weight_name=(weight_name or "").strip() or None))
+        try:
+            return str(self.studio.merge(source, name, weight_name=(weight_name or "").strip() or None))
+        except HubError as error:
+            raise HubError(in_page_terms(error_line(error))) from None
 
     def merge_failed(self, request: gr.Request = None):
         """The report box after a failed merge: its one-line message (the toast fades, this stays)."""
