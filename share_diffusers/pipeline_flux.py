@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import numbers
 
 import diffusers
 import torch
 from diffusers import FluxPipeline
 from packaging.version import Version
 
-from .core.errors import ShareStateError
+from .core.errors import ShareStateError, StyleError
 from .loader import ShareLoaderMixin
 
 _FLUX_CALL = inspect.signature(FluxPipeline.__call__)
@@ -74,7 +75,8 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
                       style=["spongebob", {"spongebob": 0.5, "airbrush": 0.5}, None]).images
 
     ``style``: None (the base model), a style name, a ``{name: weight}`` blend, or a list with one of
-    those per prompt; ``style_scale`` multiplies every weight. Omitted, the style chosen with
+    those per prompt; ``style_scale`` multiplies every weight, and so does ``joint_attention_kwargs["scale"]``
+    as it scales stock LoRAs. Omitted, the style chosen with
     :meth:`set_style` applies. All prompts are denoised in one batch whatever their styles; images
     of one prompt (``num_images_per_prompt``) and both branches of true CFG share its style.
 
@@ -122,6 +124,7 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
         else:
             raise ValueError("give prompt or prompt_embeds")
         per_prompt = given.get("num_images_per_prompt") or 1
+        style_scale = _times_lora_scale(style_scale, given.get("joint_attention_kwargs"))
         # Diffusers repeats each prompt's embeddings num_images_per_prompt times in place (p0 p0 p1 p1 ...).
         with self._share.styles(style, style_scale, batch_size=batch_size, repeat=per_prompt):
             return super().__call__(*call.args[1:], **call.kwargs)
@@ -144,7 +147,8 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
                     applies (None unless set).
                 style_scale (`float`, *optional*):
                     Multiplies every style weight; defaults to the ``set_style`` scale when ``style`` is
-                    left out, else 1.0.
+                    left out, else 1.0. A ``"scale"`` in ``joint_attention_kwargs`` (stock diffusers' LoRA
+                    strength) multiplies it too.
 
             Without ``max_sequence_length``, T5 prompts are padded to ``tokenizer_2.model_max_length``
             when that is under 512 (see the class docstring).
@@ -164,6 +168,18 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
                 "remove_share() before load_lora_weights(...)"
             )
         return super().load_lora_weights(*args, **kwargs)
+
+
+def _times_lora_scale(style_scale, joint_attention_kwargs: dict | None):
+    """``style_scale`` times ``joint_attention_kwargs["scale"]``: the LoRA strength stock diffusers reads there
+    (its transformer scales every PEFT LoRA layer by it for the call), so a call written for stock LoRAs keeps
+    its strength with Share styles."""
+    if not joint_attention_kwargs or "scale" not in joint_attention_kwargs or not isinstance(style_scale, numbers.Real):
+        return style_scale  # a style_scale that is no number is refused, as it is, by the style check
+    lora_scale = joint_attention_kwargs["scale"]
+    if isinstance(lora_scale, bool) or not isinstance(lora_scale, numbers.Real):
+        raise StyleError(f"joint_attention_kwargs['scale'] (the LoRA strength) must be a number, got {lora_scale!r}")
+    return style_scale * lora_scale
 
 
 def guidance_arguments(pipe, guidance: float, batch_size: int) -> dict:

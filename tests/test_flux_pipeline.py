@@ -110,6 +110,20 @@ def test_blend_and_strength_equal_stock_set_adapters(share_pipe, loras):
     assert relative(generate(stock, prompts), generate(share_pipe, prompts, style="ink", style_scale=0.6)) < 1e-4
 
 
+def test_joint_attention_kwargs_scale_scales_the_style_as_it_scales_a_stock_lora(share_pipe, loras):
+    stock = stock_with(("ink", loras["ink"]))
+    prompts = ["a photo of a sneaker"]
+    half = {"joint_attention_kwargs": {"scale": 0.5}}
+    assert relative(generate(stock, prompts, **half), generate(share_pipe, prompts, style="ink", **half)) < 1e-4
+    stock.set_adapters("ink", 0.6)  # the two strengths multiply, in stock diffusers and here
+    assert (
+        relative(generate(stock, prompts, **half), generate(share_pipe, prompts, style="ink", style_scale=0.6, **half))
+        < 1e-4
+    )
+    with pytest.raises(StyleError, match=r"joint_attention_kwargs\['scale'\] .* must be a number, got 'half'"):
+        generate(share_pipe, prompts, style="ink", joint_attention_kwargs={"scale": "half"})
+
+
 def test_style_none_is_stock_flux_bit_for_bit(share_pipe):
     prompts = ["a photo of a sneaker", "a red cat"]
     stock = stock_pipeline()
