@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import numbers
 
 import diffusers
@@ -159,6 +160,15 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
         + "\n\n"
         + inspect.cleandoc(FluxPipeline.__call__.__doc__ or "")
     )
+
+    def to_json_string(self) -> str:
+        """The pipeline's config as ``FluxPipeline`` writes it, so that ``save_pretrained`` leaves a folder stock
+        diffusers loads: ``DiffusionPipeline.from_pretrained`` looks ``_class_name`` up in diffusers, which has no
+        ``ShareFluxPipeline``. The folder holds the base model (with a fused style in its weights, if one is fused);
+        the styles are saved apart, with :meth:`save_share_factors`."""
+        config = json.loads(super().to_json_string())
+        config["_class_name"] = FluxPipeline.__name__
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def load_lora_weights(self, *args, **kwargs):
         """Stock diffusers LoRA loading; refused while Share layers are in the transformer."""

@@ -373,3 +373,21 @@ def test_text_encoder_part_is_reported_not_merged(loras, tmp_path):
     )
     assert report.outside == pytest.approx({"text_encoder": text_energy / (text_energy + transformer_energy)}, rel=1e-6)
     assert report.layers_merged == 22 and "text_encoder" in str(report)
+
+
+def test_a_saved_pipeline_folder_loads_in_stock_diffusers(share_pipe, tmp_path):
+    """The folder's model_index.json named ShareFluxPipeline: DiffusionPipeline.from_pretrained raised
+    "module diffusers has no attribute ShareFluxPipeline"."""
+    import json
+
+    from diffusers import DiffusionPipeline, FluxPipeline
+
+    share_pipe.save_pretrained(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    prompts = ["a red cat"]
+    base = generate(share_pipe, prompts, style=None)
+    for cls in (DiffusionPipeline, ShareFluxPipeline):
+        reloaded = cls.from_pretrained(tmp_path / "saved")
+        reloaded.set_progress_bar_config(disable=True)
+        assert type(reloaded) is (FluxPipeline if cls is DiffusionPipeline else ShareFluxPipeline)
+        np.testing.assert_allclose(generate(reloaded, prompts), base, atol=1e-6)
