@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from diffusers.utils.torch_utils import is_compiled_module
 from torch import nn
 
 from .core import (
@@ -115,7 +116,10 @@ class ShareLoaderMixin:
 
     @property
     def _share_denoiser(self) -> nn.Module:
-        return self.transformer
+        """The transformer, the original module when it was compiled (``pipe.transformer = torch.compile(...)``):
+        its layers keep their names there (the compiled wrapper prefixes them with ``_orig_mod.``), and the
+        compiled one runs the same modules, Share layers included."""
+        return unwrap_compiled(self.transformer)
 
     @property
     def share(self) -> ShareModel | None:
@@ -457,6 +461,11 @@ class ShareLoaderMixin:
     def _base_model_id(self) -> str | None:
         name = getattr(getattr(self, "config", None), "_name_or_path", None)
         return str(name) if name else None  # a Path when from_pretrained was given one
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """``module`` itself, or the module ``torch.compile`` wrapped."""
+    return module._orig_mod if is_compiled_module(module) else module
 
 
 def same_base_model(recorded: str, loaded: str | None) -> bool:

@@ -391,3 +391,28 @@ def test_a_saved_pipeline_folder_loads_in_stock_diffusers(share_pipe, tmp_path):
         reloaded.set_progress_bar_config(disable=True)
         assert type(reloaded) is (FluxPipeline if cls is DiffusionPipeline else ShareFluxPipeline)
         np.testing.assert_allclose(generate(reloaded, prompts), base, atol=1e-6)
+
+
+def test_a_compiled_transformer_takes_merges_and_factors(loras, tmp_path):
+    """``pipe.transformer = torch.compile(pipe.transformer)``, as diffusers documents it: merge_lora said the LoRA
+    targets layers "this transformer does not have" and load_share_factors "made for another model" (the compiled
+    wrapper names its layers ``_orig_mod.*``), where stock load_lora_weights works."""
+    import torch._dynamo
+
+    plain = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    plain.merge_lora(loras["ink"], style_name="ink", config=EXACT)
+    plain.merge_lora(loras["sepia"], style_name="sepia")
+    pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
+    torch._dynamo.reset()
+    pipe.transformer = torch.compile(pipe.transformer, backend="eager")
+    try:
+        pipe.merge_lora(loras["ink"], style_name="ink", config=EXACT)
+        pipe.merge_lora(loras["sepia"], style_name="sepia")
+        pipe.save_share_factors(tmp_path / "factors")
+        pipe.load_share_factors(tmp_path / "factors")
+        inputs = transformer_inputs()
+        for share in (plain.share, pipe.share):  # per-block keys too: the model's blocks are found through the wrapper
+            share.set_style(["ink", {"sepia": {"double": 1.0, "single": 0.5}}])
+        assert relative(run_transformer(plain.transformer, inputs), run_transformer(pipe.transformer, inputs)) < 1e-5
+    finally:
+        torch._dynamo.reset()
