@@ -403,9 +403,17 @@ class ShareLoaderMixin:
 
         ``exact`` (default) keeps a copy of the fused weights on their device so that unfusing is bit
         for bit (4.7 GiB for FLUX.1 in bf16); ``exact=False`` saves that memory and unfuses by
-        subtraction, as PEFT's ``unfuse_lora`` does (within bf16 rounding).
+        subtraction, as PEFT's ``unfuse_lora`` does (within bf16 rounding). Refused while a default style is
+        set (:meth:`set_style`): every call would apply it on top of the fused one, which is refused.
         """
-        self._require_share().fuse_style(style, style_scale, exact=exact)
+        share = self._require_share()
+        if self._default_style is not None:
+            share.weights_for(style, style_scale)  # a bad style is named first, as without a default
+            raise ShareStateError(
+                f"the default style {self._default_style!r} is set: calls would apply it on top of the fused style; "
+                "set_style(None) before fuse_style(...)"
+            )
+        share.fuse_style(style, style_scale, exact=exact)
 
     def unfuse_style(self) -> None:
         if self._share is not None:

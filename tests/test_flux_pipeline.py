@@ -194,6 +194,21 @@ def test_fuse_equals_unfused_and_unfuse_restores(share_pipe):
     assert relative(base, generate(share_pipe, prompts)) < 1e-6
 
 
+def test_fuse_is_refused_while_a_default_style_is_set(share_pipe):
+    """The fuse went through, then every call without style= raised "style 'sepia' is fused; unfuse_style() before
+    selecting styles" though the call selected none (the default did)."""
+    weights = {name: layer.base_layer.weight.clone() for name, layer in share_pipe.share.layers.items()}
+    unfused = generate(share_pipe, ["a red cat"], style="sepia")
+    share_pipe.set_style("ink")
+    with pytest.raises(ShareStateError, match=r"default style 'ink' is set.*set_style\(None\) before fuse_style"):
+        share_pipe.fuse_style("sepia")
+    assert share_pipe.share.fused_style is None and share_pipe._default_style == "ink"
+    assert all(torch.equal(weights[name], layer.base_layer.weight) for name, layer in share_pipe.share.layers.items())
+    share_pipe.set_style(None)
+    share_pipe.fuse_style("sepia")
+    assert relative(unfused, generate(share_pipe, ["a red cat"])) < 1e-4
+
+
 def test_merge_report_measures_energy_outside_targets(loras):
     pipe = build_tiny_flux_pipeline(0, ShareFluxPipeline)
     report = pipe.merge_lora(loras["neon"], style_name="neon", config=EXACT)
