@@ -99,6 +99,10 @@ NAMES = [f"{block}.attn.to_q" for block in TINY_BLOCKS] + ["proj_out"]
         ({"double.0-1": 1.0, "double.1": 0.0}, [1.0, 0.0, 0.0, 0.0, 0.0]),
         ({"double.1": 0.0, "double.0-1": 1.0}, [1.0, 0.0, 0.0, 0.0, 0.0]),
         ({"double.1": 0.5, "transformer_blocks.1": 2.0}, [0.0, 2.0, 0.0, 0.0, 0.0]),
+        # A narrower range beats a wider one over it in either order (it went by the order of the keys).
+        ({"double.0-1": 1.0, "double.1-1": 0.0}, [1.0, 0.0, 0.0, 0.0, 0.0]),
+        ({"double.1-1": 0.0, "double.0-1": 1.0}, [1.0, 0.0, 0.0, 0.0, 0.0]),
+        ({"single.0-1": 0.5, "double.1-1": 0.0, "*": 0.25}, [0.25, 0.0, 0.5, 0.5, 0.25]),
     ],
 )
 def test_multipliers_follow_the_rules(weight, expected):

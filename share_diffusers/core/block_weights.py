@@ -16,7 +16,8 @@ ComfyUI's Flux block-weight vectors. A mapping's keys select layers by name:
 
 A layer takes the weight of the most specific key that selects it (the longest prefix: so
 ``{"double": 1.0, "double.0-3": 0.0}`` switches off the first four blocks; one block beats a range
-over it, in any order of the keys), and weight 0 if none does. A key that selects no Share layer is
+over it and a narrower range a wider one, in any order of the keys; of two as specific, the later key),
+and weight 0 if none does. A key that selects no Share layer is
 an error (a typo), unless it names blocks of the model that Share does not cover.
 
 A vector has one weight per block in the order above; layers outside every block (only present when
@@ -152,9 +153,10 @@ class BlockLayout:
 
     def _from_mapping(self, style: str, weight: Mapping, layer_names: Sequence[str]) -> list[float]:
         chosen = [0.0] * len(layer_names)
-        # Rank of the key that set each layer: (prefix length, 1 for one block / 0 for a range); a later
-        # key wins a tie, so a one-block key beats a range over it whatever the order of the keys.
-        rank = [(-1, -1)] * len(layer_names)
+        # Rank of the key that set each layer: (prefix length, minus the blocks it spans, 1 for one block /
+        # 0 for a range); a later key wins a tie, so a one-block key beats a range over it and a narrower
+        # range a wider one whatever the order of the keys.
+        rank = [(-1, 0, -1)] * len(layer_names)
         default = None
         for key, value in weight.items():
             value = _finite(style, key, value)
@@ -164,7 +166,7 @@ class BlockLayout:
             prefixes, is_range = self._prefixes(style, key)
             selects = False
             for prefix in prefixes:
-                key_rank = (len(prefix), 0 if is_range else 1)
+                key_rank = (len(prefix), -len(prefixes), 0 if is_range else 1)
                 for index, name in enumerate(layer_names):
                     if name == prefix or name.startswith(prefix + "."):
                         selects = True
@@ -178,7 +180,7 @@ class BlockLayout:
                     f"(its blocks: {self.describe()})"
                 )
         if default is not None:
-            chosen = [default if level == (-1, -1) else value for value, level in zip(chosen, rank, strict=True)]
+            chosen = [default if level[0] == -1 else value for value, level in zip(chosen, rank, strict=True)]
         return chosen
 
     def _prefixes(self, style: str, key: object) -> tuple[list[str], bool]:
