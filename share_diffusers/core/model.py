@@ -315,6 +315,9 @@ class ShareModel:
 
             with ShareModel.of(pipe.transformer).styles(["ink", "neon"], repeat=2):
                 images = pipe(prompt=["a cat", "a dog"], num_images_per_prompt=2).images
+
+        The strength is ``scale``: a stock pipeline's ``joint_attention_kwargs={"scale": s}`` scales PEFT
+        LoRA layers only (``ShareFluxPipeline`` reads it into the style scale itself).
         """
         previous, resets = self.selection.weights, self._selection_resets
         self.set_style(style, scale, batch_size, repeat)
