@@ -306,7 +306,8 @@ def _load_trainable(module: torch.nn.Module, path: Path) -> None:
 
 
 def check_common_arguments(args) -> None:
-    """The checks every trainer's options need, before anything loads.
+    """The checks every trainer's options need, before anything loads (``--checkpoints_total_limit`` and
+    ``--overwrite_output_dir`` where the trainer has them).
 
     Raises:
         UsageError: the first bad value or combination, in one line naming the flags.
@@ -329,13 +330,13 @@ def check_common_arguments(args) -> None:
             f"--lr_warmup_steps needs a scheduler with a warm-up; --lr_scheduler {args.lr_scheduler} has none "
             "(constant_with_warmup is constant after one)"
         )
-    if args.checkpoints_total_limit is not None:
+    if getattr(args, "checkpoints_total_limit", None) is not None:
         if args.checkpoints_total_limit < 1:
             raise UsageError(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
         if not args.checkpointing_steps:
             raise UsageError("--checkpoints_total_limit needs --checkpointing_steps")
     check_resume_from(args.resume_from_checkpoint)
-    if args.overwrite_output_dir and args.resume_from_checkpoint:
+    if getattr(args, "overwrite_output_dir", False) and args.resume_from_checkpoint:
         raise UsageError(
             "--overwrite_output_dir deletes the checkpoints --resume_from_checkpoint would continue from; pass one"
         )

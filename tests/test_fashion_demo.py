@@ -276,6 +276,40 @@ def test_train_tiny_flux_names_missing_data(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--train_limit", "0"], "--train_limit must be at least 1, got 0"),
+        (["--vae_steps", "0"], "--vae_steps must be at least 1, got 0"),
+        (["--train_batch_size", "0"], "--train_batch_size must be at least 1, got 0"),
+        (["--vae_learning_rate", "nan"], "--vae_learning_rate must be a finite number above 0, got nan"),
+        (["--learning_rate", "-1"], "--learning_rate must be a finite number above 0, got -1.0"),
+        (["--kl_weight=-1e-5"], "--kl_weight must be a finite number, at least 0, got -1e-05"),
+        (["--caption_dropout", "1.5"], "--caption_dropout must be in [0, 1], got 1.5"),
+        (["--ema_decay", "2"], "--ema_decay must be in [0, 1], got 2.0"),
+        (["--lr_scheduler", "cosine_typo"], "--lr_scheduler 'cosine_typo' is not one of linear, cosine"),
+        (["--seed", "-1"], "--seed must be from 0 to "),
+        (["--report_to", "nope"], "--report_to 'nope' is not one of accelerate's trackers"),
+    ],
+)
+def test_train_tiny_flux_refuses_bad_options_before_loading_data(tmp_path, extra, message, capsys, monkeypatch):
+    """Bad options ran into tracebacks (or trained with them: a caption dropout of 1.5, a negative KL weight)."""
+    sys.path.insert(0, str(ROOT / "training"))
+    try:
+        import train_tiny_flux
+    finally:
+        sys.path.remove(str(ROOT / "training"))
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the data loaded before the options were checked")
+
+    monkeypatch.setattr(train_tiny_flux, "load_fashion_mnist", no_data)
+    assert train_tiny_flux.cli(["--output_dir", str(tmp_path / "o"), *extra]) == 1
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("error: ") and message in stderr, stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_make_fashion_styles_writes_captioned_training_folders(tmp_path):
     sys.path.insert(0, str(ROOT / "training"))
     try:

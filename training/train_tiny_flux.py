@@ -44,7 +44,12 @@ from share_diffusers.fashion.model import MAX_SEQUENCE_LENGTH, build_fashion_flu
 from share_diffusers.fashion.styles import JUDGE_CLASSES, apply_looks
 from share_diffusers.flux_training import flow_matching_loss
 from share_diffusers.training_utils import (
+    LR_SCHEDULERS,
     EpochShuffle,
+    UsageError,
+    check_at_least,
+    check_common_arguments,
+    check_positive_rates,
     find_checkpoint,
     load_checkpoint,
     make_accelerator,
@@ -69,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--train_batch_size", type=int, default=64)
     add("--gradient_accumulation_steps", type=int, default=1)
     add("--learning_rate", type=float, default=5e-4)
-    add("--lr_scheduler", default="constant_with_warmup")
+    add("--lr_scheduler", default="constant_with_warmup", help=f"one of {', '.join(LR_SCHEDULERS)}")
     add("--lr_warmup_steps", type=int, default=100)
     add("--caption_dropout", type=float, default=0.1, help="share of prompts replaced by the empty prompt")
     add("--ema_decay", type=float, default=0.999)
@@ -79,6 +84,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--checkpointing_steps", type=int, default=0, help="resumable state every N transformer steps (0: never)")
     add("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest' in OUTPUT_DIR-state")
     return parser.parse_args(argv)
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every refusal the command line alone decides, before the data or a model loads.
+
+    Raises:
+        UsageError: the first bad value, naming the flag.
+    """
+    check_common_arguments(args)
+    check_at_least(args, vae_steps=1, vae_batch_size=1)
+    if args.train_limit is not None:
+        check_at_least(args, train_limit=1)
+    check_positive_rates(args, "vae_learning_rate")
+    if not (math.isfinite(args.kl_weight) and args.kl_weight >= 0):
+        raise UsageError(f"--kl_weight must be a finite number, at least 0, got {args.kl_weight}")
+    if not 0.0 <= args.caption_dropout <= 1.0:
+        raise UsageError(f"--caption_dropout must be in [0, 1], got {args.caption_dropout}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        raise UsageError(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
 
 
 def step_generator(seed: int, phase: int, step: int, process: int) -> torch.Generator:
@@ -265,6 +289,7 @@ def train_transformer(
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_arguments(args)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     output_dir = Path(args.output_dir)
     state_dir = output_dir.parent / f"{output_dir.name}-state"  # logs and checkpoints
@@ -340,7 +365,7 @@ def cli(argv=None) -> int:
     """``main`` as the command line runs it: a refusal of bad input is one ``error:`` line and exit status 1."""
     try:
         return main(argv)
-    except FashionDataError as error:
+    except (UsageError, FashionDataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
