@@ -75,6 +75,7 @@ _FLUX_TRANSFORMER_LAYER = re.compile(
     r"(transformer_blocks|single_transformer_blocks)\.\d+\..+"
     r"|x_embedder|context_embedder|proj_out|norm_out\.linear|time_text_embed\..+"
 )
+FLUX1_BLOCKS = {"transformer_blocks": 19, "single_transformer_blocks": 38}  # FLUX.1 dev / schnell and their kin
 FLUX_LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name diffusers' save_lora_weights writes
 _STYLE_BLOCKS_HELP = (
     "per-block weights like 'ink[double=1,single=0.3],neon=0.5' (keys: double, single, ranges like double.0-9, "
@@ -508,11 +509,15 @@ def checkpoint_block_layout(factors: ShareFactors) -> BlockLayout | None:
 
     Read off the layer names: double blocks 0 to the last one named, then single blocks, which is what
     :meth:`BlockLayout.of` finds in ``FluxTransformer2DModel`` when the checkpoint reaches its last block of
-    each kind (every FLUX.1 LoRA does: 19 + 38 blocks, a vector's 57 values). None for other checkpoints.
+    each kind (most FLUX.1 LoRAs do: 19 + 38 blocks, a vector's 57 values). A checkpoint whose recorded base
+    model is a FLUX.1 has FLUX.1's blocks however few its LoRAs touched (one of single blocks only still takes
+    ``double=0`` and 57-value vectors, as the pipeline does). None for other checkpoints.
     """
     if not is_flux_transformer_checkpoint(factors):
         return None
     last = {"transformer_blocks": -1, "single_transformer_blocks": -1}  # model order: a vector's order
+    if "flux.1" in (factors.base_model or "").lower():
+        last = {base: count - 1 for base, count in FLUX1_BLOCKS.items()}
     for name in factors.layers:
         base, _, rest = name.partition(".")
         if base in last:

@@ -237,6 +237,34 @@ def test_checkpoint_block_layout_is_the_models(flux_factors):
     assert layout.describe() == pipe.share.block_layout.describe() == "double.0-1, single.0-1"
 
 
+def test_a_flux1_checkpoint_of_single_blocks_takes_flux1_block_weights(tmp_path, capsys):
+    """A LoRA of single blocks only: export refused FLUX.1's 57-value vectors and single-block ranges past the
+    checkpoint's last block, which the pipeline on FLUX.1 takes; the recorded base model says the blocks."""
+    from conftest import random_adapter
+
+    from share_diffusers.core import ShareConfig, ShareFactors, save_factors
+
+    shapes = {f"single_transformer_blocks.{index}.attn.to_q": (8, 8) for index in range(3)}
+    for base_model, code in (("black-forest-labs/FLUX.1-dev", 0), (None, 1)):
+        factors = ShareFactors.fit(
+            [random_adapter(shapes, 2)], ["ink"], ShareConfig(rank=2, pseudo_rank=2), base_model=base_model
+        )
+        folder = save_factors(factors, tmp_path / str(base_model).replace("/", "-")).parent
+        vector = ",".join(["0"] * 19 + ["1", "0.5"] + ["0"] * 36)
+        for style in ("ink[single.0-37=1,single.1=0.5,single.2=0]", f"ink[{vector}]"):
+            output = tmp_path / "ink.safetensors"
+            assert main(["-q", "export", str(folder), style, "-o", str(output)]) == code, capsys.readouterr().err
+        if code == 0:  # blocks 0 and 1 at 1 and 0.5; block 2 at 0, so left out
+            exported = load_file(output)
+            for index, weight in ((0, 1.0), (1, 0.5)):
+                name = f"single_transformer_blocks.{index}.attn.to_q"
+                up, down = (exported[f"transformer.{name}.lora_{kind}.weight"] for kind in "BA")
+                assert torch.allclose(up @ down, weight * factors.delta_weight(name, "ink").float(), atol=1e-6)
+            assert not any(".2." in key for key in exported)
+        else:
+            assert "this model has 3 blocks" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("style", "message"),
     [
