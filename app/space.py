@@ -26,19 +26,36 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from share_diffusers.studio import main  # noqa: E402
 
 _TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
 
 
 def studio_arguments(environ: Mapping[str, str], extra: Sequence[str] = ()) -> list[str]:
     """The studio's command line for this environment: host and port (0.0.0.0 only on a Space), then
-    ``--read-only`` if ``SHARE_STUDIO_READ_ONLY`` says so, then ``extra``."""
+    ``--read-only`` if ``SHARE_STUDIO_READ_ONLY`` says so, then ``extra``.
+
+    Raises:
+        ValueError: ``SHARE_STUDIO_READ_ONLY`` is neither a yes nor a no (a Space meant to be read-only must not
+            start open to merges because of a misspelt value).
+    """
     on_space = bool(environ.get("SPACE_ID"))
     host = environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if on_space else "127.0.0.1")
     port = environ.get("GRADIO_SERVER_PORT") or "7860"
     arguments = ["--host", host, "--port", port]
-    if environ.get("SHARE_STUDIO_READ_ONLY", "").strip().lower() in _TRUE:
+    read_only = environ.get("SHARE_STUDIO_READ_ONLY", "").strip().lower()
+    if read_only not in _TRUE + _FALSE:
+        raise ValueError(
+            f"SHARE_STUDIO_READ_ONLY={environ['SHARE_STUDIO_READ_ONLY']!r} is neither of {', '.join(_TRUE)} "
+            f"(read-only) nor of {', '.join(_FALSE[1:])} (merges allowed)"
+        )
+    if read_only in _TRUE:
         arguments.append("--read-only")
     return [*arguments, *extra]
 
 
 if __name__ == "__main__":
-    sys.exit(main(studio_arguments(os.environ, sys.argv[1:])))
+    try:
+        arguments = studio_arguments(os.environ, sys.argv[1:])
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(main(arguments))

@@ -761,6 +761,17 @@ def test_space_entry_listens_on_every_interface_only_on_a_space(environ, expecte
     assert space.studio_arguments(environ, ["--model", "tiny-random"])[-2:] == ["--model", "tiny-random"]
 
 
+def test_space_entry_refuses_a_read_only_value_it_cannot_read():
+    """SHARE_STUDIO_READ_ONLY=y (or "enabled") started the Space open to every visitor's merges and deletes."""
+    space = _space_module()
+    for value in ("y", "enabled", "read-only"):
+        with pytest.raises(ValueError, match=rf"^SHARE_STUDIO_READ_ONLY='{value}' is neither of 1, true, yes, on"):
+            space.studio_arguments({"SPACE_ID": "someone/share-studio", "SHARE_STUDIO_READ_ONLY": value})
+    for value, read_only in ((" TRUE ", True), ("off", False), ("", False), ("0", False)):
+        arguments = space.studio_arguments({"SHARE_STUDIO_READ_ONLY": value})
+        assert ("--read-only" in arguments) is read_only
+
+
 def test_merge_report_shows_how_the_other_styles_errors_moved(tmp_path):
     """A merge turns the shared bases: the report gives each other style's error before and after."""
     pytest.importorskip("gradio", reason="the app extra (gradio) is not installed")
