@@ -189,10 +189,12 @@ def timed_forward(transformer: torch.nn.Module, inputs: dict) -> float:
 
 
 def share_state_bytes(share: ShareModel) -> int:
-    """Bytes of everything Share holds: layer buffers plus the ``ShareFactors`` (Gram summaries, norms,
-    errors), each storage counted once (the layers' buffers alias the factors' float32 tensors)."""
+    """Bytes of everything Share holds: layer buffers, the selection's dense cores, plus the ``ShareFactors``
+    (Gram summaries, norms, errors), each storage counted once (the layers' buffers alias the factors' float32
+    tensors)."""
     seen: dict[int, int] = {}
     tensors = [b for layer in share.layers.values() for b in layer.buffers(recurse=False)]
+    tensors += [group.dense_cores for group in share.selection._groups or ()]
     for layer in share.factors.layers.values():
         tensors += [getattr(layer, field) for field in ("basis_out", "basis_in", "core_out", "core_in")]
         tensors += [layer.gram_out, layer.gram_in, layer.norm, layer.error, layer.truncated]
@@ -439,7 +441,7 @@ def report_load_and_memory(settings: Settings, sides: Sides, peft_seconds: Seque
             "1.0x",
         ],
         [
-            "Share: buffers in the `ShareLinear` layers",
+            "Share: buffers in the `ShareLinear` layers + the selection's dense cores",
             mib(share_bytes),
             f"{share_bytes / layers / 2**10:,.1f} KiB",
             f"{share_bytes / layers / n / 2**10:,.1f} KiB",
@@ -837,7 +839,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             switch_speedup >= 100,
         ),
         (
-            "2. Share holds the styles in >= 5x less memory than PEFT (layer buffers)",
+            "2. Share holds the styles in >= 5x less memory than PEFT (layer buffers + selection)",
             f"{memory_ratio:.1f}x",
             memory_ratio >= 5,
         ),

@@ -272,11 +272,15 @@ def peft_lora_bytes(transformer: torch.nn.Module, adapter_names: Sequence[str]) 
 
 def share_buffer_bytes(share: ShareModel) -> int:
     """Bytes of the buffers of every ``ShareLinear`` layer (bases, cores, anchor, presence, and the
-    views of the selection's blended cores once styles were selected), each tensor counted once."""
+    views of the selection's blended cores once styles were selected) and, once styles were selected,
+    the dense ``(layers, t, k^2)`` cores the selection keeps for its blends (no layer's buffer, but
+    memory Share holds to serve the styles), each tensor counted once."""
     seen: dict[int, int] = {}
-    for layer in share.layers.values():
-        for buffer in layer.buffers(recurse=False):
-            seen[buffer.data_ptr()] = buffer.numel() * buffer.element_size()
+    tensors = [buffer for layer in share.layers.values() for buffer in layer.buffers(recurse=False)]
+    for group in share.selection._groups or ():  # None until the first selection after a change
+        tensors += [group.dense_cores, group.positions]
+    for tensor in tensors:
+        seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
     return sum(seen.values())
 
 

@@ -31,6 +31,47 @@ STEP_VARIANTS = (
 slow = pytest.mark.skipif(not os.environ.get("SHARE_SLOW_TESTS"), reason="slow: set SHARE_SLOW_TESTS=1")
 
 
+def load_benchmark_module(name: str):
+    """``benchmarks/<name>.py`` as a module (``bench_common`` for ``common``), its folder importable."""
+    import sys
+
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_share_model(styles: int = 3, rank: int = 4):
+    """Two 16 x 16 linears with ``styles`` random rank-``rank`` LoRAs merged (k = 8, p = 2)."""
+    from share_diffusers.core import LoraAdapter, LoraLayer, ShareConfig, ShareModel
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16))
+    share = ShareModel.inject(model, target_modules=["0", "1"], config=ShareConfig(rank=8, pseudo_rank=2))
+    generator = torch.Generator().manual_seed(0)
+    for index in range(styles):
+        layers = {}
+        for name in ("0", "1"):
+            up, down = torch.randn(16, rank, generator=generator), torch.randn(rank, 16, generator=generator)
+            layers[name] = LoraLayer(up=up, down=down)
+        share.merge(LoraAdapter(layers), f"s{index}")
+    return share
+
+
+def test_share_buffer_bytes_counts_the_selections_dense_cores():
+    """Once a style is selected, Share holds every layer's dense (t, k, k) cores in the selection (no layer
+    buffer): the memory rows that compare Share with PEFT must count them."""
+    common = load_benchmark_module("common")
+    share = tiny_share_model()
+    before = common.share_buffer_bytes(share)
+    share.set_style("s0")
+    layers, styles, k = len(share.layers), len(share.style_names), 8
+    blended = layers * k * k * 4  # one row of blended cores a layer, float32
+    assert common.share_buffer_bytes(share) - before >= layers * styles * k * k * 4 + blended
+
+
 def run_gpu_benchmark(out: Path, device: str) -> tuple[dict, str, str]:
     """``bench_gpu.py --quick`` on ``device``: ``(json report, markdown report, stdout)``; fails on a non-zero exit."""
     # On a GPU it takes seconds; a stuck run must not eat the device session's budget (gpu_session.sh).
