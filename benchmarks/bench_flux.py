@@ -182,10 +182,53 @@ def transformer_inputs(settings: Settings, batch: int) -> dict:
     )
 
 
-def timed_forward(transformer: torch.nn.Module, inputs: dict) -> float:
-    """Seconds of one forward, after a garbage collection outside the timed region."""
+def timed_forward(transformer: torch.nn.Module, inputs: dict, outputs: dict | None = None, key: str = "") -> float:
+    """Seconds of one forward, after a garbage collection outside the timed region; its output kept in
+    ``outputs[key]`` (the last round's, for the same-result checks)."""
     gc.collect()
-    return timed(lambda: forward(transformer, inputs))
+    start = time.perf_counter()
+    output = forward(transformer, inputs)
+    seconds = time.perf_counter() - start
+    if outputs is not None:
+        outputs[key] = output
+    return seconds
+
+
+# float32: a fused weight against the low-rank path, or a batch of 4 against 4 batches of 1, differ by roundings only
+SAME_RESULT = 1e-5
+# a style must move the output by this many times the tolerance, or the checks could not tell it from no style
+STYLE_EFFECT = 10.0
+
+
+def same_result_checks(steps: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> list[tuple[str, str, bool]]:
+    """``(check, measured, passed)`` rows: the timed variants computed what their rows claim, so that a fast wrong
+    path (a fuse that changed nothing, a batch that gave every row one style) cannot win.
+
+    ``steps``: the per-step outputs by variant (``STEP_VARIANTS``); ``batch``: ``share`` (one pass, a style per
+    row), ``share_each`` (the same rows one at a time, batch 1, each in its style), ``base`` (no style).
+    Share's lossy reconstruction of random LoRAs is not compared with PEFT's outputs here (that is context)."""
+    rows = []
+    for side in ("Share", "PEFT"):
+        unfused, fused = steps[f"{side} unfused"], steps[f"{side} fused"]
+        difference, effect = relative(unfused, fused), relative(steps["base"], unfused)
+        rows.append(
+            (
+                f"same result: {side} fused == {side} unfused (<= {SAME_RESULT:g}), and the style moves the output "
+                f"(>= {STYLE_EFFECT:g}x that)",
+                f"{difference:.1e}; style vs base {effect:.1e}",
+                difference <= SAME_RESULT and effect >= STYLE_EFFECT * SAME_RESULT,
+            )
+        )
+    difference, effect = relative(batch["share_each"], batch["share"]), relative(batch["base"], batch["share_each"])
+    rows.append(
+        (
+            f"same result: Share's batch of styles == each row alone in its style (<= {SAME_RESULT:g}), and the "
+            f"styles move the output (>= {STYLE_EFFECT:g}x that)",
+            f"{difference:.1e}; styles vs base {effect:.1e}",
+            difference <= SAME_RESULT and effect >= STYLE_EFFECT * SAME_RESULT,
+        )
+    )
+    return rows
 
 
 def share_state_bytes(share: ShareModel) -> int:
@@ -504,12 +547,12 @@ def report_load_and_memory(settings: Settings, sides: Sides, peft_seconds: Seque
 STEP_VARIANTS = ("base", "Share unfused", "Share fused", "PEFT unfused", "PEFT fused")
 
 
-def bench_step(settings: Settings, sides: Sides) -> tuple[dict[str, Stats], dict[str, Stats]]:
+def bench_step(settings: Settings, sides: Sides) -> tuple[dict[str, Stats], dict[str, Stats], dict[str, torch.Tensor]]:
     """Interleaved forwards (batch 1) of the five variants, style 0 for the styled ones.
 
     Base is the Share transformer with no style selected (its ``ShareLinear`` layers take the plain
     path). Fusing and unfusing happen outside the timed region and are timed separately. Returns
-    ``(forward stats, fuse + unfuse stats)``.
+    ``(forward stats, fuse + unfuse stats, each variant's output of the last round)``.
     """
     log(f"per-step time: {settings.step_rounds} interleaved rounds of {len(STEP_VARIANTS)} variants")
     share, share_model, peft_model = sides.share, sides.share_model, sides.peft
@@ -519,32 +562,33 @@ def bench_step(settings: Settings, sides: Sides) -> tuple[dict[str, Stats], dict
         "Share `fuse_style` + `unfuse_style`": [],
         "PEFT `fuse_lora` + `unfuse_lora`": [],
     }
+    outputs: dict[str, torch.Tensor] = {}
 
     def base() -> float:
         share.set_style(None)
-        return timed_forward(share_model, inputs)
+        return timed_forward(share_model, inputs, outputs, "base")
 
     def share_unfused() -> float:
         share.set_style(style, batch_size=1)
-        seconds = timed_forward(share_model, inputs)
+        seconds = timed_forward(share_model, inputs, outputs, "Share unfused")
         share.set_style(None)
         return seconds
 
     def share_fused() -> float:
         fuse = timed(lambda: share.fuse_style(style))
-        seconds = timed_forward(share_model, inputs)
+        seconds = timed_forward(share_model, inputs, outputs, "Share fused")
         fuse += timed(share.unfuse_style)
         fuse_samples["Share `fuse_style` + `unfuse_style`"].append(fuse)
         return seconds
 
     def peft_unfused() -> float:
         peft_model.set_adapters(style, 1.0)
-        return timed_forward(peft_model, inputs)
+        return timed_forward(peft_model, inputs, outputs, "PEFT unfused")
 
     def peft_fused() -> float:
         peft_model.set_adapters(style, 1.0)
         fuse = timed(lambda: peft_model.fuse_lora(adapter_names=[style]))
-        seconds = timed_forward(peft_model, inputs)
+        seconds = timed_forward(peft_model, inputs, outputs, "PEFT fused")
         fuse += timed(peft_model.unfuse_lora)
         fuse_samples["PEFT `fuse_lora` + `unfuse_lora`"].append(fuse)
         return seconds
@@ -555,9 +599,8 @@ def bench_step(settings: Settings, sides: Sides) -> tuple[dict[str, Stats], dict
     for samples in fuse_samples.values():
         samples.clear()
     samples = interleave(variants, settings.step_rounds)
-    return {name: Stats.of(values) for name, values in samples.items()}, {
-        name: Stats.of(values) for name, values in fuse_samples.items()
-    }
+    stats = {name: Stats.of(values) for name, values in samples.items()}
+    return stats, {name: Stats.of(values) for name, values in fuse_samples.items()}, outputs
 
 
 def _peft_single_layer(linear: torch.nn.Linear, rank: int) -> torch.nn.Module:
@@ -714,11 +757,12 @@ def report_step(
 # 4. A batch of 4 prompts in 4 styles
 
 
-def bench_batch(settings: Settings, sides: Sides) -> tuple[dict[str, Stats], float]:
+def bench_batch(settings: Settings, sides: Sides) -> tuple[dict[str, Stats], float, dict[str, torch.Tensor]]:
     """One Share pass over a batch of 4 (style ``s_b`` for row b) against 4 batch-1 PEFT passes with
-    ``set_adapters(s_b)`` before each (included in the time). Returns stats and the relative
+    ``set_adapters(s_b)`` before each (included in the time). Returns stats, the relative
     difference between the Share batch's rows and what PEFT gives them (context only: Share's
-    reconstruction of random LoRAs is lossy)."""
+    reconstruction of random LoRAs is lossy), and for the same-result check (untimed) the Share batch's
+    output, its rows run one at a time in their styles, and the base model's."""
     count = settings.batch_styles
     log(f"batch of {count}: {settings.batch_rounds} interleaved rounds")
     share, share_model, peft_model = sides.share, sides.share_model, sides.peft
@@ -755,7 +799,13 @@ def bench_batch(settings: Settings, sides: Sides) -> tuple[dict[str, Stats], flo
     samples = interleave(variants, settings.batch_rounds)
     peft_model.set_adapters("s0", 1.0)
     difference = relative(outputs["peft"], outputs["share"])
-    return {key: Stats.of(values) for key, values in samples.items()}, difference
+    each = []
+    for name, row in zip(names, rows, strict=True):
+        share.set_style(name, batch_size=1)
+        each.append(forward(share_model, row))
+    share.set_style(None)
+    checked = {"share": outputs["share"], "share_each": torch.cat(each), "base": forward(share_model, inputs)}
+    return {key: Stats.of(values) for key, values in samples.items()}, difference, checked
 
 
 def report_batch(settings: Settings, stats: dict[str, Stats], difference: float) -> tuple[str, float]:
@@ -822,12 +872,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     memory_text, memory_ratio = report_load_and_memory(settings, sides, peft_seconds)
     print(memory_text, flush=True)
 
-    steps, fuses = bench_step(settings, sides)
+    steps, fuses, step_outputs = bench_step(settings, sides)
     layer = bench_layer(settings, sides)
     step_text, figures = report_step(settings, steps, fuses, layer)
     print(step_text, flush=True)
 
-    batch, difference = bench_batch(settings, sides)
+    batch, difference, batch_outputs = bench_batch(settings, sides)
     batch_text, batch_ratio = report_batch(settings, batch, difference)
     print(batch_text, flush=True)
 
@@ -867,6 +917,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_ratio <= 1.0,
         ),
     ]
+    targets += same_result_checks(step_outputs, batch_outputs)
     print("## Targets\n")
     print(table(["target", "measured", "result"], [[t, m, "PASS" if ok else "FAIL"] for t, m, ok in targets]))
     print(

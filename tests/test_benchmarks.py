@@ -249,6 +249,8 @@ def test_bench_flux_quick_smoke_run():
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     for heading in ("## 1. Style switch", "## 2. Bringing in", "## 3. Per-step", "## 4. A batch of 4", "## Targets"):
         assert heading in result.stdout, heading
+    same = [line for line in result.stdout.splitlines() if line.startswith("| same result:")]
+    assert len(same) == 3 and all(line.endswith("| PASS |") for line in same), same
 
 
 @pytest.mark.slow
@@ -258,3 +260,24 @@ def test_bench_core_quick_smoke_run(tmp_path):
     result = run_benchmark("bench_core.py", "--quick", "--workdir", str(tmp_path), timeout=900)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "## Targets" in result.stdout
+
+
+def test_bench_flux_same_result_checks_catch_a_fast_wrong_path():
+    """bench_flux's timed variants must compute what their rows claim: a fuse that changed nothing (as fast as the
+    base, "fused == base within noise") or a batch that gave every row the first style must fail."""
+    bench_flux = load_benchmark_module("bench_flux")
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(4, 8, 64, generator=generator)
+    styled = base + 0.05 * torch.randn(4, 8, 64, generator=generator)  # every row its own style
+    steps = {"base": base[:1], "Share unfused": styled[:1], "PEFT unfused": styled[:1]}
+    steps |= {"Share fused": styled[:1] * (1 + 1e-7), "PEFT fused": styled[:1].clone()}
+    batch = {"share": styled, "share_each": styled * (1 + 1e-7), "base": base}
+    assert all(passed for _, _, passed in bench_flux.same_result_checks(steps, batch))
+
+    wrong_fuse = bench_flux.same_result_checks({**steps, "Share fused": base[:1]}, batch)
+    assert [passed for _, _, passed in wrong_fuse] == [False, True, True]
+    one_style = styled[:1].expand(4, -1, -1)
+    wrong_batch = bench_flux.same_result_checks(steps, {**batch, "share": one_style})
+    assert [passed for _, _, passed in wrong_batch] == [True, True, False]
+    no_style = bench_flux.same_result_checks({**steps, "PEFT unfused": base[:1], "PEFT fused": base[:1]}, batch)
+    assert [passed for _, _, passed in no_style] == [True, False, True]
