@@ -57,6 +57,7 @@ from common import (  # noqa: E402
     flux1_transformer,
     log,
     ratio,
+    relative,
     table,
 )
 
@@ -153,15 +154,41 @@ def timed(run: Callable[[], None]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def share_merge(bank: ShareFactors, adapter: LoraAdapter, names: list[str] | None, batch: bool, workers: int | None):
+# batched and per-layer merges do the same float64 maths in another order: the merged style's dW agrees to this
+SAME_RESULT = 1e-6
+
+
+def share_merge(
+    bank: ShareFactors,
+    adapter: LoraAdapter,
+    names: list[str] | None,
+    batch: bool,
+    workers: int | None,
+    kept: dict[str, ShareFactors] | None = None,
+    key: str = "",
+):
+    """A timed merge of ``adapter`` into a copy of ``bank``; the merged factors of the last run in ``kept[key]``."""
+
     def run() -> tuple[float, float]:
         factors = ShareFactors(bank.config, dict(bank.layers), list(bank.styles))
         if names is not None:
             factors.layers = {name: factors.layers[name] for name in names}
         lora = fresh(adapter, names)
-        return timed(lambda: factors.merge(lora, "new", workers=workers, batch_layers=batch))
+        result = timed(lambda: factors.merge(lora, "new", workers=workers, batch_layers=batch))
+        if kept is not None:
+            kept[key] = factors
+        return result
 
     return run
+
+
+def merge_difference(per_layer: ShareFactors, batched: ShareFactors, probes: int = 4) -> tuple[float, int]:
+    """Largest relative difference of the merged style's ``dW`` between the two merges, on ``probes`` layers spread
+    over the model (both ends included), and how many layers were compared."""
+    names = list(per_layer.layers)
+    picked = sorted({names[round(i * (len(names) - 1) / max(probes - 1, 1))] for i in range(probes)})
+    worst = max(relative(per_layer.delta_weight(name, "new"), batched.delta_weight(name, "new")) for name in picked)
+    return worst, len(picked)
 
 
 def peft_load(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]):
@@ -202,7 +229,7 @@ def _available_bytes() -> int:
     return 8 * 2**30
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy widths, for a smoke test")
     parser.add_argument("--targets", choices=sorted(FLUX_TARGET_PRESETS), default="attention")
@@ -230,9 +257,11 @@ def main(argv: list[str] | None = None) -> None:
     state_dict, adapter = draw_lora(full_shapes, settings.rank, LORA_SEED)
     log(f"bank of {settings.held} styles and the LoRA ready in {time.perf_counter() - started:.1f} s")
 
+    kept: dict[str, ShareFactors] = {}
+    per_layer_key, batched_key = (f"Share, {kind} ({len(full_shapes)} layers)" for kind in ("per layer", "batched"))
     variants: dict[str, Callable[[], tuple[float, float]]] = {
-        f"Share, per layer ({len(full_shapes)} layers)": share_merge(bank, adapter, None, False, workers),
-        f"Share, batched ({len(full_shapes)} layers)": share_merge(bank, adapter, None, True, workers),
+        per_layer_key: share_merge(bank, adapter, None, False, workers, kept, per_layer_key),
+        batched_key: share_merge(bank, adapter, None, True, workers, kept, batched_key),
     }
     peft_layers = None
     if not args.no_peft:
@@ -307,6 +336,12 @@ def main(argv: list[str] | None = None) -> None:
             rows,
         )
     )
+    difference, compared = merge_difference(kept[per_layer_key], kept[batched_key])
+    same = difference <= SAME_RESULT
+    print(
+        f"\nSame result: the merged style's dW after the batched merge vs the per-layer one, on {compared} layers: "
+        f"max relative difference {difference:.1e} (<= {SAME_RESULT:g}: {'PASS' if same else 'FAIL'})."
+    )
     batched = [name for name in walls if name.startswith("Share, batched")]
     for name in batched:
         per_layer = name.replace("batched", "per layer")
@@ -314,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
             f"\n{name}: {ratio(walls[name].median / walls[per_layer].median)} the per-layer wall time, "
             f"{ratio(cpus[name] / cpus[per_layer])} its CPU time."
         )
+    return 0 if same else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

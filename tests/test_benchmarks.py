@@ -281,3 +281,12 @@ def test_bench_flux_same_result_checks_catch_a_fast_wrong_path():
     assert [passed for _, _, passed in wrong_batch] == [True, True, False]
     no_style = bench_flux.same_result_checks({**steps, "PEFT unfused": base[:1], "PEFT fused": base[:1]}, batch)
     assert [passed for _, _, passed in no_style] == [True, False, True]
+
+
+def test_bench_merge_quick_checks_the_batched_merge_against_the_per_layer_one():
+    """bench_merge times a batched merge against the per-layer one: it must say they give the same style."""
+    result = run_benchmark("bench_merge.py", "--quick", "--rounds", "1", "--threads", "1", timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "| PEFT load_lora_adapter (28 layers) |" in result.stdout
+    same = [line for line in result.stdout.splitlines() if line.startswith("Same result:")]
+    assert len(same) == 1 and same[0].endswith("PASS)."), result.stdout
