@@ -9,6 +9,7 @@ them ten times slower.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -290,3 +291,23 @@ def test_bench_merge_quick_checks_the_batched_merge_against_the_per_layer_one():
     assert "| PEFT load_lora_adapter (28 layers) |" in result.stdout
     same = [line for line in result.stdout.splitlines() if line.startswith("Same result:")]
     assert len(same) == 1 and same[0].endswith("PASS)."), result.stdout
+
+
+def test_bench_core_times_every_fit_from_uncached_adapters(monkeypatch):
+    """A LoraLayer caches its canonical form on the first fit. bench_core's N=50 case reused the N=20 case's
+    adapters (and section 5 its first repeat's), so those fits skipped the QRs and SVDs a real fit does."""
+    bench_core = load_benchmark_module("bench_core")
+    timed_fits = []
+
+    def spy(function, *args, **kwargs):
+        if function == bench_core.ShareFactors.fit:
+            timed_fits.append(all(lora._canonical is None for adapter in args[0] for lora in adapter.layers.values()))
+        return bench_core.timed.__wrapped__(function, *args, **kwargs)
+
+    spy.__wrapped__ = bench_core.timed
+    monkeypatch.setattr(bench_core, "timed", spy)
+    settings = bench_core.Settings.quick()
+    settings = dataclasses.replace(settings, hidden=64, fit_cases=((2, 4), (3, 4)), fit_chunk=11, k=4, p=2)
+    names = bench_core.flux_layer_names(1, 1)
+    bench_core.bench_fit(settings, names, (64, 64))
+    assert timed_fits == [True, True], timed_fits
