@@ -373,7 +373,7 @@ def bench_merge(
     def merge_once(held: int) -> float:
         state = states[held]
         layers, styles, conv = state.layers, state.styles, set(state.conv_layers)
-        elapsed, _ = timed(state.merge, adapter, "new")
+        elapsed, _ = timed(state.merge, fresh([adapter])[0], "new")
         if len(state.styles) != held + 1 or state.layers is layers:
             raise RuntimeError("merge did not add exactly one style")
         state.layers, state.styles, state.conv_layers = layers, styles, conv
