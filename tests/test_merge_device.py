@@ -267,3 +267,19 @@ def test_merge_with_its_maths_on_cuda_equals_the_cpu_merge(monkeypatch, batch_la
                 continue
             assert relative_error(expected, got) < 1e-6, (layer, name)
     assert all(layer.up.is_cuda and layer.up.dtype == torch.bfloat16 for layer in lora.layers.values())
+
+
+def test_merge_on_cuda_without_cuda_is_one_clear_error_and_changes_nothing(monkeypatch):
+    """README's ``share.merge(adapter, name, device="cuda")`` on a machine without CUDA: a ShareValueError naming the
+    device, not torch's ``AssertionError: Torch not compiled with CUDA enabled``; the factors stay as they were."""
+    from share_diffusers.core.errors import ShareValueError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    adapters = _adapters()
+    factors = ShareFactors.fit(adapters[:2], NAMES[:2], CONFIG)
+    with pytest.raises(ShareValueError, match="device 'cuda'.*CPU"):
+        factors.merge(adapters[2], NAMES[2], device="cuda")
+    assert factors.style_names == NAMES[:2]
+    with pytest.raises(ShareValueError, match="device 'cuda:0'"):
+        factors.merge(adapters[2], NAMES[2], device="cuda:0")
+    assert factors.style_names == NAMES[:2]

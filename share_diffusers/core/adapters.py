@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import FactorValueError, ShapeMismatchError
+from .errors import FactorValueError, ShapeMismatchError, ShareValueError
 
 # Fitting always runs in float64: community LoRAs are mostly bf16/fp16, and the tail singular values
 # that decide truncation error are far below half precision's resolution.
@@ -38,6 +38,9 @@ def resolve_fit_device(device: torch.device | str | None) -> torch.device:
     if device is None:
         return FIT_DEVICE
     device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():  # torch's own answer: AssertionError, deep inside
+        why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ShareValueError(f"device {str(device)!r}: {why}; leave device unset to fit and merge on the CPU")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
