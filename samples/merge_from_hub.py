@@ -15,6 +15,7 @@ import argparse
 import torch
 
 from share_diffusers import ShareConfig, ShareFluxPipeline
+from share_diffusers.runtime import USER_ERRORS, error_line
 from share_diffusers.tiny_flux import build_tiny_flux_pipeline
 
 
@@ -44,4 +45,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except USER_ERRORS as error:  # the Hub unreachable, a repo or file missing: one line, as the CLI says it
+        raise SystemExit(f"error: {error_line(error)}") from None

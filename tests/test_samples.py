@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -42,8 +43,6 @@ def test_flux_styles_sample(tmp_path):
 
 def test_merge_from_hub_sample(tmp_path, fake_hub):
     """The sample runs unchanged against the local stand-in Hub (HF_ENDPOINT is set by conftest)."""
-    import os
-
     from flux_helpers import write_diffusers_lora
 
     for name, seed in (("ink", 1), ("sepia", 3)):
@@ -63,6 +62,18 @@ def test_merge_from_hub_sample(tmp_path, fake_hub):
     assert result.returncode == 0, result.stderr
     assert "2 styles saved" in result.stdout and "ink-lora, sepia-lora" in result.stdout
     assert (tmp_path / "out" / "share_config.json").is_file()
+
+
+def test_merge_from_hub_sample_says_a_missing_lora_in_one_line(tmp_path, fake_hub):
+    """A Hub id that cannot be fetched ends the sample with one ``error:`` line, not a HubError traceback."""
+    command = [sys.executable, str(SAMPLES / "merge_from_hub.py"), "--lora", "sample-artist/missing-lora", "-o"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run([*command, str(tmp_path / "out")], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "sample-artist/missing-lora" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_style_sample(tmp_path):
