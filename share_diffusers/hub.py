@@ -87,6 +87,22 @@ def _hub_call(function, repo_id: str, what: str, **kwargs):
         raise
 
 
+def hub_error_for(error: BaseException, repo_id: str, what: str) -> HubError | None:
+    """The :class:`HubError` that a ``huggingface_hub`` call failing with ``error`` gives (no connection, no such
+    repo, gated, offline); None when ``error`` is not a Hub or network failure."""
+
+    def fail(**kwargs):
+        raise error
+
+    try:
+        _hub_call(fail, repo_id, what)
+    except HubError as translated:
+        return translated
+    except BaseException:  # noqa: BLE001  (not the Hub's: the caller keeps its own error)
+        return None
+    return None
+
+
 _HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3", "httpcore")
 
 

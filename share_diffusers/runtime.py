@@ -571,6 +571,22 @@ def load_pipeline(
 
 
 def _from_pretrained(pipeline_class, model: str, torch_dtype: torch.dtype, quantize: str | None):
+    try:
+        return _load_pretrained(pipeline_class, model, torch_dtype, quantize)
+    except OSError as error:
+        # diffusers: "Cannot load model X: the model is not fully cached locally (...) ... Please check out the root
+        # cause in the stacktrace above", whatever the cause; the cause (no connection, no such repo, gated) is
+        # chained under it, where no one-line error shows it.
+        from .hub import hub_error_for
+
+        cause = error.__cause__
+        translated = hub_error_for(cause, model, "the pipeline") if cause and "stacktrace above" in str(error) else None
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def _load_pretrained(pipeline_class, model: str, torch_dtype: torch.dtype, quantize: str | None):
     from .pipeline_flux import dtype_keyword
 
     # use_safetensors=True: weights only as .bin (pickle, read with torch.load) are refused, never loaded.

@@ -504,6 +504,17 @@ def test_generate_refuses_a_model_folder_of_pickle_weights(tmp_path, capsys, mon
     assert loads == [] and not (tmp_path / "x.png").exists()
 
 
+def test_generate_with_a_model_the_hub_does_not_have_says_so(tmp_path, fake_hub, capsys, monkeypatch):
+    """diffusers' own error for a repo it could not fetch says "not fully cached locally ... Please check out the root
+    cause in the stacktrace above" whatever the cause, and no one-line error shows that stack: the cause is said."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    args = ["-q", "generate", "--model", "nobody/no-flux", "--prompt", "a red cat", "-o", str(tmp_path / "x.png")]
+    assert main(args) == 1
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last == "error: no Hub repo 'nobody/no-flux' (or it is private: pass token=...)"
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_pipelines_load_with_use_safetensors(monkeypatch):
     """Every ``from_pretrained`` of the runtime asks for safetensors (a Hub repo of .bin files is refused too)."""
     from share_diffusers import runtime
