@@ -103,6 +103,17 @@ def hub_error_for(error: BaseException, repo_id: str, what: str) -> HubError | N
     return None
 
 
+def pipeline_hub_error(error: OSError, model: str) -> HubError | None:
+    """What diffusers' ``from_pretrained`` error for a Hub model it could not fetch means, as a :class:`HubError`.
+
+    diffusers says "Cannot load model X: the model is not fully cached locally (...) ... Please check out the root
+    cause in the stacktrace above" whatever the cause; the cause (no connection, no such repo, gated, offline) is
+    chained under it, where no one-line error shows it. None for any other error."""
+    if error.__cause__ is None or "stacktrace above" not in str(error):
+        return None
+    return hub_error_for(error.__cause__, model, "the pipeline")
+
+
 _HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3", "httpcore")
 
 

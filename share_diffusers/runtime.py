@@ -574,13 +574,9 @@ def _from_pretrained(pipeline_class, model: str, torch_dtype: torch.dtype, quant
     try:
         return _load_pretrained(pipeline_class, model, torch_dtype, quantize)
     except OSError as error:
-        # diffusers: "Cannot load model X: the model is not fully cached locally (...) ... Please check out the root
-        # cause in the stacktrace above", whatever the cause; the cause (no connection, no such repo, gated) is
-        # chained under it, where no one-line error shows it.
-        from .hub import hub_error_for
+        from .hub import pipeline_hub_error
 
-        cause = error.__cause__
-        translated = hub_error_for(cause, model, "the pipeline") if cause and "stacktrace above" in str(error) else None
+        translated = pipeline_hub_error(error, model)
         if translated is None:
             raise
         raise translated from None

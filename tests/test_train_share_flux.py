@@ -364,6 +364,19 @@ def test_factors_for_another_model_fail_before_training(setup, tmp_path, capsys)
     assert not (tmp_path / "o" / "factors").exists()
 
 
+def test_a_hub_model_that_cannot_be_fetched_is_one_error_line(setup, tmp_path, capsys, fake_hub, monkeypatch):
+    """README's command with a Hub id the Hub does not serve: the cause in one line, not diffusers' OSError ("not
+    fully cached locally ... Please check out the root cause in the stacktrace above") as a traceback."""
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    arguments = [
+        *("--pretrained_model_name_or_path", "nobody/no-flux", "--share_factors", setup / "factors"),
+        *("--instance_data_dir", setup / "data", "--style_name", "x", "--output_dir", tmp_path / "o"),
+    ]
+    returncode, stderr = run_cli_in_process(SCRIPT, arguments, capsys)
+    assert returncode == 1
+    assert stderr.strip().splitlines()[-1] == "error: no Hub repo 'nobody/no-flux' (or it is private: pass token=...)"
+
+
 def test_empty_prompt_share_is_close_to_the_proportion_and_fixed_per_sample():
     drop_captions = _script().drop_captions
     captions, indices = [f"caption {i}" for i in range(2000)], torch.arange(2000)
