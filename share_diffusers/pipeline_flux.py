@@ -89,8 +89,18 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """``FluxPipeline.from_pretrained``, taking ``dtype=`` or ``torch_dtype=`` on every diffusers we support
-        (:func:`dtype_keyword`)."""
-        return super().from_pretrained(pretrained_model_name_or_path, **dtype_keyword(kwargs))
+        (:func:`dtype_keyword`). A Hub model that cannot be fetched raises :class:`~share_diffusers.hub.HubError`
+        saying why (no connection, no such repo, gated, offline) where diffusers' message points at a stack
+        trace no one-line error shows."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **dtype_keyword(kwargs))
+        except OSError as error:
+            from .hub import pipeline_hub_error
+
+            translated = pipeline_hub_error(error, str(pretrained_model_name_or_path))
+            if translated is None:
+                raise
+            raise translated from None
 
     @torch.no_grad()
     def __call__(self, *args, style=DEFAULT_STYLE, style_scale: float | None = None, **kwargs):

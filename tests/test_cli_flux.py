@@ -513,6 +513,10 @@ def test_generate_with_a_model_the_hub_does_not_have_says_so(tmp_path, fake_hub,
     last = capsys.readouterr().err.splitlines()[-1]
     assert last == "error: no Hub repo 'nobody/no-flux' (or it is private: pass token=...)"
     assert not (tmp_path / "x.png").exists()
+    from share_diffusers.hub import HubError
+
+    with pytest.raises(HubError, match=r"^no Hub repo 'nobody/no-flux' \(or it is private"):  # in Python too
+        ShareFluxPipeline.from_pretrained("nobody/no-flux")
 
 
 def test_pipelines_load_with_use_safetensors(monkeypatch):

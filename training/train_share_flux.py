@@ -59,7 +59,7 @@ from share_diffusers.flux_training import (
     flow_matching_loss,
     sample_latents,
 )
-from share_diffusers.hub import check_online_for_upload, pipeline_hub_error
+from share_diffusers.hub import check_online_for_upload
 from share_diffusers.training_utils import (
     LR_SCHEDULERS,
     EpochShuffle,
@@ -408,13 +408,7 @@ def main(argv=None) -> int:
 
     # The frozen models in the mixed-precision dtype, on the accelerator (diffusers' weight_dtype).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    try:
-        pipe = ShareFluxPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype)
-    except OSError as error:  # a Hub model that could not be fetched: its cause in one line, not diffusers' stack
-        translated = pipeline_hub_error(error, args.pretrained_model_name_or_path)
-        if translated is None:
-            raise
-        raise translated from None
+    pipe = ShareFluxPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype)
     pipe.set_progress_bar_config(disable=True)
     multiple = pipe.vae_scale_factor * 2  # latents are packed in 2 x 2 patches
     if args.resolution % multiple:
