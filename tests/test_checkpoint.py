@@ -594,3 +594,12 @@ def test_hostile_json_is_a_checkpoint_error(tmp_path, factors, text):
     (tmp_path / "share_config.json").write_text(text)
     with pytest.raises(ShareCheckpointError, match="share_config.json is not valid JSON"):
         load_factors(tmp_path)
+
+
+def test_an_exported_blend_is_labelled_as_written(factors):
+    """A negative weight was labelled '0.5*ink+-0.7*neon' in the exported LoRA's metadata."""
+    from share_diffusers.core import style_as_lora
+
+    assert style_as_lora(factors, {"ink": 0.5, "neon": -0.7}).source["share_style"] == "0.5*ink-0.7*neon"
+    assert style_as_lora(factors, {"neon": -1, "ink": 2}).source["share_style"] == "-1*neon+2*ink"
+    assert style_as_lora(factors, "ink").source["share_style"] == "ink"

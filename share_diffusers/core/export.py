@@ -18,8 +18,13 @@ from .model import style_weights
 from .subspace import to_fit
 
 
-def _label(name: str, weight) -> str:
-    return f"{weight:g}*{name}" if isinstance(weight, int | float) else f"{name}[per block]"
+def _label(blend: dict[str, object]) -> str:
+    """A blend as text for the file's metadata and messages: ``0.5*ink-0.7*brown+neon[per block]``."""
+    text = ""
+    for name, weight in blend.items():
+        term = f"{weight:g}*{name}" if isinstance(weight, int | float) else f"{name}[per block]"
+        text += term if not text or term.startswith("-") else "+" + term
+    return text
 
 
 def export_rank(factors: ShareFactors, blend: dict[str, object]) -> int:
@@ -56,7 +61,7 @@ def style_as_lora(
         raise ValueError(f"layer_names must include every layer of the factors; missing {missing[:3]}")
     # (t,) for every layer, or (layers, t) with per-block weights; validates the names and weights
     weights = style_weights(factors, blend, layers=names, layout=layout, dtype=torch.float64)[..., 0, :]
-    label = style if isinstance(style, str) else "+".join(_label(n, w) for n, w in blend.items())
+    label = style if isinstance(style, str) else _label(blend)
     rank = export_rank(factors, blend)
     layers = {}
     for name, stored in factors.layers.items():
