@@ -26,7 +26,14 @@ import torch
 from .core.errors import ShareError, ShareValueError
 from .core.model import BlockWeight, StyleSpec
 from .fashion.data import CLASS_NAMES, prompt_for
-from .fashion.model import DEMO_CALL, DEMO_GUIDANCE, DEMO_PIPELINE_DIR, DEMO_STYLES_DIR, RESOLUTION
+from .fashion.model import (
+    DEMO_CALL,
+    DEMO_GUIDANCE,
+    DEMO_PIPELINE_DIR,
+    DEMO_STYLES_DIR,
+    RESOLUTION,
+    has_demo_architecture,
+)
 from .lora_files import PICKLE_SUFFIXES
 from .quantization import check_quantize, load_quantized_transformer, quantize_in_place
 
@@ -365,9 +372,10 @@ FLUX_SCHNELL_DEFAULTS = replace(FLUX_DEV_DEFAULTS, steps=4, guidance=0.0)  # 4 s
 
 
 def defaults_for(pipe, model: str | None) -> GenerationDefaults:
-    """Defaults for the embedded demo model (``model`` None), :data:`TINY_RANDOM`, or a real Flux model:
-    FLUX.1-dev-like if its transformer takes a guidance input, FLUX.1-schnell-like otherwise."""
-    if model is None:
+    """Defaults for the embedded demo model (``model`` None, or any model of its architecture: its folder given by
+    path, one ``train_tiny_flux.py`` wrote), :data:`TINY_RANDOM`, or a real Flux model: FLUX.1-dev-like if its
+    transformer takes a guidance input, FLUX.1-schnell-like otherwise."""
+    if model is None or (model != TINY_RANDOM and has_demo_architecture(pipe.transformer)):
         chosen = DEMO_DEFAULTS
     elif model == TINY_RANDOM:
         chosen = TINY_RANDOM_DEFAULTS

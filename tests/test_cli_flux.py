@@ -305,6 +305,22 @@ def test_generate_defaults_have_one_source(capsys):
     assert call_arguments(pipe, defaults, 1, steps=2, guidance=1.0)["num_inference_steps"] == 2
 
 
+def test_a_model_of_the_demo_architecture_gets_the_demo_defaults(tmp_path):
+    """The demo folder given by path (or one train_tiny_flux.py wrote) got FLUX.1's 1024x1024 and 4 steps."""
+    from diffusers import FluxPipeline
+
+    from share_diffusers.fashion.model import DEMO_PIPELINE_DIR, build_fashion_flux_components
+    from share_diffusers.runtime import load_pipeline
+
+    FluxPipeline(**build_fashion_flux_components(3)).save_pretrained(tmp_path / "my-fashion-flux")
+    for folder in (DEMO_PIPELINE_DIR, tmp_path / "my-fashion-flux"):
+        pipe = load_pipeline(str(folder), device="cpu")
+        assert defaults_for(pipe, str(folder)) == defaults_for(pipe, None)
+        assert defaults_for(pipe, None).width == DEMO_DEFAULTS.width == 32
+    tiny = build_tiny_flux_pipeline(0, ShareFluxPipeline)  # another architecture: the FLUX.1 defaults
+    assert defaults_for(tiny, "someone/flux-like").width == 1024
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -65,6 +65,17 @@ VAE_CONFIG = dict(
 )
 
 
+def has_demo_architecture(transformer) -> bool:
+    """Whether ``transformer``'s config is the demo model's (``TRANSFORMER_CONFIG``): the shipped model, or one
+    ``training/train_tiny_flux.py`` trained elsewhere, which draws at the demo's size and steps, not FLUX.1's."""
+    config = transformer.config
+
+    def same(value, expected) -> bool:
+        return list(value) == list(expected) if isinstance(expected, tuple) else value == expected
+
+    return all(key in config and same(config[key], value) for key, value in TRANSFORMER_CONFIG.items())
+
+
 def build_fashion_flux_components(seed: int = 0) -> dict:
     """Untrained components of the demo pipeline: the tiny text encoders and tokenizers, a wider
     transformer and VAE (weights drawn from ``seed``), and a T5 tokenizer capped at the trained length."""
