@@ -6,6 +6,7 @@ errors are turned into one-line messages that say which repo, file or revision w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -13,6 +14,7 @@ import os
 import re
 import tempfile
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from huggingface_hub import (
@@ -54,64 +56,62 @@ class HubFileTooLargeError(HubError):
 
 def _hub_call(function, repo_id: str, what: str, **kwargs):
     """Run a ``huggingface_hub`` call, translating its errors into :class:`HubError` with context."""
-    revision = kwargs.get("revision")
-    at = f" at revision {revision!r}" if revision else ""
     try:
         return function(repo_id=repo_id, **kwargs)
-    except GatedRepoError:
-        raise HubError(f"{repo_id} is gated: accept its terms on the Hub and pass a token") from None
-    except RepositoryNotFoundError:
-        raise HubError(f"no Hub repo {repo_id!r} (or it is private: pass token=...)") from None
-    except RevisionNotFoundError:
-        raise HubError(f"{repo_id} has no revision {revision!r}") from None
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as error:  # before EntryNotFoundError: a subclass of it
+    except Exception as error:
+        translated = hub_error_for(error, repo_id, what, kwargs.get("revision"))
+        if translated is None:
+            raise
+        raise translated from None
+
+
+def hub_error_for(error: BaseException, repo_id: str, what: str, revision: str | None = None) -> HubError | None:
+    """The :class:`HubError` that a ``huggingface_hub`` call for ``what`` of ``repo_id`` failing with ``error``
+    means (gated, no such repo, revision or file, offline, refused, no connection); None for any other error."""
+    at = f" at revision {revision!r}" if revision else ""
+    if isinstance(error, GatedRepoError):  # before RepositoryNotFoundError: a subclass of it
+        return HubError(f"{repo_id} is gated: accept its terms on the Hub and pass a token")
+    if isinstance(error, RepositoryNotFoundError):
+        return HubError(f"no Hub repo {repo_id!r} (or it is private: pass token=...)")
+    if isinstance(error, RevisionNotFoundError):
+        return HubError(f"{repo_id} has no revision {revision!r}")
+    if isinstance(error, LocalEntryNotFoundError | OfflineModeIsEnabled):  # before EntryNotFoundError: a subclass
         if isinstance(error.__cause__, HfHubHTTPError):
             # The Hub answered (403 without access, 429, 5xx) and no copy is cached: what it said, not "offline".
-            raise HubError(f"the Hub refused {what} of {repo_id}{at}: {_one_line(error.__cause__)}") from None
-        raise HubError(
+            return HubError(f"the Hub refused {what} of {repo_id}{at}: {_one_line(error.__cause__)}")
+        return HubError(
             f"{what} of {repo_id}{at} is not in the local cache and downloading is off or failed (offline mode, "
             "local_files_only=True, or no connection to the Hub); connect once or point at a local folder"
-        ) from None
-    except EntryNotFoundError:
-        raise HubError(f"{repo_id}{at} has no file {what}") from None
-    except HfHubHTTPError as error:
-        raise HubError(f"the Hub refused {what} of {repo_id}{at}: {_one_line(error)}") from None
-    except HFValidationError as error:
-        raise HubError(f"{repo_id!r} is not a valid Hub repo id ({_one_line(error)})") from None
-    except Exception as error:
-        # Network failures: OSError, or the HTTP client's own errors (httpx / httpx2 / requests, by version).
-        if isinstance(error, OSError) or type(error).__module__.split(".")[0] in _HTTP_CLIENTS:
-            raise HubError(
-                f"could not reach the Hub for {what} of {repo_id}{at} ({type(error).__name__}: {_one_line(error)})"
-            ) from None
-        raise
-
-
-def hub_error_for(error: BaseException, repo_id: str, what: str) -> HubError | None:
-    """The :class:`HubError` that a ``huggingface_hub`` call failing with ``error`` gives (no connection, no such
-    repo, gated, offline); None when ``error`` is not a Hub or network failure."""
-
-    def fail(**kwargs):
-        raise error
-
-    try:
-        _hub_call(fail, repo_id, what)
-    except HubError as translated:
-        return translated
-    except BaseException:  # noqa: BLE001  (not the Hub's: the caller keeps its own error)
-        return None
+        )
+    if isinstance(error, EntryNotFoundError):
+        return HubError(f"{repo_id}{at} has no file {what}")
+    if isinstance(error, HfHubHTTPError):
+        return HubError(f"the Hub refused {what} of {repo_id}{at}: {_one_line(error)}")
+    if isinstance(error, HFValidationError):
+        return HubError(f"{repo_id!r} is not a valid Hub repo id ({_one_line(error)})")
+    # Network failures: OSError, or the HTTP client's own errors (httpx / httpx2 / requests, by version).
+    if isinstance(error, OSError) or type(error).__module__.split(".")[0] in _HTTP_CLIENTS:
+        return HubError(
+            f"could not reach the Hub for {what} of {repo_id}{at} ({type(error).__name__}: {_one_line(error)})"
+        )
     return None
 
 
-def pipeline_hub_error(error: OSError, model: str) -> HubError | None:
-    """What diffusers' ``from_pretrained`` error for a Hub model it could not fetch means, as a :class:`HubError`.
-
-    diffusers says "Cannot load model X: the model is not fully cached locally (...) ... Please check out the root
-    cause in the stacktrace above" whatever the cause; the cause (no connection, no such repo, gated, offline) is
-    chained under it, where no one-line error shows it. None for any other error."""
-    if error.__cause__ is None or "stacktrace above" not in str(error):
-        return None
-    return hub_error_for(error.__cause__, model, "the pipeline")
+@contextlib.contextmanager
+def pipeline_hub_errors(model: str) -> Iterator[None]:
+    """Re-raise diffusers' ``from_pretrained`` error for a Hub ``model`` it could not fetch as the :class:`HubError`
+    of its cause. diffusers says "... not fully cached locally ... Please check out the root cause in the
+    stacktrace above" whatever the cause; the cause (no connection, no such repo, gated, offline) is chained under
+    it, where no one-line error shows it. Other errors pass unchanged."""
+    try:
+        yield
+    except OSError as error:
+        if error.__cause__ is None or "stacktrace above" not in str(error):
+            raise
+        translated = hub_error_for(error.__cause__, model, "the pipeline")
+        if translated is None:
+            raise
+        raise translated from None
 
 
 _HTTP_CLIENTS = ("httpx", "httpx2", "requests", "urllib3", "httpcore")

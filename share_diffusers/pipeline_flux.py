@@ -92,15 +92,10 @@ class ShareFluxPipeline(FluxPipeline, ShareLoaderMixin):
         (:func:`dtype_keyword`). A Hub model that cannot be fetched raises :class:`~share_diffusers.hub.HubError`
         saying why (no connection, no such repo, gated, offline) where diffusers' message points at a stack
         trace no one-line error shows."""
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **dtype_keyword(kwargs))
-        except OSError as error:
-            from .hub import pipeline_hub_error
+        from .hub import pipeline_hub_errors
 
-            translated = pipeline_hub_error(error, str(pretrained_model_name_or_path))
-            if translated is None:
-                raise
-            raise translated from None
+        with pipeline_hub_errors(str(pretrained_model_name_or_path)):
+            return super().from_pretrained(pretrained_model_name_or_path, **dtype_keyword(kwargs))
 
     @torch.no_grad()
     def __call__(self, *args, style=DEFAULT_STYLE, style_scale: float | None = None, **kwargs):

@@ -579,24 +579,14 @@ def load_pipeline(
 
 
 def _from_pretrained(pipeline_class, model: str, torch_dtype: torch.dtype, quantize: str | None):
-    try:
-        return _load_pretrained(pipeline_class, model, torch_dtype, quantize)
-    except OSError as error:
-        from .hub import pipeline_hub_error
-
-        translated = pipeline_hub_error(error, model)
-        if translated is None:
-            raise
-        raise translated from None
-
-
-def _load_pretrained(pipeline_class, model: str, torch_dtype: torch.dtype, quantize: str | None):
+    from .hub import pipeline_hub_errors
     from .pipeline_flux import dtype_keyword
 
     # use_safetensors=True: weights only as .bin (pickle, read with torch.load) are refused, never loaded.
     if quantize is None:
         return pipeline_class.from_pretrained(model, use_safetensors=True, **dtype_keyword({"dtype": torch_dtype}))
-    transformer = load_quantized_transformer(model, quantize, torch_dtype)
+    with pipeline_hub_errors(model):  # the pipeline's own from_pretrained says why; this load is the transformer's
+        transformer = load_quantized_transformer(model, quantize, torch_dtype)
     return pipeline_class.from_pretrained(
         model, transformer=transformer, use_safetensors=True, **dtype_keyword({"dtype": torch_dtype})
     )
